@@ -1,0 +1,88 @@
+import gzip
+import json
+import math
+
+import pytest
+import torch
+
+from textdiffusion.data import BUNDLED_CORPORA, load_corpus, pack, split_documents, unigram_entropy
+from textdiffusion.errors import UsageError
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED_CORPORA))
+def test_bundled_corpora_load_and_split_deterministically(name):
+    a, b = load_corpus(name), load_corpus(name)
+    assert len(a.train) > 9000 and len(a.validation) > 400
+    assert a.validation == b.validation
+    assert not set(a.validation) & set(a.train[:2000]) - {""} or name == "austen"  # paragraphs may repeat
+
+
+def test_local_formats_give_the_same_documents(tmp_path):
+    docs = [f"document number {i} says something." for i in range(20)]
+    (tmp_path / "a.txt").write_text("\n\n".join(docs))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    (tmp_path / "a.csv").write_text("id,body\n" + "".join(f'{i},"{d}"\n' for i, d in enumerate(docs)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": docs}), tmp_path / "a.parquet")
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    for name in ["a.txt", "a.jsonl", "a.csv", "a.parquet", "a.jsonl.gz"]:
+        c = load_corpus(str(tmp_path / name), text_column="body")
+        assert sorted(c.train + c.validation) == sorted(docs), name
+
+
+def test_folder_reads_every_supported_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "one.txt").write_text("alpha beta.\n\ngamma delta.")
+    (tmp_path / "sub" / "two.txt").write_text("epsilon zeta.")
+    (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
+    c = load_corpus(str(tmp_path))
+    assert sorted(c.train + c.validation) == ["alpha beta.", "epsilon zeta.", "gamma delta."]
+
+
+def test_non_utf8_lines_are_skipped_and_counted(tmp_path, caplog):
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(b"good line one.\n\nbad \xff\xfe line.\n\ngood line two.\n")
+    with caplog.at_level("WARNING"):
+        c = load_corpus(str(path))
+    assert sorted(c.train + c.validation) == ["good line one.", "good line two."]
+    assert "skipped 1 line(s) with non-UTF-8 bytes" in caplog.text
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: "no-such-corpus-xyz", "no-such-corpus-xyz"),
+    (lambda p: str(p / "missing.jsonl"), "no such file"),
+    (lambda p: (p / "empty.txt").write_text("\n\n  \n") and str(p / "empty.txt"), "holds no text"),
+    (lambda p: (p / "x.jsonl").write_text('{"title": "a"}\n') and str(p / "x.jsonl"), "--text-column 'text' is not in"),
+    (lambda p: (p / "x.csv").write_text("title\nfoo\n") and str(p / "x.csv"), "--text-column 'text' is not in"),
+    (lambda p: (p / "one.txt").write_text("only one document") and str(p / "one.txt"), "at least 2"),
+])
+def test_bad_datasets_give_clear_errors(tmp_path, make, needle):
+    with pytest.raises(UsageError, match=needle):
+        load_corpus(make(tmp_path))
+
+
+def test_split_is_deterministic_and_disjoint():
+    docs = [f"d{i}" for i in range(100)]
+    tr, va = split_documents(docs, 0.1)
+    assert (tr, va) == split_documents(docs, 0.1)
+    assert len(va) == 10 and not set(tr) & set(va) and sorted(tr + va) == sorted(docs)
+
+
+def test_pack_separates_documents_and_wastes_nothing(tokenizer):
+    docs = ["The cat sat on the mat.", "A dog barked twice at the moon."] * 20
+    blocks = pack(docs, tokenizer, 32)
+    stream = []
+    for d in docs:
+        stream += tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+    assert blocks.shape == (len(stream) // 30, 32)
+    assert blocks[:, 1:-1].flatten().tolist() == stream[: blocks.shape[0] * 30]  # documents joined by </s>, in order
+    assert (blocks[:, 0] == tokenizer.cls_token_id).all() and (blocks[:, -1] == tokenizer.sep_token_id).all()
+    assert not (blocks == tokenizer.pad_token_id).any()
+
+
+def test_unigram_entropy_of_uniform_tokens():
+    blocks = torch.arange(10, 18).repeat(4, 1)
+    assert abs(unigram_entropy(blocks, []) - math.log(8)) < 1e-12

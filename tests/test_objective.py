@@ -1,0 +1,63 @@
+"""The masked-positions-only head must give exactly the loss of the model's own forward with labels."""
+
+import pytest
+import torch
+
+from textdiffusion.collator import DiffusionCollator
+from textdiffusion.modeling import masked_lm_head
+from textdiffusion.objective import diffusion_loss
+
+V = 300
+
+
+def tiny_model(kind):
+    import transformers as tf
+
+    common = dict(vocab_size=V, pad_token_id=1)
+    if kind == "roberta":
+        cfg = tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               max_position_embeddings=80, **common)
+        return tf.RobertaForMaskedLM(cfg)
+    if kind == "bert":
+        cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **common)
+        return tf.BertForMaskedLM(cfg)
+    if kind == "distilbert":
+        cfg = tf.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, **common)
+        return tf.DistilBertForMaskedLM(cfg)
+    cfg = tf.ModernBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2, **common)
+    return tf.ModernBertForMaskedLM(cfg)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "bert", "distilbert", "modernbert"])
+def test_masked_only_head_equals_full_forward_loss(kind):
+    torch.manual_seed(0)
+    model = tiny_model(kind).eval()
+    assert masked_lm_head(model) is not None
+    ids = torch.randint(5, V, (4, 48))
+    ids[:, 0] = 0
+    batch = DiffusionCollator(mask_token_id=4, pad_token_id=1, protected_token_ids=[0, 2], mask_probs=(0.3,), seed=0)(ids)
+    ours = diffusion_loss(model, batch)
+    reference = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    assert torch.allclose(ours, reference, atol=1e-5), (ours, reference)
+
+
+def test_elbo_loss_is_weighted_sum_over_maskable_tokens():
+    torch.manual_seed(0)
+    model = tiny_model("modernbert").eval()
+    ids = torch.randint(5, V, (3, 40))
+    c = DiffusionCollator(mask_token_id=4, pad_token_id=1, time_sampling="uniform", mask_per="example",
+                          loss_weighting="elbo", seed=1)
+    batch = c(ids)
+    logits = model(input_ids=batch["input_ids"]).logits
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none", ignore_index=-100)
+    expected = (ce * batch["loss_weight"][:, None]).sum() / batch["num_maskable"].sum()
+    assert torch.allclose(diffusion_loss(model, batch, "elbo"), expected, atol=1e-5)
+
+
+def test_nothing_masked_gives_zero_loss_with_a_graph():
+    model = tiny_model("roberta")
+    ids = torch.randint(5, V, (2, 16))
+    batch = {"input_ids": ids, "labels": torch.full_like(ids, -100), "attention_mask": torch.ones_like(ids)}
+    loss = diffusion_loss(model, batch)
+    assert loss.item() == 0.0 and loss.requires_grad

@@ -1,0 +1,183 @@
+"""End to end through the command line, on a 2-layer preset and 300 real documents (seconds each)."""
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from textdiffusion.cli import main
+from textdiffusion.collator import collator_for_tokenizer
+from textdiffusion.evaluation import per_level_loss
+from textdiffusion.train import LEVEL_CSV
+
+FAST = ["--preset", "micro", "--max-length", "64", "--batch-size", "8", "--eval-blocks", "16", "--logging-steps", "10"]
+
+
+def train(tmp_path, dataset, *extra, out="run"):
+    argv = ["train", "--dataset", str(dataset), "--output-dir", str(tmp_path / out), *FAST, *extra]
+    return main(argv)
+
+
+def levels(out: Path) -> dict[int, dict[float, float]]:
+    table: dict[int, dict[float, float]] = {}
+    with (out / LEVEL_CSV).open() as f:
+        for row in csv.DictReader(f):
+            table.setdefault(int(row["step"]), {})[float(row["mask_rate"])] = float(row["loss"])
+    return table
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 60-step run shared by the tests that only read its outputs."""
+    tmp = tmp_path_factory.mktemp("trained")
+    docs = tmp / "docs.jsonl"
+    from textdiffusion.data import load_corpus
+
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in load_corpus("wiki-vital").train[:300]))
+    assert train(tmp, docs, "--max-steps", "60", "--eval-steps", "30", "--learning-rate", "3e-3") == 0
+    return tmp / "run", docs
+
+
+def test_every_mask_level_improves(trained):
+    out, _ = trained
+    table = levels(out)
+    assert sorted(table) == [0, 30, 60]
+    for rate, before in table[0].items():
+        assert table[60][rate] < before - 0.5, (rate, before, table[60][rate])
+
+
+def test_checkpoint_round_trip_reproduces_the_final_evaluation(trained):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from textdiffusion.data import load_corpus, pack
+
+    out, docs = trained
+    for name in ["model.safetensors", "config.json", "tokenizer.json", "diffusion_config.json", "run_args.json",
+                 "per_level_loss.png", "checkpoint-60/model.safetensors", "checkpoint-60/diffusion_config.json"]:
+        assert (out / name).exists(), name
+    settings = json.loads((out / "diffusion_config.json").read_text())
+    assert settings["prefix_length"] == 5 and settings["time_sampling"] == "grid"
+    assert settings["mask_probs"] == pytest.approx([0.1 * i for i in range(1, 11)])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForMaskedLM.from_pretrained(out)
+    assert settings["mask_token_id"] == tokenizer.mask_token_id
+    val = pack(load_corpus(str(docs)).validation, tokenizer, 64, keep_remainder=True)[:16]
+    results = per_level_loss(model, val, collator_for_tokenizer(tokenizer, prefix_length=5), batch_size=32)
+    final = levels(out)[60]
+    for r in results:
+        assert abs(r.loss - final[round(r.mask_rate, 2)]) < 1e-3
+
+
+def test_output_dir_holding_a_run_is_refused_and_left_untouched(trained, tmp_path, capsys):
+    out, docs = trained
+    before = digest(out / "model.safetensors")
+    assert main(["train", "--dataset", str(docs), "--output-dir", str(out), *FAST, "--max-steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and str(out) in err and "--overwrite" in err
+    assert digest(out / "model.safetensors") == before
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, small_jsonl):
+    assert train(tmp_path, small_jsonl, "--max-steps", "10", "--eval-steps", "10") == 0
+    assert train(tmp_path, small_jsonl, "--max-steps", "20", "--eval-steps", "10", "--resume") == 0
+    state = json.loads((tmp_path / "run" / "checkpoint-20" / "trainer_state.json").read_text())
+    assert state["global_step"] == 20
+    assert sorted(levels(tmp_path / "run")) == [0, 10, 20]  # no second step-0 evaluation on resume
+
+
+def test_resume_refuses_a_different_run(tmp_path, small_jsonl, capsys):
+    assert train(tmp_path, small_jsonl, "--max-steps", "5", "--eval-steps", "5") == 0
+    assert train(tmp_path, small_jsonl, "--max-steps", "10", "--resume", "--seed", "7") == 2
+    assert "holds a different run" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_the_run_only_after_success(tmp_path, small_jsonl):
+    assert train(tmp_path, small_jsonl, "--max-steps", "5", "--eval-steps", "5") == 0
+    first = digest(tmp_path / "run" / "model.safetensors")
+    assert train(tmp_path, small_jsonl, "--max-steps", "5", "--eval-steps", "5", "--overwrite", "--seed", "3") == 0
+    assert digest(tmp_path / "run" / "model.safetensors") != first
+    assert not (tmp_path / "run.partial").exists() and not (tmp_path / "run.old").exists()
+    assert json.loads((tmp_path / "run" / "run_args.json").read_text())["seed"] == 3
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--dataset", "no-such-corpus-xyz"], "--dataset 'no-such-corpus-xyz'"),
+    (["--dataset", "/nonexistent/file.jsonl"], "no such file"),
+    (["--mask-probs", "0", "0.5"], "--mask-probs"),
+    (["--mask-probs", "1.5"], "1.5"),
+    (["--prefix-length", "64"], "--prefix-length must be >= 0 and smaller than --max-length (64), got 64"),
+    (["--epochs", "-1"], "--epochs must be a positive integer, got -1"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--preset", "huge"], "--preset must be one of"),
+    (["--time-sampling", "sideways"], "sideways"),
+])
+def test_bad_train_flags_exit_2_and_write_nothing(tmp_path, small_jsonl, capsys, extra, needle):
+    argv = ["train", "--dataset", str(small_jsonl), "--output-dir", str(tmp_path / "out"), *FAST, *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "1.5"), ("--batch-size", "x"), ("--epochs", "two")])
+def test_non_integer_counts_are_rejected_by_the_parser(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--output-dir", str(tmp_path / "out"), flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and f"'{value}'" in err
+
+
+def test_unreachable_hub_model_suggests_preset(tmp_path, small_jsonl, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["train", "--dataset", str(small_jsonl), "--model-name", "someone/not-a-model",
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--model-name 'someone/not-a-model'" in err and "--preset" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_model_without_mask_token_is_refused(tmp_path, small_jsonl, tokenizer, capsys):
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    model_dir = tmp_path / "nomask"
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                               intermediate_size=16)).save_pretrained(model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, pad_token="<pad>").save_pretrained(model_dir)
+    assert main(["train", "--dataset", str(small_jsonl), "--model-name", str(model_dir),
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    assert "has no mask token" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_script_exit_status(tmp_path):
+    """The installed entry point, not just main(): a real process, a real exit code."""
+    r = subprocess.run([sys.executable, "-m", "textdiffusion", "train", "--dataset", "nope-xyz",
+                        "--output-dir", str(tmp_path / "o")], capture_output=True, text=True,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "--dataset 'nope-xyz'" in r.stderr
+
+
+def test_ddp_two_cpu_processes(tmp_path, small_jsonl):
+    """`torchrun --nproc_per_node 2` runs the same command unchanged (gloo on the CPU)."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "textdiffusion", "train",
+           "--dataset", str(small_jsonl), "--output-dir", str(out), *FAST, "--batch-size", "4", "--max-steps", "6",
+           "--eval-steps", "3"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es) on cpu" in r.stdout
+    assert (out / "checkpoint-6" / "rng_state_0.pth").exists() and (out / "checkpoint-6" / "rng_state_1.pth").exists()
+    assert sorted(levels(out)) == [0, 3, 6]
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6

@@ -1,0 +1,76 @@
+"""The `textdiffusion` command line: `textdiffusion train | generate ...`.
+
+Each subcommand's flags come from a typed dataclass (``HfArgumentParser``), so `--help` lists them with
+their defaults, and `--config recipe.json|yaml` supplies any of them from a file (flags still win).
+Bad input ends with one line on stderr that names the argument and the value, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UsageError
+
+COMMANDS = {
+    "train": "train a masked LM as a text diffusion model",
+}
+
+
+def _parse(dataclass_type, argv: list[str], prog: str):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_type, prog=prog)
+    parser.add_argument("--config", default=None, help="JSON or YAML file of defaults for these flags.")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        if not path.exists():
+            raise UsageError(f"--config {known.config!r}: no such file.")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(path.read_text()) or {}
+        else:
+            values = json.loads(path.read_text())
+        unknown = sorted(set(values) - {a.dest for a in parser._actions})
+        if unknown:
+            raise UsageError(f"--config {known.config!r}: unknown setting(s) {unknown}.")
+        parser.set_defaults(**values)
+    (args,) = parser.parse_args_into_dataclasses(argv, look_for_args_file=False, return_remaining_strings=False)[:1]
+    return args
+
+
+def _train(argv: list[str]) -> int:
+    from .train import TrainArgs, run_training
+
+    run_training(_parse(TrainArgs, argv, "textdiffusion train"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: textdiffusion COMMAND [flags]   (textdiffusion COMMAND --help for its flags)\n")
+        for name, what in COMMANDS.items():
+            print(f"  {name:<10} {what}")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    handlers = {"train": _train}
+    if command not in handlers:
+        print(f"textdiffusion: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return handlers[command](rest)
+    except UsageError as e:
+        print(f"textdiffusion {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

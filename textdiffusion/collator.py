@@ -1,0 +1,177 @@
+"""The variable-masking collator: the one place that decides which tokens are masked during training.
+
+A standard masked LM sees one corruption level (15%). A text diffusion model must see *every* level,
+so for each batch (or each example) this collator draws a corruption level and replaces that fraction
+of the maskable tokens by the mask token (no 80/10/10 replacement: the model must learn to denoise
+exactly what generation shows it, which is masks). Two ways to draw the level:
+
+* ``time_sampling="grid"`` (the original design): a mask probability drawn uniformly from
+  ``mask_probs`` (default 0.1, 0.2, ... 1.0), once per batch or once per example.
+* continuous time (``"uniform"``, ``"antithetic"``, ``"stratified"``): a time t in [t_min, 1] per example,
+  masked with probability ``schedule.mask_ratio(t)``. Antithetic/stratified draws spread the batch's t
+  evenly over [0, 1], which lowers the variance of the ELBO estimate (MDLM's low-discrepancy sampler).
+
+With ``loss_weighting="elbo"`` each example carries the weight -alpha'(t)/(1-alpha(t)) (1/t for the
+linear schedule; in grid mode the mask probability plays the role of t under the linear schedule), so
+the training loss is the negative ELBO. ``"none"`` is the original plain cross-entropy on masked tokens.
+
+Never masked: the first ``prefix_length`` positions (or a random prefix per example, so that prompts of
+any length are in distribution), the tokens in ``protected_token_ids`` (special tokens), and padding.
+Everything is one tensor operation over the batch; the randomness comes from a seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import get_worker_info
+
+from .errors import UsageError
+from .schedules import get_schedule
+
+DEFAULT_MASK_PROBS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+TIME_SAMPLINGS = ("grid", "uniform", "antithetic", "stratified")
+LOSS_WEIGHTINGS = ("none", "elbo")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DiffusionCollator:
+    """Turn a list of token blocks into a masked training batch.
+
+    Returns ``input_ids`` (masked), ``labels`` (the original id where masked, -100 elsewhere),
+    ``attention_mask``, ``mask_rate`` (the per-example masking probability used), ``loss_weight``
+    (per example) and ``num_maskable`` (per example: the ELBO is normalised by it).
+    """
+
+    mask_token_id: int
+    pad_token_id: int
+    protected_token_ids: Sequence[int] = ()
+    time_sampling: str = "grid"
+    mask_probs: Sequence[float] = DEFAULT_MASK_PROBS
+    mask_per: str = "batch"
+    schedule: str = "linear"
+    t_min: float = 1e-3
+    loss_weighting: str = "none"
+    prefix_length: int = 5
+    random_prefix_max: int = 0
+    seed: int = 0
+    _generators: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mask_token_id is None:
+            raise ValueError("`mask_token_id` is None: the tokenizer has no mask token, so it cannot be "
+                             "used for masked diffusion. Pick a masked-LM tokenizer or use --preset.")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"`time_sampling` must be one of {TIME_SAMPLINGS}, got {self.time_sampling!r}.")
+        if self.mask_per not in ("batch", "example"):
+            raise ValueError(f"`mask_per` must be 'batch' or 'example', got {self.mask_per!r}.")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"`loss_weighting` must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}.")
+        self.mask_probs = tuple(float(p) for p in self.mask_probs)
+        if not self.mask_probs:
+            raise ValueError("`mask_probs` must not be empty.")
+        for p in self.mask_probs:
+            if not 0.0 < p <= 1.0:
+                raise ValueError(f"`mask_probs` values must be in (0, 1], got {p}.")
+        if not 0.0 < self.t_min < 1.0:
+            raise ValueError(f"`t_min` must be in (0, 1), got {self.t_min}.")
+        if self.prefix_length < 0:
+            raise ValueError(f"`prefix_length` must be >= 0, got {self.prefix_length}.")
+        if self.random_prefix_max and self.random_prefix_max < self.prefix_length:
+            raise ValueError(f"`random_prefix_max` ({self.random_prefix_max}) must be 0 (off) or >= "
+                             f"`prefix_length` ({self.prefix_length}).")
+        self.schedule_fn = get_schedule(self.schedule)
+        self._protected = torch.tensor(sorted({int(i) for i in self.protected_token_ids if i is not None}),
+                                       dtype=torch.long)
+
+    # -- randomness -------------------------------------------------------------------------------
+    def generator(self) -> torch.Generator:
+        """One seeded generator per dataloader worker, so workers never draw identical masks."""
+        info = get_worker_info()
+        worker = info.id if info is not None else -1
+        if worker not in self._generators:
+            g = torch.Generator()
+            g.manual_seed(self.seed + 1_000_003 * (worker + 1))
+            self._generators[worker] = g
+        return self._generators[worker]
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random stream (e.g. with seed + rank under DDP)."""
+        self.seed = seed
+        self._generators.clear()
+
+    # -- the corruption level ---------------------------------------------------------------------
+    def sample_mask_rate(self, batch_size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example (mask probability, ELBO weight), both [b] float32."""
+        n = 1 if self.mask_per == "batch" else batch_size
+        if self.time_sampling == "grid":
+            grid = torch.tensor(self.mask_probs)
+            rate = grid[torch.randint(len(grid), (n,), generator=g)]  # [n]
+            weight = 1.0 / rate  # linear schedule: t = rate, -alpha'/(1-alpha) = 1/t
+        else:
+            if self.time_sampling == "uniform":
+                u = torch.rand(n, generator=g)
+            elif self.time_sampling == "antithetic":  # one offset, evenly spaced (mod 1)
+                u = (torch.rand(1, generator=g) + torch.arange(n) / n) % 1.0
+            else:  # stratified: one draw inside each of n equal strata, in random order
+                u = (torch.arange(n) + torch.rand(n, generator=g)) / n
+                u = u[torch.randperm(n, generator=g)]
+            t = self.t_min + (1.0 - self.t_min) * u  # [n]
+            rate = self.schedule_fn.mask_ratio(t)
+            weight = self.schedule_fn.weight(t)
+        if self.loss_weighting == "none":
+            weight = torch.ones_like(rate)
+        return rate.expand(batch_size).float(), weight.expand(batch_size).float()
+
+    def prefix_lengths(self, batch_size: int, g: torch.Generator) -> torch.Tensor:
+        """Per-example number of leading positions that are never masked, [b]."""
+        if self.random_prefix_max:
+            return torch.randint(self.prefix_length, self.random_prefix_max + 1, (batch_size,), generator=g)
+        return torch.full((batch_size,), self.prefix_length)
+
+    # -- the batch --------------------------------------------------------------------------------
+    def pad(self, examples: Sequence[Any]) -> torch.Tensor:
+        rows = [torch.as_tensor(e["input_ids"] if isinstance(e, dict) else e, dtype=torch.long) for e in examples]
+        if not rows:
+            raise ValueError("cannot collate an empty list of examples.")
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_token_id)
+
+    def maskable(self, input_ids: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """[b, l] bool: positions the collator may mask."""
+        positions = torch.arange(input_ids.shape[1])  # [l]
+        allowed = positions[None, :] >= prefix[:, None]  # [b, l]
+        allowed &= input_ids != self.pad_token_id
+        if len(self._protected):
+            allowed &= ~torch.isin(input_ids, self._protected)
+        return allowed
+
+    def __call__(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        g = self.generator()
+        input_ids = self.pad(examples)  # [b, l]
+        b = input_ids.shape[0]
+        rate, weight = self.sample_mask_rate(b, g)  # [b], [b]
+        maskable = self.maskable(input_ids, self.prefix_lengths(b, g))  # [b, l]
+        masked = (torch.rand(input_ids.shape, generator=g) < rate[:, None]) & maskable  # [b, l]
+        labels = torch.where(masked, input_ids, IGNORE_INDEX)
+        return {
+            "input_ids": input_ids.masked_fill(masked, self.mask_token_id),
+            "attention_mask": (input_ids != self.pad_token_id).long(),
+            "labels": labels,
+            "mask_rate": rate,
+            "loss_weight": weight,
+            "num_maskable": maskable.sum(1),
+        }
+
+
+def collator_for_tokenizer(tokenizer, **kwargs) -> DiffusionCollator:
+    """A collator that protects every special token of ``tokenizer`` except the mask token."""
+    if tokenizer.mask_token_id is None:
+        raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no mask token: "
+                         "it cannot be used for masked diffusion. Use a masked-LM tokenizer or --preset.")
+    special = [i for i in tokenizer.all_special_ids if i != tokenizer.mask_token_id]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1
+    return DiffusionCollator(mask_token_id=tokenizer.mask_token_id, pad_token_id=pad,
+                             protected_token_ids=special, **kwargs)

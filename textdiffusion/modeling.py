@@ -1,0 +1,236 @@
+"""Loading or building the masked LM and its tokenizer, and the masked-positions-only LM head.
+
+Three ways to get a model:
+
+* a hub id or a local ``save_pretrained`` directory of any masked LM (RoBERTa, DistilRoBERTa, BERT,
+  ModernBERT, ...) through ``AutoModelForMaskedLM`` / ``AutoTokenizer``;
+* a from-scratch preset (``tiny``/``small``/``base``): a ModernBERT configuration (pre-norm, rotary
+  positions, GLU) with a byte-level BPE tokenizer trained on the training corpus. We use ModernBERT
+  rather than a RoBERTa configuration because a post-LN RoBERTa trained from scratch on the small
+  bundled corpus sits at the unigram plateau for thousands of steps (see ``benchmarks/preset_plateau.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+DIFFUSION_CONFIG_NAME = "diffusion_config.json"
+TOKENIZER_STAMP = "textdiffusion_tokenizer.json"
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+
+
+PRESETS = {
+    # "micro" exists for tests and smoke runs: two layers, seconds per hundred steps on a CPU.
+    "micro": Preset(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=1024),
+    "tiny": Preset(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, vocab_size=8192),
+    "small": Preset(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=768, vocab_size=16384),
+    "base": Preset(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1152, vocab_size=32768),
+}
+
+
+# -- tokenizer --------------------------------------------------------------------------------------
+def train_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A RoBERTa-style byte-level BPE tokenizer trained on ``texts`` with the ``tokenizers`` library."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token=AddedToken("<mask>", lstrip=True, special=True),
+    )
+
+
+def corpus_fingerprint(texts: list[str], vocab_size: int) -> str:
+    h = hashlib.sha256(str(vocab_size).encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "replace"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def preset_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | None):
+    """Train the preset tokenizer, or reuse the one cached in ``cache_dir`` for the same corpus and size."""
+    from transformers import AutoTokenizer
+
+    stamp = {"vocab_size": vocab_size, "corpus": corpus_fingerprint(texts, vocab_size)}
+    if cache_dir is not None and (cache_dir / TOKENIZER_STAMP).exists():
+        if json.loads((cache_dir / TOKENIZER_STAMP).read_text()) == stamp:
+            logger.info("reusing the tokenizer cached in %s", cache_dir)
+            return AutoTokenizer.from_pretrained(cache_dir)
+    logger.info("training a byte-level BPE tokenizer (vocab %d) on %d documents", vocab_size, len(texts))
+    tokenizer = train_bpe_tokenizer(texts, vocab_size)
+    if cache_dir is not None:
+        tokenizer.save_pretrained(cache_dir)
+        (cache_dir / TOKENIZER_STAMP).write_text(json.dumps(stamp))
+    return tokenizer
+
+
+# -- model ------------------------------------------------------------------------------------------
+PRESET_ARCHITECTURES = ("modernbert", "roberta")
+
+
+def build_preset_model(preset: str, tokenizer, max_length: int, dropout: float = 0.0, architecture: str = "modernbert"):
+    """A randomly initialised masked LM sized by ``preset`` for ``tokenizer``.
+
+    ``architecture="modernbert"`` (default): pre-norm, rotary positions, GLU MLP. ``"roberta"``: the
+    classic post-LN encoder of the same width and depth, kept for comparison only: from scratch on the
+    bundled corpus it stalls at the unigram plateau (``benchmarks/preset_plateau.py``).
+    """
+    from transformers import ModernBertConfig, ModernBertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+    if preset not in PRESETS:
+        raise UsageError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}.")
+    if architecture not in PRESET_ARCHITECTURES:
+        raise UsageError(f"--architecture must be one of {PRESET_ARCHITECTURES}, got {architecture!r}.")
+    p = PRESETS[preset]
+    tokens = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    size = dict(hidden_size=p.hidden_size, num_hidden_layers=p.num_hidden_layers,
+                num_attention_heads=p.num_attention_heads)
+    if architecture == "roberta":
+        # A GLU MLP of width w has as many weights as a plain MLP of width 1.5 w.
+        config = RobertaConfig(**tokens, **size, intermediate_size=p.intermediate_size * 3 // 2,
+                               max_position_embeddings=max(512, max_length) + 2, hidden_dropout_prob=dropout,
+                               attention_probs_dropout_prob=dropout)
+        return RobertaForMaskedLM(config)
+    config = ModernBertConfig(
+        **tokens, **size, intermediate_size=p.intermediate_size, max_position_embeddings=max(512, max_length),
+        local_attention=max(128, max_length), cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+        embedding_dropout=dropout, mlp_dropout=dropout, attention_dropout=dropout,
+    )
+    return ModernBertForMaskedLM(config)
+
+
+def init_output_bias_to_unigram(model, blocks: torch.Tensor, smoothing: float = 0.5) -> None:
+    """Start the output bias at the log-frequency of each token in ``blocks``.
+
+    A from-scratch model otherwise spends its first hundreds of steps learning token frequencies, since
+    Adam moves the bias by about one learning rate per step while log-frequencies span ~10 nats. Starting
+    at the unigram solution lets training go straight to learning context (the usual "log prior"
+    initialisation of a classifier's bias).
+    """
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is None:
+        return
+    counts = torch.bincount(blocks.flatten(), minlength=head.bias.numel())[: head.bias.numel()].double() + smoothing
+    log_prior = (counts / counts.sum()).log()
+    with torch.no_grad():
+        head.bias.copy_((log_prior - log_prior.mean()).to(head.bias.dtype))
+
+
+def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None):
+    """(tokenizer, model) from a hub id or local directory, with an actionable error when it fails."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    if local.exists() and not (local / "config.json").exists():
+        raise UsageError(f"--model-name {name_or_path!r} is a local path but holds no config.json: "
+                         "it is not a save_pretrained model directory.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=dtype)
+    except OSError as e:
+        raise UsageError(
+            f"--model-name {name_or_path!r} could not be loaded: it is not a local model directory and the "
+            f"Hugging Face Hub did not provide it ({str(e).splitlines()[0][:160]}). Offline, train from scratch "
+            "with --preset tiny|small|base, or pass a local directory saved with save_pretrained.") from None
+    except ValueError as e:
+        raise UsageError(f"--model-name {name_or_path!r} is not a masked language model "
+                         f"({str(e).splitlines()[0][:160]}).") from None
+    return tokenizer, model
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- the LM head on masked positions only -----------------------------------------------------------
+def masked_lm_head(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The function hidden states -> vocabulary logits for architectures whose head we know.
+
+    With it, training runs the backbone on every position but the (vocabulary-sized, expensive) head
+    only on the masked ones: the same loss, far less work at low mask rates. ``None`` means unknown
+    architecture; the caller then falls back to the model's full forward.
+    """
+    kind = model.config.model_type
+    if kind in ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm"):
+        return model.lm_head
+    if kind == "bert":
+        return model.cls
+    if kind == "modernbert":
+        return lambda h: model.decoder(model.head(h))
+    if kind == "distilbert":
+        return lambda h: model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(h))))
+    return None
+
+
+def enable_masked_head(model):
+    """Teach ``model(..., masked_positions=mask)`` to return logits [n, vocab] at those positions only.
+
+    It has to be the model's own forward, not a helper that calls ``model.base_model``: under DDP only
+    a call through the wrapper's forward synchronises gradients (Accelerate patches ``forward`` the same
+    way for mixed precision). Without ``masked_positions`` the model behaves exactly as before.
+    """
+    if getattr(model, "_textdiffusion_masked_head", False):
+        return model
+    head, original = masked_lm_head(model), model.forward
+
+    def forward(*args, masked_positions: torch.Tensor | None = None, **kwargs):
+        if masked_positions is None:
+            return original(*args, **kwargs)
+        if head is None:  # unknown architecture: full logits, then select
+            return original(*args, **kwargs).logits[masked_positions]
+        hidden = model.base_model(*args, **kwargs).last_hidden_state  # [b, l, d]
+        return head(hidden[masked_positions])  # [n, vocab]
+
+    model.forward = forward
+    model._textdiffusion_masked_head = True
+    return model
+
+
+def masked_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  positions: torch.Tensor) -> torch.Tensor:
+    """Logits [n, vocab] at ``positions`` ([b, l] bool) only; ``model`` may be DDP-wrapped."""
+    enable_masked_head(getattr(model, "module", model))
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: let SDPA take its fastest path
+    return model(input_ids=input_ids, attention_mask=attention_mask, masked_positions=positions)
+
+
+# -- the diffusion settings saved beside a checkpoint -----------------------------------------------
+def save_diffusion_config(directory: str | Path, settings: dict) -> None:
+    path = Path(directory) / DIFFUSION_CONFIG_NAME
+    path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+def load_diffusion_config(directory: str | Path) -> dict:
+    """The settings a checkpoint was trained with, or ``{}`` for a masked LM from elsewhere."""
+    path = Path(directory) / DIFFUSION_CONFIG_NAME
+    return json.loads(path.read_text()) if path.exists() else {}

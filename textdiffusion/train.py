@@ -1,0 +1,347 @@
+"""Train a masked LM as a text diffusion model: a thin layer over ``transformers.Trainer``.
+
+    textdiffusion train --quick-test --preset tiny            # minutes on a laptop CPU
+    textdiffusion train --model-name distilroberta-base --dataset wikitext:wikitext-2-raw-v1
+    torchrun --nproc_per_node 2 -m textdiffusion train ...    # DDP, unchanged
+
+What this layer adds to Trainer: the variable-masking collator, the loss with the LM head on masked
+positions only, a deterministic per-mask-level validation (``per_level_loss.csv`` + PNG after every
+evaluation), tokens/s in the logs, the diffusion settings saved beside every checkpoint, and guards that
+keep a failed or mistaken run from overwriting an earlier one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from .collator import DEFAULT_MASK_PROBS, LOSS_WEIGHTINGS, TIME_SAMPLINGS, DiffusionCollator, collator_for_tokenizer
+from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
+from .errors import UsageError
+from .evaluation import per_level_loss
+from .modeling import (PRESET_ARCHITECTURES, PRESETS, build_preset_model, count_parameters, enable_masked_head, init_output_bias_to_unigram,
+                       load_masked_lm, preset_tokenizer, save_diffusion_config)
+from .objective import diffusion_loss
+from .reporting import append_level_csv, format_level_table, plot_level_curves
+from .schedules import SCHEDULES
+
+logger = logging.getLogger("textdiffusion")
+
+RUN_ARGS_NAME = "run_args.json"
+LEVEL_CSV = "per_level_loss.csv"
+LEVEL_PNG = "per_level_loss.png"
+# Settings that define "the same run": --resume refuses an output dir trained with other values.
+RUN_IDENTITY = ("model_name", "preset", "architecture", "dataset", "text_column", "max_length", "vocab_size", "seed")
+# What --quick-test means: a CPU-sized run of the whole pipeline (about 10 minutes on 2 cores with --preset tiny).
+QUICK_TEST = {"max_steps": 1000, "eval_steps": 250, "eval_blocks": 128, "logging_steps": 50}
+
+
+@dataclass
+class TrainArgs:
+    # what to train
+    model_name: str = field(default="distilroberta-base", metadata={
+        "help": "Hub id or local directory of a masked LM to fine-tune (ignored with --preset)."})
+    preset: Optional[str] = field(default=None, metadata={
+        "help": f"Train from scratch: one of {sorted(PRESETS)} (a ModernBERT config and a BPE tokenizer trained on the data)."})
+    architecture: str = field(default="modernbert", metadata={
+        "help": "Architecture of a preset: modernbert, or roberta (post-LN; for comparison, it plateaus from scratch)."})
+    vocab_size: int = field(default=0, metadata={"help": "Preset tokenizer vocabulary size (0: the preset's default)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout of a preset model."})
+    # data
+    dataset: str = field(default="wiki-vital", metadata={
+        "help": "Bundled corpus (wiki-vital, austen), a local .txt/.jsonl/.csv/.parquet file or folder, "
+                "or a Hugging Face dataset id[:config] such as wikitext:wikitext-2-raw-v1."})
+    text_column: str = field(default="text", metadata={"help": "Column/field that holds the text."})
+    validation_fraction: float = field(default=0.05, metadata={"help": "Documents held out when the source has no validation split."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per packed training block."})
+    # the corruption process
+    time_sampling: str = field(default="grid", metadata={"help": f"How the mask level is drawn: {TIME_SAMPLINGS}."})
+    mask_probs: list[float] = field(default_factory=lambda: list(DEFAULT_MASK_PROBS), metadata={
+        "help": "Mask probabilities of the grid, each in (0, 1]."})
+    mask_per: str = field(default="batch", metadata={"help": "Draw the grid level per 'batch' or per 'example'."})
+    schedule: str = field(default="linear", metadata={"help": f"alpha(t) for continuous time: {sorted(SCHEDULES)}."})
+    loss_weighting: str = field(default="none", metadata={"help": f"{LOSS_WEIGHTINGS}: plain masked CE, or the ELBO weight -alpha'/(1-alpha)."})
+    prefix_length: int = field(default=5, metadata={"help": "Leading tokens never masked (the prompt)."})
+    random_prefix_max: int = field(default=0, metadata={
+        "help": "If > 0, each example's protected prefix is drawn uniformly from [prefix_length, this]."})
+    # optimisation
+    epochs: int = field(default=3, metadata={"help": "Passes over the training blocks (ignored when --max-steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps (-1: use --epochs)."})
+    batch_size: int = field(default=16, metadata={"help": "Blocks per device per step."})
+    learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "Peak learning rate (default: 5e-5 to fine-tune, 1e-3 for a preset)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup: float = field(default=0.05, metadata={"help": "Warm-up: a fraction of the steps (< 1) or a step count."})
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and masks."})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16."})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU)."})
+    num_workers: int = field(default=0, metadata={"help": "Dataloader worker processes."})
+    # evaluation, logging, checkpoints
+    eval_steps: int = field(default=500, metadata={"help": "Evaluate every N steps (loss at each mask level)."})
+    eval_blocks: int = field(default=256, metadata={"help": "Validation blocks used by each evaluation."})
+    logging_steps: int = field(default=50, metadata={"help": "Log loss and tokens/s every N steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept in the output dir."})
+    output_dir: str = field(default="runs/textdiffusion", metadata={"help": "Where checkpoints, tables and plots go."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a run already in --output-dir (only once the new run succeeds)."})
+    resume: bool = field(default=False, metadata={"help": "Continue the run in --output-dir from its last checkpoint."})
+    quick_test: bool = field(default=False, metadata={
+        "help": "A short CPU-sized run: 1,000 steps, batch 16, evaluations every 250 steps."})
+
+    def __post_init__(self) -> None:
+        if self.quick_test:
+            self.max_steps = self.max_steps if self.max_steps > 0 else QUICK_TEST["max_steps"]
+            self.eval_steps = min(self.eval_steps, QUICK_TEST["eval_steps"])
+            self.eval_blocks = min(self.eval_blocks, QUICK_TEST["eval_blocks"])
+            self.logging_steps = min(self.logging_steps, QUICK_TEST["logging_steps"])
+        checks = [
+            (self.epochs >= 1, "--epochs", self.epochs, "must be a positive integer"),
+            (self.batch_size >= 1, "--batch-size", self.batch_size, "must be a positive integer"),
+            (self.max_steps == -1 or self.max_steps >= 1, "--max-steps", self.max_steps, "must be -1 or >= 1"),
+            (self.max_length >= 8, "--max-length", self.max_length, "must be >= 8"),
+            (0 <= self.prefix_length < self.max_length, "--prefix-length", self.prefix_length,
+             f"must be >= 0 and smaller than --max-length ({self.max_length})"),
+            (self.random_prefix_max < self.max_length, "--random-prefix-max", self.random_prefix_max,
+             f"must be smaller than --max-length ({self.max_length})"),
+            (self.preset is None or self.preset in PRESETS, "--preset", self.preset, f"must be one of {sorted(PRESETS)}"),
+            (self.architecture in PRESET_ARCHITECTURES, "--architecture", self.architecture, f"must be one of {PRESET_ARCHITECTURES}"),
+            (self.time_sampling in TIME_SAMPLINGS, "--time-sampling", self.time_sampling, f"must be one of {TIME_SAMPLINGS}"),
+            (self.mask_per in ("batch", "example"), "--mask-per", self.mask_per, "must be 'batch' or 'example'"),
+            (self.schedule in SCHEDULES, "--schedule", self.schedule, f"must be one of {sorted(SCHEDULES)}"),
+            (self.loss_weighting in LOSS_WEIGHTINGS, "--loss-weighting", self.loss_weighting, f"must be one of {LOSS_WEIGHTINGS}"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision", self.precision, "must be auto, fp32, bf16 or fp16"),
+            (self.eval_steps >= 1, "--eval-steps", self.eval_steps, "must be >= 1"),
+            (self.eval_blocks >= 1, "--eval-blocks", self.eval_blocks, "must be >= 1"),
+            (self.vocab_size == 0 or self.vocab_size >= 300, "--vocab-size", self.vocab_size, "must be 0 (preset default) or >= 300"),
+            (self.learning_rate is None or self.learning_rate > 0, "--learning-rate", self.learning_rate, "must be > 0"),
+            (not (self.resume and self.overwrite), "--resume", self.resume, "cannot be combined with --overwrite"),
+            (0.0 <= self.dropout < 1.0, "--dropout", self.dropout, "must be in [0, 1)"),
+        ]
+        for ok, flag, value, rule in checks:
+            if not ok:
+                raise UsageError(f"{flag} {rule}, got {value!r}.")
+        bad = [p for p in self.mask_probs if not 0.0 < p <= 1.0]
+        if bad or not self.mask_probs:
+            raise UsageError(f"--mask-probs values must be in (0, 1], got {bad or self.mask_probs}.")
+        if self.learning_rate is None:
+            self.learning_rate = 1e-3 if self.preset else 5e-5
+
+    def collator_settings(self) -> dict:
+        return dict(time_sampling=self.time_sampling, mask_probs=tuple(self.mask_probs), mask_per=self.mask_per,
+                    schedule=self.schedule, loss_weighting=self.loss_weighting, prefix_length=self.prefix_length,
+                    random_prefix_max=self.random_prefix_max)
+
+
+# -- the Trainer ------------------------------------------------------------------------------------
+class DiffusionTrainer(Trainer):
+    """Trainer with the diffusion loss and a deterministic per-mask-level evaluation."""
+
+    def __init__(self, *args, loss_weighting: str, level_eval: dict, tokens_per_step: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_weighting = loss_weighting
+        self.level_eval = level_eval
+        self.tokens_per_step = tokens_per_step
+        self.model_accepts_loss_kwargs = False  # our loss is already a mean; let Trainer scale it
+        self._throughput_mark = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = diffusion_loss(model, inputs, self.loss_weighting)
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        now, step = time.perf_counter(), self.state.global_step
+        if "loss" in logs and self._throughput_mark is not None:
+            last_time, last_step = self._throughput_mark
+            if step > last_step:
+                logs["tokens_per_second"] = round((step - last_step) * self.tokens_per_step / (now - last_time))
+        if "loss" in logs or self._throughput_mark is None:
+            self._throughput_mark = (now, step)
+        super().log(logs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        cfg = self.level_eval
+        results = per_level_loss(self.model, cfg["blocks"], cfg["collator"], batch_size=self.args.per_device_eval_batch_size)
+        metrics = {f"{metric_key_prefix}_loss": sum(r.loss for r in results) / len(results)}
+        metrics.update({f"{metric_key_prefix}_loss@{r.mask_rate:.1f}": round(r.loss, 4) for r in results})
+        if self.is_world_process_zero():
+            out = Path(cfg["report_dir"])
+            append_level_csv(out / LEVEL_CSV, self.state.global_step, results)
+            plot_level_curves(out / LEVEL_CSV, out / LEVEL_PNG, cfg["references"], cfg.get("title", ""))
+            print(format_level_table(results, cfg["references"], f"\nvalidation loss at each mask level, step {self.state.global_step}:"), flush=True)
+        self.last_level_results = results
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class SaveDiffusionConfig(TrainerCallback):
+    """Write diffusion_config.json into every checkpoint, so generation can default to its settings."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                save_diffusion_config(ckpt, self.settings)
+
+
+def verdict(results, references: dict[str, float], up_to: float = 0.9) -> str:
+    """One line: how far below the context-free baselines the levels up to ``up_to`` ended."""
+    bar = max(references.values())
+    worst = max((r for r in results if r.mask_rate <= up_to + 1e-9), key=lambda r: r.loss)
+    margin = bar - worst.loss
+    status = "below" if margin > 0 else "NOT below"
+    return (f"\nevery mask level <= {up_to:.1f} is {status} the unigram baselines (worst: {worst.loss:.3f} nats at "
+            f"{worst.mask_rate:.1f}, baseline {bar:.3f}, margin {margin:+.3f} nats)")
+
+
+# -- output-dir safety ------------------------------------------------------------------------------
+def _has_checkpoint(path: Path) -> bool:
+    return any(p.name.startswith("checkpoint-") for p in path.glob("checkpoint-*"))
+
+
+def check_output_dir(args: TrainArgs) -> Path:
+    """Decide where this run writes, refusing anything that would overwrite another run.
+
+    Returns the directory to train into: ``--output-dir`` itself, or with --overwrite a staging folder
+    beside it that replaces ``--output-dir`` only after the run has succeeded.
+    """
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {args.output_dir!r} exists and is not a directory.")
+    occupied = out.exists() and any(out.iterdir())
+    if args.resume:
+        if not occupied or not _has_checkpoint(out):
+            raise UsageError(f"--resume: --output-dir {args.output_dir!r} holds no checkpoint to continue from.")
+        saved = json.loads((out / RUN_ARGS_NAME).read_text()) if (out / RUN_ARGS_NAME).exists() else {}
+        differs = {k: (saved.get(k), getattr(args, k)) for k in RUN_IDENTITY if saved.get(k) != getattr(args, k)}
+        if differs:
+            raise UsageError(f"--resume: --output-dir {args.output_dir!r} holds a different run "
+                             f"(saved vs now: {differs}); resume with the same settings or pick another --output-dir.")
+        return out
+    if occupied and not args.overwrite:
+        what = "a run" if (out / RUN_ARGS_NAME).exists() or _has_checkpoint(out) else "other files"
+        raise UsageError(f"--output-dir {args.output_dir!r} already holds {what}; pass --resume to continue it, "
+                         "--overwrite to replace it once the new run succeeds, or choose another --output-dir.")
+    if occupied:
+        return out.with_name(out.name + ".partial")
+    return out
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Swap a finished staging dir into place; the old run is removed only after the swap."""
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old)
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def _precision_flags(precision: str) -> dict:
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return {"bf16": cuda and torch.cuda.is_bf16_supported()}
+    if precision == "bf16":
+        return {"bf16": True}
+    if precision == "fp16":
+        if not cuda:
+            raise UsageError("--precision 'fp16' needs a CUDA device; on the CPU use fp32 or bf16.")
+        return {"fp16": True}
+    return {}
+
+
+def run_training(args: TrainArgs) -> Path:
+    """Train as ``args`` says; returns the output dir holding the final model."""
+    final_dir = Path(args.output_dir)
+    work_dir = check_output_dir(args)  # validated before anything is written
+
+    training_args = TrainingArguments(
+        output_dir=str(work_dir), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=max(args.batch_size, 32),
+        num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup, lr_scheduler_type="cosine", max_grad_norm=1.0,
+        eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.eval_steps,
+        save_total_limit=args.save_total_limit, logging_steps=args.logging_steps, logging_first_step=True,
+        seed=args.seed, data_seed=args.seed, dataloader_num_workers=args.num_workers, report_to="none",
+        remove_unused_columns=False, dataloader_drop_last=True, torch_compile=args.compile,
+        ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(),
+        **_precision_flags(args.precision),
+    )
+    is_main = training_args.process_index == 0
+    set_seed(args.seed)
+
+    corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)
+    if args.preset:
+        vocab = args.vocab_size or PRESETS[args.preset].vocab_size
+        with training_args.main_process_first(desc="tokenizer"):
+            work_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer = preset_tokenizer(corpus.train, vocab, work_dir / "tokenizer")
+        model = build_preset_model(args.preset, tokenizer, args.max_length, args.dropout, args.architecture)
+    else:
+        tokenizer, model = load_masked_lm(args.model_name)
+    enable_masked_head(model)  # before Trainer/Accelerate wrap the model
+    collator = collator_for_tokenizer(tokenizer, seed=args.seed + 7919 * training_args.process_index,
+                                      **args.collator_settings())
+
+    train_blocks = pack(corpus.train, tokenizer, args.max_length)
+    if args.preset:
+        init_output_bias_to_unigram(model, train_blocks)
+    val_blocks = pack(corpus.validation, tokenizer, args.max_length, keep_remainder=True)
+    if len(train_blocks) < args.batch_size * training_args.world_size:
+        raise UsageError(f"--dataset {args.dataset!r} gives {len(train_blocks)} training block(s) of "
+                         f"{args.max_length} tokens: fewer than one batch (--batch-size {args.batch_size}).")
+    val_eval = val_blocks[: args.eval_blocks]
+    cls, sep = boundary_ids(tokenizer)
+    special = list(tokenizer.all_special_ids)
+    references = {  # what a model that ignores context scores: the bar every mask level must clear
+        "unigram entropy of the validation tokens": unigram_entropy(val_blocks, special),
+        "unigram cross-entropy (training-set token frequencies)": unigram_cross_entropy(train_blocks, val_eval, special),
+    }
+    if is_main:
+        print(f"data: {args.dataset}: {len(corpus.train):,} train / {len(corpus.validation):,} validation documents -> "
+              f"{len(train_blocks):,} train / {len(val_blocks):,} validation blocks of {args.max_length} tokens", flush=True)
+        print(f"model: {args.preset and 'preset ' + args.preset or args.model_name} ({model.config.model_type}, "
+              f"{count_parameters(model) / 1e6:.1f}M parameters, vocab {len(tokenizer):,}), "
+              f"{training_args.world_size} process(es) on {training_args.device.type}", flush=True)
+
+    settings = {"mask_token_id": tokenizer.mask_token_id, "max_length": args.max_length, "cls_token_id": cls,
+                "sep_token_id": sep, "trained_with": "textdiffusion", **args.collator_settings()}
+    settings["mask_probs"] = list(settings["mask_probs"])
+    if is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / RUN_ARGS_NAME).write_text(json.dumps(asdict(args), indent=2) + "\n")
+        (work_dir / "references.json").write_text(json.dumps(references, indent=2) + "\n")
+
+    trainer = DiffusionTrainer(
+        model=model, args=training_args, train_dataset=BlockDataset(train_blocks), eval_dataset=BlockDataset(val_eval),
+        data_collator=collator, processing_class=tokenizer, callbacks=[SaveDiffusionConfig(settings)],
+        loss_weighting=args.loss_weighting, tokens_per_step=args.batch_size * args.max_length * training_args.world_size,
+        level_eval={"blocks": val_eval, "collator": collator, "report_dir": str(work_dir), "references": references,
+                    "title": f"{args.preset or args.model_name} on {args.dataset}"},
+    )
+    if not args.resume:
+        trainer.evaluate()  # step 0: the "before" row every level must improve on
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    if trainer.state.global_step % args.eval_steps:
+        trainer.evaluate()
+    trainer.save_model(str(work_dir))
+    if is_main:
+        save_diffusion_config(work_dir, settings)
+    if training_args.world_size > 1:
+        torch.distributed.barrier()
+    if is_main and work_dir != final_dir:
+        _replace_dir(work_dir, final_dir)
+    if is_main:
+        print(verdict(trainer.last_level_results, references))
+        print(f"done: model, {LEVEL_CSV} and {LEVEL_PNG} are in {final_dir}/", flush=True)
+    return final_dir
