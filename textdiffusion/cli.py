@@ -17,6 +17,7 @@ from .errors import UsageError
 
 COMMANDS = {
     "train": "train a masked LM as a text diffusion model",
+    "generate": "generate text from a checkpoint by iterative denoising",
 }
 
 
@@ -51,6 +52,17 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _generate(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .generate_cli import GenerateArgs, run_generate
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar between the user and the samples
+
+    run_generate(_parse(GenerateArgs, argv, "textdiffusion generate"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -59,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<10} {what}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train}
+    handlers = {"train": _train, "generate": _generate}
     if command not in handlers:
         print(f"textdiffusion: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2

@@ -4,10 +4,16 @@ Three ways to get a model:
 
 * a hub id or a local ``save_pretrained`` directory of any masked LM (RoBERTa, DistilRoBERTa, BERT,
   ModernBERT, ...) through ``AutoModelForMaskedLM`` / ``AutoTokenizer``;
-* a from-scratch preset (``tiny``/``small``/``base``): a ModernBERT configuration (pre-norm, rotary
-  positions, GLU) with a byte-level BPE tokenizer trained on the training corpus. We use ModernBERT
-  rather than a RoBERTa configuration because a post-LN RoBERTa trained from scratch on the small
-  bundled corpus sits at the unigram plateau for thousands of steps (see ``benchmarks/preset_plateau.py``).
+* a from-scratch preset (``micro``/``tiny``/``small``/``base``): a ModernBERT configuration (pre-norm,
+  rotary positions, GLU) with a byte-level BPE tokenizer trained on the training corpus.
+
+Why the presets are "local first". At initialisation attention is uniform, so in a global layer a masked
+token's neighbours make up 1/128 of what it sees, and the gradient that would teach attention to look at
+them is just as weak: trained from scratch on the small bundled corpus, a post-LN RoBERTa *and* a
+ModernBERT with its stock layout (global every third layer, 128-token windows) sit on the unigram
+plateau for thousands of steps. With a narrow sliding window (+-2 tokens) in the lower layers the
+neighbours carry 1/5 of the signal from step one: the model learns bigram-like statistics at once and
+the global layers above it build longer-range context. ``benchmarks/preset_plateau.py`` measures this.
 """
 
 from __future__ import annotations
@@ -37,14 +43,20 @@ class Preset:
     num_attention_heads: int
     intermediate_size: int
     vocab_size: int
+    local_layers: int  # the lowest layers use a narrow sliding window; the rest attend globally
+    local_window: int = 4  # total window of a local layer (ModernBERT's local_attention): +-2 tokens
 
 
 PRESETS = {
     # "micro" exists for tests and smoke runs: two layers, seconds per hundred steps on a CPU.
-    "micro": Preset(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=1024),
-    "tiny": Preset(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, vocab_size=8192),
-    "small": Preset(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=768, vocab_size=16384),
-    "base": Preset(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1152, vocab_size=32768),
+    "micro": Preset(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=1024,
+                    local_layers=1),
+    "tiny": Preset(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, vocab_size=4096,
+                   local_layers=2),
+    "small": Preset(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=768, vocab_size=16384,
+                    local_layers=3),
+    "base": Preset(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1152, vocab_size=32768,
+                   local_layers=4),
 }
 
 
@@ -93,15 +105,16 @@ def preset_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | None):
 
 
 # -- model ------------------------------------------------------------------------------------------
-PRESET_ARCHITECTURES = ("modernbert", "roberta")
+PRESET_ARCHITECTURES = ("modernbert", "modernbert-stock", "roberta")
 
 
 def build_preset_model(preset: str, tokenizer, max_length: int, dropout: float = 0.0, architecture: str = "modernbert"):
     """A randomly initialised masked LM sized by ``preset`` for ``tokenizer``.
 
-    ``architecture="modernbert"`` (default): pre-norm, rotary positions, GLU MLP. ``"roberta"``: the
-    classic post-LN encoder of the same width and depth, kept for comparison only: from scratch on the
-    bundled corpus it stalls at the unigram plateau (``benchmarks/preset_plateau.py``).
+    ``architecture="modernbert"`` (default): pre-norm, rotary positions, GLU MLP, local-first attention
+    (see the module docstring). ``"modernbert-stock"``: the same with ModernBERT's own attention layout,
+    and ``"roberta"``: the classic post-LN encoder of the same width and depth. Both are kept for
+    comparison only: from scratch on the bundled corpus they stall at the unigram plateau.
     """
     from transformers import ModernBertConfig, ModernBertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
@@ -120,29 +133,16 @@ def build_preset_model(preset: str, tokenizer, max_length: int, dropout: float =
                                max_position_embeddings=max(512, max_length) + 2, hidden_dropout_prob=dropout,
                                attention_probs_dropout_prob=dropout)
         return RobertaForMaskedLM(config)
+    attention = {}
+    if architecture == "modernbert":
+        layers = ["sliding_attention"] * p.local_layers + ["full_attention"] * (p.num_hidden_layers - p.local_layers)
+        attention = dict(layer_types=layers, local_attention=p.local_window)
     config = ModernBertConfig(
         **tokens, **size, intermediate_size=p.intermediate_size, max_position_embeddings=max(512, max_length),
-        local_attention=max(128, max_length), cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
-        embedding_dropout=dropout, mlp_dropout=dropout, attention_dropout=dropout,
+        cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+        embedding_dropout=dropout, mlp_dropout=dropout, attention_dropout=dropout, **attention,
     )
     return ModernBertForMaskedLM(config)
-
-
-def init_output_bias_to_unigram(model, blocks: torch.Tensor, smoothing: float = 0.5) -> None:
-    """Start the output bias at the log-frequency of each token in ``blocks``.
-
-    A from-scratch model otherwise spends its first hundreds of steps learning token frequencies, since
-    Adam moves the bias by about one learning rate per step while log-frequencies span ~10 nats. Starting
-    at the unigram solution lets training go straight to learning context (the usual "log prior"
-    initialisation of a classifier's bias).
-    """
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is None:
-        return
-    counts = torch.bincount(blocks.flatten(), minlength=head.bias.numel())[: head.bias.numel()].double() + smoothing
-    log_prior = (counts / counts.sum()).log()
-    with torch.no_grad():
-        head.bias.copy_((log_prior - log_prior.mean()).to(head.bias.dtype))
 
 
 def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None):

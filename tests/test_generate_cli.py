@@ -1,0 +1,86 @@
+"""`textdiffusion generate` end to end on a small saved checkpoint, and its bad-input errors."""
+
+import json
+import re
+
+import pytest
+
+from textdiffusion.cli import main
+from textdiffusion.modeling import build_preset_model, save_diffusion_config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    """An (untrained) micro model saved the way `train` saves one: enough to exercise the whole path."""
+    path = tmp_path_factory.mktemp("ckpt")
+    build_preset_model("micro", tokenizer, 32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    save_diffusion_config(path, {"max_length": 24, "prefix_length": 5})
+    return path
+
+
+def test_generate_prints_steps_samples_and_nfe(checkpoint, capsys, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    out = tmp_path / "samples.jsonl"
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prefix", "The river", "--num-samples", "2",
+                 "--steps", "4", "--trace-out", str(trace), "--output", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "step   1" in printed and "_" in printed  # intermediate steps with masks visible
+    assert "[sample 0] The river" in printed and "[sample 1] The river" in printed
+    assert "4 model calls (NFE)" in printed
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(lines) == 5 and lines[0]["masked"][0] > 0 and lines[-1]["masked"] == [0, 0]
+    samples = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [s["seed"] for s in samples] == [0, 1] and all(s["text"].startswith("The river") for s in samples)
+
+
+def test_hide_steps_and_infill(checkpoint, capsys):
+    assert main(["generate", "--checkpoint", str(checkpoint), "--infill", "The <mask:3> was built in <mask:2>.",
+                 "--hide-steps", "--steps", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "step " not in printed
+    sample = printed.split("[sample 0] ")[1].splitlines()[0]
+    assert re.fullmatch(r"The.+ was built in.+\.", sample), sample  # the fixed text, in order, around the spans
+
+
+def test_threshold_reports_fewer_calls(checkpoint, capsys):
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prefix", "A", "--hide-steps",
+                 "--confidence-threshold", "0.0001", "--steps", "20"]) == 0
+    assert "1 model calls (NFE)" in capsys.readouterr().out
+
+
+def test_animate_runs(checkpoint, capsys):
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prefix", "A", "--animate", "--steps", "3"]) == 0
+    assert "[sample 0] A" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--prefix", "word " * 40], "leaves no room to generate within --max-length 24"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-k", "0"], "--top-k must be >= 1, got 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "-2"], "got -2.0"),
+    (["--infill", "no spans here"], "has no masked span"),
+    (["--strategy", "best-first"], "--strategy must be one of"),
+    (["--device", "cuda:7"], "--device 'cuda:7' is not available here (available: cpu"),
+])
+def test_bad_generate_input(checkpoint, capsys, extra, needle):
+    assert main(["generate", "--checkpoint", str(checkpoint), "--hide-steps", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_checkpoint_that_is_not_a_masked_lm(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=1, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    assert main(["generate", "--checkpoint", str(tmp_path / "gpt2"), "--prefix", "x"]) == 2
+    assert "not a masked language model" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_dir(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", "--checkpoint", str(tmp_path / "empty")]) == 2
+    assert "holds no config.json" in capsys.readouterr().err

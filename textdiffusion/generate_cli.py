@@ -1,0 +1,144 @@
+"""`textdiffusion generate`: sample text from a checkpoint by iterative denoising.
+
+    textdiffusion generate --checkpoint runs/demo --prefix "The river" --num-samples 4
+    textdiffusion generate --checkpoint runs/demo --infill "The <mask:12> was built in <mask:3>."
+    textdiffusion generate --checkpoint runs/demo --prefix "In 1905" --confidence-threshold 0.9 --hide-steps
+
+By default each step is printed with its masks visible (the original tool's behaviour; --hide-steps to
+stop it), --animate redraws one live view instead, and --trace-out writes every step as JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import UsageError
+from .sampler import SAMPLINGS, STRATEGIES, SamplerConfig
+from .schedules import SCHEDULES
+
+
+@dataclass
+class GenerateArgs:
+    checkpoint: str = field(default="runs/demo", metadata={
+        "help": "A checkpoint directory of this project, or any masked LM directory or hub id."})
+    prefix: Optional[str] = field(default=None, metadata={"help": "Prompt to continue (the original flag)."})
+    infill: Optional[str] = field(default=None, metadata={
+        "help": "A template with masked spans, e.g. 'The <mask:12> was built in <mask:3>.'"})
+    max_length: int = field(default=0, metadata={"help": "Tokens per sample, prompt included (0: the checkpoint's training length)."})
+    num_samples: int = field(default=1, metadata={"help": "Samples to generate (one batch)."})
+    steps: int = field(default=16, metadata={"help": "Denoising steps (clamped to the number of masked tokens)."})
+    schedule: str = field(default="linear", metadata={"help": f"Masked fraction over the steps: {sorted(SCHEDULES)}."})
+    strategy: str = field(default="confidence", metadata={"help": f"Which positions to unmask: {STRATEGIES}."})
+    sampling: str = field(default="topk", metadata={"help": f"Token sampling: {SAMPLINGS}."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (> 0)."})
+    top_k: int = field(default=50, metadata={"help": "Top-k for --sampling topk."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus mass for --sampling nucleus, in (0, 1]."})
+    confidence_threshold: Optional[float] = field(default=None, metadata={
+        "help": "Commit every masked token with probability >= this (at least one per step); steps become adaptive."})
+    remask_fraction: float = field(default=0.0, metadata={
+        "help": "ReMDM-style self-correction: re-mask this fraction (times the mask ratio) of committed tokens per step."})
+    block_length: Optional[int] = field(default=None, metadata={"help": "Semi-autoregressive blocks of this many tokens."})
+    order_temperature: float = field(default=0.0, metadata={"help": "Gumbel noise on the unmasking order (0: deterministic order)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalise tokens already in the sample (>= 1)."})
+    suppress_tokens: list[str] = field(default_factory=list, metadata={"help": "Tokens never to generate."})
+    cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale (0: off)."})
+    no_eos_stop: bool = field(default=False, metadata={"help": "Keep text after the first end-of-text token."})
+    seed: int = field(default=0, metadata={"help": "Sample i uses seed + i."})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, mps or auto."})
+    hide_steps: bool = field(default=False, metadata={"help": "Do not print the intermediate steps."})
+    show_steps: bool = field(default=False, metadata={"help": "Print every step with masks visible (the default unless --hide-steps)."})
+    animate: bool = field(default=False, metadata={"help": "Redraw one live view in the terminal instead of printing steps."})
+    trace_out: Optional[str] = field(default=None, metadata={"help": "Write every step's tokens to this JSON-lines file."})
+    output: Optional[str] = field(default=None, metadata={"help": "Also write the samples to this JSON-lines file."})
+
+    def __post_init__(self) -> None:
+        if self.prefix is not None and self.infill is not None:
+            raise UsageError("give --prefix or --infill, not both.")
+        if self.num_samples < 1:
+            raise UsageError(f"--num-samples must be >= 1, got {self.num_samples}.")
+        if self.max_length < 0:
+            raise UsageError(f"--max-length must be >= 0, got {self.max_length}.")
+        try:
+            SamplerConfig(**self.sampler_kwargs())
+        except ValueError as e:
+            raise UsageError(_flag_message(str(e))) from None
+
+    def sampler_kwargs(self) -> dict:
+        return dict(steps=self.steps, schedule=self.schedule, strategy=self.strategy, sampling=self.sampling,
+                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                    confidence_threshold=self.confidence_threshold, remask_fraction=self.remask_fraction,
+                    block_length=self.block_length, order_temperature=self.order_temperature,
+                    repetition_penalty=self.repetition_penalty)
+
+
+def run_generate(args: GenerateArgs) -> list[str]:
+    from .generation import DiffusionGenerator, resolve_device, write_trace
+
+    device = resolve_device(args.device)  # checked before the (slow) model load
+    generator = DiffusionGenerator.from_pretrained(args.checkpoint, device=str(device))
+    n = args.num_samples
+    templates = [args.infill] * n if args.infill is not None else None
+    prompts = None if templates else [args.prefix or ""] * n
+    show = not args.hide_steps and not args.animate
+    live = None
+
+    def on_step(nfe, state):
+        if show:
+            for i, row in enumerate(state.x.cpu()):
+                print(f"  step {state.step_index:>3} (call {nfe:>3}) [{i}] {generator.render(row)}", flush=True)
+        if live is not None:
+            live.update(_panel(generator, state, nfe))
+
+    t0 = time.perf_counter()
+    if args.animate:
+        from rich.live import Live
+
+        with Live(refresh_per_second=12, transient=False) as live_view:
+            live = live_view
+            out = generator.generate(prompts, templates=templates, max_length=args.max_length or None, seed=args.seed,
+                                     cfg_scale=args.cfg_scale, suppress_tokens=args.suppress_tokens,
+                                     stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out),
+                                     on_step=on_step, **args.sampler_kwargs())
+    else:
+        out = generator.generate(prompts, templates=templates, max_length=args.max_length or None, seed=args.seed,
+                                 cfg_scale=args.cfg_scale, suppress_tokens=args.suppress_tokens,
+                                 stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out),
+                                 on_step=on_step if show else None, **args.sampler_kwargs())
+    seconds = time.perf_counter() - t0
+    for note in out.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for i, text in enumerate(out.texts):
+        print(f"\n[sample {i}] {text}")
+    print(f"\n{n} sample(s), {out.nfe} model calls (NFE) for {out.steps} planned steps, {seconds:.2f} s", flush=True)
+    if args.trace_out:
+        write_trace(Path(args.trace_out), generator.tokenizer, out.trace, generator.mask_id)
+        print(f"trace: {args.trace_out}")
+    if args.output:
+        with Path(args.output).open("w") as f:
+            for i, text in enumerate(out.texts):
+                f.write(json.dumps({"sample": i, "seed": args.seed + i, "text": text, "nfe": out.nfe}) + "\n")
+    return out.texts
+
+
+def _panel(generator, state, nfe):
+    from rich.panel import Panel
+    from rich.text import Text
+
+    body = Text()
+    for i, row in enumerate(state.x.cpu()):
+        body.append(f"[{i}] ", style="bold")
+        body.append(generator.render(row, mask_symbol="█") + "\n")
+    masked = int((state.x == generator.mask_id).sum())
+    return Panel(body, title=f"step {state.step_index} · model calls {nfe} · masked {masked}")
+
+
+def _flag_message(message: str) -> str:
+    """Turn the sampler's "`top_p` must ..." into the command line's "--top-p must ..."."""
+    import re
+
+    return re.sub(r"`([a-z_]+)`", lambda m: "--" + m.group(1).replace("_", "-"), message)

@@ -1,0 +1,251 @@
+"""Generating text with a trained masked LM: templates in, texts out, the sampler in between.
+
+    gen = DiffusionGenerator.from_pretrained("runs/demo")
+    gen.generate(["The river"], steps=16).texts
+    gen.generate(templates=["The <mask:12> was built in <mask:3>."]).texts
+
+A template is text with masked spans ``<mask:N>`` (N positions) or ``<mask>`` (one); a prompt is the
+special case of a template whose only span is the rest of the block. The loop is: one forward pass for
+the whole batch, the sampler's step, repeat until no mask is left. A step that would commit nothing
+skips the forward pass; the number of forward passes is reported as NFE.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import UsageError
+from .modeling import load_diffusion_config, load_masked_lm
+from .sampler import DenoisingSampler, DenoisingState, SamplerConfig
+
+MASK_SPAN = re.compile(r"<mask(?::(\d+))?>")
+DEFAULT_MAX_LENGTH = 64
+
+
+@dataclass
+class GenerationOutput:
+    texts: list[str]
+    nfe: int  # forward passes of the model (model calls), the cost of generation
+    steps: int  # steps of the plan (a step may be skipped without a model call)
+    token_ids: torch.Tensor  # [b, l] final tokens
+    trace: list[torch.Tensor] = field(default_factory=list)  # [b, l] tokens at the start and after each step
+    notes: list[str] = field(default_factory=list)
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in available_devices():
+        raise UsageError(f"--device {device!r} is not available here (available: {', '.join(available_devices())}).")
+    return torch.device(device)
+
+
+class DiffusionGenerator:
+    """A masked LM plus its tokenizer and the diffusion settings it was trained with."""
+
+    def __init__(self, model, tokenizer, settings: dict | None = None, device: str | torch.device | None = None):
+        if tokenizer.mask_token_id is None:
+            raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no mask token: "
+                             "it cannot denoise. Use a masked-LM checkpoint.")
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.settings = settings or {}
+        self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.sep_id
+        self.mask_id = tokenizer.mask_token_id
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None) -> "DiffusionGenerator":
+        """Load a checkpoint of this project, or any masked LM directory / hub id (default settings then)."""
+        tokenizer, model = load_masked_lm(path, dtype=dtype)
+        settings = load_diffusion_config(path) if Path(path).is_dir() else {}
+        return cls(model, tokenizer, settings, device)
+
+    # -- templates --------------------------------------------------------------------------------
+    def encode_template(self, template: str) -> tuple[list[int], list[bool]]:
+        """Token ids and an editable flag per position for a template with ``<mask:N>`` spans."""
+        ids, editable, pos = [], [], 0
+        for match in MASK_SPAN.finditer(template):
+            text = template[pos:match.start()].rstrip(" ")  # the span's tokens carry their own leading space
+            if text:
+                piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids += piece
+                editable += [False] * len(piece)
+            n = int(match.group(1) or 1)
+            if n < 1:
+                raise UsageError(f"--infill: a span must have at least one position, got {match.group(0)!r}.")
+            ids += [self.mask_id] * n
+            editable += [True] * n
+            pos = match.end()
+        if not any(editable):
+            raise UsageError(f"--infill {template!r} has no masked span: write <mask:N> where text should be generated.")
+        tail = template[pos:]
+        if tail:
+            piece = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
+            ids += piece
+            editable += [False] * len(piece)
+        return ids, editable
+
+    def prompt_template(self, prompt: str, max_length: int) -> str:
+        n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+        room = max_length - n_prompt - (self.cls_id is not None) - (self.sep_id is not None)
+        if room < 1:
+            raise UsageError(f"--prefix is {n_prompt} tokens long: it leaves no room to generate within "
+                             f"--max-length {max_length}; raise --max-length or shorten the prompt.")
+        return f"{prompt}<mask:{room}>"
+
+    def build_batch(self, templates: Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input ids [b, l], editable [b, l], attention mask [b, l]); rows padded on the right."""
+        rows = []
+        for template in templates:
+            ids, editable = self.encode_template(template)
+            if self.cls_id is not None:
+                ids, editable = [self.cls_id] + ids, [False] + editable
+            if self.sep_id is not None:
+                ids, editable = ids + [self.sep_id], editable + [False]
+            if max_length is not None and len(ids) > max_length:
+                raise UsageError(f"the template is {len(ids)} tokens long, more than --max-length {max_length}.")
+            rows.append((ids, editable))
+        length = max(len(ids) for ids, _ in rows)
+        x = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        editable = torch.zeros((len(rows), length), dtype=torch.bool)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (ids, ed) in enumerate(rows):  # one row at a time, once, before the loop
+            x[i, : len(ids)] = torch.tensor(ids)
+            editable[i, : len(ed)] = torch.tensor(ed)
+            attention[i, : len(ids)] = 1
+        return x, editable, attention
+
+    # -- the loop ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, attention: torch.Tensor, editable: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """Model logits [b, l, V]; with classifier-free guidance, also an unconditional pass (prompt masked)."""
+        mask = None if bool(attention.all()) else attention
+        if not cfg_scale:
+            return self.model(input_ids=x, attention_mask=mask).logits
+        special = torch.isin(x, torch.tensor([self.cls_id, self.sep_id, self.pad_id], device=x.device))
+        uncond = x.masked_fill(~editable & ~special, self.mask_id)
+        both = self.model(input_ids=torch.cat([x, uncond]), attention_mask=None if mask is None else torch.cat([mask, mask])).logits
+        cond, unc = both.chunk(2)
+        return unc + (1 + cfg_scale) * (cond - unc)  # LLaDA's form: cfg_scale 0 is the conditional model
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str] | str | None = None, *, templates: Sequence[str] | None = None,
+                 max_length: int | None = None, seed: int = 0, cfg_scale: float = 0.0,
+                 suppress_tokens: Sequence[str] = (), allowed: torch.Tensor | None = None,
+                 stop_at_eos: bool = True, return_trace: bool = False,
+                 on_step: Callable[[int, DenoisingState], None] | None = None, **sampler_kwargs) -> GenerationOutput:
+        """Generate one text per prompt (continuation) or per template (infilling).
+
+        ``seed + i`` seeds sample i, so a sample is the same whatever batch it is in. ``sampler_kwargs``
+        are the fields of :class:`SamplerConfig` (steps, strategy, sampling, temperature, ...).
+        ``allowed``: a bool tensor [l, V] or [b, l, V] of the tokens allowed at each position.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if (prompts is None) == (templates is None):
+            raise UsageError("give either prompts or templates.")
+        max_length = max_length or int(self.settings.get("max_length", 0)) or DEFAULT_MAX_LENGTH
+        if templates is None:
+            templates = [self.prompt_template(p, max_length) for p in prompts]
+        if not templates:
+            raise UsageError("nothing to generate: the list of prompts/templates is empty.")
+        unknown = set(sampler_kwargs) - {f.name for f in fields(SamplerConfig)}
+        if unknown:
+            raise TypeError(f"unknown generation setting(s): {sorted(unknown)}")
+        config = SamplerConfig(**sampler_kwargs)
+
+        x, editable, attention = (t.to(self.device) for t in self.build_batch(templates, max_length))
+        sampler = DenoisingSampler(config, self.mask_id, self.suppress_ids(suppress_tokens))
+        notes = sampler.set_timesteps(config.steps, editable)
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(templates))]
+        state = DenoisingState(x=x, editable=editable, generators=generators, allowed=allowed)
+        trace = [x.cpu().clone()] if return_trace else []
+        max_iterations = int(editable.sum(1).max()) * 2 + sampler.num_steps  # a hard stop, never reached in practice
+        for _ in range(max_iterations):
+            if sampler.finished(state):
+                break
+            if config.confidence_threshold is None and state.step_index >= sampler.num_steps:
+                break
+            if not bool(sampler.plan(state).any()):
+                sampler.skip(state)  # nothing to commit: no model call, the trace repeats the state
+                if return_trace:
+                    trace.append(state.x.cpu().clone())
+                continue
+            logits = self.logits(state.x, attention, editable, cfg_scale)
+            state.nfe += 1
+            sampler.step(logits, state)
+            if return_trace:
+                trace.append(state.x.cpu().clone())
+            if on_step is not None:
+                on_step(state.nfe, state)
+        texts = [self.decode(row, ed, stop_at_eos) for row, ed in zip(state.x.cpu(), editable.cpu())]
+        return GenerationOutput(texts=texts, nfe=state.nfe, steps=sampler.num_steps, token_ids=state.x.cpu(),
+                                trace=trace, notes=notes)
+
+    def suppress_ids(self, tokens: Sequence[str]) -> list[int]:
+        """Ids never generated: the given tokens (as strings or ids), plus pad and the block-opening token."""
+        ids = {i for i in (self.pad_id, self.cls_id) if i is not None}
+        vocab = self.tokenizer.get_vocab()
+        for t in tokens:
+            if isinstance(t, int) or str(t).isdigit():
+                ids.add(int(t))
+            elif t in vocab:
+                ids.add(vocab[t])
+            else:
+                pieces = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+                if len(pieces) != 1:
+                    raise UsageError(f"--suppress-tokens {t!r} is not one token of this tokenizer (it is {len(pieces)}).")
+                ids.add(pieces[0])
+        return sorted(ids)
+
+    # -- text out ---------------------------------------------------------------------------------
+    def decode(self, row: torch.Tensor, editable: torch.Tensor, stop_at_eos: bool = True) -> str:
+        """Text of one row; with ``stop_at_eos``, the last span ends at the first end-of-text token in it."""
+        keep = torch.ones_like(editable)
+        if stop_at_eos and self.sep_id is not None and bool(editable.any()):
+            positions = torch.arange(len(row))
+            fixed_before = positions[~editable & (positions < int(editable.nonzero().max()))]
+            last_span_start = int(fixed_before.max()) + 1 if len(fixed_before) else 0
+            eos = editable & (row == self.sep_id) & (positions >= last_span_start)
+            if bool(eos.any()):
+                keep = positions < int(eos.nonzero()[0])
+        return self.tokenizer.decode(row[keep].tolist(), skip_special_tokens=True).strip()
+
+    def render(self, row: torch.Tensor, mask_symbol: str = "_") -> str:
+        """One row with masks visible (one symbol per masked position), for showing the process."""
+        pieces, run = [], []
+        for tok in row.tolist() + [None]:  # display only: group unmasked runs and decode each once
+            if tok is not None and tok != self.mask_id:
+                run.append(tok)
+                continue
+            if run:
+                pieces.append(self.tokenizer.decode(run, skip_special_tokens=True))
+                run = []
+            if tok == self.mask_id:
+                pieces.append(" " + mask_symbol)
+        return "".join(pieces).strip()
+
+
+def write_trace(path: Path, tokenizer, trace: list[torch.Tensor], mask_id: int) -> None:
+    """One JSON line per step: the token ids of every sample and how many are still masked."""
+    with path.open("w") as f:
+        for i, x in enumerate(trace):
+            f.write(json.dumps({"step": i, "masked": (x == mask_id).sum(1).tolist(), "tokens": x.tolist()}) + "\n")

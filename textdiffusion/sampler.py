@@ -1,0 +1,295 @@
+"""The denoising sampler: every decision of the generation loop, with the model call kept outside.
+
+It has the shape of a diffusers scheduler: ``set_timesteps`` fixes the plan, ``plan`` says how many
+tokens each row will commit at the next step (so the caller can skip the forward pass when nothing
+would change), and ``step(logits, state)`` returns the next state. Everything is one tensor operation
+over the batch; the only Python loop is over rows to draw each sample's random numbers from its own
+``torch.Generator``, which is what makes a sample independent of the batch it is generated in.
+
+Time runs from t=1 (all generated positions masked) to t=0. At step i of n, the number of positions that
+stay masked is ``round(schedule.mask_ratio(1 - (i+1)/n) * positions)``; the strategy decides which:
+
+* ``remask-random`` — the original sampler: fill every masked position, then re-mask a random subset of
+  all generated positions; a committed token can change at any later step.
+* ``confidence`` / ``margin`` / ``entropy`` / ``random`` — carry-over unmasking (MaskGIT, LLaDA): commit
+  the best-scoring sampled tokens; a committed token stays, unless ``remask_fraction`` > 0 (ReMDM-style
+  self-correction re-masks the least likely committed tokens, fewer as t falls).
+* ``confidence_threshold`` — commit every masked token whose probability is at least the threshold (and
+  at least one per row): easy text finishes in few model calls (Fast-dLLM).
+* ``block_length`` — semi-autoregressive: positions are split left to right into blocks, each denoised
+  with its own share of the steps before the next one starts (LLaDA).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .schedules import get_schedule
+
+STRATEGIES = ("remask-random", "confidence", "margin", "entropy", "random")
+SAMPLINGS = ("greedy", "topk", "nucleus", "categorical")
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplerConfig:
+    """How to denoise. Every field has a command-line flag of the same name in ``textdiffusion generate``."""
+
+    steps: int = 16
+    schedule: str = "linear"
+    strategy: str = "confidence"
+    sampling: str = "topk"
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.9
+    confidence_threshold: float | None = None
+    remask_fraction: float = 0.0
+    block_length: int | None = None
+    order_temperature: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, "steps", self.steps, "must be >= 1"),
+            (self.strategy in STRATEGIES, "strategy", self.strategy, f"must be one of {STRATEGIES}"),
+            (self.sampling in SAMPLINGS, "sampling", self.sampling, f"must be one of {SAMPLINGS}"),
+            (self.temperature > 0, "temperature", self.temperature, "must be > 0 (use --sampling greedy for argmax)"),
+            (self.top_k >= 1, "top_k", self.top_k, "must be >= 1"),
+            (0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]"),
+            (self.confidence_threshold is None or 0 < self.confidence_threshold <= 1, "confidence_threshold",
+             self.confidence_threshold, "must be in (0, 1]"),
+            (0 <= self.remask_fraction < 1, "remask_fraction", self.remask_fraction, "must be in [0, 1)"),
+            (self.block_length is None or self.block_length >= 1, "block_length", self.block_length, "must be >= 1"),
+            (self.order_temperature >= 0, "order_temperature", self.order_temperature, "must be >= 0"),
+            (self.repetition_penalty >= 1, "repetition_penalty", self.repetition_penalty, "must be >= 1"),
+        ]
+        for ok, name, value, rule in checks:
+            if not ok:
+                raise ValueError(f"`{name}` {rule}, got {value!r}.")
+        get_schedule(self.schedule)
+        if self.strategy == "remask-random" and (self.confidence_threshold is not None or self.remask_fraction):
+            raise ValueError("`strategy` 'remask-random' already re-masks at random; it cannot be combined with "
+                             "`confidence_threshold` or `remask_fraction`.")
+        if self.confidence_threshold is not None and self.remask_fraction:
+            raise ValueError("`remask_fraction` needs a step schedule; it cannot be combined with `confidence_threshold`.")
+
+
+@dataclass
+class DenoisingState:
+    """What changes from step to step. ``x`` holds mask ids where nothing is committed yet."""
+
+    x: torch.Tensor  # [b, l] token ids
+    editable: torch.Tensor  # [b, l] bool: positions the sampler may write (the masked spans of the template)
+    generators: list[torch.Generator]  # one per row
+    allowed: torch.Tensor | None = None  # [b, l, V] or [l, V] bool: tokens allowed at each position
+    step_index: int = 0
+    nfe: int = 0
+    committed_at: torch.Tensor | None = None  # [b, l] step at which a position was last written (-1: never)
+    history: list = field(default_factory=list)
+
+
+class DenoisingSampler:
+    def __init__(self, config: SamplerConfig, mask_token_id: int, suppress_token_ids=()):
+        self.config = config
+        self.mask_token_id = mask_token_id
+        self.schedule = get_schedule(config.schedule)
+        self.suppress = torch.tensor(sorted({int(i) for i in suppress_token_ids} | {mask_token_id}), dtype=torch.long)
+        self.num_steps = config.steps
+        self.steps_per_block = config.steps
+
+    # -- the plan ---------------------------------------------------------------------------------
+    def set_timesteps(self, num_steps: int, editable: torch.Tensor) -> list[str]:
+        """Fix the step plan for these editable positions; returns notes for the user (e.g. clamping)."""
+        notes = []
+        counts = editable.sum(1)
+        most = int(counts.max()) if counts.numel() else 0
+        if most == 0:
+            raise ValueError("there is nothing to generate: the template has no masked position.")
+        span = min(most, self.config.block_length or most)
+        n_blocks = math.ceil(most / span)
+        per_block = max(1, num_steps // n_blocks)
+        if per_block > span:
+            notes.append(f"{num_steps} steps for {span} masked positions per block: clamped to {span} steps per block "
+                         "(a step must commit at least one token).")
+            per_block = span
+        if self.config.block_length and num_steps % n_blocks:
+            notes.append(f"{num_steps} steps do not divide into {n_blocks} blocks: using {per_block} steps per block.")
+        self.steps_per_block, self.num_blocks = per_block, n_blocks
+        self.block_span = span
+        self.num_steps = per_block * n_blocks
+        return notes
+
+    def blocks(self, editable: torch.Tensor) -> torch.Tensor:
+        """[b, l] block index of each editable position (left to right within each row); -1 elsewhere."""
+        rank = editable.long().cumsum(1) - 1  # [b, l] index of the position among the row's editable ones
+        return torch.where(editable, rank // self.block_span, -1)
+
+    def region(self, state: DenoisingState) -> torch.Tensor:
+        """[b, l] bool: the positions that may be unmasked now (the current block of each row)."""
+        masked = (state.x == self.mask_token_id) & state.editable
+        if self.num_blocks == 1:
+            return state.editable
+        block = self.blocks(state.editable)  # [b, l]
+        big = torch.iinfo(block.dtype).max
+        current = block.masked_fill(~masked, big).min(1).values  # [b] lowest block with masks left
+        return state.editable & (block == current[:, None])
+
+    def plan(self, state: DenoisingState) -> torch.Tensor:
+        """[b] number of positions each row unmasks at the next step (0: skip the model call)."""
+        masked = (state.x == self.mask_token_id) & self.region(state)
+        m = masked.sum(1)
+        if self.config.confidence_threshold is not None:
+            return (m > 0).long()  # at least one; the threshold may add more once the logits are known
+        if self.config.strategy == "remask-random":
+            return torch.where(m > 0, self.region(state).sum(1) - self._target_masked(state), 0)
+        return (m - self._target_masked(state)).clamp_min(0)
+
+    def _target_masked(self, state: DenoisingState) -> torch.Tensor:
+        """[b] how many positions of the current region should still be masked after this step."""
+        j = state.step_index % self.steps_per_block
+        t_next = torch.tensor(1.0 - (j + 1) / self.steps_per_block, dtype=torch.float64)
+        size = self.region(state).sum(1).double()
+        return torch.round(self.schedule.mask_ratio(t_next) * size).long()
+
+    def skip(self, state: DenoisingState) -> DenoisingState:
+        """Advance the clock without a model call (a step that would commit nothing)."""
+        state.step_index += 1
+        return state
+
+    def finished(self, state: DenoisingState) -> bool:
+        return not bool(((state.x == self.mask_token_id) & state.editable).any())
+
+    # -- turning logits into tokens ---------------------------------------------------------------
+    def process_logits(self, logits: torch.Tensor, state: DenoisingState) -> torch.Tensor:
+        """Suppressed tokens, allowed sets, repetition penalty, temperature, top-k/top-p: [b, l, V] float32."""
+        cfg = self.config
+        logits = logits.float().clone()
+        logits[..., self.suppress[self.suppress < logits.shape[-1]]] = _NEG_INF
+        if state.allowed is not None:
+            logits = logits.masked_fill(~state.allowed.to(logits.device).expand_as(logits), _NEG_INF)
+        if cfg.repetition_penalty > 1:
+            present = torch.zeros(logits.shape[0], logits.shape[-1], dtype=torch.bool, device=logits.device)
+            present.scatter_(1, state.x, True)  # every token already in the row (prompt and committed)
+            present[:, self.mask_token_id] = False
+            penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+            logits = torch.where(present[:, None, :], penalised, logits)
+        if cfg.sampling != "greedy":
+            logits = logits / cfg.temperature
+        if cfg.sampling == "topk" and cfg.top_k < logits.shape[-1]:
+            kth = logits.topk(cfg.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, _NEG_INF)
+        elif cfg.sampling == "nucleus" and cfg.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), _NEG_INF)
+        return logits
+
+    @staticmethod
+    def _draw(generators: list[torch.Generator], length: int, device) -> torch.Tensor:
+        """[b, 3, l] float64 uniforms, each row from its own generator (batch-invariant randomness)."""
+        return torch.stack([torch.rand(3, length, generator=g, dtype=torch.float64) for g in generators]).to(device)
+
+    def sample_tokens(self, logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled token [n] and its probability [n] for processed logits [n, V] and uniforms [n] (float64)."""
+        if self.config.sampling == "greedy":
+            probs = logits.softmax(-1)
+            p, tok = probs.max(-1)
+            return tok, p
+        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        chunk = max(1, 2 ** 24 // logits.shape[-1])  # bound the float64 CDF's memory
+        for s in range(0, logits.shape[0], chunk):  # chunks of positions, not single positions
+            probs = logits[s:s + chunk].double().softmax(-1)  # inverse-CDF sampling in float64
+            cdf = probs.cumsum(-1)
+            u = (uniforms[s:s + chunk] * cdf[:, -1]).unsqueeze(-1)
+            tokens[s:s + chunk] = torch.searchsorted(cdf, u).squeeze(-1).clamp_max(logits.shape[-1] - 1)
+        p = logits.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, p
+
+    def scores(self, logits: torch.Tensor, p_sampled: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """How much to trust each sampled token [n]: higher is unmasked first."""
+        strategy = self.config.strategy
+        if strategy == "margin":
+            top2 = logits.softmax(-1).topk(2, dim=-1).values
+            score = top2[:, 0] - top2[:, 1]
+        elif strategy == "entropy":
+            logp = logits.log_softmax(-1)
+            score = (logp.exp() * logp).nan_to_num().sum(-1)  # = -entropy
+        elif strategy == "random":
+            score = noise.float()
+        else:
+            score = p_sampled
+        if self.config.order_temperature > 0 and strategy != "random":
+            gumbel = -torch.log(-torch.log(noise.clamp(1e-300, 1 - 1e-16)))
+            score = score.double().log() if strategy == "confidence" else score.double()
+            score = (score + self.config.order_temperature * gumbel).float()
+        return score
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self, logits: torch.Tensor, state: DenoisingState) -> DenoisingState:
+        """Commit (and maybe re-mask) tokens given the model's logits [b, l, V] for ``state.x``."""
+        cfg, mask_id = self.config, self.mask_token_id
+        x = state.x.clone()
+        region = self.region(state)  # [b, l]
+        masked = (x == mask_id) & region  # [b, l]
+        k = self.plan(state)  # [b]
+        uniforms = self._draw(state.generators, x.shape[1], x.device)  # [b, 3, l]
+        processed = self.process_logits(logits, state)  # [b, l, V]
+
+        fill = masked
+        tokens, p = self.sample_tokens(processed[fill], uniforms[:, 0][fill])  # [n], [n]
+        proposal = x.clone()
+        proposal[fill] = tokens
+
+        if cfg.strategy == "remask-random":
+            # Original sampler: everything is filled, then a random subset of the region is masked again.
+            keep_masked = self._target_masked(state)  # [b]
+            rank = _rank_descending(uniforms[:, 1].float().masked_fill(~region, -1.0))  # random order
+            remask = region & (rank < keep_masked[:, None])
+            x = proposal.masked_fill(remask, mask_id)
+        else:
+            score = torch.full(x.shape, _NEG_INF, device=x.device)
+            score[fill] = self.scores(processed[fill], p, uniforms[:, 1][fill])
+            if cfg.confidence_threshold is not None:
+                best = _rank_descending(score) == 0
+                p_full = torch.zeros(x.shape, device=x.device)
+                p_full[fill] = p
+                commit = masked & ((p_full >= cfg.confidence_threshold) | best)
+            else:
+                extra = self._remask_count(state, k, masked)  # [b] committed tokens to re-open
+                commit = masked & (_rank_descending(score) < (k + extra)[:, None])
+                if bool(extra.any()):
+                    older = (x != mask_id) & region  # committed before this step
+                    p_old = processed.softmax(-1).gather(-1, x.clamp_min(0)[..., None]).squeeze(-1)
+                    worst = _rank_descending((-p_old).masked_fill(~older, _NEG_INF))
+                    x = x.masked_fill(older & (worst < extra[:, None]), mask_id)
+            x = torch.where(commit, proposal, x)
+
+        written = (x != state.x) & (x != mask_id)
+        committed_at = state.committed_at if state.committed_at is not None else torch.full_like(x, -1)
+        state.committed_at = committed_at.masked_fill(written, state.step_index)
+        state.x = x
+        state.step_index += 1
+        return state
+
+    def _remask_count(self, state: DenoisingState, k: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """ReMDM-style: re-mask ``remask_fraction * mask_ratio(t_next)`` of the committed tokens (0 at the end)."""
+        if not self.config.remask_fraction:
+            return torch.zeros_like(k)
+        j = state.step_index % self.steps_per_block
+        if j == self.steps_per_block - 1:
+            return torch.zeros_like(k)
+        t_next = torch.tensor(1.0 - (j + 1) / self.steps_per_block, dtype=torch.float64)
+        region = self.region(state)
+        committed = ((state.x != self.mask_token_id) & region).sum(1)
+        extra = torch.floor(self.config.remask_fraction * self.schedule.mask_ratio(t_next) * committed).long()
+        return torch.minimum(extra, masked.sum(1) - k).clamp_min(0)
+
+
+def _rank_descending(score: torch.Tensor) -> torch.Tensor:
+    """[b, l] rank of each entry within its row, 0 = largest (ties broken by position)."""
+    order = score.argsort(dim=1, descending=True, stable=True)
+    return order.argsort(dim=1)
