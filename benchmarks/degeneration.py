@@ -25,16 +25,23 @@ from textdiffusion.generation import DiffusionGenerator
 from textdiffusion.metrics import diversity
 
 SETTINGS = {
-    "confidence, top-k 50 (no remedy)": dict(strategy="confidence"),
-    "confidence, greedy": dict(strategy="confidence", sampling="greedy"),
-    "confidence + order temperature 1": dict(strategy="confidence", order_temperature=1.0),
-    "confidence + repetition penalty 1.3": dict(strategy="confidence", repetition_penalty=1.3),
-    "confidence + remasking 0.5": dict(strategy="confidence", remask_fraction=0.5),
-    "confidence + blocks of 16": dict(strategy="confidence", block_length=16),
+    "confidence, top-k 50 (no remedy)": dict(strategy="confidence", order_temperature=0.0, repetition_penalty=1.0),
+    "confidence, greedy": dict(strategy="confidence", sampling="greedy", order_temperature=0.0, repetition_penalty=1.0),
+    "confidence + order temperature 1": dict(strategy="confidence", order_temperature=1.0, repetition_penalty=1.0),
+    "confidence + repetition penalty 1.3": dict(strategy="confidence", order_temperature=0.0, repetition_penalty=1.3),
+    "confidence + remasking 0.5": dict(strategy="confidence", remask_fraction=0.5, order_temperature=0.0,
+                                       repetition_penalty=1.0),
+    "confidence + blocks of 16": dict(strategy="confidence", block_length=16, order_temperature=0.0, repetition_penalty=1.0),
+    "confidence + order temperature 2": dict(strategy="confidence", order_temperature=2.0),
+    "confidence + order temperature 1 + repetition penalty 1.3": dict(strategy="confidence", order_temperature=1.0,
+                                                                     repetition_penalty=1.3),
+    "confidence + order temperature 2 + repetition penalty 1.3": dict(strategy="confidence", order_temperature=2.0,
+                                                                     repetition_penalty=1.3),
     "the defaults of `textdiffusion generate`": dict(),
-    "random order": dict(strategy="random"),
-    "remask-random (original)": dict(strategy="remask-random"),
-    "confidence threshold 0.9": dict(strategy="confidence", confidence_threshold=0.9),
+    "random order": dict(strategy="random", order_temperature=0.0, repetition_penalty=1.0),
+    "remask-random (original)": dict(strategy="remask-random", order_temperature=0.0, repetition_penalty=1.0),
+    "confidence threshold 0.9": dict(strategy="confidence", confidence_threshold=0.9, order_temperature=0.0,
+                                     repetition_penalty=1.0),
 }
 
 

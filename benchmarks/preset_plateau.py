@@ -17,6 +17,7 @@ import json
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,18 +37,20 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    runs = Path(tempfile.mkdtemp(prefix="preset_plateau_"))  # models and logs stay out of the repository
     results, seconds = {}, {}
     archs = ("modernbert", "modernbert-stock", "roberta")
     for arch in archs:
-        run = out / arch
+        run = runs / arch
         cmd = [sys.executable, "-m", "textdiffusion", "train", "--preset", a.preset, "--architecture", arch,
                "--max-steps", str(a.steps), "--eval-steps", str(a.steps), "--eval-blocks", "128",
                "--output-dir", str(run), "--overwrite", *a.extra]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with (runs / f"{arch}.log").open("w") as log:  # the run's own output, progress bars included
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
         seconds[arch] = time.perf_counter() - t0
         results[arch] = final_levels(run)
-    refs = json.loads((out / "modernbert" / "references.json").read_text())
+    refs = json.loads((runs / "modernbert" / "references.json").read_text())
     lines = [f"# Preset plateau check: `--preset {a.preset}`, {a.steps} steps, wiki-vital",
              "", f"Command: `python benchmarks/preset_plateau.py --steps {a.steps}`  ",
              f"Machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores, "
@@ -59,7 +62,10 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(f"{value:.3f}" for _ in archs) + " |")
     lines.append("| training time (s) | " + " | ".join(f"{seconds[a]:.0f}" for a in archs) + " |")
     (out / "README.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"final_loss": {a: {str(k): v for k, v in r.items()} for a, r in results.items()},
+                                                  "references": refs, "seconds": seconds}, indent=2) + "\n")
     print("\n".join(lines))
+    print(f"runs and logs: {runs}")
 
 
 if __name__ == "__main__":

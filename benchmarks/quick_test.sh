@@ -7,7 +7,7 @@ out=${1:-benchmarks/results/quick_test}
 run=$(mktemp -d)/run
 mkdir -p "$out"
 start=$(date +%s)
-HF_HUB_OFFLINE=1 textdiffusion train --quick-test --preset tiny --output-dir "$run" | tee "$out/log.txt" | grep -v "it/s\]"
+HF_HUB_OFFLINE=1 textdiffusion train --quick-test --preset tiny --output-dir "$run" 2>&1 | tr "\r" "\n" | grep -v -e "it/s\]" -e "s/it\]" -e "Writing model shards" | tee "$out/log.txt"
 end=$(date +%s)
 cp "$run/per_level_loss.csv" "$run/per_level_loss.png" "$run/references.json" "$out/"
 {

@@ -65,6 +65,7 @@ def test_animate_runs(checkpoint, capsys):
     (["--infill", "no spans here"], "has no masked span"),
     (["--strategy", "best-first"], "--strategy must be one of"),
     (["--device", "cuda:7"], "--device 'cuda:7' is not available here (available: cpu"),
+    (["--dtype", "float8"], "--dtype must be auto or one of"),
 ])
 def test_bad_generate_input(checkpoint, capsys, extra, needle):
     assert main(["generate", "--checkpoint", str(checkpoint), "--hide-steps", *extra]) == 2

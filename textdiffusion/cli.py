@@ -18,6 +18,7 @@ from .errors import UsageError
 COMMANDS = {
     "train": "train a masked LM as a text diffusion model",
     "generate": "generate text from a checkpoint by iterative denoising",
+    "eval": "per-mask-level loss and the NELBO likelihood bound of a checkpoint",
 }
 
 
@@ -63,6 +64,16 @@ def _generate(argv: list[str]) -> int:
     return 0
 
 
+def _eval(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .eval_cli import EvalArgs, run_eval
+
+    hf_logging.disable_progress_bar()
+    run_eval(_parse(EvalArgs, argv, "textdiffusion eval"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -71,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<10} {what}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "generate": _generate}
+    handlers = {"train": _train, "generate": _generate, "eval": _eval}
     if command not in handlers:
         print(f"textdiffusion: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2

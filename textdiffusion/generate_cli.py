@@ -43,13 +43,16 @@ class GenerateArgs:
     remask_fraction: float = field(default=0.0, metadata={
         "help": "ReMDM-style self-correction: re-mask this fraction (times the mask ratio) of committed tokens per step."})
     block_length: Optional[int] = field(default=None, metadata={"help": "Semi-autoregressive blocks of this many tokens."})
-    order_temperature: float = field(default=0.0, metadata={"help": "Gumbel noise on the unmasking order (0: deterministic order)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalise tokens already in the sample (>= 1)."})
+    order_temperature: float = field(default=2.0, metadata={
+        "help": "Gumbel noise on the unmasking order (0: strictly most-confident first; see benchmarks/degeneration.py)."})
+    repetition_penalty: float = field(default=1.3, metadata={"help": "Penalise tokens already in the sample (1: off)."})
     suppress_tokens: list[str] = field(default_factory=list, metadata={"help": "Tokens never to generate."})
     cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale (0: off)."})
     no_eos_stop: bool = field(default=False, metadata={"help": "Keep text after the first end-of-text token."})
     seed: int = field(default=0, metadata={"help": "Sample i uses seed + i."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, mps or auto."})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16 (fast on CPUs with AMX), float16."})
     hide_steps: bool = field(default=False, metadata={"help": "Do not print the intermediate steps."})
     show_steps: bool = field(default=False, metadata={"help": "Print every step with masks visible (the default unless --hide-steps)."})
     animate: bool = field(default=False, metadata={"help": "Redraw one live view in the terminal instead of printing steps."})
@@ -77,10 +80,11 @@ class GenerateArgs:
 
 
 def run_generate(args: GenerateArgs) -> list[str]:
-    from .generation import DiffusionGenerator, resolve_device, write_trace
+    from .generation import DiffusionGenerator, resolve_device, resolve_dtype, write_trace
 
     device = resolve_device(args.device)  # checked before the (slow) model load
-    generator = DiffusionGenerator.from_pretrained(args.checkpoint, device=str(device))
+    dtype = resolve_dtype(args.dtype, device)
+    generator = DiffusionGenerator.from_pretrained(args.checkpoint, device=str(device), dtype=dtype)
     n = args.num_samples
     templates = [args.infill] * n if args.infill is not None else None
     prompts = None if templates else [args.prefix or ""] * n

@@ -208,7 +208,7 @@ def verdict(results, references: dict[str, float], up_to: float = 0.9) -> str:
 
 # -- output-dir safety ------------------------------------------------------------------------------
 def _has_checkpoint(path: Path) -> bool:
-    return any(p.name.startswith("checkpoint-") for p in path.glob("checkpoint-*"))
+    return any(path.glob("checkpoint-*"))
 
 
 def check_output_dir(args: TrainArgs) -> Path:
@@ -280,6 +280,10 @@ def run_training(args: TrainArgs) -> Path:
         **_precision_flags(args.precision),
     )
     is_main = training_args.process_index == 0
+    if is_main and work_dir != final_dir and work_dir.exists():
+        shutil.rmtree(work_dir)  # the staging dir of an earlier --overwrite run that failed
+    if training_args.world_size > 1:
+        torch.distributed.barrier()
     set_seed(args.seed)
 
     corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)

@@ -1,0 +1,42 @@
+"""The benchmark scripts run (their numbers live in benchmarks/results/, never in assertions here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=300):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_generation_speed_benchmark_runs(tmp_path):
+    run("benchmarks/generation_speed.py", "--quick", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["sampler"] for r in rows} == {"original loop (float32)", "textdiffusion (float32)"}
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert "| sampler |" in (tmp_path / "README.md").read_text()
+
+
+@pytest.fixture
+def saved_checkpoint(tmp_path, tokenizer):
+    from textdiffusion.modeling import build_preset_model
+
+    path = tmp_path / "ckpt"
+    build_preset_model("micro", tokenizer, 32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_degeneration_benchmark_runs(tmp_path, saved_checkpoint):
+    run("benchmarks/degeneration.py", "--checkpoint", str(saved_checkpoint), "--num-prompts", "3",
+        "--new-tokens", "8", "--steps", "4", "--out", str(tmp_path / "deg"))
+    rows = json.loads((tmp_path / "deg" / "results.json").read_text())["rows"]
+    assert rows[0]["setting"].startswith("real text") and len(rows) > 5
+    assert all(0 <= r["distinct-2"] <= 1 for r in rows)
