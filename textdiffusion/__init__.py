@@ -2,7 +2,8 @@
 
 Modules, one idea each: ``schedules`` (alpha(t) and the ELBO weight), ``collator`` (what gets masked),
 ``data`` (corpora, packing), ``modeling`` (models, presets, tokenizers), ``objective`` (the loss),
-``evaluation`` (per-mask-level loss), ``train`` (the Trainer layer), ``cli`` (the command line).
+``evaluation`` (per-mask-level loss, NELBO), ``train`` (the Trainer layer), ``sampler`` (the denoising
+decisions), ``generation`` (DiffusionGenerator), ``metrics`` (diversity), ``cli`` (the command line).
 """
 
 __version__ = "0.1.0"
