@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from textdiffusion.cli import main
 from textdiffusion.collator import collator_for_tokenizer

@@ -120,7 +120,7 @@ def run_generate(args: GenerateArgs) -> list[str]:
         print(f"\n[sample {i}] {text}")
     print(f"\n{n} sample(s), {out.nfe} model calls (NFE) for {out.steps} planned steps, {seconds:.2f} s", flush=True)
     if args.trace_out:
-        write_trace(Path(args.trace_out), generator.tokenizer, out.trace, generator.mask_id)
+        write_trace(Path(args.trace_out), out.trace, generator.mask_id)
         print(f"trace: {args.trace_out}")
     if args.output:
         with Path(args.output).open("w") as f:

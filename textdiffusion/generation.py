@@ -262,7 +262,7 @@ class DiffusionGenerator:
         return "".join(pieces).strip()
 
 
-def write_trace(path: Path, tokenizer, trace: list[torch.Tensor], mask_id: int) -> None:
+def write_trace(path: Path, trace: list[torch.Tensor], mask_id: int) -> None:
     """One JSON line per step: the token ids of every sample and how many are still masked."""
     with path.open("w") as f:
         for i, x in enumerate(trace):

@@ -203,8 +203,9 @@ class DenoisingSampler:
 
     @staticmethod
     def _draw(generators: list[torch.Generator], length: int, device) -> torch.Tensor:
-        """[b, 3, l] float64 uniforms, each row from its own generator (batch-invariant randomness)."""
-        return torch.stack([torch.rand(3, length, generator=g, dtype=torch.float64) for g in generators]).to(device)
+        """[b, 2, l] float64 uniforms (token sampling, order), each row from its own generator: the
+        randomness of a sample does not depend on the other rows of its batch."""
+        return torch.stack([torch.rand(2, length, generator=g, dtype=torch.float64) for g in generators]).to(device)
 
     def sample_tokens(self, logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampled token [n] and its probability [n] for processed logits [n, V] and uniforms [n] (float64)."""
@@ -255,7 +256,7 @@ class DenoisingSampler:
             index = torch.full(x.shape, -1, dtype=torch.long, device=x.device)
             index[needed] = torch.arange(int(needed.sum()), device=x.device)
         k = self.plan(state)  # [b]
-        uniforms = self._draw(state.generators, x.shape[1], x.device)  # [b, 3, l]
+        uniforms = self._draw(state.generators, x.shape[1], x.device)  # [b, 2, l]
         fill = masked  # the positions sampled this step
 
         def at(positions: torch.Tensor) -> torch.Tensor:  # logits [m, V] at a subset of the needed positions

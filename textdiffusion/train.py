@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from .collator import DEFAULT_MASK_PROBS, LOSS_WEIGHTINGS, TIME_SAMPLINGS, DiffusionCollator, collator_for_tokenizer
+from .collator import DEFAULT_MASK_PROBS, LOSS_WEIGHTINGS, TIME_SAMPLINGS, collator_for_tokenizer
 from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
 from .errors import UsageError
 from .evaluation import per_level_loss
