@@ -24,6 +24,8 @@ from textdiffusion.data import load_corpus
 from textdiffusion.generation import DiffusionGenerator
 from textdiffusion.metrics import diversity
 
+# Every row spells out order temperature and repetition penalty, so that it does not change when the
+# defaults of `textdiffusion generate` (the row with an empty dict) do.
 SETTINGS = {
     "confidence, top-k 50 (no remedy)": dict(strategy="confidence", order_temperature=0.0, repetition_penalty=1.0),
     "confidence, greedy": dict(strategy="confidence", sampling="greedy", order_temperature=0.0, repetition_penalty=1.0),
@@ -32,7 +34,7 @@ SETTINGS = {
     "confidence + remasking 0.5": dict(strategy="confidence", remask_fraction=0.5, order_temperature=0.0,
                                        repetition_penalty=1.0),
     "confidence + blocks of 16": dict(strategy="confidence", block_length=16, order_temperature=0.0, repetition_penalty=1.0),
-    "confidence + order temperature 2": dict(strategy="confidence", order_temperature=2.0),
+    "confidence + order temperature 2": dict(strategy="confidence", order_temperature=2.0, repetition_penalty=1.0),
     "confidence + order temperature 1 + repetition penalty 1.3": dict(strategy="confidence", order_temperature=1.0,
                                                                      repetition_penalty=1.3),
     "confidence + order temperature 2 + repetition penalty 1.3": dict(strategy="confidence", order_temperature=2.0,
