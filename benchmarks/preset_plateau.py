@@ -1,6 +1,6 @@
 """Does a from-scratch preset escape the unigram plateau? Three architectures of the same size.
 
-    python benchmarks/preset_plateau.py --steps 600 --out benchmarks/results/preset_plateau
+    python benchmarks/preset_plateau.py --steps 1500 --out benchmarks/results/preset_plateau
 
 Trains `--preset tiny` as `--architecture modernbert` (ours: local-first attention),
 `modernbert-stock` (ModernBERT's own layout) and `roberta` (post-LN) through the normal
@@ -30,7 +30,7 @@ def final_levels(run: Path) -> dict[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--out", default="benchmarks/results/preset_plateau")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for textdiffusion train")
