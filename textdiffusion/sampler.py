@@ -148,12 +148,12 @@ class DenoisingSampler:
 
     def plan(self, state: DenoisingState) -> torch.Tensor:
         """[b] number of positions each row unmasks at the next step (0: skip the model call)."""
-        masked = (state.x == self.mask_token_id) & self.region(state)
-        m = masked.sum(1)
+        region = self.region(state)
+        m = ((state.x == self.mask_token_id) & region).sum(1)
         if self.config.confidence_threshold is not None:
             return (m > 0).long()  # at least one; the threshold may add more once the logits are known
         if self.config.strategy == "remask-random":
-            return torch.where(m > 0, self.region(state).sum(1) - self._target_masked(state), 0)
+            return torch.where(m > 0, region.sum(1) - self._target_masked(state), 0)
         return (m - self._target_masked(state)).clamp_min(0)
 
     def _target_masked(self, state: DenoisingState) -> torch.Tensor:
