@@ -231,3 +231,20 @@ def test_bad_sampler_settings_name_the_value(kw, needle):
     with pytest.raises(ValueError) as e:
         SamplerConfig(**kw)
     assert needle in str(e.value)
+
+
+def test_cfg_runs_a_conditional_and_an_unconditional_pass(tokenizer):
+    seen = []
+
+    class Recording(FakeMaskedLM):
+        def forward(self, input_ids, attention_mask=None):
+            seen.append(input_ids.clone())
+            return super().forward(input_ids, attention_mask)
+
+    gen = DiffusionGenerator(Recording(len(tokenizer)), tokenizer, {"max_length": 16}, device="cpu")
+    out = gen.generate(["The river"], steps=4, cfg_scale=1.5)
+    assert not (out.token_ids == MASK).any() and out.texts[0].startswith("The river")
+    first = seen[0]
+    assert first.shape[0] == 2  # one batch: the prompt, and the prompt masked out
+    prompt = (first[0] != MASK) & (first[0] != tokenizer.cls_token_id) & (first[0] != tokenizer.sep_token_id)
+    assert (first[1][prompt] == MASK).all() and not (first[0][prompt] == MASK).any()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,30 +90,26 @@ def run_generate(args: GenerateArgs) -> list[str]:
     templates = [args.infill] * n if args.infill is not None else None
     prompts = None if templates else [args.prefix or ""] * n
     show = not args.hide_steps and not args.animate
-    live = None
 
     def on_step(nfe, state):
         if show:
             for i, row in enumerate(state.x.cpu()):
                 print(f"  step {state.step_index:>3} (call {nfe:>3}) [{i}] {generator.render(row)}", flush=True)
-        if live is not None:
+        if live is not None:  # the rich Live view of --animate, bound by the `with` below
             live.update(_panel(generator, state, nfe))
 
-    t0 = time.perf_counter()
     if args.animate:
         from rich.live import Live
 
-        with Live(refresh_per_second=12, transient=False) as live_view:
-            live = live_view
-            out = generator.generate(prompts, templates=templates, max_length=args.max_length or None, seed=args.seed,
-                                     cfg_scale=args.cfg_scale, suppress_tokens=args.suppress_tokens,
-                                     stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out),
-                                     on_step=on_step, **args.sampler_kwargs())
+        view = Live(refresh_per_second=12, transient=False)
     else:
+        view = nullcontext()
+    t0 = time.perf_counter()
+    with view as live:
         out = generator.generate(prompts, templates=templates, max_length=args.max_length or None, seed=args.seed,
                                  cfg_scale=args.cfg_scale, suppress_tokens=args.suppress_tokens,
                                  stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out),
-                                 on_step=on_step if show else None, **args.sampler_kwargs())
+                                 on_step=on_step if (show or live is not None) else None, **args.sampler_kwargs())
     seconds = time.perf_counter() - t0
     for note in out.notes:
         print(f"note: {note}", file=sys.stderr)

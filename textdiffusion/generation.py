@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import UsageError
-from .modeling import enable_masked_head, load_diffusion_config, load_masked_lm
+from .modeling import enable_masked_head, load_diffusion_config, load_masked_lm, masked_logits
 from .sampler import DenoisingSampler, DenoisingState, SamplerConfig
 
 MASK_SPAN = re.compile(r"<mask(?::(\d+))?>")
@@ -154,13 +154,12 @@ class DiffusionGenerator:
                positions: torch.Tensor) -> torch.Tensor:
         """Model logits [n, V] at ``positions`` only (the LM head skips the rest); with classifier-free
         guidance, combined with an unconditional pass in which the prompt is masked out."""
-        mask = None if bool(attention.all()) else attention
         if not cfg_scale:
-            return self.model(input_ids=x, attention_mask=mask, masked_positions=positions)
+            return masked_logits(self.model, x, attention, positions)
         special = torch.isin(x, torch.tensor([self.cls_id, self.sep_id, self.pad_id], device=x.device))
         uncond = x.masked_fill(~editable & ~special, self.mask_id)
-        both = self.model(input_ids=torch.cat([x, uncond]), attention_mask=None if mask is None else torch.cat([mask, mask]),
-                          masked_positions=torch.cat([positions, positions]))
+        both = masked_logits(self.model, torch.cat([x, uncond]), torch.cat([attention, attention]),
+                             torch.cat([positions, positions]))
         cond, unc = both.chunk(2)  # rows of the first half of the batch come first in row-major order
         return unc + (1 + cfg_scale) * (cond - unc)  # LLaDA's form: cfg_scale 0 is the conditional model
 
