@@ -73,12 +73,13 @@ def test_bad_generate_input(checkpoint, capsys, extra, needle):
     assert needle in err and len(err.splitlines()) == 1, err
 
 
-def test_checkpoint_that_is_not_a_masked_lm(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_checkpoint_that_is_not_a_language_model(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2Model
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=1, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=1, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
     assert main(["generate", "--checkpoint", str(tmp_path / "gpt2"), "--prefix", "x"]) == 2
     assert "not a masked language model" in capsys.readouterr().err
+
 
 
 def test_missing_checkpoint_dir(tmp_path, capsys):

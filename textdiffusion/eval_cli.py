@@ -1,5 +1,7 @@
 """`textdiffusion eval`: the per-mask-level loss and the NELBO bound of a checkpoint on validation data.
 
+An autoregressive checkpoint (`train --objective ar`) gets its exact NLL on the same tokens instead.
+
     textdiffusion eval --checkpoint runs/demo                       # bundled wiki-vital validation split
     textdiffusion eval --checkpoint runs/demo --dataset austen --output-dir results/eval-austen
 
@@ -43,7 +45,55 @@ class EvalArgs:
             raise UsageError(f"--output-dir {self.output_dir!r} already holds an evaluation; pass --overwrite or choose another.")
 
 
+def scored_positions(blocks, tokenizer, prefix_length: int):
+    """[n, l] bool: the tokens a likelihood is reported on — after the prefix, not special, not padding.
+    The same set the collator may mask, so NELBO and AR NLL count the same tokens."""
+    import torch
+
+    positions = torch.arange(blocks.shape[1])[None, :]
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    return (positions >= prefix_length) & ~torch.isin(blocks, special)
+
+
+def run_causal_eval(args: EvalArgs) -> dict:
+    """Exact NLL of an autoregressive checkpoint on the tokens a diffusion evaluation would score."""
+    from .autoregressive import causal_nll, load_causal_lm
+    from .data import load_corpus, pack
+    from .generation import resolve_device
+    from .modeling import load_diffusion_config
+
+    device = resolve_device(args.device)
+    corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)
+    tokenizer, model = load_causal_lm(args.checkpoint)
+    model.to(device).eval()
+    settings = load_diffusion_config(args.checkpoint) if Path(args.checkpoint).is_dir() else {}
+    max_length = args.max_length or int(settings.get("max_length", 128))
+    prefix = int(settings.get("prefix_length", 0))
+    blocks = pack(corpus.validation, tokenizer, max_length, keep_remainder=True)[: args.eval_blocks]
+    nll = causal_nll(model, blocks, scored_positions(blocks, tokenizer, prefix), batch_size=args.batch_size)
+    report = (f"exact NLL of the autoregressive model ({len(blocks)} blocks of {max_length} tokens; the first "
+              f"{prefix} tokens of each block and special tokens are given, not scored):\n"
+              f"  {nll.nats_per_token:.4f} ± {nll.stderr:.4f} nats/token, {nll.bits_per_token:.4f} bits/token, "
+              f"perplexity {nll.perplexity_bound:.2f}  ({nll.tokens:,} tokens)")
+    print(report)
+    result = {"checkpoint": args.checkpoint, "dataset": args.dataset, "blocks": len(blocks), "max_length": max_length,
+              "objective": "ar", "nll": {**asdict(nll), "bits_per_token": nll.bits_per_token,
+                                         "perplexity": nll.perplexity_bound}, "args": asdict(args)}
+    _write(args, report, result)
+    return result
+
+
+def _write(args: EvalArgs, report: str, result: dict) -> None:
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.md").write_text("```\n" + report + "\n```\n")
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")  # written last: its presence means complete
+        print(f"results: {out}/eval.json, {out}/eval.md")
+
+
 def run_eval(args: EvalArgs) -> dict:
+    from .autoregressive import is_causal_checkpoint
     from .collator import collator_for_tokenizer
     from .data import load_corpus, pack, unigram_entropy
     from .evaluation import nelbo, per_level_loss
@@ -51,6 +101,8 @@ def run_eval(args: EvalArgs) -> dict:
     from .modeling import load_diffusion_config, load_masked_lm
     from .reporting import format_level_table
 
+    if is_causal_checkpoint(args.checkpoint):
+        return run_causal_eval(args)
     device = resolve_device(args.device)
     corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)
     tokenizer, model = load_masked_lm(args.checkpoint)
@@ -75,13 +127,8 @@ def run_eval(args: EvalArgs) -> dict:
     report = "\n".join(lines)
     print(report)
     result = {"checkpoint": args.checkpoint, "dataset": args.dataset, "blocks": len(blocks), "max_length": max_length,
-              "per_level": [asdict(r) for r in levels], "unigram_entropy": unigram,
+              "objective": "diffusion", "per_level": [asdict(r) for r in levels], "unigram_entropy": unigram,
               "nelbo": [{**asdict(b), "bits_per_token": b.bits_per_token, "perplexity_bound": b.perplexity_bound}
                         for b in bounds], "args": asdict(args)}
-    if args.output_dir:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.md").write_text("```\n" + report + "\n```\n")
-        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")  # written last: its presence means complete
-        print(f"results: {out}/eval.json, {out}/eval.md")
+    _write(args, report, result)
     return result

@@ -80,11 +80,42 @@ class GenerateArgs:
                     repetition_penalty=self.repetition_penalty)
 
 
+def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
+    """The AR baseline: KV-cached left-to-right sampling with the same token-sampling flags."""
+    from .autoregressive import CausalGenerator
+
+    if args.infill is not None:
+        raise UsageError(f"--infill needs a masked (diffusion) model; {args.checkpoint!r} is autoregressive.")
+    generator = CausalGenerator.from_pretrained(args.checkpoint, device, dtype)
+    prompt = args.prefix or ""
+    max_length = args.max_length or int(generator.settings.get("max_length", 0)) or 128
+    room = max_length - len(generator.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 2
+    if room < 1:
+        raise UsageError(f"--prefix leaves no room to generate within --max-length {max_length}.")
+    t0 = time.perf_counter()
+    texts = generator.generate([prompt] * args.num_samples, room, sampling=args.sampling, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                               seed=args.seed)
+    seconds = time.perf_counter() - t0
+    for i, text in enumerate(texts):
+        print(f"\n[sample {i}] {text}")
+    print(f"\n{args.num_samples} sample(s), autoregressive with KV cache (one model call per token), {seconds:.2f} s",
+          flush=True)
+    if args.output:
+        with Path(args.output).open("w") as f:
+            for i, text in enumerate(texts):
+                f.write(json.dumps({"sample": i, "seed": args.seed, "text": text}) + "\n")
+    return texts
+
+
 def run_generate(args: GenerateArgs) -> list[str]:
+    from .autoregressive import is_causal_checkpoint
     from .generation import DiffusionGenerator, resolve_device, resolve_dtype, write_trace
 
     device = resolve_device(args.device)  # checked before the (slow) model load
     dtype = resolve_dtype(args.dtype, device)
+    if is_causal_checkpoint(args.checkpoint):
+        return run_causal_generate(args, device, dtype)
     generator = DiffusionGenerator.from_pretrained(args.checkpoint, device=str(device), dtype=dtype)
     n = args.num_samples
     templates = [args.infill] * n if args.infill is not None else None

@@ -1,12 +1,15 @@
 """Train a masked LM as a text diffusion model: a thin layer over ``transformers.Trainer``.
 
     textdiffusion train --quick-test --preset tiny            # minutes on a laptop CPU
+    textdiffusion train --quick-test --preset tiny --objective ar   # the GPT-2 baseline, same tokens
     textdiffusion train --model-name distilroberta-base --dataset wikitext:wikitext-2-raw-v1
     torchrun --nproc_per_node 2 -m textdiffusion train ...    # DDP, unchanged
 
 What this layer adds to Trainer: the variable-masking collator, the loss with the LM head on masked
 positions only, a deterministic per-mask-level validation (``per_level_loss.csv`` + PNG after every
-evaluation), tokens/s in the logs, the diffusion settings saved beside every checkpoint, and guards that
+evaluation), the NELBO bound against tokens seen (``validation_curve.csv``; the AR baseline writes its
+exact NLL there, so the two curves compare directly), the best checkpoint by that number kept as the
+final model, tokens/s in the logs, the diffusion settings saved beside every checkpoint, and guards that
 keep a failed or mistaken run from overwriting an earlier one.
 """
 
@@ -16,7 +19,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -25,8 +28,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .collator import DEFAULT_MASK_PROBS, LOSS_WEIGHTINGS, TIME_SAMPLINGS, collator_for_tokenizer
 from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
+from .autoregressive import OBJECTIVES, build_ar_model, causal_nll, load_causal_lm
 from .errors import UsageError
-from .evaluation import per_level_loss
+from .evaluation import nelbo, per_level_loss
 from .modeling import (PRESET_ARCHITECTURES, PRESETS, build_preset_model, count_parameters, enable_masked_head,
                        load_masked_lm, preset_tokenizer, save_diffusion_config)
 from .objective import diffusion_loss
@@ -38,8 +42,9 @@ logger = logging.getLogger("textdiffusion")
 RUN_ARGS_NAME = "run_args.json"
 LEVEL_CSV = "per_level_loss.csv"
 LEVEL_PNG = "per_level_loss.png"
+CURVE_CSV = "validation_curve.csv"
 # Settings that define "the same run": --resume refuses an output dir trained with other values.
-RUN_IDENTITY = ("model_name", "preset", "architecture", "dataset", "text_column", "max_length", "vocab_size", "seed")
+RUN_IDENTITY = ("objective", "model_name", "preset", "architecture", "dataset", "text_column", "max_length", "vocab_size", "seed")
 # What --quick-test means: a CPU-sized run of the whole pipeline (about 10 minutes on 2 cores with --preset tiny).
 QUICK_TEST = {"max_steps": 1500, "eval_steps": 300, "eval_blocks": 128, "logging_steps": 50}
 
@@ -47,6 +52,8 @@ QUICK_TEST = {"max_steps": 1500, "eval_steps": 300, "eval_blocks": 128, "logging
 @dataclass
 class TrainArgs:
     # what to train
+    objective: str = field(default="diffusion", metadata={
+        "help": "diffusion (masked LM, this project) or ar (a GPT-2 baseline of the preset's size on the same tokens)."})
     model_name: str = field(default="distilroberta-base", metadata={
         "help": "Hub id or local directory of a masked LM to fine-tune (ignored with --preset)."})
     preset: Optional[str] = field(default=None, metadata={
@@ -111,6 +118,7 @@ class TrainArgs:
              f"must be >= 0 and smaller than --max-length ({self.max_length})"),
             (self.random_prefix_max < self.max_length, "--random-prefix-max", self.random_prefix_max,
              f"must be smaller than --max-length ({self.max_length})"),
+            (self.objective in OBJECTIVES, "--objective", self.objective, f"must be one of {OBJECTIVES}"),
             (self.preset is None or self.preset in PRESETS, "--preset", self.preset, f"must be one of {sorted(PRESETS)}"),
             (self.architecture in PRESET_ARCHITECTURES, "--architecture", self.architecture, f"must be one of {PRESET_ARCHITECTURES}"),
             (self.time_sampling in TIME_SAMPLINGS, "--time-sampling", self.time_sampling, f"must be one of {TIME_SAMPLINGS}"),
@@ -140,21 +148,16 @@ class TrainArgs:
                     random_prefix_max=self.random_prefix_max)
 
 
-# -- the Trainer ------------------------------------------------------------------------------------
-class DiffusionTrainer(Trainer):
-    """Trainer with the diffusion loss and a deterministic per-mask-level evaluation."""
+# -- the Trainers -----------------------------------------------------------------------------------
+class _ProjectTrainer(Trainer):
+    """What both objectives share: tokens/s in the logs, and the validation NLL (bound) vs tokens seen."""
 
-    def __init__(self, *args, loss_weighting: str, level_eval: dict, tokens_per_step: int, **kwargs):
+    def __init__(self, *args, level_eval: dict, tokens_per_step: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_weighting = loss_weighting
         self.level_eval = level_eval
         self.tokens_per_step = tokens_per_step
-        self.model_accepts_loss_kwargs = False  # our loss is already a mean; let Trainer scale it
+        self.level_results: dict[int, list] = {}  # step -> per-level results (diffusion only)
         self._throughput_mark = None
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = diffusion_loss(model, inputs, self.loss_weighting)
-        return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         now, step = time.perf_counter(), self.state.global_step
@@ -166,9 +169,41 @@ class DiffusionTrainer(Trainer):
             self._throughput_mark = (now, step)
         super().log(logs, *args, **kwargs)
 
+    def _finish_evaluation(self, metrics: dict, nll, kind: str) -> dict:
+        """Append (step, tokens seen, NLL) to validation_curve.csv, log, and run the callbacks."""
+        metrics["eval_nll"] = round(nll.nats_per_token, 5)
+        metrics["eval_ppl"] = round(nll.perplexity_bound, 3)
+        if self.is_world_process_zero():
+            path = Path(self.level_eval["report_dir"]) / CURVE_CSV
+            new = not path.exists()
+            with path.open("a") as f:
+                if new:
+                    f.write("step,tokens_seen,nll,stderr,perplexity,kind\n")
+                step = self.state.global_step
+                f.write(f"{step},{step * self.tokens_per_step},{nll.nats_per_token:.5f},{nll.stderr:.5f},"
+                        f"{nll.perplexity_bound:.3f},{kind}\n")
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class DiffusionTrainer(_ProjectTrainer):
+    """Trainer with the diffusion loss and a deterministic per-mask-level evaluation plus the NELBO."""
+
+    def __init__(self, *args, loss_weighting: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_weighting = loss_weighting
+        self.model_accepts_loss_kwargs = False  # our loss is already a mean; let Trainer scale it
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = diffusion_loss(model, inputs, self.loss_weighting)
+        return (loss, None) if return_outputs else loss
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         cfg = self.level_eval
-        results = per_level_loss(self.model, cfg["blocks"], cfg["collator"], batch_size=self.args.per_device_eval_batch_size)
+        batch = self.args.per_device_eval_batch_size
+        results = per_level_loss(self.model, cfg["blocks"], cfg["collator"], batch_size=batch)
+        bound = nelbo(self.model, cfg["blocks"], cfg["collator"], samples_per_block=2, batch_size=batch)
         metrics = {f"{metric_key_prefix}_loss": sum(r.loss for r in results) / len(results)}
         metrics.update({f"{metric_key_prefix}_loss@{r.mask_rate:.1f}": round(r.loss, 4) for r in results})
         if self.is_world_process_zero():
@@ -176,10 +211,21 @@ class DiffusionTrainer(Trainer):
             append_level_csv(out / LEVEL_CSV, self.state.global_step, results)
             plot_level_curves(out / LEVEL_CSV, out / LEVEL_PNG, cfg["references"], cfg.get("title", ""))
             print(format_level_table(results, cfg["references"], f"\nvalidation loss at each mask level, step {self.state.global_step}:"), flush=True)
-        self.last_level_results = results
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+            print(f"NELBO {bound.nats_per_token:.4f} ± {bound.stderr:.4f} nats/token (perplexity <= {bound.perplexity_bound:.1f})", flush=True)
+        self.level_results[self.state.global_step] = results
+        return self._finish_evaluation(metrics, bound, "nelbo")
+
+
+class CausalTrainer(_ProjectTrainer):
+    """The AR baseline: Trainer's own causal-LM loss, evaluated as exact NLL on the tokens the NELBO scores."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        cfg = self.level_eval
+        nll = causal_nll(self.model, cfg["blocks"], cfg["scored"], batch_size=self.args.per_device_eval_batch_size)
+        if self.is_world_process_zero():
+            print(f"\nvalidation NLL, step {self.state.global_step}: {nll.nats_per_token:.4f} ± {nll.stderr:.4f} "
+                  f"nats/token (perplexity {nll.perplexity_bound:.1f})", flush=True)
+        return self._finish_evaluation({f"{metric_key_prefix}_loss": nll.nats_per_token}, nll, "exact")
 
 
 class SaveDiffusionConfig(TrainerCallback):
@@ -225,7 +271,9 @@ def check_output_dir(args: TrainArgs) -> Path:
         if not occupied or not _has_checkpoint(out):
             raise UsageError(f"--resume: --output-dir {args.output_dir!r} holds no checkpoint to continue from.")
         saved = json.loads((out / RUN_ARGS_NAME).read_text()) if (out / RUN_ARGS_NAME).exists() else {}
-        differs = {k: (saved.get(k), getattr(args, k)) for k in RUN_IDENTITY if saved.get(k) != getattr(args, k)}
+        defaults = {f.name: f.default for f in fields(TrainArgs)}  # a setting added since that run had its default
+        differs = {k: (saved.get(k, defaults[k]), getattr(args, k)) for k in RUN_IDENTITY
+                   if saved.get(k, defaults[k]) != getattr(args, k)}
         if differs:
             raise UsageError(f"--resume: --output-dir {args.output_dir!r} holds a different run "
                              f"(saved vs now: {differs}); resume with the same settings or pick another --output-dir.")
@@ -277,6 +325,9 @@ def run_training(args: TrainArgs) -> Path:
         seed=args.seed, data_seed=args.seed, dataloader_num_workers=args.num_workers, report_to="none",
         remove_unused_columns=False, dataloader_drop_last=True, torch_compile=args.compile,
         ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(),
+        # the final model is the validation-best checkpoint (NELBO, or the AR baseline's exact NLL): an AR
+        # model overfits a small corpus within a few epochs, so only best points compare fairly
+        load_best_model_at_end=True, metric_for_best_model="nll", greater_is_better=False,
         **_precision_flags(args.precision),
     )
     is_main = training_args.process_index == 0
@@ -292,10 +343,18 @@ def run_training(args: TrainArgs) -> Path:
         with training_args.main_process_first(desc="tokenizer"):
             work_dir.mkdir(parents=True, exist_ok=True)
             tokenizer = preset_tokenizer(corpus.train, vocab, work_dir / "tokenizer")
-        model = build_preset_model(args.preset, tokenizer, args.max_length, args.dropout, args.architecture)
+        if args.objective == "ar":
+            model = build_ar_model(args.preset, tokenizer, args.max_length, args.dropout)
+        else:
+            model = build_preset_model(args.preset, tokenizer, args.max_length, args.dropout, args.architecture)
+    elif args.objective == "ar":
+        tokenizer, model = load_causal_lm(args.model_name)
     else:
         tokenizer, model = load_masked_lm(args.model_name)
-    enable_masked_head(model)  # before Trainer/Accelerate wrap the model
+    if args.objective == "diffusion":
+        enable_masked_head(model)  # before Trainer/Accelerate wrap the model
+    elif tokenizer.mask_token_id is None:  # the AR baseline never masks; the collator still wants the id
+        tokenizer.add_special_tokens({"mask_token": "<mask>"})
     collator = collator_for_tokenizer(tokenizer, seed=args.seed + 7919 * training_args.process_index,
                                       **args.collator_settings())
 
@@ -318,26 +377,30 @@ def run_training(args: TrainArgs) -> Path:
               f"{count_parameters(model) / 1e6:.1f}M parameters, vocab {len(tokenizer):,}), "
               f"{training_args.world_size} process(es) on {training_args.device.type}", flush=True)
 
-    settings = {"mask_token_id": tokenizer.mask_token_id, "max_length": args.max_length, "cls_token_id": cls,
-                "sep_token_id": sep, "trained_with": "textdiffusion", **args.collator_settings()}
+    settings = {"objective": args.objective, "mask_token_id": tokenizer.mask_token_id, "max_length": args.max_length,
+                "cls_token_id": cls, "sep_token_id": sep, "trained_with": "textdiffusion", **args.collator_settings()}
     settings["mask_probs"] = list(settings["mask_probs"])
     if is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / RUN_ARGS_NAME).write_text(json.dumps(asdict(args), indent=2) + "\n")
         (work_dir / "references.json").write_text(json.dumps(references, indent=2) + "\n")
 
-    trainer = DiffusionTrainer(
-        model=model, args=training_args, train_dataset=BlockDataset(train_blocks), eval_dataset=BlockDataset(val_eval),
-        data_collator=collator, processing_class=tokenizer, callbacks=[SaveDiffusionConfig(settings)],
-        loss_weighting=args.loss_weighting, tokens_per_step=args.batch_size * args.max_length * training_args.world_size,
-        level_eval={"blocks": val_eval, "collator": collator, "report_dir": str(work_dir), "references": references,
-                    "title": f"{args.preset or args.model_name} on {args.dataset}"},
-    )
+    level_eval = {"blocks": val_eval, "collator": collator, "report_dir": str(work_dir), "references": references,
+                  "title": f"{args.preset or args.model_name} on {args.dataset}",
+                  # the tokens the NELBO scores (after the prefix, not special): the AR baseline is scored on these
+                  "scored": collator.maskable(val_eval, torch.full((len(val_eval),), args.prefix_length))}
+    common = dict(model=model, args=training_args, train_dataset=BlockDataset(train_blocks),
+                  eval_dataset=BlockDataset(val_eval), processing_class=tokenizer, callbacks=[SaveDiffusionConfig(settings)],
+                  tokens_per_step=args.batch_size * args.max_length * training_args.world_size, level_eval=level_eval)
+    if args.objective == "ar":
+        from transformers import DataCollatorForLanguageModeling
+
+        trainer = CausalTrainer(data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), **common)
+    else:
+        trainer = DiffusionTrainer(data_collator=collator, loss_weighting=args.loss_weighting, **common)
     if not args.resume:
         trainer.evaluate()  # step 0: the "before" row every level must improve on
-    trainer.train(resume_from_checkpoint=True if args.resume else None)
-    if trainer.state.global_step % args.eval_steps:
-        trainer.evaluate()
+    trainer.train(resume_from_checkpoint=True if args.resume else None)  # evaluates and saves the last step too
     trainer.save_model(str(work_dir))
     if is_main:
         save_diffusion_config(work_dir, settings)
@@ -346,6 +409,12 @@ def run_training(args: TrainArgs) -> Path:
     if is_main and work_dir != final_dir:
         _replace_dir(work_dir, final_dir)
     if is_main:
-        print(verdict(trainer.last_level_results, references))
-        print(f"done: model, {LEVEL_CSV} and {LEVEL_PNG} are in {final_dir}/", flush=True)
+        best = trainer.state.best_model_checkpoint
+        best_step = int(best.rsplit("-", 1)[1]) if best else trainer.state.global_step
+        if best_step in trainer.level_results:
+            print(verdict(trainer.level_results[best_step], references))
+        print(f"best validation NLL{' bound' if args.objective == 'diffusion' else ''}: {trainer.state.best_metric:.4f} "
+              f"nats/token at {Path(best).name if best else 'the last step'}; that model is the final one", flush=True)
+        outputs = f"{LEVEL_CSV}, {LEVEL_PNG} and {CURVE_CSV}" if args.objective == "diffusion" else CURVE_CSV
+        print(f"done: model, {outputs} are in {final_dir}/", flush=True)
     return final_dir
