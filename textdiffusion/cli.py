@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "train a masked LM as a text diffusion model",
     "generate": "generate text from a checkpoint by iterative denoising",
     "eval": "per-mask-level loss and the NELBO likelihood bound of a checkpoint",
+    "experiment": "run one experiment (masking-viz, schedules, sampling, temperature, steps, levels) into a results folder",
 }
 
 
@@ -74,6 +75,26 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _experiment(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .experiments import EXPERIMENTS, ExperimentArgs, run_experiment
+
+    if not argv or argv[0] in ("-h", "--help") or argv[0].startswith("-"):
+        print("usage: textdiffusion experiment NAME [flags]   (textdiffusion experiment NAME --help)\n")
+        for name, what in EXPERIMENTS.items():
+            print(f"  {name:<12} {what}")
+        if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+            raise UsageError(f"give the experiment's name first, got {argv[0]!r}.")
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in EXPERIMENTS:
+        raise UsageError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}.")
+    hf_logging.disable_progress_bar()
+    run_experiment(name, _parse(ExperimentArgs, argv[1:], f"textdiffusion experiment {name}"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -82,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<10} {what}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "generate": _generate, "eval": _eval}
+    handlers = {"train": _train, "generate": _generate, "eval": _eval, "experiment": _experiment}
     if command not in handlers:
         print(f"textdiffusion: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2

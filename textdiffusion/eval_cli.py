@@ -101,6 +101,9 @@ def run_eval(args: EvalArgs) -> dict:
     from .modeling import load_diffusion_config, load_masked_lm
     from .reporting import format_level_table
 
+    from .bundled import resolve_checkpoint
+
+    args.checkpoint = resolve_checkpoint(args.checkpoint)
     if is_causal_checkpoint(args.checkpoint):
         return run_causal_eval(args)
     device = resolve_device(args.device)

@@ -112,6 +112,9 @@ def run_generate(args: GenerateArgs) -> list[str]:
     from .autoregressive import is_causal_checkpoint
     from .generation import DiffusionGenerator, resolve_device, resolve_dtype, write_trace
 
+    from .bundled import resolve_checkpoint
+
+    args.checkpoint = resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)  # checked before the (slow) model load
     dtype = resolve_dtype(args.dtype, device)
     if is_causal_checkpoint(args.checkpoint):

@@ -89,6 +89,9 @@ class DiffusionGenerator:
     @classmethod
     def from_pretrained(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None) -> "DiffusionGenerator":
         """Load a checkpoint of this project, or any masked LM directory / hub id (default settings then)."""
+        from .bundled import resolve_checkpoint
+
+        path = resolve_checkpoint(path)
         tokenizer, model = load_masked_lm(path, dtype=dtype)
         settings = load_diffusion_config(path) if Path(path).is_dir() else {}
         return cls(model, tokenizer, settings, device, dtype)

@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from .collator import DEFAULT_MASK_PROBS, LOSS_WEIGHTINGS, TIME_SAMPLINGS, collator_for_tokenizer
 from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
 from .autoregressive import OBJECTIVES, build_ar_model, causal_nll, load_causal_lm
+from .bundled import resolve_checkpoint
 from .errors import UsageError
 from .evaluation import nelbo, per_level_loss
 from .modeling import (PRESET_ARCHITECTURES, PRESETS, build_preset_model, count_parameters, enable_masked_head,
@@ -350,7 +351,7 @@ def run_training(args: TrainArgs) -> Path:
     elif args.objective == "ar":
         tokenizer, model = load_causal_lm(args.model_name)
     else:
-        tokenizer, model = load_masked_lm(args.model_name)
+        tokenizer, model = load_masked_lm(resolve_checkpoint(args.model_name))  # a bundled name fine-tunes it
     if args.objective == "diffusion":
         enable_masked_head(model)  # before Trainer/Accelerate wrap the model
     elif tokenizer.mask_token_id is None:  # the AR baseline never masks; the collator still wants the id
