@@ -51,7 +51,7 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None):
         raise UsageError(f"--checkpoint {name_or_path!r} is a local path but holds no config.json.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
     except OSError as e:
         raise UsageError(f"--checkpoint {name_or_path!r} could not be loaded as a causal LM "
                          f"({str(e).splitlines()[0][:160]}); pass a local directory saved by "

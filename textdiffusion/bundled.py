@@ -32,6 +32,72 @@ def resolve_checkpoint(name_or_path: str) -> str:
         raise UsageError(
             f"--checkpoint {name_or_path!r} is the bundled model, but its files are missing from {path}. Rebuild it "
             f"with its recipe: `textdiffusion train --config {BUNDLED[name_or_path]} --output-dir runs/{name_or_path}`, "
-            f"then `python benchmarks/export_bundled.py --run runs/{name_or_path} --name {name_or_path}` "
+            f"then `python -m textdiffusion.bundled --run runs/{name_or_path} --name {name_or_path}` "
             f"(or pass --checkpoint runs/{name_or_path} directly).")
     return str(path)
+
+
+# -- building the bundled copy from a training run ----------------------------------------------------
+MAX_BUNDLED_MB = 30
+# what travels with the weights: the tokenizer, the diffusion settings, and the run's own record of
+# training (so `experiment levels --checkpoint wiki-small` works on the bundled copy too)
+RUN_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "diffusion_config.json",
+             "run_args.json", "references.json", "per_level_loss.csv", "per_level_loss.png", "validation_curve.csv")
+
+
+def export_bundled(run_dir: str, name: str, dest: Path | None = None) -> Path:
+    """Save a run's final (validation-best) model as fp16 safetensors under ``textdiffusion/models/<name>``.
+
+    The model card (README.md) already in the destination is kept: it is written by hand from
+    `textdiffusion eval` and the samples, and this only replaces the weights and run files.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    run = Path(run_dir)
+    if not (run / "model.safetensors").exists():
+        raise UsageError(f"--run {run_dir!r} holds no model.safetensors: pass the output dir of a finished run.")
+    dest = dest or bundled_path(name)
+    staging = dest.with_name(dest.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    model = AutoModelForMaskedLM.from_pretrained(run, dtype=torch.float32)
+    model.to(torch.float16).save_pretrained(staging, safe_serialization=True)
+    for f in RUN_FILES:
+        if (run / f).exists():
+            shutil.copy2(run / f, staging / f)
+    if (dest / "README.md").exists():
+        shutil.copy2(dest / "README.md", staging / "README.md")
+    size_mb = (staging / "model.safetensors").stat().st_size / 2**20
+    if size_mb > MAX_BUNDLED_MB:
+        shutil.rmtree(staging)
+        raise UsageError(f"the fp16 weights are {size_mb:.1f} MB, over the {MAX_BUNDLED_MB} MB a bundled model may take.")
+    if dest.exists():
+        shutil.rmtree(dest)
+    staging.rename(dest)
+    print(f"bundled {name}: {dest} ({size_mb:.1f} MB fp16 safetensors)")
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m textdiffusion.bundled",
+                                 description="Export a training run as a bundled model (fp16 safetensors).")
+    ap.add_argument("--run", required=True, help="Output dir of `textdiffusion train`.")
+    ap.add_argument("--name", required=True, choices=sorted(BUNDLED))
+    args = ap.parse_args(argv)
+    try:
+        export_bundled(args.run, args.name)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -146,7 +146,11 @@ def build_preset_model(preset: str, tokenizer, max_length: int, dropout: float =
 
 
 def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None):
-    """(tokenizer, model) from a hub id or local directory, with an actionable error when it fails."""
+    """(tokenizer, model) from a hub id or local directory, with an actionable error when it fails.
+
+    Weights load as float32 unless ``dtype`` says otherwise: a model shipped in fp16 (the bundled one)
+    is then trained and evaluated in full precision on any device.
+    """
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     local = Path(name_or_path).expanduser()
@@ -155,7 +159,7 @@ def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None):
                          "it is not a save_pretrained model directory.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=dtype)
+        model = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
     except OSError as e:
         raise UsageError(
             f"--model-name {name_or_path!r} could not be loaded: it is not a local model directory and the "

@@ -15,6 +15,7 @@ keep a failed or mistaken run from overwriting an earlier one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -90,7 +91,7 @@ class TrainArgs:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     warmup: float = field(default=0.05, metadata={"help": "Warm-up: a fraction of the steps (< 1) or a step count."})
     seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and masks."})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16."})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU or CPU (AMX) that runs it fast, else fp32), fp32, bf16, fp16."})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU)."})
     num_workers: int = field(default=0, metadata={"help": "Dataloader worker processes."})
     # evaluation, logging, checkpoints
@@ -170,6 +171,21 @@ class _ProjectTrainer(Trainer):
             self._throughput_mark = (now, step)
         super().log(logs, *args, **kwargs)
 
+    @contextlib.contextmanager
+    def full_precision(self):
+        """Evaluate in fp32 even when training autocasts to bf16 (Accelerate wraps ``forward`` for that and
+        keeps the original): validation numbers then match `textdiffusion eval` and compare across runs."""
+        model = self.model
+        wrapped = model.__dict__.get("forward")
+        original = getattr(model, "_original_forward", None)
+        if original is not None:
+            model.forward = original
+        try:
+            yield
+        finally:
+            if original is not None:
+                model.forward = wrapped
+
     def _finish_evaluation(self, metrics: dict, nll, kind: str) -> dict:
         """Append (step, tokens seen, NLL) to validation_curve.csv, log, and run the callbacks."""
         metrics["eval_nll"] = round(nll.nats_per_token, 5)
@@ -203,8 +219,9 @@ class DiffusionTrainer(_ProjectTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         cfg = self.level_eval
         batch = self.args.per_device_eval_batch_size
-        results = per_level_loss(self.model, cfg["blocks"], cfg["collator"], batch_size=batch)
-        bound = nelbo(self.model, cfg["blocks"], cfg["collator"], samples_per_block=2, batch_size=batch)
+        with self.full_precision():
+            results = per_level_loss(self.model, cfg["blocks"], cfg["collator"], batch_size=batch)
+            bound = nelbo(self.model, cfg["blocks"], cfg["collator"], samples_per_block=2, batch_size=batch)
         metrics = {f"{metric_key_prefix}_loss": sum(r.loss for r in results) / len(results)}
         metrics.update({f"{metric_key_prefix}_loss@{r.mask_rate:.1f}": round(r.loss, 4) for r in results})
         if self.is_world_process_zero():
@@ -222,7 +239,8 @@ class CausalTrainer(_ProjectTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         cfg = self.level_eval
-        nll = causal_nll(self.model, cfg["blocks"], cfg["scored"], batch_size=self.args.per_device_eval_batch_size)
+        with self.full_precision():
+            nll = causal_nll(self.model, cfg["blocks"], cfg["scored"], batch_size=self.args.per_device_eval_batch_size)
         if self.is_world_process_zero():
             print(f"\nvalidation NLL, step {self.state.global_step}: {nll.nats_per_token:.4f} ± {nll.stderr:.4f} "
                   f"nats/token (perplexity {nll.perplexity_bound:.1f})", flush=True)
@@ -299,10 +317,21 @@ def _replace_dir(staging: Path, target: Path) -> None:
 
 
 # -- the run ----------------------------------------------------------------------------------------
+def cpu_has_bf16_matmul() -> bool:
+    """True on CPUs with AMX bf16 tiles (Sapphire Rapids and later): there, bf16 autocast trains about
+    1.2-1.4x faster than fp32 (benchmarks/train_throughput.py); without them bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags
+
+
 def _precision_flags(precision: str) -> dict:
+    """Mixed precision keeps fp32 master weights; ``auto`` picks bf16 wherever the hardware runs it fast."""
     cuda = torch.cuda.is_available()
     if precision == "auto":
-        return {"bf16": cuda and torch.cuda.is_bf16_supported()}
+        return {"bf16": torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16_matmul()}
     if precision == "bf16":
         return {"bf16": True}
     if precision == "fp16":
@@ -312,12 +341,9 @@ def _precision_flags(precision: str) -> dict:
     return {}
 
 
-def run_training(args: TrainArgs) -> Path:
-    """Train as ``args`` says; returns the output dir holding the final model."""
-    final_dir = Path(args.output_dir)
-    work_dir = check_output_dir(args)  # validated before anything is written
-
-    training_args = TrainingArguments(
+def training_arguments(args: TrainArgs, work_dir: Path) -> TrainingArguments:
+    """The Trainer settings of a run (also used by benchmarks/train_throughput.py, so it measures these)."""
+    return TrainingArguments(
         output_dir=str(work_dir), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=max(args.batch_size, 32),
         num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
         weight_decay=args.weight_decay, warmup_steps=args.warmup, lr_scheduler_type="cosine", max_grad_norm=1.0,
@@ -331,6 +357,13 @@ def run_training(args: TrainArgs) -> Path:
         load_best_model_at_end=True, metric_for_best_model="nll", greater_is_better=False,
         **_precision_flags(args.precision),
     )
+
+
+def run_training(args: TrainArgs) -> Path:
+    """Train as ``args`` says; returns the output dir holding the final model."""
+    final_dir = Path(args.output_dir)
+    work_dir = check_output_dir(args)  # validated before anything is written
+    training_args = training_arguments(args, work_dir)
     is_main = training_args.process_index == 0
     if is_main and work_dir != final_dir and work_dir.exists():
         shutil.rmtree(work_dir)  # the staging dir of an earlier --overwrite run that failed

@@ -1,0 +1,189 @@
+"""Training throughput: `textdiffusion train` against the plain Hugging Face masked-LM recipe, interleaved.
+
+    python benchmarks/train_throughput.py                                   # CPU, tiny preset, fp32 and bf16
+    python benchmarks/train_throughput.py --preset small --device cuda --precisions bf16 --compile
+
+Both sides get the same model (the same preset, built from the same seed), the same packed blocks of
+the bundled wiki-vital corpus, the same block size, batch and Trainer settings (``training_arguments``
+of textdiffusion's own train command). What differs is what each recipe does per step:
+
+* **HF recipe** — ``Trainer`` + ``DataCollatorForLanguageModeling`` (15 % masking, 80/10/10), the
+  model's own forward: attention mask passed, LM head and cross-entropy over every position;
+* **textdiffusion** — ``DiffusionTrainer`` + the diffusion collator (0.1…1.0 masking): the LM head only
+  on masked positions, no attention mask when there is no padding (SDPA's fused path).
+
+The configurations run in rounds, alternating which goes first, so drift of a shared machine hits them
+alike; tokens/s is from the median step-to-step interval (collation included), ratios are per
+precision. Peak memory: the process's RSS high-water mark during each configuration's steps (CPU), or
+``torch.cuda.max_memory_allocated`` (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback
+
+from textdiffusion.collator import collator_for_tokenizer
+from textdiffusion.data import BlockDataset, load_corpus, pack
+from textdiffusion.modeling import PRESETS, build_preset_model, enable_masked_head, preset_tokenizer
+from textdiffusion.train import DiffusionTrainer, TrainArgs, training_arguments
+
+
+class StepClock(TrainerCallback):
+    """Wall time between consecutive step ends: the whole step, data collation included."""
+
+    def __init__(self):
+        self.marks: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append(time.perf_counter())
+
+
+class PeakMemory:
+    """Peak resident memory (CPU) or peak allocated GPU memory while a block of code runs, in MB."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.peak, self._stop = cuda, 0.0, threading.Event()
+
+    @staticmethod
+    def rss_mb() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._stop.clear()
+            self.peak = self.rss_mb()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss_mb())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def build(recipe: str, precision: str, args, tokenizer, blocks, out: Path, compile_model: bool):
+    train_args = TrainArgs(preset=args.preset, precision=precision, batch_size=args.batch_size,
+                           max_steps=args.steps_per_round, max_length=args.max_length, compile=compile_model,
+                           output_dir=str(out))
+    targs = dataclasses.replace(training_arguments(train_args, out), eval_strategy="no", save_strategy="no",
+                                load_best_model_at_end=False, logging_steps=10_000, logging_first_step=False,
+                                disable_tqdm=True, warmup_steps=0)
+    torch.manual_seed(0)
+    model = build_preset_model(args.preset, tokenizer, args.max_length)
+    clock = StepClock()
+    dataset = BlockDataset(blocks)
+    if recipe == "HF recipe":
+        trainer = Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[clock],
+                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15))
+    else:
+        enable_masked_head(model)
+        trainer = DiffusionTrainer(model=model, args=targs, train_dataset=dataset, callbacks=[clock],
+                                   data_collator=collator_for_tokenizer(tokenizer, **train_args.collator_settings()),
+                                   loss_weighting="none", tokens_per_step=args.batch_size * args.max_length,
+                                   level_eval={"report_dir": str(out)})
+    return trainer, clock
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--precisions", default="fp32,bf16", help="Comma-separated: fp32, bf16 (fp16 on CUDA).")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps-per-round", type=int, default=12)
+    ap.add_argument("--warmup-steps", type=int, default=2, help="Intervals dropped at the start of each round.")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models (GPU).")
+    ap.add_argument("--out", default="benchmarks/results/train_throughput")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch sees no CUDA device.")
+    if args.device == "cpu" and torch.cuda.is_available():
+        import os
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Trainer would otherwise pick the GPU
+    precisions = args.precisions.split(",")
+
+    corpus = load_corpus("wiki-vital")
+    tmp = Path(tempfile.mkdtemp(prefix="throughput-"))
+    tokenizer = preset_tokenizer(corpus.train, PRESETS[args.preset].vocab_size, Path("runs/.tokenizer-cache") / args.preset)
+    blocks = pack(corpus.train, tokenizer, args.max_length)
+    configs = [(recipe, p) for p in precisions for recipe in ("HF recipe", "textdiffusion")]
+    built = {c: build(*c, args, tokenizer, blocks, tmp / f"{c[0]}-{c[1]}".replace(" ", "_"), args.compile) for c in configs}
+    intervals: dict[tuple, list[float]] = {c: [] for c in configs}
+    peaks: dict[tuple, float] = {c: 0.0 for c in configs}
+    for r in range(args.rounds):
+        order = configs if r % 2 == 0 else configs[::-1]
+        for c in order:
+            trainer, clock = built[c]
+            clock.marks.clear()
+            with PeakMemory(args.device == "cuda") as mem:
+                trainer.train()
+            peaks[c] = max(peaks[c], mem.peak)
+            gaps = [b - a for a, b in zip(clock.marks, clock.marks[1:])][args.warmup_steps:]
+            intervals[c].extend(gaps)
+            print(f"round {r + 1}: {c[0]:>13} {c[1]}: {statistics.median(gaps) * 1000:.0f} ms/step", flush=True)
+
+    tokens = args.batch_size * args.max_length
+    rows = []
+    for recipe, p in configs:
+        step = statistics.median(intervals[(recipe, p)])
+        rows.append({"recipe": recipe, "precision": p, "ms_per_step": step * 1000, "tokens_per_s": tokens / step,
+                     "peak_memory_mb": peaks[(recipe, p)], "steps_timed": len(intervals[(recipe, p)])})
+    for row in rows:
+        base = next(x for x in rows if x["recipe"] == "HF recipe" and x["precision"] == row["precision"])
+        row["ratio_vs_hf_same_precision"] = row["tokens_per_s"] / base["tokens_per_s"]
+        fp32 = next((x for x in rows if x["recipe"] == "HF recipe" and x["precision"] == "fp32"), None)
+        row["ratio_vs_hf_fp32"] = row["tokens_per_s"] / fp32["tokens_per_s"] if fp32 else float("nan")
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    meta = {"command": "python " + " ".join(sys.argv), "device": device, "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "preset": args.preset, "batch_size": args.batch_size,
+            "max_length": args.max_length, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
+            "compile": args.compile}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    memory = "peak GPU memory (MB)" if args.device == "cuda" else "peak RSS (MB)"
+    lines = [f"Command: `{meta['command']}`  ", f"Device: {device}; torch {torch.__version__}; {meta['date']}  ",
+             f"Model: preset `{args.preset}`; blocks of {args.max_length} tokens, batch {args.batch_size}; "
+             f"{args.rounds} interleaved rounds of {args.steps_per_round} steps{', torch.compile' if args.compile else ''}", "",
+             f"| recipe | precision | ms/step | tokens/s | vs HF (same precision) | vs HF fp32 | {memory} |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['recipe']} | {row['precision']} | {row['ms_per_step']:.0f} | {row['tokens_per_s']:,.0f} | "
+                     f"{row['ratio_vs_hf_same_precision']:.2f}x | {row['ratio_vs_hf_fp32']:.2f}x | {row['peak_memory_mb']:,.0f} |")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
