@@ -10,7 +10,8 @@ of textdiffusion's own train command). What differs is what each recipe does per
 * **HF recipe** — ``Trainer`` + ``DataCollatorForLanguageModeling`` (15 % masking, 80/10/10), the
   model's own forward: attention mask passed, LM head and cross-entropy over every position;
 * **textdiffusion** — ``DiffusionTrainer`` + the diffusion collator (0.1…1.0 masking): the LM head only
-  on masked positions, no attention mask when there is no padding (SDPA's fused path).
+  on masked positions (with ``--compile``, through a static-shape gather padded to one of 8 sizes, as
+  ``train --compile`` does), no attention mask when there is no padding (SDPA's fused path).
 
 The configurations run in rounds, alternating which goes first, so drift of a shared machine hits them
 alike; tokens/s is from the median step-to-step interval (collation included), ratios are per
@@ -105,7 +106,8 @@ def build(recipe: str, precision: str, args, tokenizer, blocks, out: Path, compi
     else:
         enable_masked_head(model)
         trainer = DiffusionTrainer(model=model, args=targs, train_dataset=dataset, callbacks=[clock],
-                                   data_collator=collator_for_tokenizer(tokenizer, **train_args.collator_settings()),
+                                   data_collator=collator_for_tokenizer(tokenizer, gather_buckets=8 if compile_model else 0,
+                                                                        **train_args.collator_settings()),
                                    loss_weighting="none", tokens_per_step=args.batch_size * args.max_length,
                                    level_eval={"report_dir": str(out)})
     return trainer, clock

@@ -19,7 +19,9 @@ def run(*args, timeout=300):
 def test_generation_speed_benchmark_runs(tmp_path):
     run("benchmarks/generation_speed.py", "--quick", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert {r["sampler"] for r in rows} == {"original loop (float32)", "textdiffusion (float32)"}
+    assert {r["sampler"] for r in rows} == {"original loop (float32)", "textdiffusion (float32)",
+                                            "AR baseline, KV cache (float32)"}
+    assert {r["nfe"] for r in rows if r["sampler"].startswith("AR")} == {24}  # one call per new token
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert "| sampler |" in (tmp_path / "README.md").read_text()
 
@@ -40,3 +42,18 @@ def test_degeneration_benchmark_runs(tmp_path, saved_checkpoint):
     rows = json.loads((tmp_path / "deg" / "results.json").read_text())["rows"]
     assert rows[0]["setting"].startswith("real text") and len(rows) > 5
     assert all(0 <= r["distinct-2"] <= 1 for r in rows)
+
+
+def test_gpu_script_runs_on_the_cpu_in_its_short_mode(tmp_path):
+    """benchmarks/gpu.sh --device cpu: training (interleaved, HF recipe vs ours) and generation, summarised."""
+    r = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"train-eager", "generation"}
+    train = summary["train-eager"]["rows"]
+    assert [(t["recipe"], t["precision"]) for t in train] == [("HF recipe", "fp32"), ("textdiffusion", "fp32")]
+    assert all(t["tokens_per_s"] > 0 and t["peak_memory_mb"] > 0 for t in train)
+    assert "| recipe |" in (tmp_path / "summary.md").read_text()
+    bad = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "tpu"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--device must be cuda or cpu" in bad.stderr

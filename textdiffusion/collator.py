@@ -18,6 +18,12 @@ the training loss is the negative ELBO. ``"none"`` is the original plain cross-e
 Never masked: the first ``prefix_length`` positions (or a random prefix per example, so that prompts of
 any length are in distribution), the tokens in ``protected_token_ids`` (special tokens), and padding.
 Everything is one tensor operation over the batch; the randomness comes from a seeded generator.
+
+``gather_buckets`` > 0 (set by ``train --compile``) also returns ``masked_index``: the flat indices of the
+masked positions, padded to the next of ``gather_buckets`` fixed sizes, with ``masked_targets`` (-100 on
+the padding). The model then gathers hidden states with a tensor of one of a few static shapes, so
+``torch.compile`` keeps the LM head on masked positions only, instead of breaking the graph on a
+boolean index whose size changes every batch.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class DiffusionCollator:
     prefix_length: int = 5
     random_prefix_max: int = 0
     seed: int = 0
+    gather_buckets: int = 0
     _generators: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -156,7 +163,7 @@ class DiffusionCollator:
         maskable = self.maskable(input_ids, self.prefix_lengths(b, g))  # [b, l]
         masked = (torch.rand(input_ids.shape, generator=g) < rate[:, None]) & maskable  # [b, l]
         labels = torch.where(masked, input_ids, IGNORE_INDEX)
-        return {
+        batch = {
             "input_ids": input_ids.masked_fill(masked, self.mask_token_id),
             "attention_mask": (input_ids != self.pad_token_id).long(),
             "labels": labels,
@@ -164,6 +171,23 @@ class DiffusionCollator:
             "loss_weight": weight,
             "num_maskable": maskable.sum(1),
         }
+        if self.gather_buckets:
+            batch["masked_index"], batch["masked_targets"] = bucketed_index(labels, self.gather_buckets)
+        return batch
+
+
+def bucketed_index(labels: torch.Tensor, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices [n_bucket] of the masked positions of ``labels`` [b, l], padded with index 0 up to the
+    smallest multiple of b*l/buckets that holds them, and their targets with -100 on the padding."""
+    flat = labels.flatten()
+    index = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # [n]
+    unit = -(-flat.numel() // buckets)
+    size = max(unit, -(-index.numel() // unit) * unit)
+    padded = torch.zeros(size, dtype=torch.long)
+    padded[: index.numel()] = index
+    targets = torch.full((size,), IGNORE_INDEX, dtype=torch.long)
+    targets[: index.numel()] = flat[index]
+    return padded, targets
 
 
 def collator_for_tokenizer(tokenizer, **kwargs) -> DiffusionCollator:

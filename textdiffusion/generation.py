@@ -73,7 +73,7 @@ class DiffusionGenerator:
     """A masked LM plus its tokenizer and the diffusion settings it was trained with."""
 
     def __init__(self, model, tokenizer, settings: dict | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, compile: bool = False):
         if tokenizer.mask_token_id is None:
             raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no mask token: "
                              "it cannot denoise. Use a masked-LM checkpoint.")
@@ -85,16 +85,23 @@ class DiffusionGenerator:
         self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.sep_id
         self.mask_id = tokenizer.mask_token_id
+        # compile=True: one static-shape graph per batch shape (full logits, indexed afterwards); on a GPU with
+        # CUDA graphs ("reduce-overhead"), which removes the kernel-launch overhead that dominates batch 1
+        self._compiled = None
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self._compiled = torch.compile(self._full_logits, mode=mode, dynamic=False)
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None) -> "DiffusionGenerator":
+    def from_pretrained(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None,
+                        compile: bool = False) -> "DiffusionGenerator":
         """Load a checkpoint of this project, or any masked LM directory / hub id (default settings then)."""
         from .bundled import resolve_checkpoint
 
         path = resolve_checkpoint(path)
         tokenizer, model = load_masked_lm(path, dtype=dtype)
         settings = load_diffusion_config(path) if Path(path).is_dir() else {}
-        return cls(model, tokenizer, settings, device, dtype)
+        return cls(model, tokenizer, settings, device, dtype, compile)
 
     # -- templates --------------------------------------------------------------------------------
     def encode_template(self, template: str) -> tuple[list[int], list[bool]]:
@@ -158,6 +165,9 @@ class DiffusionGenerator:
         """Model logits [n, V] at ``positions`` only (the LM head skips the rest); with classifier-free
         guidance, combined with an unconditional pass in which the prompt is masked out."""
         if not cfg_scale:
+            if self._compiled is not None:
+                full = self._compiled(x, attention if not bool(attention.all()) else None)
+                return full[positions].clone()  # copy out: a CUDA graph reuses its output buffer
             return masked_logits(self.model, x, attention, positions)
         special = torch.isin(x, torch.tensor([self.cls_id, self.sep_id, self.pad_id], device=x.device))
         uncond = x.masked_fill(~editable & ~special, self.mask_id)
@@ -165,6 +175,9 @@ class DiffusionGenerator:
                              torch.cat([positions, positions]))
         cond, unc = both.chunk(2)  # rows of the first half of the batch come first in row-major order
         return unc + (1 + cfg_scale) * (cond - unc)  # LLaDA's form: cfg_scale 0 is the conditional model
+
+    def _full_logits(self, x: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
+        return self.model(input_ids=x, attention_mask=attention).logits
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str] | str | None = None, *, templates: Sequence[str] | None = None,

@@ -55,6 +55,9 @@ PRESETS = {
                    local_layers=2),
     "small": Preset(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=768, vocab_size=16384,
                     local_layers=3),
+    # DistilRoBERTa's size (6 x 768, a GLU as wide in weights as its 3072 MLP): the GPU benchmark's model
+    "distil": Preset(hidden_size=768, num_hidden_layers=6, num_attention_heads=12, intermediate_size=2048, vocab_size=32768,
+                     local_layers=2),
     "base": Preset(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1152, vocab_size=32768,
                    local_layers=4),
 }
@@ -206,12 +209,15 @@ def enable_masked_head(model):
         return model
     head, original = masked_lm_head(model), model.forward
 
-    def forward(*args, masked_positions: torch.Tensor | None = None, **kwargs):
-        if masked_positions is None:
+    def forward(*args, masked_positions: torch.Tensor | None = None, masked_index: torch.Tensor | None = None, **kwargs):
+        if masked_positions is None and masked_index is None:
             return original(*args, **kwargs)
         if head is None:  # unknown architecture: full logits, then select
-            return original(*args, **kwargs).logits[masked_positions]
+            logits = original(*args, **kwargs).logits
+            return logits[masked_positions] if masked_index is None else logits.flatten(0, 1)[masked_index]
         hidden = model.base_model(*args, **kwargs).last_hidden_state  # [b, l, d]
+        if masked_index is not None:  # static-shape gather (see collator.bucketed_index)
+            return head(hidden.flatten(0, 1).index_select(0, masked_index))  # [n_bucket, vocab]
         return head(hidden[masked_positions])  # [n, vocab]
 
     model.forward = forward

@@ -22,14 +22,31 @@ def masked_predictions(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return logits.float(), batch["labels"][positions], positions
 
 
+def _bucketed_loss(model, batch: dict[str, torch.Tensor], loss_weighting: str) -> torch.Tensor:
+    """The same loss from a static-shape gather (``masked_index``, padded; -100 targets on the padding)."""
+    attention = batch.get("attention_mask")
+    if attention is not None and bool(attention.all()):
+        attention = None
+    logits = model(input_ids=batch["input_ids"], attention_mask=attention, masked_index=batch["masked_index"])
+    targets = batch["masked_targets"]
+    valid = targets != IGNORE_INDEX
+    ce = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")  # 0 on padding
+    if loss_weighting == "none":
+        return ce.sum() / valid.sum().clamp_min(1)
+    row = batch["masked_index"] // batch["input_ids"].shape[1]
+    return (ce * batch["loss_weight"][row]).sum() / batch["num_maskable"].sum().clamp_min(1)
+
+
 def diffusion_loss(model, batch: dict[str, torch.Tensor], loss_weighting: str = "none") -> torch.Tensor:
+    if loss_weighting not in ("none", "elbo"):
+        raise ValueError(f"`loss_weighting` must be 'none' or 'elbo', got {loss_weighting!r}.")
+    if "masked_index" in batch:
+        return _bucketed_loss(model, batch, loss_weighting)
     logits, targets, positions = masked_predictions(model, batch)
     ce = F.cross_entropy(logits, targets, reduction="none")  # [n]
     if ce.numel() == 0:  # nothing masked in this batch: a zero that still carries a graph
         return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
     if loss_weighting == "none":
         return ce.mean()
-    if loss_weighting == "elbo":
-        weight = batch["loss_weight"][:, None].expand_as(positions)[positions]  # [n]
-        return (ce * weight).sum() / batch["num_maskable"].sum().clamp_min(1)
-    raise ValueError(f"`loss_weighting` must be 'none' or 'elbo', got {loss_weighting!r}.")
+    weight = batch["loss_weight"][:, None].expand_as(positions)[positions]  # [n]
+    return (ce * weight).sum() / batch["num_maskable"].sum().clamp_min(1)

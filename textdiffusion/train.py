@@ -390,7 +390,7 @@ def run_training(args: TrainArgs) -> Path:
     elif tokenizer.mask_token_id is None:  # the AR baseline never masks; the collator still wants the id
         tokenizer.add_special_tokens({"mask_token": "<mask>"})
     collator = collator_for_tokenizer(tokenizer, seed=args.seed + 7919 * training_args.process_index,
-                                      **args.collator_settings())
+                                      gather_buckets=8 if args.compile else 0, **args.collator_settings())
 
     train_blocks = pack(corpus.train, tokenizer, args.max_length)
     val_blocks = pack(corpus.validation, tokenizer, args.max_length, keep_remainder=True)
