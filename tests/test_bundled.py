@@ -1,0 +1,87 @@
+"""The bundled `wiki-small` model: it loads by name, matches its recipe, generates; and the demo runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from textdiffusion import bundled
+from textdiffusion.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bundled_model_matches_its_recipe_and_size():
+    path = Path(bundled.resolve_checkpoint("wiki-small"))
+    recipe = yaml.safe_load((ROOT / "recipes" / "wiki-small.yaml").read_text())
+    run_args = json.loads((path / "run_args.json").read_text())
+    for key, value in recipe.items():
+        if key != "output_dir":
+            assert run_args[key] == value, key
+    config = json.loads((path / "config.json").read_text())
+    from textdiffusion.modeling import PRESETS
+
+    preset = PRESETS[recipe["preset"]]
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (preset.hidden_size, preset.num_hidden_layers)
+    assert config["vocab_size"] == recipe["vocab_size"] + 0 or config["vocab_size"] >= recipe["vocab_size"] - 8
+    assert (path / "model.safetensors").stat().st_size < bundled.MAX_BUNDLED_MB * 2**20
+    assert (path / "README.md").read_text().count("textdiffusion eval") >= 1  # the model card
+
+
+def test_four_step_generation_from_the_bundled_model(tmp_path):
+    from textdiffusion.generation import DiffusionGenerator
+
+    gen = DiffusionGenerator.from_pretrained("wiki-small", device="cpu")
+    out = gen.generate(["The river"] * 2, max_length=32, steps=4, seed=0)
+    assert out.nfe == 4
+    for text, row in zip(out.texts, out.token_ids):
+        assert text.startswith("The river") and len(text) > len("The river") + 10
+        assert int((row == gen.mask_id).sum()) == 0
+
+
+def test_missing_bundled_model_says_how_to_rebuild(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bundled, "MODELS_DIR", tmp_path / "models")
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--checkpoint", "wiki-small", "--prefix", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "recipes/wiki-small.yaml" in err and "--config" in err and "python -m textdiffusion.bundled" in err
+
+
+def test_export_writes_fp16_weights_and_keeps_the_card(tmp_path, tokenizer):
+    from safetensors import safe_open
+
+    from textdiffusion.modeling import build_preset_model, save_diffusion_config
+
+    run = tmp_path / "run"
+    build_preset_model("micro", tokenizer, 32).save_pretrained(run)
+    tokenizer.save_pretrained(run)
+    save_diffusion_config(run, {"max_length": 32})
+    dest = tmp_path / "models" / "wiki-small"
+    dest.mkdir(parents=True)
+    (dest / "README.md").write_text("card")
+    bundled.export_bundled(str(run), "wiki-small", dest=dest)
+    assert (dest / "README.md").read_text() == "card" and (dest / "diffusion_config.json").exists()
+    with safe_open(dest / "model.safetensors", "pt") as f:
+        assert all(str(f.get_tensor(k).dtype) == "torch.float16" for k in f.keys())
+    assert not dest.with_name("wiki-small.partial").exists()
+
+
+def test_demo_runs_in_its_short_mode(tmp_path, capsys):
+    from textdiffusion.demo import main as demo
+
+    out = tmp_path / "demo"
+    assert demo(["--quick", "--output-dir", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"results: {out}/" in printed
+    readme = (out / "README.md").read_text()
+    assert "| NELBO |" in readme and "After fine-tuning on Austen" in readme
+    assert (out / "before_after.png").exists() and (out / "austen-model" / "model.safetensors").exists()
+    before = json.loads((out / "eval_before" / "eval.json").read_text())
+    assert before["dataset"] == "austen" and len(before["per_level"]) == 10
+    (out / "mine.txt").write_text("x")  # a rerun replaces an earlier demo, but never a folder of other files
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    assert demo(["--quick", "--output-dir", str(other)]) == 2
+    assert (other / "notes.txt").read_text() == "keep"
