@@ -6,7 +6,8 @@ Prompts are the first --prompt-tokens tokens of validation documents of --datase
 training); each setting continues them by --new-tokens tokens in --steps steps. Reported per setting:
 distinct-1/2/3 over all samples, the within-sample bigram repetition rate, the token entropy, and model
 calls; the first row is the real continuations of the same prompts. Small models collapse into loops
-under confidence ordering ("music, music, music"); this table is how the defaults were chosen.
+under confidence ordering ("music, music, music"); this table is how the defaults were chosen. For
+fluency (gen PPL under a scorer LM) beside these numbers, see `textdiffusion experiment`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from pathlib import Path
 import torch
 
 from textdiffusion.data import load_corpus
+from textdiffusion.errors import UsageError
 from textdiffusion.generation import DiffusionGenerator
 from textdiffusion.metrics import diversity
+from textdiffusion.quality import diffusion_continuations, prompts_from_documents
 
 # Every row spells out order temperature and repetition penalty, so that it does not change when the
 # defaults of `textdiffusion generate` (the row with an empty dict) do.
@@ -60,22 +63,16 @@ def main() -> None:
 
     gen = DiffusionGenerator.from_pretrained(args.checkpoint, device="cpu")
     tok = gen.tokenizer
-    docs = load_corpus(args.dataset).validation
-    encoded = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
-    encoded = [e for e in encoded if len(e) >= args.prompt_tokens + args.new_tokens][: args.num_prompts]
-    if len(encoded) < args.num_prompts:
-        sys.exit(f"error: --dataset {args.dataset!r} has only {len(encoded)} validation documents long enough for "
-                 f"--num-prompts {args.num_prompts}.")
-    prompts = [tok.decode(e[: args.prompt_tokens]) for e in encoded]
-    real = [e[args.prompt_tokens: args.prompt_tokens + args.new_tokens] for e in encoded]
-    rows = [{"setting": "real text (reference)", "nfe": "", **diversity(real)}]
+    try:
+        prompts = prompts_from_documents(load_corpus(args.dataset).validation, tok, args.num_prompts,
+                                         args.prompt_tokens, args.new_tokens, args.dataset)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+    rows = [{"setting": "real text (reference)", "nfe": "", **diversity(prompts.references)}]
     examples = {}
     for name, settings in SETTINGS.items():
-        templates = [f"{p}<mask:{args.new_tokens}>" for p in prompts]
-        out = gen.generate(templates=templates, steps=args.steps, seed=0, stop_at_eos=False, **settings)
-        _, editable, _ = gen.build_batch(templates)
-        generated = [row[ed].tolist() for row, ed in zip(out.token_ids, editable)]  # the new tokens only
-        rows.append({"setting": name, "nfe": out.nfe, **diversity(generated)})
+        out = diffusion_continuations(gen, prompts, args.new_tokens, seed=0, steps=args.steps, **settings)
+        rows.append({"setting": name, "nfe": out.nfe, **diversity(out.new_ids)})
         examples[name] = out.texts[0]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
