@@ -44,6 +44,7 @@ def main() -> None:
         run = runs / arch
         cmd = [sys.executable, "-m", "textdiffusion", "train", "--preset", a.preset, "--architecture", arch,
                "--max-steps", str(a.steps), "--eval-steps", str(a.steps), "--eval-blocks", "128",
+               "--precision", "fp32",  # as recorded (before --precision auto chose bf16 on AMX CPUs)
                "--output-dir", str(run), "--overwrite", *a.extra]
         t0 = time.perf_counter()
         with (runs / f"{arch}.log").open("w") as log:  # the run's own output, progress bars included
