@@ -27,10 +27,10 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from .collator import DEFAULT_MASK_PROBS, LOSS_WEIGHTINGS, TIME_SAMPLINGS, collator_for_tokenizer
-from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
 from .autoregressive import OBJECTIVES, build_ar_model, causal_nll, load_causal_lm
 from .bundled import resolve_checkpoint
+from .collator import DEFAULT_MASK_PROBS, LOSS_WEIGHTINGS, TIME_SAMPLINGS, collator_for_tokenizer
+from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
 from .errors import UsageError
 from .evaluation import nelbo, per_level_loss
 from .modeling import (PRESET_ARCHITECTURES, PRESETS, build_preset_model, count_parameters, enable_masked_head,
