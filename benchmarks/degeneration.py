@@ -1,6 +1,6 @@
 """Degeneration: how repetitive are samples under each decoding setting, next to real text?
 
-    python benchmarks/degeneration.py --checkpoint runs/demo --out benchmarks/results/degeneration
+    python benchmarks/degeneration.py --checkpoint wiki-small --out benchmarks/results/degeneration
 
 Prompts are the first --prompt-tokens tokens of validation documents of --dataset (the same split as
 training); each setting continues them by --new-tokens tokens in --steps steps. Reported per setting:

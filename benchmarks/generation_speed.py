@@ -2,7 +2,7 @@
 against an autoregressive model of the same size with Transformers' KV-cached `generate`.
 
     python benchmarks/generation_speed.py                       # a preset-sized model, CPU
-    python benchmarks/generation_speed.py --checkpoint runs/demo
+    python benchmarks/generation_speed.py --checkpoint wiki-small
     python benchmarks/generation_speed.py --device cuda --dtypes bfloat16 --compile   # the GPU path
     python benchmarks/generation_speed.py --quick               # seconds; what the test suite runs
 

@@ -1,6 +1,6 @@
 """`make demo`: the whole story on a fresh, offline machine, in minutes on 2 CPU cores.
 
-    python -m textdiffusion.demo --output-dir runs/demo            # about 6 minutes on 2 cores
+    python -m textdiffusion.demo --output-dir runs/demo            # about 4 minutes on 2 cores
     python -m textdiffusion.demo --output-dir runs/demo --quick    # the same steps, shortened (CI)
 
 1. generate from the bundled ``wiki-small`` model, showing the denoising step by step;

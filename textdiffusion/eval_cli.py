@@ -2,8 +2,8 @@
 
 An autoregressive checkpoint (`train --objective ar`) gets its exact NLL on the same tokens instead.
 
-    textdiffusion eval --checkpoint runs/demo                       # bundled wiki-vital validation split
-    textdiffusion eval --checkpoint runs/demo --dataset austen --output-dir results/eval-austen
+    textdiffusion eval --checkpoint wiki-small                       # bundled wiki-vital validation split
+    textdiffusion eval --checkpoint wiki-small --dataset austen --output-dir results/eval-austen
 
 Uses the same validation split, packing and fixed-seed masks as the training-time evaluation, so the
 numbers are comparable with `per_level_loss.csv`. Writes `eval.json` and `eval.md` when --output-dir is
@@ -22,7 +22,7 @@ from .errors import UsageError
 
 @dataclass
 class EvalArgs:
-    checkpoint: str = field(default="runs/demo", metadata={"help": "A checkpoint directory or masked-LM hub id."})
+    checkpoint: str = field(default="wiki-small", metadata={"help": "A checkpoint directory, a bundled model (wiki-small) or a hub id."})
     dataset: str = field(default="wiki-vital", metadata={"help": "Same sources as `train --dataset`."})
     text_column: str = field(default="text", metadata={"help": "Column/field that holds the text."})
     validation_fraction: float = field(default=0.05, metadata={"help": "As in training (the split must match)."})

@@ -1,8 +1,8 @@
 """`textdiffusion generate`: sample text from a checkpoint by iterative denoising.
 
-    textdiffusion generate --checkpoint runs/demo --prefix "The river" --num-samples 4
-    textdiffusion generate --checkpoint runs/demo --infill "The <mask:12> was built in <mask:3>."
-    textdiffusion generate --checkpoint runs/demo --prefix "In 1905" --confidence-threshold 0.9 --hide-steps
+    textdiffusion generate --checkpoint wiki-small --prefix "The river" --num-samples 4
+    textdiffusion generate --checkpoint wiki-small --infill "The <mask:12> was built in <mask:3>."
+    textdiffusion generate --checkpoint wiki-small --prefix "In 1905" --confidence-threshold 0.9 --hide-steps
 
 By default each step is printed with its masks visible (the original tool's behaviour; --hide-steps to
 stop it), --animate redraws one live view instead, and --trace-out writes every step as JSON lines.
@@ -25,8 +25,8 @@ from .schedules import SCHEDULES
 
 @dataclass
 class GenerateArgs:
-    checkpoint: str = field(default="runs/demo", metadata={
-        "help": "A checkpoint directory of this project, or any masked LM directory or hub id."})
+    checkpoint: str = field(default="wiki-small", metadata={
+        "help": "A checkpoint directory of this project, a bundled model (wiki-small), or any masked LM directory or hub id."})
     prefix: Optional[str] = field(default=None, metadata={"help": "Prompt to continue (the original flag)."})
     infill: Optional[str] = field(default=None, metadata={
         "help": "A template with masked spans, e.g. 'The <mask:12> was built in <mask:3>.'"})

@@ -1,6 +1,6 @@
 """Generating text with a trained masked LM: templates in, texts out, the sampler in between.
 
-    gen = DiffusionGenerator.from_pretrained("runs/demo")
+    gen = DiffusionGenerator.from_pretrained("wiki-small")
     gen.generate(["The river"], steps=16).texts
     gen.generate(templates=["The <mask:12> was built in <mask:3>."]).texts
 
