@@ -55,21 +55,29 @@ def scored_positions(blocks, tokenizer, prefix_length: int):
     return (positions >= prefix_length) & ~torch.isin(blocks, special)
 
 
-def run_causal_eval(args: EvalArgs) -> dict:
-    """Exact NLL of an autoregressive checkpoint on the tokens a diffusion evaluation would score."""
-    from .autoregressive import causal_nll, load_causal_lm
+def _load(args: EvalArgs, loader):
+    """(tokenizer, model on its device, the checkpoint's training settings, block length, validation blocks):
+    the same split and packing as training, whichever objective the checkpoint has."""
     from .data import load_corpus, pack
     from .generation import resolve_device
     from .modeling import load_diffusion_config
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device)  # checked before the (slow) corpus and model loads
     corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)
-    tokenizer, model = load_causal_lm(args.checkpoint)
+    tokenizer, model = loader(args.checkpoint)
     model.to(device).eval()
     settings = load_diffusion_config(args.checkpoint) if Path(args.checkpoint).is_dir() else {}
     max_length = args.max_length or int(settings.get("max_length", 128))
-    prefix = int(settings.get("prefix_length", 0))
     blocks = pack(corpus.validation, tokenizer, max_length, keep_remainder=True)[: args.eval_blocks]
+    return tokenizer, model, settings, max_length, blocks
+
+
+def run_causal_eval(args: EvalArgs) -> dict:
+    """Exact NLL of an autoregressive checkpoint on the tokens a diffusion evaluation would score."""
+    from .autoregressive import causal_nll, load_causal_lm
+
+    tokenizer, model, settings, max_length, blocks = _load(args, load_causal_lm)
+    prefix = int(settings.get("prefix_length", 0))
     nll = causal_nll(model, blocks, scored_positions(blocks, tokenizer, prefix), batch_size=args.batch_size)
     report = (f"exact NLL of the autoregressive model ({len(blocks)} blocks of {max_length} tokens; the first "
               f"{prefix} tokens of each block and special tokens are given, not scored):\n"
@@ -94,26 +102,18 @@ def _write(args: EvalArgs, report: str, result: dict) -> None:
 
 def run_eval(args: EvalArgs) -> dict:
     from .autoregressive import is_causal_checkpoint
-    from .collator import collator_for_tokenizer
-    from .data import load_corpus, pack, unigram_entropy
-    from .evaluation import nelbo, per_level_loss
-    from .generation import resolve_device
-    from .modeling import load_diffusion_config, load_masked_lm
-    from .reporting import format_level_table
-
     from .bundled import resolve_checkpoint
+    from .collator import collator_for_tokenizer
+    from .data import unigram_entropy
+    from .evaluation import nelbo, per_level_loss
+    from .modeling import load_masked_lm
+    from .reporting import format_level_table
 
     args.checkpoint = resolve_checkpoint(args.checkpoint)
     if is_causal_checkpoint(args.checkpoint):
         return run_causal_eval(args)
-    device = resolve_device(args.device)
-    corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)
-    tokenizer, model = load_masked_lm(args.checkpoint)
-    model.to(device).eval()
-    settings = load_diffusion_config(args.checkpoint) if Path(args.checkpoint).is_dir() else {}
-    max_length = args.max_length or int(settings.get("max_length", 128))
+    tokenizer, model, settings, max_length, blocks = _load(args, load_masked_lm)
     collator = collator_for_tokenizer(tokenizer, prefix_length=int(settings.get("prefix_length", 0)))
-    blocks = pack(corpus.validation, tokenizer, max_length, keep_remainder=True)[: args.eval_blocks]
     levels = per_level_loss(model, blocks, collator, batch_size=args.batch_size)
     unigram = unigram_entropy(blocks, list(tokenizer.all_special_ids))
     estimators = ["exact-k", "continuous"] if args.estimator == "both" else [args.estimator]
