@@ -15,8 +15,9 @@ of textdiffusion's own train command). What differs is what each recipe does per
 
 The configurations run in rounds, alternating which goes first, so drift of a shared machine hits them
 alike; tokens/s is from the median step-to-step interval (collation included), ratios are per
-precision. Peak memory: the process's RSS high-water mark during each configuration's steps (CPU), or
-``torch.cuda.max_memory_allocated`` (GPU).
+precision. Peak memory is measured per configuration, each trained alone for a few steps in a fresh
+process: peak resident memory sampled during its steps (CPU; it includes the process's data and
+interpreter, about the same for all) or ``torch.cuda.max_memory_allocated`` (GPU).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class StepClock(TrainerCallback):
 
 
 class PeakMemory:
-    """Peak resident memory (CPU) or peak allocated GPU memory while a block of code runs, in MB."""
+    """Peak memory while the training steps run: sampled resident memory (CPU; the kernel's own high-water
+    mark would be set by the data preparation before) or ``torch.cuda.max_memory_allocated`` (GPU), in MB."""
 
     def __init__(self, cuda: bool):
         self.cuda, self.peak, self._stop = cuda, 0.0, threading.Event()
@@ -66,20 +68,19 @@ class PeakMemory:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss_mb())
+            time.sleep(0.002)
+
     def __enter__(self):
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
-            self._stop.clear()
             self.peak = self.rss_mb()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss_mb())
-            time.sleep(0.005)
 
     def __exit__(self, *exc):
         if self.cuda:
@@ -87,6 +88,19 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
+
+
+def measure_alone(args, config: tuple) -> float:
+    """Peak memory of one configuration, trained alone in a fresh process (the timing process holds all four)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "alone.json"
+        cmd = [sys.executable, __file__, "--only", f"{config[0]},{config[1]}", "--preset", args.preset,
+               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--rounds", "1",
+               "--steps-per-round", "4", "--device", args.device, "--alone-json", str(out)]
+        subprocess.run(cmd + (["--compile"] if args.compile else []), check=True, capture_output=True)
+        return json.loads(out.read_text())["peak_memory_mb"]
 
 
 def build(recipe: str, precision: str, args, tokenizer, blocks, out: Path, compile_model: bool):
@@ -125,6 +139,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (GPU).")
     ap.add_argument("--out", default="benchmarks/results/train_throughput")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # "recipe,precision": the memory subprocess
+    ap.add_argument("--alone-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch sees no CUDA device.")
@@ -139,21 +155,29 @@ def main() -> None:
     tokenizer = preset_tokenizer(corpus.train, PRESETS[args.preset].vocab_size, Path("runs/.tokenizer-cache") / args.preset)
     blocks = pack(corpus.train, tokenizer, args.max_length)
     configs = [(recipe, p) for p in precisions for recipe in ("HF recipe", "textdiffusion")]
+    if args.only:
+        configs = [tuple(args.only.split(","))]
     built = {c: build(*c, args, tokenizer, blocks, tmp / f"{c[0]}-{c[1]}".replace(" ", "_"), args.compile) for c in configs}
     intervals: dict[tuple, list[float]] = {c: [] for c in configs}
-    peaks: dict[tuple, float] = {c: 0.0 for c in configs}
     for r in range(args.rounds):
         order = configs if r % 2 == 0 else configs[::-1]
         for c in order:
             trainer, clock = built[c]
             clock.marks.clear()
-            with PeakMemory(args.device == "cuda") as mem:
+            if args.only:  # the memory process; the timing process runs no sampling thread beside its steps
+                with PeakMemory(args.device == "cuda") as mem:
+                    trainer.train()
+                alone_peak = mem.peak
+            else:
                 trainer.train()
-            peaks[c] = max(peaks[c], mem.peak)
             gaps = [b - a for a, b in zip(clock.marks, clock.marks[1:])][args.warmup_steps:]
             intervals[c].extend(gaps)
             print(f"round {r + 1}: {c[0]:>13} {c[1]}: {statistics.median(gaps) * 1000:.0f} ms/step", flush=True)
 
+    if args.only:
+        Path(args.alone_json).write_text(json.dumps({"peak_memory_mb": alone_peak}))
+        return
+    peaks = {c: measure_alone(args, c) for c in configs}
     tokens = args.batch_size * args.max_length
     rows = []
     for recipe, p in configs:
