@@ -45,16 +45,6 @@ class EvalArgs:
             raise UsageError(f"--output-dir {self.output_dir!r} already holds an evaluation; pass --overwrite or choose another.")
 
 
-def scored_positions(blocks, tokenizer, prefix_length: int):
-    """[n, l] bool: the tokens a likelihood is reported on — after the prefix, not special, not padding.
-    The same set the collator may mask, so NELBO and AR NLL count the same tokens."""
-    import torch
-
-    positions = torch.arange(blocks.shape[1])[None, :]
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-    return (positions >= prefix_length) & ~torch.isin(blocks, special)
-
-
 def _load(args: EvalArgs, loader):
     """(tokenizer, model on its device, the checkpoint's training settings, block length, validation blocks):
     the same split and packing as training, whichever objective the checkpoint has."""
@@ -75,6 +65,7 @@ def _load(args: EvalArgs, loader):
 def run_causal_eval(args: EvalArgs) -> dict:
     """Exact NLL of an autoregressive checkpoint on the tokens a diffusion evaluation would score."""
     from .autoregressive import causal_nll, load_causal_lm
+    from .evaluation import scored_positions
 
     tokenizer, model, settings, max_length, blocks = _load(args, load_causal_lm)
     prefix = int(settings.get("prefix_length", 0))

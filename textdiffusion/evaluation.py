@@ -19,6 +19,14 @@ from .collator import DEFAULT_MASK_PROBS, DiffusionCollator
 from .objective import masked_predictions
 
 
+def scored_positions(blocks, tokenizer, prefix_length: int):
+    """[n, l] bool: the tokens a likelihood is reported on — after the prefix, not special, not padding.
+    The same set the collator may mask, so NELBO and AR NLL count the same tokens."""
+    positions = torch.arange(blocks.shape[1])[None, :]
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    return (positions >= prefix_length) & ~torch.isin(blocks, special)
+
+
 @dataclass
 class LevelResult:
     mask_rate: float

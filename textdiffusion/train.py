@@ -32,7 +32,7 @@ from .bundled import resolve_checkpoint
 from .collator import DEFAULT_MASK_PROBS, LOSS_WEIGHTINGS, TIME_SAMPLINGS, collator_for_tokenizer
 from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
 from .errors import UsageError
-from .evaluation import nelbo, per_level_loss
+from .evaluation import nelbo, per_level_loss, scored_positions
 from .modeling import (PRESET_ARCHITECTURES, PRESETS, build_preset_model, count_parameters, enable_masked_head,
                        load_masked_lm, preset_tokenizer, save_diffusion_config)
 from .objective import diffusion_loss
@@ -422,7 +422,7 @@ def run_training(args: TrainArgs) -> Path:
     level_eval = {"blocks": val_eval, "collator": collator, "report_dir": str(work_dir), "references": references,
                   "title": f"{args.preset or args.model_name} on {args.dataset}",
                   # the tokens the NELBO scores (after the prefix, not special): the AR baseline is scored on these
-                  "scored": collator.maskable(val_eval, torch.full((len(val_eval),), args.prefix_length))}
+                  "scored": scored_positions(val_eval, tokenizer, args.prefix_length)}
     common = dict(model=model, args=training_args, train_dataset=BlockDataset(train_blocks),
                   eval_dataset=BlockDataset(val_eval), processing_class=tokenizer, callbacks=[SaveDiffusionConfig(settings)],
                   tokens_per_step=args.batch_size * args.max_length * training_args.world_size, level_eval=level_eval)
