@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: install scorer demo test clean
+.PHONY: install scorer demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# Everything but the end-to-end runs marked `slow` (about a minute on 2 cores): for the edit-test loop.
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

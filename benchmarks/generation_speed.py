@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from original_sampler import generate_original  # noqa: E402
 
+from textdiffusion.config import DiffusionConfig  # noqa: E402
 from textdiffusion.generation import DiffusionGenerator  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def load(args):
     tokenizer = train_bpe_tokenizer(load_corpus("wiki-vital").train[:2000], args.vocab_size)
     torch.manual_seed(0)
     model = build_preset_model(args.preset, tokenizer, args.max_length)
-    return DiffusionGenerator(model, tokenizer, {"max_length": args.max_length}, device=args.device)
+    return DiffusionGenerator(model, tokenizer, DiffusionConfig(max_length=args.max_length), device=args.device)
 
 
 def timed(fn, repeats: int) -> float:
@@ -107,7 +108,7 @@ def main() -> None:
             gen.model.to(getattr(torch, dtype))
             g = gen
             if use_compile:
-                compiled_gen = compiled_gen or DiffusionGenerator(gen.model, gen.tokenizer, gen.settings, device=args.device,
+                compiled_gen = compiled_gen or DiffusionGenerator(gen.model, gen.tokenizer, gen.config, device=args.device,
                                                                   compile=True)
                 g = compiled_gen
             for b in args.batch_sizes:

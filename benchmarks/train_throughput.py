@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback
 
-from textdiffusion.collator import collator_for_tokenizer
+from textdiffusion.collator import collator_from_config
 from textdiffusion.data import BlockDataset, load_corpus, pack
 from textdiffusion.modeling import PRESETS, build_preset_model, enable_masked_head, preset_tokenizer
 from textdiffusion.train import DiffusionTrainer, TrainArgs, training_arguments
@@ -120,8 +120,8 @@ def build(recipe: str, precision: str, args, tokenizer, blocks, out: Path, compi
     else:
         enable_masked_head(model)
         trainer = DiffusionTrainer(model=model, args=targs, train_dataset=dataset, callbacks=[clock],
-                                   data_collator=collator_for_tokenizer(tokenizer, gather_buckets=8 if compile_model else 0,
-                                                                        **train_args.collator_settings()),
+                                   data_collator=collator_from_config(tokenizer, train_args.corruption(),
+                                                                      gather_buckets=8 if compile_model else 0),
                                    loss_weighting="none", tokens_per_step=args.batch_size * args.max_length,
                                    level_eval={"report_dir": str(out)})
     return trainer, clock

@@ -53,12 +53,13 @@ def test_missing_bundled_model_says_how_to_rebuild(tmp_path, monkeypatch, capsys
 def test_export_writes_fp16_weights_and_keeps_the_card(tmp_path, tokenizer):
     from safetensors import safe_open
 
-    from textdiffusion.modeling import build_preset_model, save_diffusion_config
+    from textdiffusion.config import DiffusionConfig
+    from textdiffusion.modeling import build_preset_model
 
     run = tmp_path / "run"
     build_preset_model("micro", tokenizer, 32).save_pretrained(run)
     tokenizer.save_pretrained(run)
-    save_diffusion_config(run, {"max_length": 32})
+    DiffusionConfig(max_length=32).save_pretrained(run)
     dest = tmp_path / "models" / "wiki-small"
     dest.mkdir(parents=True)
     (dest / "README.md").write_text("card")

@@ -111,3 +111,42 @@ def test_tokenizer_without_mask_token_is_refused(tokenizer):
     tok.mask_token = None
     with pytest.raises(ValueError, match="no mask token"):
         collator_for_tokenizer(tok)
+
+
+def test_continuous_time_is_per_example_with_the_default_flags(tokenizer, blocks):
+    """--mask-per defaults to batch, which applies to the grid only: continuous t is drawn for every row."""
+    from textdiffusion.train import TrainArgs
+
+    args = TrainArgs(time_sampling="antithetic")  # every other flag at its default (mask_per='batch')
+    c = make(tokenizer, **{k: getattr(args, k) for k in ("time_sampling", "mask_per", "schedule", "t_min")}, seed=3)
+    rate = c(list(blocks[:8]))["mask_rate"]
+    assert len(set(rate.tolist())) == 8  # 8 rows, 8 distinct rates
+    u = ((rate - c.t_min) / (1 - c.t_min)).sort().values  # antithetic: evenly spaced, 1/8 apart
+    assert torch.allclose(u.diff(), torch.full((7,), 1 / 8), atol=1e-5)
+    grid = make(tokenizer, time_sampling="grid", mask_per="batch", seed=3)(list(blocks[:8]))["mask_rate"]
+    assert len(set(grid.tolist())) == 1  # the grid honours mask_per='batch'
+
+
+def test_end_of_text_is_a_target_except_the_closing_separator(tokenizer, blocks):
+    sep = tokenizer.sep_token_id
+    learn = make(tokenizer, mask_probs=(1.0,), prefix_length=1, learn_eos=True, seed=0)
+    batch = learn(list(blocks))
+    interior = (blocks == sep)
+    interior[:, -1] = False
+    assert interior.any()
+    masked = batch["labels"] != IGNORE_INDEX
+    assert masked[interior].all()  # every document end is predicted at rate 1.0
+    assert not masked[:, -1].any() and (batch["input_ids"][:, -1] == sep).all()  # the block's own end stays
+    plain = make(tokenizer, mask_probs=(1.0,), prefix_length=1, seed=0)(list(blocks))
+    assert not (plain["labels"] != IGNORE_INDEX)[interior].any()  # without learn_eos: conditioned on
+
+
+def test_masks_depend_only_on_seed_and_batch_number(tokenizer, blocks):
+    """What makes kill -9 + --resume exact: batch j's masks come from (seed, j), whatever came before."""
+    rows = list(blocks[:8])
+    a = make(tokenizer, seed=5)
+    first = [a(rows)["input_ids"] for _ in range(4)]
+    b = make(tokenizer, seed=5)
+    b.reseed(5, batch_offset=2)
+    assert torch.equal(b(rows)["input_ids"], first[2]) and torch.equal(b(rows)["input_ids"], first[3])
+    assert not torch.equal(first[0], first[1])

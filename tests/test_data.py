@@ -86,3 +86,23 @@ def test_pack_separates_documents_and_wastes_nothing(tokenizer):
 def test_unigram_entropy_of_uniform_tokens():
     blocks = torch.arange(10, 18).repeat(4, 1)
     assert abs(unigram_entropy(blocks, []) - math.log(8)) < 1e-12
+
+
+def test_document_ends_can_end_their_block_padded_with_end_of_text(wiki, tokenizer):
+    from textdiffusion.data import pack
+
+    docs = wiki.train[:200]
+    sep = tokenizer.sep_token_id
+    plain = pack(docs, tokenizer, 64)
+    padded = pack(docs, tokenizer, 64, doc_end_fraction=1.0, seed=0)
+    runs = lambda b: int(((b[:, 1:-1] == sep)[:, 1:] & (b[:, 1:-1] == sep)[:, :-1]).sum())  # noqa: E731 sep after sep
+    assert runs(plain) == 0 and runs(padded) > 0
+    # every block of the fully padded packing holds the tail of at most one document: after a separator,
+    # only separators follow (up to the block's closing one)
+    body = padded[:, 1:-1] == sep
+    after_first = body.long().cumsum(1) > 0
+    assert bool((body | ~after_first).all())
+    assert torch.equal(pack(docs, tokenizer, 64, doc_end_fraction=0.3, seed=1),
+                       pack(docs, tokenizer, 64, doc_end_fraction=0.3, seed=1))
+    with pytest.raises(ValueError, match="--doc-end-fraction"):
+        pack(docs, tokenizer, 64, doc_end_fraction=1.5)

@@ -45,3 +45,12 @@ def test_eval_refuses_to_overwrite_and_checks_flags(trained, tmp_path, capsys):
     assert "already holds an evaluation" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(run), "--estimator", "guess"]) == 2
     assert "--estimator must be" in capsys.readouterr().err
+
+
+def test_eval_refuses_bad_paths_and_lengths_before_work(trained, tmp_path, capsys):
+    run, docs = trained
+    (tmp_path / "a-file").write_text("x")
+    assert main(["eval", "--checkpoint", str(run), "--dataset", str(docs), "--output-dir", str(tmp_path / "a-file")]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run), "--dataset", str(docs), "--max-length", "100000"]) == 2
+    assert "position limit (512 tokens" in capsys.readouterr().err

@@ -6,7 +6,8 @@ import re
 import pytest
 
 from textdiffusion.cli import main
-from textdiffusion.modeling import build_preset_model, save_diffusion_config
+from textdiffusion.config import DiffusionConfig
+from textdiffusion.modeling import build_preset_model
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def checkpoint(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("ckpt")
     build_preset_model("micro", tokenizer, 32).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    save_diffusion_config(path, {"max_length": 24, "prefix_length": 5})
+    DiffusionConfig(max_length=24).save_pretrained(path)
     return path
 
 
@@ -73,10 +74,11 @@ def test_bad_generate_input(checkpoint, capsys, extra, needle):
     assert needle in err and len(err.splitlines()) == 1, err
 
 
-def test_checkpoint_that_is_not_a_language_model(tmp_path, capsys):
+def test_checkpoint_that_is_not_a_language_model(tmp_path, tokenizer, capsys):
     from transformers import GPT2Config, GPT2Model
 
     GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=1, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")  # a tokenizer is there: what is missing is a masked-LM head
     assert main(["generate", "--checkpoint", str(tmp_path / "gpt2"), "--prefix", "x"]) == 2
     assert "not a masked language model" in capsys.readouterr().err
 
@@ -86,3 +88,45 @@ def test_missing_checkpoint_dir(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["generate", "--checkpoint", str(tmp_path / "empty")]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+def _copy_checkpoint(src, dst, skip=()):
+    import shutil
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip:
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_truncated_weights_are_named_before_any_work(checkpoint, tmp_path, capsys, command):
+    bad = _copy_checkpoint(checkpoint, tmp_path / "bad")
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main([command, "--checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(weights) in err and "truncated" in err, err
+
+
+def test_max_length_beyond_the_position_limit_says_the_limit(checkpoint, capsys):
+    assert main(["generate", "--checkpoint", str(checkpoint), "--hide-steps", "--max-length", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--max-length 100000 is longer than the model's position limit (512 tokens" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", ["--trace-out", "--output"])
+def test_unwritable_output_is_refused_before_generating(checkpoint, tmp_path, capsys, flag):
+    for path in (tmp_path / "no" / "such" / "dir" / "x.jsonl", tmp_path):  # a missing folder; a folder, not a file
+        assert main(["generate", "--checkpoint", str(checkpoint), "--hide-steps", flag, str(path)]) == 2
+        err = capsys.readouterr()
+        assert flag in err.err and len(err.err.strip().splitlines()) == 1 and "[sample 0]" not in err.out, err
+
+
+def test_checkpoint_without_tokenizer_files_says_so(checkpoint, tmp_path, capsys):
+    bare = _copy_checkpoint(checkpoint, tmp_path / "bare", skip={"tokenizer.json", "tokenizer_config.json",
+                                                                  "special_tokens_map.json"})
+    assert main(["generate", "--checkpoint", str(bare), "--hide-steps"]) == 2
+    err = capsys.readouterr().err
+    assert "no tokenizer files" in err and "not a masked language model" not in err

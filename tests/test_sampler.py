@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from textdiffusion.config import DiffusionConfig
 from textdiffusion.generation import DiffusionGenerator
 from textdiffusion.sampler import DenoisingSampler, DenoisingState, SamplerConfig
 from textdiffusion.schedules import get_schedule
@@ -213,7 +214,7 @@ def test_sampler_step_is_usable_without_a_model():
     logits = torch.zeros(1, 7, 20)
     logits[0, :, 11] = 5.0
     while not sampler.finished(state):
-        sampler.step(logits, state)
+        state = sampler.step(logits, state)
     assert state.x.tolist() == [[0, 7, 11, 11, 11, 11, 2]] and state.step_index == 4
 
 
@@ -262,3 +263,44 @@ def test_compiled_forward_gives_the_same_samples(tokenizer):
         a = eager.generate(["The river", "A"], seed=3, steps=6, **settings)
         b = compiled.generate(["The river", "A"], seed=3, steps=6, **settings)
         assert torch.equal(a.token_ids, b.token_ids) and a.nfe == b.nfe
+
+
+def test_end_of_text_ends_the_row_and_its_tail_costs_no_model_call(tokenizer):
+    """A committed end-of-text fills the rest of the continuation at once: no mask is left there to denoise."""
+    vocab, sep = len(tokenizer), tokenizer.sep_token_id
+    model = FakeMaskedLM(vocab, sharp=0.0)
+    model.table.data[:, 100] = 3.0  # every position mildly prefers token 100 ...
+    model.table.data[6, sep] = 20.0  # ... but position 6 is surely the end of the text
+    gen = DiffusionGenerator(model, tokenizer, {"max_length": 32}, device="cpu")
+    kw = dict(steps=29, sampling="greedy", order_temperature=0.0, return_trace=True)
+    stopped = gen.generate(["The"], **kw)
+    full = gen.generate(["The"], stop_at_eos=False, **kw)
+    x = stopped.token_ids[0]
+    assert int(x[6]) == sep and (x[6:-1] == sep).all() and not (x == MASK).any()
+    before = int((stopped.trace[0][0][:6] == MASK).sum())  # masked positions before the end
+    assert full.nfe == 29 and stopped.nfe == 1 + before  # one call commits the end; its tail never costs another
+    assert stopped.texts[0] == tokenizer.decode(x[1:6].tolist(), skip_special_tokens=True).strip()
+    assert len(full.texts[0]) > len(stopped.texts[0])
+
+
+def test_end_of_text_in_an_earlier_infill_span_does_not_cut_the_template(tokenizer):
+    from textdiffusion.sampler import continuation
+
+    editable = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    assert continuation(editable).tolist() == [[False, False, False, False, False, True, True, True, False]]
+    sampler = DenoisingSampler(SamplerConfig(), MASK, eos_token_id=2)
+    x = torch.tensor([[0, 2, MASK, 7, 7, MASK, 2, MASK, 2]])
+    assert sampler.fill_after_eos(x, editable).tolist() == [[0, 2, MASK, 7, 7, MASK, 2, 2, 2]]
+
+
+def test_step_returns_a_new_state_and_leaves_the_given_one_alone():
+    sampler = DenoisingSampler(SamplerConfig(steps=2, sampling="greedy"), mask_token_id=MASK)
+    x = torch.tensor([[0, MASK, MASK, 2]])
+    sampler.set_timesteps(2, x == MASK)
+    state = DenoisingState(x=x.clone(), editable=x == MASK, generators=[torch.Generator().manual_seed(0)])
+    logits = torch.zeros(1, 4, 20)
+    logits[0, :, 11] = 5.0
+    new = sampler.step(logits, state)
+    assert torch.equal(state.x, x) and state.step_index == 0
+    assert new.step_index == 1 and int((new.x == MASK).sum()) == 1
+    assert sampler.skip(new).step_index == 2 and new.step_index == 1

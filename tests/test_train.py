@@ -113,7 +113,7 @@ def test_overwrite_replaces_the_run_only_after_success(tmp_path, small_jsonl):
     (["--dataset", "/nonexistent/file.jsonl"], "no such file"),
     (["--mask-probs", "0", "0.5"], "--mask-probs"),
     (["--mask-probs", "1.5"], "1.5"),
-    (["--prefix-length", "64"], "--prefix-length must be >= 0 and smaller than --max-length (64), got 64"),
+    (["--prefix-length", "64"], "--prefix-length must be smaller than max_length (64), got 64"),
     (["--epochs", "-1"], "--epochs must be a positive integer, got -1"),
     (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
     (["--preset", "huge"], "--preset must be one of"),

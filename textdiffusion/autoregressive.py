@@ -64,9 +64,9 @@ def is_causal_checkpoint(path: str) -> bool:
     config = Path(path) / "config.json"
     if not config.exists():
         return False
-    from .modeling import load_diffusion_config
+    from .config import DiffusionConfig
 
-    if load_diffusion_config(path).get("objective") == "ar":
+    if DiffusionConfig.from_pretrained(path).objective == "ar":
         return True
     architectures = json.loads(config.read_text()).get("architectures") or []
     return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
@@ -97,19 +97,21 @@ def causal_nll(model, blocks: torch.Tensor, scored: torch.Tensor, batch_size: in
 class CausalGenerator:
     """Continuations from the AR baseline with Transformers' KV-cached ``generate``."""
 
-    def __init__(self, model, tokenizer, device: torch.device, settings: dict | None = None):
+    def __init__(self, model, tokenizer, device: torch.device, config=None):
+        from .config import DiffusionConfig
+
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = device
-        self.settings = settings or {}
+        self.config = config or DiffusionConfig(objective="ar")
         self.bos_id = tokenizer.bos_token_id
 
     @classmethod
     def from_pretrained(cls, path: str, device: torch.device, dtype: torch.dtype | None = None) -> "CausalGenerator":
-        from .modeling import load_diffusion_config
+        from .config import DiffusionConfig
 
         tokenizer, model = load_causal_lm(path, dtype=dtype)
-        return cls(model, tokenizer, device, load_diffusion_config(path) if Path(path).is_dir() else {})
+        return cls(model, tokenizer, device, DiffusionConfig.from_pretrained(path) if Path(path).is_dir() else None)
 
     @torch.inference_mode()
     def generate_ids(self, prompts: Sequence[str], max_new_tokens: int, sampling: str = "topk", temperature: float = 1.0,

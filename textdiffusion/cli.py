@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import ConfigError
 from .errors import UsageError
 
 COMMANDS = {
@@ -24,11 +25,17 @@ COMMANDS = {
 
 
 def _parse(dataclass_type, argv: list[str], prog: str):
+    """Parse ``argv`` into ``dataclass_type``; ``--config`` supplies defaults from a file (flags still win).
+
+    The result's ``explicit`` attribute names the fields the user set (by flag or in the file): a reader
+    that has defaults of its own (a checkpoint's generation settings) overrides only those.
+    """
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_type, prog=prog)
     parser.add_argument("--config", default=None, help="JSON or YAML file of defaults for these flags.")
     known, _ = parser.parse_known_args(argv)
+    from_file: dict = {}
     if known.config:
         path = Path(known.config)
         if not path.exists():
@@ -36,14 +43,16 @@ def _parse(dataclass_type, argv: list[str], prog: str):
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            values = yaml.safe_load(path.read_text()) or {}
+            from_file = yaml.safe_load(path.read_text()) or {}
         else:
-            values = json.loads(path.read_text())
-        unknown = sorted(set(values) - {a.dest for a in parser._actions})
+            from_file = json.loads(path.read_text())
+        unknown = sorted(set(from_file) - {a.dest for a in parser._actions})
         if unknown:
             raise UsageError(f"--config {known.config!r}: unknown setting(s) {unknown}.")
-        parser.set_defaults(**values)
+        parser.set_defaults(**from_file)
     (args,) = parser.parse_args_into_dataclasses(argv, look_for_args_file=False, return_remaining_strings=False)[:1]
+    given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    args.explicit = frozenset(set(from_file) | {a.dest for a in parser._actions if given & set(a.option_strings)})
     return args
 
 
@@ -113,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[command](rest)
     except UsageError as e:
         print(f"textdiffusion {command}: error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:  # a setting's own check (CorruptionConfig, SamplerConfig), shown as its flag
+        print(f"textdiffusion {command}: error: {e.as_flag_message()}", file=sys.stderr)
         return 2
 
 

@@ -7,9 +7,10 @@ exactly what generation shows it, which is masks). Two ways to draw the level:
 
 * ``time_sampling="grid"`` (the original design): a mask probability drawn uniformly from
   ``mask_probs`` (default 0.1, 0.2, ... 1.0), once per batch or once per example.
-* continuous time (``"uniform"``, ``"antithetic"``, ``"stratified"``): a time t in [t_min, 1] per example,
-  masked with probability ``schedule.mask_ratio(t)``. Antithetic/stratified draws spread the batch's t
-  evenly over [0, 1], which lowers the variance of the ELBO estimate (MDLM's low-discrepancy sampler).
+* continuous time (``"uniform"``, ``"antithetic"``, ``"stratified"``): a time t in [t_min, 1] drawn for
+  *every example* (as MDLM's ``_sample_t(n)``; ``mask_per`` applies to the grid only), masked with
+  probability ``schedule.mask_ratio(t)``. Antithetic/stratified draws spread the batch's t evenly over
+  [0, 1], which lowers the variance of the ELBO estimate (MDLM's low-discrepancy sampler).
 
 With ``loss_weighting="elbo"`` each example carries the weight -alpha'(t)/(1-alpha(t)) (1/t for the
 linear schedule; in grid mode the mask probability plays the role of t under the linear schedule), so
@@ -17,7 +18,14 @@ the training loss is the negative ELBO. ``"none"`` is the original plain cross-e
 
 Never masked: the first ``prefix_length`` positions (or a random prefix per example, so that prompts of
 any length are in distribution), the tokens in ``protected_token_ids`` (special tokens), and padding.
-Everything is one tensor operation over the batch; the randomness comes from a seeded generator.
+End-of-text is the exception that teaches a model to stop: with ``eos_token_id`` set, the separators
+between packed documents (and the end-of-text padding after a document that ends its block) are targets
+like any token; only the block's closing separator in the last position stays fixed, as it is at
+generation time.
+
+Everything is one tensor operation over the batch. The randomness of batch number j comes from a
+generator seeded with (seed, j): a run resumed at step s sets ``batch_offset = s`` and draws exactly
+the masks the uninterrupted run would have drawn (``kill -9`` + ``--resume`` gives the same model).
 
 ``gather_buckets`` > 0 (set by ``train --compile``) also returns ``masked_index``: the flat indices of the
 masked positions, padded to the next of ``gather_buckets`` fixed sizes, with ``masked_targets`` (-100 on
@@ -35,11 +43,9 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .errors import UsageError
+from .config import DEFAULT_MASK_PROBS, LOSS_WEIGHTINGS, TIME_SAMPLINGS, CorruptionConfig  # noqa: F401 (re-exported)
 from .schedules import get_schedule
 
-DEFAULT_MASK_PROBS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-TIME_SAMPLINGS = ("grid", "uniform", "antithetic", "stratified")
-LOSS_WEIGHTINGS = ("none", "elbo")
 IGNORE_INDEX = -100
 
 
@@ -65,55 +71,46 @@ class DiffusionCollator:
     random_prefix_max: int = 0
     seed: int = 0
     gather_buckets: int = 0
-    _generators: dict = field(default_factory=dict, init=False, repr=False)
+    eos_token_id: int | None = None  # a training target (see the module docstring); None: protected
+    batch_offset: int = 0  # index of the first batch this collator produces (set on resume)
+    _calls: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mask_token_id is None:
             raise ValueError("`mask_token_id` is None: the tokenizer has no mask token, so it cannot be "
                              "used for masked diffusion. Pick a masked-LM tokenizer or use --preset.")
-        if self.time_sampling not in TIME_SAMPLINGS:
-            raise ValueError(f"`time_sampling` must be one of {TIME_SAMPLINGS}, got {self.time_sampling!r}.")
-        if self.mask_per not in ("batch", "example"):
-            raise ValueError(f"`mask_per` must be 'batch' or 'example', got {self.mask_per!r}.")
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"`loss_weighting` must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}.")
+        # the corruption settings are validated in one place: CorruptionConfig
+        CorruptionConfig(time_sampling=self.time_sampling, mask_probs=list(self.mask_probs), mask_per=self.mask_per,
+                         schedule=self.schedule, t_min=self.t_min, loss_weighting=self.loss_weighting,
+                         prefix_length=self.prefix_length, random_prefix_max=self.random_prefix_max)
         self.mask_probs = tuple(float(p) for p in self.mask_probs)
-        if not self.mask_probs:
-            raise ValueError("`mask_probs` must not be empty.")
-        for p in self.mask_probs:
-            if not 0.0 < p <= 1.0:
-                raise ValueError(f"`mask_probs` values must be in (0, 1], got {p}.")
-        if not 0.0 < self.t_min < 1.0:
-            raise ValueError(f"`t_min` must be in (0, 1), got {self.t_min}.")
-        if self.prefix_length < 0:
-            raise ValueError(f"`prefix_length` must be >= 0, got {self.prefix_length}.")
-        if self.random_prefix_max and self.random_prefix_max < self.prefix_length:
-            raise ValueError(f"`random_prefix_max` ({self.random_prefix_max}) must be 0 (off) or >= "
-                             f"`prefix_length` ({self.prefix_length}).")
         self.schedule_fn = get_schedule(self.schedule)
-        self._protected = torch.tensor(sorted({int(i) for i in self.protected_token_ids if i is not None}),
-                                       dtype=torch.long)
+        protected = {int(i) for i in self.protected_token_ids if i is not None} - {self.eos_token_id}
+        self._protected = torch.tensor(sorted(protected), dtype=torch.long)
 
     # -- randomness -------------------------------------------------------------------------------
-    def generator(self) -> torch.Generator:
-        """One seeded generator per dataloader worker, so workers never draw identical masks."""
+    def batch_index(self) -> int:
+        """The number of the batch being collated: counted per dataloader worker, which serve batches
+        round-robin (worker w of W makes batches w, w + W, ...), from ``batch_offset``."""
         info = get_worker_info()
-        worker = info.id if info is not None else -1
-        if worker not in self._generators:
-            g = torch.Generator()
-            g.manual_seed(self.seed + 1_000_003 * (worker + 1))
-            self._generators[worker] = g
-        return self._generators[worker]
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        local = self._calls.get(worker, 0)
+        self._calls[worker] = local + 1
+        return self.batch_offset + worker + workers * local
 
-    def reseed(self, seed: int) -> None:
-        """Restart the random stream (e.g. with seed + rank under DDP)."""
-        self.seed = seed
-        self._generators.clear()
+    def generator(self) -> torch.Generator:
+        """The generator of the next batch, seeded by (seed, batch number): reproducible after a resume."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch_index())
+
+    def reseed(self, seed: int, batch_offset: int = 0) -> None:
+        """Restart the random stream (e.g. with seed + rank under DDP, or at a resumed step)."""
+        self.seed, self.batch_offset = seed, batch_offset
+        self._calls.clear()
 
     # -- the corruption level ---------------------------------------------------------------------
     def sample_mask_rate(self, batch_size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example (mask probability, ELBO weight), both [b] float32."""
-        n = 1 if self.mask_per == "batch" else batch_size
+        n = 1 if self.mask_per == "batch" and self.time_sampling == "grid" else batch_size
         if self.time_sampling == "grid":
             grid = torch.tensor(self.mask_probs)
             rate = grid[torch.randint(len(grid), (n,), generator=g)]  # [n]
@@ -153,6 +150,8 @@ class DiffusionCollator:
         allowed &= input_ids != self.pad_token_id
         if len(self._protected):
             allowed &= ~torch.isin(input_ids, self._protected)
+        if self.eos_token_id is not None:
+            allowed[:, -1] = False  # the block's closing separator: fixed, as at generation time
         return allowed
 
     def __call__(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
@@ -190,12 +189,28 @@ def bucketed_index(labels: torch.Tensor, buckets: int) -> tuple[torch.Tensor, to
     return padded, targets
 
 
-def collator_for_tokenizer(tokenizer, **kwargs) -> DiffusionCollator:
-    """A collator that protects every special token of ``tokenizer`` except the mask token."""
+def collator_from_config(tokenizer, corruption: CorruptionConfig, training: bool = True, **kwargs) -> DiffusionCollator:
+    """The collator of a run's corruption settings. ``training=False`` gives the evaluation collator: the
+    same protected prefix, but end-of-text conditioned on rather than scored, so validation numbers stay
+    comparable across runs and with the AR baseline."""
+    keys = ("time_sampling", "mask_per", "schedule", "t_min", "loss_weighting", "prefix_length", "random_prefix_max")
+    settings = {k: getattr(corruption, k) for k in keys}
+    if not training:
+        settings = {"prefix_length": corruption.prefix_length}
+    return collator_for_tokenizer(tokenizer, learn_eos=training and corruption.learn_eos,
+                                  **({"mask_probs": tuple(corruption.mask_probs)} if training else {}), **settings, **kwargs)
+
+
+def collator_for_tokenizer(tokenizer, learn_eos: bool = False, **kwargs) -> DiffusionCollator:
+    """A collator that protects every special token of ``tokenizer`` except the mask token, and with
+    ``learn_eos`` except end-of-text (the document separator), which then becomes a training target."""
     if tokenizer.mask_token_id is None:
         raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no mask token: "
                          "it cannot be used for masked diffusion. Use a masked-LM tokenizer or --preset.")
     special = [i for i in tokenizer.all_special_ids if i != tokenizer.mask_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1
+    eos = None
+    if learn_eos:
+        eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     return DiffusionCollator(mask_token_id=tokenizer.mask_token_id, pad_token_id=pad,
-                             protected_token_ids=special, **kwargs)
+                             protected_token_ids=special, eos_token_id=eos, **kwargs)

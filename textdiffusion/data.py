@@ -191,13 +191,21 @@ def boundary_ids(tokenizer) -> tuple[int | None, int | None]:
     return cls, sep
 
 
-def pack(docs: list[str], tokenizer, block_length: int, keep_remainder: bool = False) -> torch.Tensor:
+def pack(docs: list[str], tokenizer, block_length: int, keep_remainder: bool = False,
+         doc_end_fraction: float = 0.0, seed: int = 0) -> torch.Tensor:
     """Tokenise ``docs`` and pack them into blocks ``[cls] tokens... [sep]`` of exactly ``block_length``.
 
     Documents are joined with the separator token, so a block can span a document boundary. The tail
     that does not fill a block is dropped, unless ``keep_remainder`` (then it is padded), which matters
     only for a corpus smaller than one block.
+
+    ``doc_end_fraction``: that fraction of the documents (drawn with ``seed``) end their block: the rest of
+    the block after the document's separator is filled with more separators, so the model sees text that
+    stops and learns to predict end-of-text where a document ends (LLaDA and SMDM train variable-length
+    output the same way). The next document then starts a fresh block.
     """
+    if not 0.0 <= doc_end_fraction <= 1.0:
+        raise UsageError(f"--doc-end-fraction must be in [0, 1], got {doc_end_fraction!r}.")
     cls, sep = boundary_ids(tokenizer)
     inner = block_length - (cls is not None) - (sep is not None)
     if inner < 1:
@@ -205,7 +213,17 @@ def pack(docs: list[str], tokenizer, block_length: int, keep_remainder: bool = F
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
     pieces = [np.asarray(x, dtype=np.int64) for x in ids if len(x)]
     if sep is not None:
-        stream = np.concatenate([np.append(p, sep) for p in pieces]) if pieces else np.zeros(0, np.int64)
+        ends_block = np.random.default_rng(seed).random(len(pieces)) < doc_end_fraction if doc_end_fraction else None
+        parts_of_stream, used = [], 0
+        for i, p in enumerate(pieces):  # once per document, while preparing data (not a hot path)
+            part = np.append(p, sep)
+            used += len(part)
+            if ends_block is not None and ends_block[i] and used % inner:
+                fill = inner - used % inner  # end-of-text up to the end of this block
+                part = np.concatenate([part, np.full(fill, sep, dtype=np.int64)])
+                used += fill
+            parts_of_stream.append(part)
+        stream = np.concatenate(parts_of_stream) if parts_of_stream else np.zeros(0, np.int64)
     else:
         stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     n_blocks = len(stream) // inner

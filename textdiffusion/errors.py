@@ -3,3 +3,25 @@
 
 class UsageError(ValueError):
     """Bad input from the user: the message names the argument and the value, and says what to do."""
+
+
+def require_writable(flag: str, path: str | None, directory: bool = False) -> None:
+    """Refuse, before any work is done, an output path that cannot be written: a missing or read-only
+    parent folder, or a file where a folder is wanted (and the reverse)."""
+    import os
+    from pathlib import Path
+
+    if path is None:
+        return
+    target = Path(path).expanduser()
+    if target.exists() and target.is_dir() != directory:
+        raise UsageError(f"{flag} {path!r} is {'a file' if directory else 'a directory'}; give a {'folder' if directory else 'file'} path.")
+    probe = target if (directory and target.exists()) or (not directory and target.exists()) else target.parent
+    while directory and not probe.exists() and probe != probe.parent:  # a new folder: its nearest existing ancestor
+        probe = probe.parent
+    if not probe.exists():
+        raise UsageError(f"{flag} {path!r}: the folder {str(probe)!r} does not exist.")
+    if not probe.is_dir() and probe != target:
+        raise UsageError(f"{flag} {path!r}: {str(probe)!r} is not a folder.")
+    if not os.access(probe, os.W_OK):
+        raise UsageError(f"{flag} {path!r} cannot be written (no write permission on {str(probe)!r}).")

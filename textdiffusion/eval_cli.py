@@ -13,11 +13,12 @@ given (a folder that already holds an evaluation is refused unless --overwrite).
 from __future__ import annotations
 
 import json
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import UsageError
+from .errors import UsageError, require_writable
 
 
 @dataclass
@@ -41,6 +42,7 @@ class EvalArgs:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
         if self.estimator not in ("exact-k", "continuous", "both"):
             raise UsageError(f"--estimator must be exact-k, continuous or both, got {self.estimator!r}.")
+        require_writable("--output-dir", self.output_dir, directory=True)
         if self.output_dir and (Path(self.output_dir) / "eval.json").exists() and not self.overwrite:
             raise UsageError(f"--output-dir {self.output_dir!r} already holds an evaluation; pass --overwrite or choose another.")
 
@@ -50,16 +52,20 @@ def _load(args: EvalArgs, loader):
     the same split and packing as training, whichever objective the checkpoint has."""
     from .data import load_corpus, pack
     from .generation import resolve_device
-    from .modeling import load_diffusion_config
+    from .checkpoints import require_loadable_weights
+    from .config import DiffusionConfig
+    from .modeling import check_position_limit
 
     device = resolve_device(args.device)  # checked before the (slow) corpus and model loads
-    corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)
+    require_loadable_weights(args.checkpoint)
+    config = DiffusionConfig.from_pretrained(args.checkpoint) if Path(args.checkpoint).is_dir() else DiffusionConfig.for_foreign_model()
     tokenizer, model = loader(args.checkpoint)
+    max_length = args.max_length or config.max_length
+    check_position_limit(model, max_length)
     model.to(device).eval()
-    settings = load_diffusion_config(args.checkpoint) if Path(args.checkpoint).is_dir() else {}
-    max_length = args.max_length or int(settings.get("max_length", 128))
+    corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)
     blocks = pack(corpus.validation, tokenizer, max_length, keep_remainder=True)[: args.eval_blocks]
-    return tokenizer, model, settings, max_length, blocks
+    return tokenizer, model, config, max_length, blocks
 
 
 def run_causal_eval(args: EvalArgs) -> dict:
@@ -67,8 +73,8 @@ def run_causal_eval(args: EvalArgs) -> dict:
     from .autoregressive import causal_nll, load_causal_lm
     from .evaluation import scored_positions
 
-    tokenizer, model, settings, max_length, blocks = _load(args, load_causal_lm)
-    prefix = int(settings.get("prefix_length", 0))
+    tokenizer, model, config, max_length, blocks = _load(args, load_causal_lm)
+    prefix = config.prefix_length
     nll = causal_nll(model, blocks, scored_positions(blocks, tokenizer, prefix), batch_size=args.batch_size)
     report = (f"exact NLL of the autoregressive model ({len(blocks)} blocks of {max_length} tokens; the first "
               f"{prefix} tokens of each block and special tokens are given, not scored):\n"
@@ -94,7 +100,7 @@ def _write(args: EvalArgs, report: str, result: dict) -> None:
 def run_eval(args: EvalArgs) -> dict:
     from .autoregressive import is_causal_checkpoint
     from .bundled import resolve_checkpoint
-    from .collator import collator_for_tokenizer
+    from .collator import collator_from_config
     from .data import unigram_entropy
     from .evaluation import nelbo, per_level_loss
     from .modeling import load_masked_lm
@@ -103,8 +109,8 @@ def run_eval(args: EvalArgs) -> dict:
     args.checkpoint = resolve_checkpoint(args.checkpoint)
     if is_causal_checkpoint(args.checkpoint):
         return run_causal_eval(args)
-    tokenizer, model, settings, max_length, blocks = _load(args, load_masked_lm)
-    collator = collator_for_tokenizer(tokenizer, prefix_length=int(settings.get("prefix_length", 0)))
+    tokenizer, model, config, max_length, blocks = _load(args, partial(load_masked_lm, flag="--checkpoint"))
+    collator = collator_from_config(tokenizer, config.corruption, training=False)
     levels = per_level_loss(model, blocks, collator, batch_size=args.batch_size)
     unigram = unigram_entropy(blocks, list(tokenizer.all_special_ids))
     estimators = ["exact-k", "continuous"] if args.estimator == "both" else [args.estimator]

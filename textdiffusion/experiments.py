@@ -255,17 +255,17 @@ def run_masking_viz(args, out):
     import matplotlib.pyplot as plt
 
     from .bundled import resolve_checkpoint
-    from .collator import DiffusionCollator, collator_for_tokenizer
+    from .collator import DiffusionCollator, collator_for_tokenizer, collator_from_config
     from .data import load_corpus, pack
-    from .modeling import load_diffusion_config
+    from .config import DiffusionConfig
     from .schedules import SCHEDULES, get_schedule
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    settings = load_diffusion_config(checkpoint)
-    prefix = int(settings.get("prefix_length", 5))
+    config = DiffusionConfig.from_pretrained(checkpoint)
+    prefix = config.prefix_length
     docs = load_corpus(args.dataset, args.text_column).validation
     if not docs:
         raise UsageError(f"--dataset {args.dataset!r} has no validation documents.")
@@ -283,9 +283,8 @@ def run_masking_viz(args, out):
         lines.append(f"| {level:.0%} | " + "".join(pieces).replace("|", "\\|").replace("\n", " ").strip() + " |")
 
     # the collator's mask-rate distribution, with the checkpoint's own training settings
-    keys = ("time_sampling", "mask_probs", "mask_per", "schedule", "prefix_length")
-    train_settings = {k: (tuple(settings[k]) if k == "mask_probs" else settings[k]) for k in keys if k in settings}
-    collator = collator_for_tokenizer(tokenizer, seed=args.seed, **train_settings)
+    train_settings = {k: getattr(config.corruption, k) for k in ("time_sampling", "mask_probs", "mask_per", "schedule")}
+    collator = collator_from_config(tokenizer, config.corruption, seed=args.seed)
     blocks = pack(docs[:200], tokenizer, 128, keep_remainder=True)
     draws = torch.cat([collator(blocks[i % len(blocks): i % len(blocks) + 16])["input_ids"] for i in range(0, 400, 16)])
     inputs = torch.cat([blocks[i % len(blocks): i % len(blocks) + 16] for i in range(0, 400, 16)])

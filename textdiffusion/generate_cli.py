@@ -14,17 +14,19 @@ import json
 import sys
 from contextlib import nullcontext
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from .errors import UsageError
-from .sampler import SAMPLINGS, STRATEGIES, SamplerConfig
-from .schedules import SCHEDULES
+from .errors import UsageError, require_writable
+from .sampler import SamplerConfig
 
 
 @dataclass
-class GenerateArgs:
+class GenerateArgs(SamplerConfig):
+    """The flags of `textdiffusion generate`: the sampler's settings (inherited from SamplerConfig; where not
+    given, the checkpoint's saved generation defaults apply) and what to generate from where."""
+
     checkpoint: str = field(default="wiki-small", metadata={
         "help": "A checkpoint directory of this project, a bundled model (wiki-small), or any masked LM directory or hub id."})
     prefix: Optional[str] = field(default=None, metadata={"help": "Prompt to continue (the original flag)."})
@@ -32,21 +34,6 @@ class GenerateArgs:
         "help": "A template with masked spans, e.g. 'The <mask:12> was built in <mask:3>.'"})
     max_length: int = field(default=0, metadata={"help": "Tokens per sample, prompt included (0: the checkpoint's training length)."})
     num_samples: int = field(default=1, metadata={"help": "Samples to generate (one batch)."})
-    steps: int = field(default=16, metadata={"help": "Denoising steps (clamped to the number of masked tokens)."})
-    schedule: str = field(default="linear", metadata={"help": f"Masked fraction over the steps: {sorted(SCHEDULES)}."})
-    strategy: str = field(default="confidence", metadata={"help": f"Which positions to unmask: {STRATEGIES}."})
-    sampling: str = field(default="topk", metadata={"help": f"Token sampling: {SAMPLINGS}."})
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (> 0)."})
-    top_k: int = field(default=50, metadata={"help": "Top-k for --sampling topk."})
-    top_p: float = field(default=0.9, metadata={"help": "Nucleus mass for --sampling nucleus, in (0, 1]."})
-    confidence_threshold: Optional[float] = field(default=None, metadata={
-        "help": "Commit every masked token with probability >= this (at least one per step); steps become adaptive."})
-    remask_fraction: float = field(default=0.0, metadata={
-        "help": "ReMDM-style self-correction: re-mask this fraction (times the mask ratio) of committed tokens per step."})
-    block_length: Optional[int] = field(default=None, metadata={"help": "Semi-autoregressive blocks of this many tokens."})
-    order_temperature: float = field(default=2.0, metadata={
-        "help": "Gumbel noise on the unmasking order (0: strictly most-confident first; see benchmarks/degeneration.py)."})
-    repetition_penalty: float = field(default=1.3, metadata={"help": "Penalise tokens already in the sample (1: off)."})
     suppress_tokens: list[str] = field(default_factory=list, metadata={"help": "Tokens never to generate."})
     cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale (0: off)."})
     no_eos_stop: bool = field(default=False, metadata={"help": "Keep text after the first end-of-text token."})
@@ -63,23 +50,21 @@ class GenerateArgs:
     output: Optional[str] = field(default=None, metadata={"help": "Also write the samples to this JSON-lines file."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the sampler's settings are checked there
         if self.prefix is not None and self.infill is not None:
             raise UsageError("give --prefix or --infill, not both.")
         if self.num_samples < 1:
             raise UsageError(f"--num-samples must be >= 1, got {self.num_samples}.")
         if self.max_length < 0:
             raise UsageError(f"--max-length must be >= 0, got {self.max_length}.")
-        try:
-            SamplerConfig(**self.sampler_kwargs())
-        except ValueError as e:
-            raise UsageError(_flag_message(str(e))) from None
+        require_writable("--trace-out", self.trace_out)  # before the model is loaded, not after the work
+        require_writable("--output", self.output)
 
     def sampler_kwargs(self) -> dict:
-        return dict(steps=self.steps, schedule=self.schedule, strategy=self.strategy, sampling=self.sampling,
-                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                    confidence_threshold=self.confidence_threshold, remask_fraction=self.remask_fraction,
-                    block_length=self.block_length, order_temperature=self.order_temperature,
-                    repetition_penalty=self.repetition_penalty)
+        """The sampler settings the user gave (all of them when built in Python rather than parsed)."""
+        names = [f.name for f in fields(SamplerConfig)]
+        explicit = getattr(self, "explicit", None)
+        return {n: getattr(self, n) for n in names if explicit is None or n in explicit}
 
 
 def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
@@ -90,7 +75,7 @@ def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
         raise UsageError(f"--infill needs a masked (diffusion) model; {args.checkpoint!r} is autoregressive.")
     generator = CausalGenerator.from_pretrained(args.checkpoint, device, dtype)
     prompt = args.prefix or ""
-    max_length = args.max_length or int(generator.settings.get("max_length", 0)) or 128
+    max_length = args.max_length or generator.config.max_length
     room = max_length - len(generator.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 2
     if room < 1:
         raise UsageError(f"--prefix leaves no room to generate within --max-length {max_length}.")
@@ -115,8 +100,10 @@ def run_generate(args: GenerateArgs) -> list[str]:
     from .generation import DiffusionGenerator, resolve_device, resolve_dtype, write_trace
 
     from .bundled import resolve_checkpoint
+    from .checkpoints import require_loadable_weights
 
     args.checkpoint = resolve_checkpoint(args.checkpoint)
+    require_loadable_weights(args.checkpoint)
     device = resolve_device(args.device)  # checked before the (slow) model load
     dtype = resolve_dtype(args.dtype, device)
     if is_causal_checkpoint(args.checkpoint):
@@ -172,10 +159,3 @@ def _panel(generator, state, nfe):
         body.append(generator.render(row, mask_symbol="█") + "\n")
     masked = int((state.x == generator.mask_id).sum())
     return Panel(body, title=f"step {state.step_index} · model calls {nfe} · masked {masked}")
-
-
-def _flag_message(message: str) -> str:
-    """Turn the sampler's "`top_p` must ..." into the command line's "--top-p must ..."."""
-    import re
-
-    return re.sub(r"`([a-z_]+)`", lambda m: "--" + m.group(1).replace("_", "-"), message)

@@ -12,6 +12,7 @@ skips the forward pass; the number of forward passes is reported as NFE.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field, fields
@@ -20,12 +21,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from .config import DiffusionConfig
 from .errors import UsageError
-from .modeling import enable_masked_head, load_diffusion_config, load_masked_lm, masked_logits
-from .sampler import DenoisingSampler, DenoisingState, SamplerConfig
+from .modeling import check_position_limit, enable_masked_head, load_masked_lm, masked_logits
+from .sampler import DenoisingSampler, DenoisingState, SamplerConfig, continuation
 
 MASK_SPAN = re.compile(r"<mask(?::(\d+))?>")
-DEFAULT_MAX_LENGTH = 64
 
 
 @dataclass
@@ -72,7 +73,7 @@ def resolve_device(device: str | None) -> torch.device:
 class DiffusionGenerator:
     """A masked LM plus its tokenizer and the diffusion settings it was trained with."""
 
-    def __init__(self, model, tokenizer, settings: dict | None = None, device: str | torch.device | None = None,
+    def __init__(self, model, tokenizer, config: DiffusionConfig | dict | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, compile: bool = False):
         if tokenizer.mask_token_id is None:
             raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no mask token: "
@@ -80,7 +81,11 @@ class DiffusionGenerator:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model = enable_masked_head(model.to(self.device, dtype=dtype).eval())
         self.tokenizer = tokenizer
-        self.settings = settings or {}
+        # how the checkpoint was trained and its generation defaults; a model from elsewhere gets the
+        # foreign-model defaults (nothing learned about end-of-text or a prompt prefix)
+        if isinstance(config, dict):  # a settings dict as saved by version 1
+            config = DiffusionConfig.from_dict(config)
+        self.config = config or DiffusionConfig.for_foreign_model()
         self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
         self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.sep_id
@@ -99,9 +104,9 @@ class DiffusionGenerator:
         from .bundled import resolve_checkpoint
 
         path = resolve_checkpoint(path)
-        tokenizer, model = load_masked_lm(path, dtype=dtype)
-        settings = load_diffusion_config(path) if Path(path).is_dir() else {}
-        return cls(model, tokenizer, settings, device, dtype, compile)
+        tokenizer, model = load_masked_lm(path, dtype=dtype, flag="--checkpoint")
+        config = DiffusionConfig.from_pretrained(path) if Path(path).is_dir() else None
+        return cls(model, tokenizer, config, device, dtype, compile)
 
     # -- templates --------------------------------------------------------------------------------
     def encode_template(self, template: str) -> tuple[list[int], list[bool]]:
@@ -195,7 +200,8 @@ class DiffusionGenerator:
             prompts = [prompts]
         if (prompts is None) == (templates is None):
             raise UsageError("give either prompts or templates.")
-        max_length = max_length or int(self.settings.get("max_length", 0)) or DEFAULT_MAX_LENGTH
+        max_length = max_length or self.config.max_length
+        check_position_limit(self.model, max_length)
         if templates is None:
             templates = [self.prompt_template(p, max_length) for p in prompts]
         if not templates:
@@ -203,10 +209,12 @@ class DiffusionGenerator:
         unknown = set(sampler_kwargs) - {f.name for f in fields(SamplerConfig)}
         if unknown:
             raise TypeError(f"unknown generation setting(s): {sorted(unknown)}")
-        config = SamplerConfig(**sampler_kwargs)
+        config = dataclasses.replace(self.config.generation, **sampler_kwargs)  # the checkpoint's defaults, overridden
+        self.last_config = config  # what the last call resolved to (shown by the server and the tests)
 
         x, editable, attention = (t.to(self.device) for t in self.build_batch(templates, max_length))
-        sampler = DenoisingSampler(config, self.mask_id, self.suppress_ids(suppress_tokens))
+        sampler = DenoisingSampler(config, self.mask_id, self.suppress_ids(suppress_tokens),
+                                   eos_token_id=self.sep_id if stop_at_eos else None)
         notes = sampler.set_timesteps(config.steps, editable)
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(templates))]
         state = DenoisingState(x=x, editable=editable, generators=generators, allowed=allowed)
@@ -218,13 +226,12 @@ class DiffusionGenerator:
             if config.confidence_threshold is None and state.step_index >= sampler.num_steps:
                 break
             if not bool(sampler.plan(state).any()):
-                sampler.skip(state)  # nothing to commit: no model call, the trace repeats the state
+                state = sampler.skip(state)  # nothing to commit: no model call, the trace repeats the state
                 if return_trace:
                     trace.append(state.x.cpu().clone())
                 continue
             logits = self.logits(state.x, attention, editable, cfg_scale, sampler.needed_positions(state))
-            state.nfe += 1
-            sampler.step(logits, state)
+            state = sampler.step(logits, dataclasses.replace(state, nfe=state.nfe + 1))
             if return_trace:
                 trace.append(state.x.cpu().clone())
             if on_step is not None:
@@ -253,13 +260,10 @@ class DiffusionGenerator:
     def decode(self, row: torch.Tensor, editable: torch.Tensor, stop_at_eos: bool = True) -> str:
         """Text of one row; with ``stop_at_eos``, the last span ends at the first end-of-text token in it."""
         keep = torch.ones_like(editable)
-        if stop_at_eos and self.sep_id is not None and bool(editable.any()):
-            positions = torch.arange(len(row))
-            fixed_before = positions[~editable & (positions < int(editable.nonzero().max()))]
-            last_span_start = int(fixed_before.max()) + 1 if len(fixed_before) else 0
-            eos = editable & (row == self.sep_id) & (positions >= last_span_start)
+        if stop_at_eos and self.sep_id is not None:
+            eos = (row == self.sep_id) & continuation(editable[None])[0]  # [l]
             if bool(eos.any()):
-                keep = positions < int(eos.nonzero()[0])
+                keep = torch.arange(len(row)) < int(eos.nonzero()[0])
         return self.tokenizer.decode(row[keep].tolist(), skip_special_tokens=True).strip()
 
     def render(self, row: torch.Tensor, mask_symbol: str = "_") -> str:

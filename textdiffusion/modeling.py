@@ -31,8 +31,8 @@ from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-DIFFUSION_CONFIG_NAME = "diffusion_config.json"
 TOKENIZER_STAMP = "textdiffusion_tokenizer.json"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer_config.json")
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 
@@ -148,7 +148,7 @@ def build_preset_model(preset: str, tokenizer, max_length: int, dropout: float =
     return ModernBertForMaskedLM(config)
 
 
-def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None):
+def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None, flag: str = "--model-name"):
     """(tokenizer, model) from a hub id or local directory, with an actionable error when it fails.
 
     Weights load as float32 unless ``dtype`` says otherwise: a model shipped in fp16 (the bundled one)
@@ -158,20 +158,46 @@ def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None):
 
     local = Path(name_or_path).expanduser()
     if local.exists() and not (local / "config.json").exists():
-        raise UsageError(f"--model-name {name_or_path!r} is a local path but holds no config.json: "
+        raise UsageError(f"{flag} {name_or_path!r} is a local path but holds no config.json: "
                          "it is not a save_pretrained model directory.")
+    if local.is_dir():
+        from .checkpoints import require_loadable_weights
+
+        require_loadable_weights(local, flag)
+        if not any((local / f).exists() for f in TOKENIZER_FILES) and not list(local.glob("*.model")):
+            raise UsageError(f"{flag} {name_or_path!r} holds a model but no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+                             "save the tokenizer beside it (tokenizer.save_pretrained) or copy its files there.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
     except OSError as e:
         raise UsageError(
-            f"--model-name {name_or_path!r} could not be loaded: it is not a local model directory and the "
+            f"{flag} {name_or_path!r} could not be loaded: it is not a local model directory and the "
             f"Hugging Face Hub did not provide it ({str(e).splitlines()[0][:160]}). Offline, train from scratch "
             "with --preset tiny|small|base, or pass a local directory saved with save_pretrained.") from None
     except ValueError as e:
-        raise UsageError(f"--model-name {name_or_path!r} is not a masked language model "
+        raise UsageError(f"{flag} {name_or_path!r} is not a masked language model "
                          f"({str(e).splitlines()[0][:160]}).") from None
     return tokenizer, model
+
+
+# models whose learned position table starts after padding_idx + 1 (RoBERTa's convention)
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm")
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence a model's position embeddings cover (None when it has no fixed limit)."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is None:
+        return None
+    return limit - 2 if config.model_type in OFFSET_POSITIONS else limit
+
+
+def check_position_limit(model, max_length: int, flag: str = "--max-length") -> None:
+    limit = position_limit(model.config)
+    if limit is not None and max_length > limit:
+        raise UsageError(f"{flag} {max_length} is longer than the model's position limit ({limit} tokens, "
+                         f"{model.config.model_type}); use at most {limit}.")
 
 
 def count_parameters(model) -> int:
@@ -232,15 +258,3 @@ def masked_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: let SDPA take its fastest path
     return model(input_ids=input_ids, attention_mask=attention_mask, masked_positions=positions)
-
-
-# -- the diffusion settings saved beside a checkpoint -----------------------------------------------
-def save_diffusion_config(directory: str | Path, settings: dict) -> None:
-    path = Path(directory) / DIFFUSION_CONFIG_NAME
-    path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-
-
-def load_diffusion_config(directory: str | Path) -> dict:
-    """The settings a checkpoint was trained with, or ``{}`` for a masked LM from elsewhere."""
-    path = Path(directory) / DIFFUSION_CONFIG_NAME
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -18,16 +18,23 @@ stay masked is ``round(schedule.mask_ratio(1 - (i+1)/n) * positions)``; the stra
   at least one per row): easy text finishes in few model calls (Fast-dLLM).
 * ``block_length`` — semi-autoregressive: positions are split left to right into blocks, each denoised
   with its own share of the steps before the next one starts (LLaDA).
+
+With ``eos_token_id`` set, a committed end-of-text token ends the row's continuation (its last editable
+span): every masked position after it becomes end-of-text at once, so the unused tail costs no model call
+(``plan`` then finds nothing left to commit there and the loop skips or finishes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
-from .schedules import get_schedule
+from .config import check
+from .schedules import SCHEDULES, get_schedule
 
 STRATEGIES = ("remask-random", "confidence", "margin", "entropy", "random")
 SAMPLINGS = ("greedy", "topk", "nucleus", "categorical")
@@ -36,42 +43,41 @@ _NEG_INF = float("-inf")
 
 @dataclass
 class SamplerConfig:
-    """How to denoise. Every field has a command-line flag of the same name in ``textdiffusion generate``."""
+    """How to denoise. Every field is a flag of ``textdiffusion generate`` (``GenerateArgs`` inherits them), and a
+    checkpoint's ``DiffusionConfig.generation`` holds its defaults."""
 
-    steps: int = 16
-    schedule: str = "linear"
-    strategy: str = "confidence"
-    sampling: str = "topk"
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 0.9
-    confidence_threshold: float | None = None
-    remask_fraction: float = 0.0
-    block_length: int | None = None
+    steps: int = field(default=16, metadata={"help": "Denoising steps (clamped to the number of masked tokens)."})
+    schedule: str = field(default="linear", metadata={"help": f"Masked fraction over the steps: {sorted(SCHEDULES)}."})
+    strategy: str = field(default="confidence", metadata={"help": f"Which positions to unmask: {STRATEGIES}."})
+    sampling: str = field(default="topk", metadata={"help": f"Token sampling: {SAMPLINGS}."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (> 0)."})
+    top_k: int = field(default=50, metadata={"help": "Top-k for --sampling topk."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus mass for --sampling nucleus, in (0, 1]."})
+    confidence_threshold: Optional[float] = field(default=None, metadata={
+        "help": "Commit every masked token with probability >= this (at least one per step); steps become adaptive."})
+    remask_fraction: float = field(default=0.0, metadata={
+        "help": "ReMDM-style self-correction: re-mask this fraction (times the mask ratio) of committed tokens per step."})
+    block_length: Optional[int] = field(default=None, metadata={"help": "Semi-autoregressive blocks of this many tokens."})
     # Defaults chosen with benchmarks/degeneration.py: without them a small model falls into loops
     # ("the country of the country of ...", distinct-2 0.29 vs 0.89 for real text); with them, 0.79.
-    order_temperature: float = 2.0
-    repetition_penalty: float = 1.3
+    order_temperature: float = field(default=2.0, metadata={
+        "help": "Gumbel noise on the unmasking order (0: strictly most-confident first; see benchmarks/degeneration.py)."})
+    repetition_penalty: float = field(default=1.3, metadata={"help": "Penalise tokens already in the sample (1: off)."})
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.steps >= 1, "steps", self.steps, "must be >= 1"),
-            (self.strategy in STRATEGIES, "strategy", self.strategy, f"must be one of {STRATEGIES}"),
-            (self.sampling in SAMPLINGS, "sampling", self.sampling, f"must be one of {SAMPLINGS}"),
-            (self.temperature > 0, "temperature", self.temperature, "must be > 0 (use --sampling greedy for argmax)"),
-            (self.top_k >= 1, "top_k", self.top_k, "must be >= 1"),
-            (0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]"),
-            (self.confidence_threshold is None or 0 < self.confidence_threshold <= 1, "confidence_threshold",
-             self.confidence_threshold, "must be in (0, 1]"),
-            (0 <= self.remask_fraction < 1, "remask_fraction", self.remask_fraction, "must be in [0, 1)"),
-            (self.block_length is None or self.block_length >= 1, "block_length", self.block_length, "must be >= 1"),
-            (self.order_temperature >= 0, "order_temperature", self.order_temperature, "must be >= 0"),
-            (self.repetition_penalty >= 1, "repetition_penalty", self.repetition_penalty, "must be >= 1"),
-        ]
-        for ok, name, value, rule in checks:
-            if not ok:
-                raise ValueError(f"`{name}` {rule}, got {value!r}.")
-        get_schedule(self.schedule)
+        check(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        check(self.strategy in STRATEGIES, "strategy", self.strategy, f"must be one of {STRATEGIES}")
+        check(self.sampling in SAMPLINGS, "sampling", self.sampling, f"must be one of {SAMPLINGS}")
+        check(self.temperature > 0, "temperature", self.temperature, "must be > 0 (use --sampling greedy for argmax)")
+        check(self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        check(self.confidence_threshold is None or 0 < self.confidence_threshold <= 1, "confidence_threshold",
+              self.confidence_threshold, "must be in (0, 1]")
+        check(0 <= self.remask_fraction < 1, "remask_fraction", self.remask_fraction, "must be in [0, 1)")
+        check(self.block_length is None or self.block_length >= 1, "block_length", self.block_length, "must be >= 1")
+        check(self.order_temperature >= 0, "order_temperature", self.order_temperature, "must be >= 0")
+        check(self.repetition_penalty >= 1, "repetition_penalty", self.repetition_penalty, "must be >= 1")
+        check(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {sorted(SCHEDULES)}")
         if self.strategy == "remask-random" and (self.confidence_threshold is not None or self.remask_fraction):
             raise ValueError("`strategy` 'remask-random' already re-masks at random; it cannot be combined with "
                              "`confidence_threshold` or `remask_fraction`.")
@@ -92,9 +98,10 @@ class DenoisingState:
 
 
 class DenoisingSampler:
-    def __init__(self, config: SamplerConfig, mask_token_id: int, suppress_token_ids=()):
+    def __init__(self, config: SamplerConfig, mask_token_id: int, suppress_token_ids=(), eos_token_id: int | None = None):
         self.config = config
         self.mask_token_id = mask_token_id
+        self.eos_token_id = eos_token_id
         self.schedule = get_schedule(config.schedule)
         self.suppress = torch.tensor(sorted({int(i) for i in suppress_token_ids} | {mask_token_id}), dtype=torch.long)
         self.num_steps = config.steps
@@ -164,9 +171,8 @@ class DenoisingSampler:
         return torch.round(self.schedule.mask_ratio(t_next) * size).long()
 
     def skip(self, state: DenoisingState) -> DenoisingState:
-        """Advance the clock without a model call (a step that would commit nothing)."""
-        state.step_index += 1
-        return state
+        """The next state without a model call (a step that would commit nothing): only the clock moves."""
+        return dataclasses.replace(state, step_index=state.step_index + 1)
 
     def finished(self, state: DenoisingState) -> bool:
         return not bool(((state.x == self.mask_token_id) & state.editable).any())
@@ -244,7 +250,7 @@ class DenoisingSampler:
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self, logits: torch.Tensor, state: DenoisingState) -> DenoisingState:
-        """Commit (and maybe re-mask) tokens given the model's logits for ``state.x``: either dense
+        """The next state: commit (and maybe re-mask) tokens given the model's logits for ``state.x``, either dense
         [b, l, V], or [n, V] at ``needed_positions(state)`` in row-major order."""
         cfg, mask_id = self.config, self.mask_token_id
         x = state.x.clone()
@@ -292,9 +298,15 @@ class DenoisingSampler:
                     x = x.masked_fill(older & (worst < extra[:, None]), mask_id)
             x = torch.where(commit, proposal, x)
 
-        state.x = x
-        state.step_index += 1
-        return state
+        if self.eos_token_id is not None:
+            x = self.fill_after_eos(x, state.editable)
+        return dataclasses.replace(state, x=x, step_index=state.step_index + 1)  # the given state is left as it was
+
+    def fill_after_eos(self, x: torch.Tensor, editable: torch.Tensor) -> torch.Tensor:
+        """[b, l]: every masked position after the first end-of-text of a row's continuation becomes end-of-text."""
+        tail = continuation(editable)  # [b, l]
+        after_eos = ((x == self.eos_token_id) & tail).long().cumsum(1) > 0  # [b, l] the first EOS and everything after
+        return x.masked_fill(after_eos & tail & (x == self.mask_token_id), self.eos_token_id)
 
     def _remask_count(self, state: DenoisingState, k: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """ReMDM-style: re-mask ``remask_fraction * mask_ratio(t_next)`` of the committed tokens (0 at the end)."""
@@ -308,6 +320,16 @@ class DenoisingSampler:
         committed = ((state.x != self.mask_token_id) & region).sum(1)
         extra = torch.floor(self.config.remask_fraction * self.schedule.mask_ratio(t_next) * committed).long()
         return torch.minimum(extra, masked.sum(1) - k).clamp_min(0)
+
+
+def continuation(editable: torch.Tensor) -> torch.Tensor:
+    """[b, l] bool: each row's last editable span (after its last fixed token before the end), the part of
+    a template that continues the text and may stop early; earlier infill spans have a fixed length."""
+    positions = torch.arange(editable.shape[1], device=editable.device)  # [l]
+    last_editable = torch.where(editable, positions, -1).max(1).values  # [b]
+    fixed_before = ~editable & (positions < last_editable[:, None])  # [b, l]
+    last_fixed = torch.where(fixed_before, positions, -1).max(1).values  # [b]
+    return editable & (positions > last_fixed[:, None])
 
 
 def _rank_descending(score: torch.Tensor) -> torch.Tensor:

@@ -25,19 +25,21 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
 from .autoregressive import OBJECTIVES, build_ar_model, causal_nll, load_causal_lm
 from .bundled import resolve_checkpoint
-from .collator import DEFAULT_MASK_PROBS, LOSS_WEIGHTINGS, TIME_SAMPLINGS, collator_for_tokenizer
+from .checkpoints import (checkpoint_problem, checkpoints, newest_good_checkpoint, remove_partial_saves, staging_folder,
+                          trainer_state)
+from .collator import collator_from_config, collator_for_tokenizer
+from .config import CorruptionConfig, DiffusionConfig
 from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
 from .errors import UsageError
 from .evaluation import nelbo, per_level_loss, scored_positions
 from .modeling import (PRESET_ARCHITECTURES, PRESETS, build_preset_model, count_parameters, enable_masked_head,
-                       load_masked_lm, preset_tokenizer, save_diffusion_config)
+                       load_masked_lm, preset_tokenizer)
 from .objective import diffusion_loss
 from .reporting import append_level_csv, format_level_table, plot_level_curves
-from .schedules import SCHEDULES
 
 logger = logging.getLogger("textdiffusion")
 
@@ -52,7 +54,10 @@ QUICK_TEST = {"max_steps": 1500, "eval_steps": 300, "eval_blocks": 128, "logging
 
 
 @dataclass
-class TrainArgs:
+class TrainArgs(CorruptionConfig):
+    """The flags of `textdiffusion train`: the corruption settings (inherited from CorruptionConfig, validated
+    there) and the run's own."""
+
     # what to train
     objective: str = field(default="diffusion", metadata={
         "help": "diffusion (masked LM, this project) or ar (a GPT-2 baseline of the preset's size on the same tokens)."})
@@ -72,16 +77,6 @@ class TrainArgs:
     text_column: str = field(default="text", metadata={"help": "Column/field that holds the text."})
     validation_fraction: float = field(default=0.05, metadata={"help": "Documents held out when the source has no validation split."})
     max_length: int = field(default=128, metadata={"help": "Tokens per packed training block."})
-    # the corruption process
-    time_sampling: str = field(default="grid", metadata={"help": f"How the mask level is drawn: {TIME_SAMPLINGS}."})
-    mask_probs: list[float] = field(default_factory=lambda: list(DEFAULT_MASK_PROBS), metadata={
-        "help": "Mask probabilities of the grid, each in (0, 1]."})
-    mask_per: str = field(default="batch", metadata={"help": "Draw the grid level per 'batch' or per 'example'."})
-    schedule: str = field(default="linear", metadata={"help": f"alpha(t) for continuous time: {sorted(SCHEDULES)}."})
-    loss_weighting: str = field(default="none", metadata={"help": f"{LOSS_WEIGHTINGS}: plain masked CE, or the ELBO weight -alpha'/(1-alpha)."})
-    prefix_length: int = field(default=5, metadata={"help": "Leading tokens never masked (the prompt)."})
-    random_prefix_max: int = field(default=0, metadata={
-        "help": "If > 0, each example's protected prefix is drawn uniformly from [prefix_length, this]."})
     # optimisation
     epochs: int = field(default=3, metadata={"help": "Passes over the training blocks (ignored when --max-steps > 0)."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps (-1: use --epochs)."})
@@ -106,6 +101,7 @@ class TrainArgs:
         "help": "A short CPU-sized run: 1,500 steps, evaluations every 300 steps on 128 validation blocks."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the corruption settings
         if self.quick_test:
             self.max_steps = self.max_steps if self.max_steps > 0 else QUICK_TEST["max_steps"]
             self.eval_steps = min(self.eval_steps, QUICK_TEST["eval_steps"])
@@ -116,17 +112,9 @@ class TrainArgs:
             (self.batch_size >= 1, "--batch-size", self.batch_size, "must be a positive integer"),
             (self.max_steps == -1 or self.max_steps >= 1, "--max-steps", self.max_steps, "must be -1 or >= 1"),
             (self.max_length >= 8, "--max-length", self.max_length, "must be >= 8"),
-            (0 <= self.prefix_length < self.max_length, "--prefix-length", self.prefix_length,
-             f"must be >= 0 and smaller than --max-length ({self.max_length})"),
-            (self.random_prefix_max < self.max_length, "--random-prefix-max", self.random_prefix_max,
-             f"must be smaller than --max-length ({self.max_length})"),
             (self.objective in OBJECTIVES, "--objective", self.objective, f"must be one of {OBJECTIVES}"),
             (self.preset is None or self.preset in PRESETS, "--preset", self.preset, f"must be one of {sorted(PRESETS)}"),
             (self.architecture in PRESET_ARCHITECTURES, "--architecture", self.architecture, f"must be one of {PRESET_ARCHITECTURES}"),
-            (self.time_sampling in TIME_SAMPLINGS, "--time-sampling", self.time_sampling, f"must be one of {TIME_SAMPLINGS}"),
-            (self.mask_per in ("batch", "example"), "--mask-per", self.mask_per, "must be 'batch' or 'example'"),
-            (self.schedule in SCHEDULES, "--schedule", self.schedule, f"must be one of {sorted(SCHEDULES)}"),
-            (self.loss_weighting in LOSS_WEIGHTINGS, "--loss-weighting", self.loss_weighting, f"must be one of {LOSS_WEIGHTINGS}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision", self.precision, "must be auto, fp32, bf16 or fp16"),
             (self.eval_steps >= 1, "--eval-steps", self.eval_steps, "must be >= 1"),
             (self.eval_blocks >= 1, "--eval-blocks", self.eval_blocks, "must be >= 1"),
@@ -138,24 +126,26 @@ class TrainArgs:
         for ok, flag, value, rule in checks:
             if not ok:
                 raise UsageError(f"{flag} {rule}, got {value!r}.")
-        bad = [p for p in self.mask_probs if not 0.0 < p <= 1.0]
-        if bad or not self.mask_probs:
-            raise UsageError(f"--mask-probs values must be in (0, 1], got {bad or self.mask_probs}.")
+        self.check_block(self.max_length)
         if self.learning_rate is None:
             self.learning_rate = 2e-3 if self.preset else 5e-5
 
-    def collator_settings(self) -> dict:
-        return dict(time_sampling=self.time_sampling, mask_probs=tuple(self.mask_probs), mask_per=self.mask_per,
-                    schedule=self.schedule, loss_weighting=self.loss_weighting, prefix_length=self.prefix_length,
-                    random_prefix_max=self.random_prefix_max)
+    def corruption(self) -> CorruptionConfig:
+        """The corruption settings of this run, with end-of-text padding only where it applies."""
+        corruption = CorruptionConfig.pick(self)
+        if not self.learn_eos or self.objective != "diffusion":
+            corruption.doc_end_fraction = 0.0
+        return corruption
 
 
 # -- the Trainers -----------------------------------------------------------------------------------
 class _ProjectTrainer(Trainer):
     """What both objectives share: tokens/s in the logs, and the validation NLL (bound) vs tokens seen."""
 
-    def __init__(self, *args, level_eval: dict, tokens_per_step: int, **kwargs):
+    def __init__(self, *args, level_eval: dict, tokens_per_step: int, diffusion_config: DiffusionConfig | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.diffusion_config = diffusion_config or DiffusionConfig()
         self.level_eval = level_eval
         self.tokens_per_step = tokens_per_step
         self.level_results: dict[int, list] = {}  # step -> per-level results (diffusion only)
@@ -185,6 +175,37 @@ class _ProjectTrainer(Trainer):
         finally:
             if original is not None:
                 model.forward = wrapped
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's save, made crash-safe: everything is written into ``.checkpoint-N.partial/`` (with the
+        diffusion config), and renamed to ``checkpoint-N`` only when complete (see checkpoints.py)."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"checkpoint-{self.state.global_step}"
+        final = run_dir / name
+        staging_root = staging_folder(final)
+        staged = staging_root / name
+        self._get_output_dir = lambda trial=None: str(staging_root)  # Trainer writes into staging_root/checkpoint-N
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
+            self.state.best_model_checkpoint = str(final)
+        if self.args.world_size > 1:
+            torch.distributed.barrier()  # every rank's RNG state is in the staged folder
+        if self.args.should_save:
+            self.state.save_to_json(str(staged / "trainer_state.json"))  # with the final path of the best checkpoint
+            self.diffusion_config.save_pretrained(staged)
+            if final.exists():  # the same step saved again: the new save replaces it
+                shutil.rmtree(final)
+            staged.rename(final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        if self.args.world_size > 1:
+            torch.distributed.barrier()
 
     def _finish_evaluation(self, metrics: dict, nll, kind: str) -> dict:
         """Append (step, tokens seen, NLL) to validation_curve.csv, log, and run the callbacks."""
@@ -247,19 +268,6 @@ class CausalTrainer(_ProjectTrainer):
         return self._finish_evaluation({f"{metric_key_prefix}_loss": nll.nats_per_token}, nll, "exact")
 
 
-class SaveDiffusionConfig(TrainerCallback):
-    """Write diffusion_config.json into every checkpoint, so generation can default to its settings."""
-
-    def __init__(self, settings: dict):
-        self.settings = settings
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                save_diffusion_config(ckpt, self.settings)
-
-
 def verdict(results, references: dict[str, float], up_to: float = 0.9) -> str:
     """One line: how far below the context-free baselines (the lower, stricter one) the levels up to
     ``up_to`` ended."""
@@ -289,6 +297,9 @@ def check_output_dir(args: TrainArgs) -> Path:
     if args.resume:
         if not occupied or not _has_checkpoint(out):
             raise UsageError(f"--resume: --output-dir {args.output_dir!r} holds no checkpoint to continue from.")
+        if not any(checkpoint_problem(folder) is None for _, folder in checkpoints(out)):
+            raise UsageError(f"--resume: no checkpoint in --output-dir {args.output_dir!r} is complete and readable; "
+                             "start again with --overwrite.")
         saved = json.loads((out / RUN_ARGS_NAME).read_text()) if (out / RUN_ARGS_NAME).exists() else {}
         defaults = {f.name: f.default for f in fields(TrainArgs)}  # a setting added since that run had its default
         differs = {k: (saved.get(k, defaults[k]), getattr(args, k)) for k in RUN_IDENTITY
@@ -304,6 +315,18 @@ def check_output_dir(args: TrainArgs) -> Path:
     if occupied:
         return out.with_name(out.name + ".partial")
     return out
+
+
+def _truncate_csv(path: Path, last_step: int) -> None:
+    """Keep the header and the rows of steps <= ``last_step`` (the first column is the step)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= last_step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
@@ -363,6 +386,17 @@ def run_training(args: TrainArgs) -> Path:
     """Train as ``args`` says; returns the output dir holding the final model."""
     final_dir = Path(args.output_dir)
     work_dir = check_output_dir(args)  # validated before anything is written
+    resume_from, resumed_step = None, 0
+    if args.resume:
+        remove_partial_saves(work_dir)
+        resume_from = newest_good_checkpoint(work_dir)
+        state = trainer_state(resume_from)
+        resumed_step = int(state["global_step"])
+        target = args.max_steps if args.max_steps > 0 else int(state.get("max_steps", 0))
+        if resumed_step >= target and (work_dir / "model.safetensors").exists():
+            print(f"--resume: the run in {args.output_dir} already finished ({resumed_step} of {target} steps); "
+                  "nothing to do.", flush=True)
+            return final_dir
     training_args = training_arguments(args, work_dir)
     is_main = training_args.process_index == 0
     if is_main and work_dir != final_dir and work_dir.exists():
@@ -389,10 +423,12 @@ def run_training(args: TrainArgs) -> Path:
         enable_masked_head(model)  # before Trainer/Accelerate wrap the model
     elif tokenizer.mask_token_id is None:  # the AR baseline never masks; the collator still wants the id
         tokenizer.add_special_tokens({"mask_token": "<mask>"})
-    collator = collator_for_tokenizer(tokenizer, seed=args.seed + 7919 * training_args.process_index,
-                                      gather_buckets=8 if args.compile else 0, **args.collator_settings())
+    corruption = args.corruption()
+    collator = collator_from_config(tokenizer, corruption, seed=args.seed + 7919 * training_args.process_index,
+                                    gather_buckets=8 if args.compile else 0)
 
-    train_blocks = pack(corpus.train, tokenizer, args.max_length)
+    train_blocks = pack(corpus.train, tokenizer, args.max_length, doc_end_fraction=corruption.doc_end_fraction,
+                        seed=args.seed)
     val_blocks = pack(corpus.validation, tokenizer, args.max_length, keep_remainder=True)
     if len(train_blocks) < args.batch_size * training_args.world_size:
         raise UsageError(f"--dataset {args.dataset!r} gives {len(train_blocks)} training block(s) of "
@@ -411,20 +447,22 @@ def run_training(args: TrainArgs) -> Path:
               f"{count_parameters(model) / 1e6:.1f}M parameters, vocab {len(tokenizer):,}), "
               f"{training_args.world_size} process(es) on {training_args.device.type}", flush=True)
 
-    settings = {"objective": args.objective, "mask_token_id": tokenizer.mask_token_id, "max_length": args.max_length,
-                "cls_token_id": cls, "sep_token_id": sep, "trained_with": "textdiffusion", **args.collator_settings()}
-    settings["mask_probs"] = list(settings["mask_probs"])
+    config = DiffusionConfig(objective=args.objective, max_length=args.max_length, mask_token_id=tokenizer.mask_token_id,
+                             cls_token_id=cls, sep_token_id=sep, corruption=corruption)
     if is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / RUN_ARGS_NAME).write_text(json.dumps(asdict(args), indent=2) + "\n")
         (work_dir / "references.json").write_text(json.dumps(references, indent=2) + "\n")
 
-    level_eval = {"blocks": val_eval, "collator": collator, "report_dir": str(work_dir), "references": references,
+    # validation scores the tokens it always scored (end-of-text is conditioned on, not scored), so numbers
+    # stay comparable across runs and with the AR baseline; end_of_text_at_document_ends measures the stops
+    eval_collator = collator_from_config(tokenizer, corruption, training=False)
+    level_eval = {"blocks": val_eval, "collator": eval_collator, "report_dir": str(work_dir), "references": references,
                   "title": f"{args.preset or args.model_name} on {args.dataset}",
                   # the tokens the NELBO scores (after the prefix, not special): the AR baseline is scored on these
                   "scored": scored_positions(val_eval, tokenizer, args.prefix_length)}
     common = dict(model=model, args=training_args, train_dataset=BlockDataset(train_blocks),
-                  eval_dataset=BlockDataset(val_eval), processing_class=tokenizer, callbacks=[SaveDiffusionConfig(settings)],
+                  eval_dataset=BlockDataset(val_eval), processing_class=tokenizer, diffusion_config=config,
                   tokens_per_step=args.batch_size * args.max_length * training_args.world_size, level_eval=level_eval)
     if args.objective == "ar":
         from transformers import DataCollatorForLanguageModeling
@@ -432,12 +470,19 @@ def run_training(args: TrainArgs) -> Path:
         trainer = CausalTrainer(data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), **common)
     else:
         trainer = DiffusionTrainer(data_collator=collator, loss_weighting=args.loss_weighting, **common)
-    if not args.resume:
+    if resume_from is None:
         trainer.evaluate()  # step 0: the "before" row every level must improve on
-    trainer.train(resume_from_checkpoint=True if args.resume else None)  # evaluates and saves the last step too
+    else:
+        # the masks of batch j depend only on (seed, j): continue the uninterrupted run's stream exactly
+        collator.reseed(collator.seed, batch_offset=resumed_step)
+        if is_main:  # drop rows an interrupted run logged after its last complete checkpoint
+            for name in (LEVEL_CSV, CURVE_CSV):
+                _truncate_csv(work_dir / name, resumed_step)
+        print(f"resuming from {resume_from} (step {resumed_step})", flush=True)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)  # evaluates and saves the last step too
     trainer.save_model(str(work_dir))
     if is_main:
-        save_diffusion_config(work_dir, settings)
+        config.save_pretrained(work_dir)
     if training_args.world_size > 1:
         torch.distributed.barrier()
     if is_main and work_dir != final_dir:

@@ -1,0 +1,197 @@
+"""One home for the settings that travel with a checkpoint: ``DiffusionConfig``.
+
+A diffusion checkpoint is only usable as trained if its readers agree on how it was corrupted (which
+tokens are conditioned on, how long a block is, whether end-of-text was learned) and on how it should be
+sampled by default. ``DiffusionConfig`` holds all of it, is written beside the weights as
+``diffusion_config.json`` (``save_pretrained``/``from_pretrained``, as diffusers' ``register_to_config``
+does) and is read by every consumer: the CLI, the Python API, evaluation, the experiments and the server.
+
+* ``CorruptionConfig`` — the forward process of training (the collator's settings); its fields are the
+  ``train`` command's flags (``TrainArgs`` inherits them), and it is the one place they are validated.
+* ``SamplerConfig`` (in ``sampler.py``) — the reverse process; its fields are the ``generate`` flags and a
+  checkpoint stores its defaults under ``generation``.
+
+Checkpoints written before this class existed (a flat dict without ``version``, e.g. the first bundled
+``wiki-small``) still load: their keys are mapped, and what they lacked takes the value that was true of
+them (``learn_eos`` False). A masked LM from elsewhere has no file; it gets ``for_foreign_model()``:
+nothing protected but the special tokens (``prefix_length`` 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .schedules import SCHEDULES
+
+CONFIG_NAME = "diffusion_config.json"
+CONFIG_VERSION = 2
+DEFAULT_MASK_PROBS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+TIME_SAMPLINGS = ("grid", "uniform", "antithetic", "stratified")
+LOSS_WEIGHTINGS = ("none", "elbo")
+OBJECTIVE_NAMES = ("diffusion", "ar")
+
+
+class ConfigError(ValueError):
+    """A setting out of range: names the setting (as the Python field) and the value.
+
+    The command line shows it with the flag's spelling (``--top-p``) through ``as_flag_message``.
+    """
+
+    def __init__(self, name: str, value: Any, rule: str):
+        self.name, self.value, self.rule = name, value, rule
+        super().__init__(f"`{name}` {rule}, got {value!r}.")
+
+    def as_flag_message(self) -> str:
+        return f"--{self.name.replace('_', '-')} {self.rule}, got {self.value!r}."
+
+
+def check(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(name, value, rule)
+
+
+@dataclass
+class CorruptionConfig:
+    """How training corrupts a block: which level, which tokens, what is never masked. Every field is a
+    ``textdiffusion train`` flag of the same name."""
+
+    time_sampling: str = field(default="grid", metadata={"help": f"How the mask level is drawn: {TIME_SAMPLINGS}. "
+                               "Continuous time (uniform/antithetic/stratified) is always drawn per example."})
+    mask_probs: list[float] = field(default_factory=lambda: list(DEFAULT_MASK_PROBS), metadata={
+        "help": "Mask probabilities of the grid, each in (0, 1]."})
+    mask_per: str = field(default="batch", metadata={
+        "help": "Draw the grid level per 'batch' or per 'example' (the grid only: continuous time is per example)."})
+    schedule: str = field(default="linear", metadata={"help": f"alpha(t) for continuous time: {sorted(SCHEDULES)}."})
+    t_min: float = field(default=1e-3, metadata={"help": "Smallest time drawn in continuous time (avoids the 1/t blow-up)."})
+    loss_weighting: str = field(default="none", metadata={
+        "help": f"{LOSS_WEIGHTINGS}: plain masked CE, or the ELBO weight -alpha'/(1-alpha)."})
+    prefix_length: int = field(default=5, metadata={"help": "Leading tokens never masked (the prompt)."})
+    random_prefix_max: int = field(default=0, metadata={
+        "help": "If > 0, each example's protected prefix is drawn uniformly from [prefix_length, this]."})
+    learn_eos: bool = field(default=True, metadata={
+        "help": "Make end-of-text (the separator between packed documents) a training target, so the model learns to stop."})
+    doc_end_fraction: float = field(default=0.25, metadata={
+        "help": "Fraction of documents whose block ends with them, padded with end-of-text (variable-length output)."})
+
+    def __post_init__(self) -> None:
+        self.mask_probs = [float(p) for p in self.mask_probs]
+        check(self.time_sampling in TIME_SAMPLINGS, "time_sampling", self.time_sampling, f"must be one of {TIME_SAMPLINGS}")
+        check(self.mask_per in ("batch", "example"), "mask_per", self.mask_per, "must be 'batch' or 'example'")
+        check(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {sorted(SCHEDULES)}")
+        check(self.loss_weighting in LOSS_WEIGHTINGS, "loss_weighting", self.loss_weighting, f"must be one of {LOSS_WEIGHTINGS}")
+        bad = [p for p in self.mask_probs if not 0.0 < p <= 1.0]
+        check(bool(self.mask_probs) and not bad, "mask_probs", bad or self.mask_probs, "values must be in (0, 1]")
+        check(0.0 < self.t_min < 1.0, "t_min", self.t_min, "must be in (0, 1)")
+        check(self.prefix_length >= 0, "prefix_length", self.prefix_length, "must be >= 0")
+        check(not self.random_prefix_max or self.random_prefix_max >= self.prefix_length, "random_prefix_max",
+              self.random_prefix_max, f"must be 0 (off) or >= prefix_length ({self.prefix_length})")
+        check(0.0 <= self.doc_end_fraction <= 1.0, "doc_end_fraction", self.doc_end_fraction, "must be in [0, 1]")
+
+    def check_block(self, max_length: int) -> None:
+        """The settings that depend on the block length."""
+        check(self.prefix_length < max_length, "prefix_length", self.prefix_length,
+              f"must be smaller than max_length ({max_length})")
+        check(self.random_prefix_max < max_length, "random_prefix_max", self.random_prefix_max,
+              f"must be smaller than max_length ({max_length})")
+
+    @classmethod
+    def pick(cls, source: Any) -> "CorruptionConfig":
+        """The corruption fields of ``source`` (an object with those attributes, e.g. TrainArgs)."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
+
+
+def _sampler_config_type():
+    from .sampler import SamplerConfig  # sampler.py imports this module's errors; import lazily
+
+    return SamplerConfig
+
+
+@dataclass
+class DiffusionConfig:
+    """Everything a checkpoint needs to be used as trained. Written by training, read by every consumer."""
+
+    objective: str = "diffusion"
+    max_length: int = 128  # tokens per training block: the default length of a generated sample
+    mask_token_id: int | None = None
+    cls_token_id: int | None = None
+    sep_token_id: int | None = None
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    generation: Any = None  # SamplerConfig: the defaults of `generate` (None: SamplerConfig())
+    version: int = CONFIG_VERSION
+    trained_with: str = "textdiffusion"
+
+    def __post_init__(self) -> None:
+        check(self.objective in OBJECTIVE_NAMES, "objective", self.objective, f"must be one of {OBJECTIVE_NAMES}")
+        check(self.max_length >= 3, "max_length", self.max_length, "must be >= 3")
+        if isinstance(self.corruption, dict):
+            self.corruption = CorruptionConfig(**self.corruption)
+        sampler_config = _sampler_config_type()
+        if self.generation is None:
+            self.generation = sampler_config()
+        elif isinstance(self.generation, dict):
+            self.generation = sampler_config(**self.generation)
+        self.corruption.check_block(self.max_length)
+
+    @property
+    def prefix_length(self) -> int:
+        return self.corruption.prefix_length
+
+    # -- files -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``diffusion_config.json`` into ``directory`` atomically (a reader never sees half a file)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".diffusion_config.", delete=False) as f:
+            f.write(text)
+        os.replace(f.name, directory / CONFIG_NAME)
+        return directory / CONFIG_NAME
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DiffusionConfig":
+        if "version" not in values:
+            return cls._from_legacy(values)
+        if values["version"] > CONFIG_VERSION:
+            raise UsageError(f"{CONFIG_NAME} has version {values['version']}, newer than this textdiffusion "
+                             f"understands ({CONFIG_VERSION}): upgrade textdiffusion.")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def _from_legacy(cls, flat: dict) -> "DiffusionConfig":
+        """A version-1 file: one flat dict of the collator settings and the token ids."""
+        corruption_keys = {f.name for f in fields(CorruptionConfig)}
+        corruption = {k: v for k, v in flat.items() if k in corruption_keys}
+        corruption.setdefault("learn_eos", False)  # before version 2 end-of-text was never a target
+        corruption.setdefault("doc_end_fraction", 0.0)
+        return cls(objective=flat.get("objective", "diffusion"), max_length=int(flat.get("max_length", 128)),
+                   mask_token_id=flat.get("mask_token_id"), cls_token_id=flat.get("cls_token_id"),
+                   sep_token_id=flat.get("sep_token_id"), corruption=CorruptionConfig(**corruption),
+                   trained_with=flat.get("trained_with", "textdiffusion"))
+
+    @classmethod
+    def for_foreign_model(cls) -> "DiffusionConfig":
+        """A masked LM that was not trained here: no prefix convention, end-of-text never learned."""
+        return cls(corruption=CorruptionConfig(prefix_length=0, learn_eos=False, doc_end_fraction=0.0),
+                   trained_with="unknown")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "DiffusionConfig":
+        """The config saved beside a checkpoint; ``for_foreign_model()`` where there is none."""
+        path = Path(directory) / CONFIG_NAME
+        if not path.exists():
+            return cls.for_foreign_model()
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"{path} cannot be read ({str(e).splitlines()[0][:120]}).") from None
+        return cls.from_dict(values)
