@@ -283,8 +283,9 @@ def test_a_full_queue_answers_503_with_retry_after(slow_url):
         async with httpx.AsyncClient(base_url=slow_url, timeout=60) as c:
             return await asyncio.gather(*(c.post("/v1/generate", json={**req, "seed": i}) for i in range(4)))
 
-    codes = [r.status_code for r in asyncio.run(go())]
-    busy = [r for r in asyncio.run(go()) if r.status_code == 503]
+    responses = asyncio.run(go())
+    codes = [r.status_code for r in responses]
+    busy = [r for r in responses if r.status_code == 503]
     assert codes.count(200) >= 2 and 503 in codes, codes
     assert busy and busy[0].headers["retry-after"] == "1" and busy[0].json()["error"]["type"] == "server_busy"
     with httpx.Client(base_url=slow_url) as c:

@@ -139,6 +139,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         vocab = generator.tokenizer.batch_decode([[i] for i in range(len(generator.tokenizer))])
         self.vocab_text = np.array(vocab, dtype=object)  # id -> its text, for showing tokens one by one
+        for i in (generator.cls_id, generator.sep_id, generator.pad_id):
+            if i is not None:
+                self.vocab_text[i] = ""  # block markers and end of text are not shown as text
         self.special = torch.tensor([i for i in (generator.cls_id, generator.sep_id, generator.pad_id) if i is not None])
 
     # -- lifecycle ------------------------------------------------------------------------------
