@@ -1,8 +1,9 @@
 """The live page in a real browser: Debian's headless Chromium driven by Playwright against a real server.
 
 It types a prompt, presses Generate, sees an intermediate step with grey mask blocks, then the final text
-with no mask left, checks the replay slider, and saves a screenshot for the README
-(``docs/serve-page.png``; set ``TEXTDIFFUSION_SCREENSHOT`` to write it elsewhere).
+with no mask left, checks the replay slider, and saves a screenshot. The README's screenshot comes from
+``TEXTDIFFUSION_SCREENSHOT=docs/serve-page.png pytest tests/test_serve_browser.py``; by default it goes to a
+temporary folder, so a test run leaves the checkout unchanged.
 """
 
 import os
@@ -19,13 +20,12 @@ from test_serve import generator, live_server  # noqa: E402,F401  (the module-sc
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
-SCREENSHOT = Path(os.environ.get("TEXTDIFFUSION_SCREENSHOT", Path(__file__).resolve().parents[1] / "docs" / "serve-page.png"))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("chromium") and not os.path.exists(CHROMIUM),
                     reason="Debian's chromium is not installed (apt-get install chromium chromium-driver; .ci/run does)")
-def test_the_page_shows_masks_then_the_final_text(generator):  # noqa: F811
+def test_the_page_shows_masks_then_the_final_text(generator, tmp_path):  # noqa: F811
     with live_server(generator, max_batch=8, max_queue=8) as url, playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
@@ -56,6 +56,7 @@ def test_the_page_shows_masks_then_the_final_text(generator):  # noqa: F811
             assert page.locator("#text .tok.mask").count() == 48 - 2 - len(
                 generator.tokenizer("The history of the river", add_special_tokens=False)["input_ids"])
             page.eval_on_selector("#slider", "e => { e.value = Math.floor(e.max / 2); e.dispatchEvent(new Event('input')); }")
+            SCREENSHOT = Path(os.environ.get("TEXTDIFFUSION_SCREENSHOT") or tmp_path / "serve-page.png")
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
             assert SCREENSHOT.stat().st_size > 10_000
