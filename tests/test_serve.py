@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -346,3 +347,13 @@ def test_the_serve_command_runs_on_the_bundled_model(tmp_path):
         proc.terminate()
         proc.wait(timeout=20)
     assert f"127.0.0.1:{port}" in (tmp_path / "serve.log").read_text()
+
+
+def test_the_load_benchmark_measures_batching(url):
+    """benchmarks/serve_load.py's client against the live server: no errors, more than one request per call."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from serve_load import run_load
+
+    r = asyncio.run(run_load(url, clients=6, requests=12, max_tokens=8, timeout=60))
+    assert r["completed"] == 12 and r["errors"] == 0 and len(r["texts"]) == 12
+    assert r["requests_per_model_call"] > 1 and r["latency_p99_s"] >= r["latency_p50_s"] > 0
