@@ -152,8 +152,10 @@ def main() -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    machine = (f"{platform.machine()}, {cores} CPU core(s) available to the run "
-               f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), no GPU")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, {cores} available to the run "
+               f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), no GPU; "
+               f"load average {load:.1f} when it started (other work shares the machine)")
     results = []
     for max_batch in args.max_batch:
         proc, url = start_server(args.checkpoint, max_batch, max_queue=max(64, args.clients), log=out / "server.log")

@@ -191,7 +191,8 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
             except UsageError as e:
                 raise APIError(422, f"`prompt`: {e}", "prompt", _short(text)) from None
         spec = JobSpec(templates=templates, sampler=sampler, seed=body.seed, cfg_scale=body.cfg_scale,
-                       suppress_tokens=body.suppress_tokens, stop_at_eos=body.stop_at_eos, max_length=max_length)
+                       suppress_tokens=body.suppress_tokens, stop_at_eos=body.stop_at_eos, max_length=max_length,
+                       stream=body.stream)
         if body.suppress_tokens:
             try:
                 gen.suppress_ids(body.suppress_tokens)
@@ -217,7 +218,8 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
                            "max_tokens", body.max_tokens)
         sampler = _sampler_config(body.sampler_kwargs())
         seed = body.seed if body.seed is not None else random.randrange(2 ** 31)
-        spec = JobSpec(templates=[f"{body.prompt}<mask:{body.max_tokens}>"] * body.n, sampler=sampler, seed=seed)
+        spec = JobSpec(templates=[f"{body.prompt}<mask:{body.max_tokens}>"] * body.n, sampler=sampler, seed=seed,
+                       stream=body.stream)
         job = await submit(spec, "prompt")
         created = int(time.time())
         head = {"id": f"cmpl-{job.id}", "object": "text_completion", "created": created, "model": model_id}

@@ -59,6 +59,7 @@ class JobSpec:
     suppress_tokens: list[str] = field(default_factory=list)
     stop_at_eos: bool = True
     max_length: int | None = None
+    stream: bool = False  # send every step (tokens, masks, confidence); without it only the result
 
 
 class Job:
@@ -202,7 +203,8 @@ class Engine:
             job.started = time.perf_counter()
             rows += job.rows
             self.active.append(job)
-            job.emit(self._frame(job, "start"))
+            if job.spec.stream:
+                job.emit(self._frame(job, "start"))
 
     def _leave(self, job: Job) -> None:
         with self.lock:
@@ -267,6 +269,8 @@ class Engine:
         job.sampler.step(logits, st)
         st.nfe += 1
         job.iterations += 1
+        if not job.spec.stream:
+            return  # nobody watches the steps: no confidence, no frame
         # confidence of the newly committed tokens: the model's probability of the token now at the position
         new = needed & (st.x != mask_id) & (st.x != before)  # [b, l]
         probs = logits.float().softmax(-1)  # [n, V] at the needed positions, row-major
@@ -287,7 +291,7 @@ class Engine:
             "generate_seconds": round(now - job.started, 4), "max_batch_rows": job.max_rows_seen,
         }
         self._leave(job)
-        job.emit({**self._frame(job, "done"), **job.result})
+        job.emit({**(self._frame(job, "done") if job.spec.stream else {"event": "done"}), **job.result})
         if self.on_finish is not None:
             self.on_finish(job)
 
