@@ -357,3 +357,19 @@ def test_the_load_benchmark_measures_batching(url):
     r = asyncio.run(run_load(url, clients=6, requests=12, max_tokens=8, timeout=60))
     assert r["completed"] == 12 and r["errors"] == 0 and len(r["texts"]) == 12
     assert r["requests_per_model_call"] > 1 and r["latency_p99_s"] >= r["latency_p50_s"] > 0
+
+
+def test_the_openai_client_works_unchanged(url):
+    """The official client against /v1 (only where the `openai` package is installed: it is not a dependency)."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="not-needed")
+    out = client.completions.create(model="wiki-small", prompt="The river", max_tokens=8, n=2, seed=3)
+    assert len(out.choices) == 2 and all(c.finish_reason in ("stop", "length") for c in out.choices)
+    streamed = ["", ""]
+    for chunk in client.completions.create(model="wiki-small", prompt="The river", max_tokens=8, n=2, seed=3, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == [c.text for c in out.choices]
+    assert [m.id for m in client.models.list()] == ["wiki-small"]
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model="wiki-small", prompt="The river", max_tokens=100000)
