@@ -18,7 +18,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from textdiffusion.cli import main  # noqa: E402
 from textdiffusion.generation import DiffusionGenerator  # noqa: E402
-from textdiffusion.serving.app import MAX_BODY_BYTES, create_app  # noqa: E402
+from textdiffusion.serving.app import MAX_BODY_BYTES, _continuation, create_app  # noqa: E402
 from textdiffusion.serving.engine import Engine  # noqa: E402
 
 
@@ -162,7 +162,7 @@ def test_stream_yields_every_step_with_masks_and_confidence(client):
     assert frames[-1]["texts"] == plain["texts"] and frames[-1]["model_calls"] == plain["model_calls"]
 
 
-def test_completions_openai_shape_seed_and_stream(client):
+def test_completions_openai_shape_seed_and_stream(client, generator):
     req = {"model": "wiki-small", "prompt": "The river", "max_tokens": 12, "n": 2, "seed": 5}
     a = client.post("/v1/completions", json=req).json()
     b = client.post("/v1/completions", json=req).json()
@@ -171,9 +171,14 @@ def test_completions_openai_shape_seed_and_stream(client):
     assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]  # same seed, same text
     assert all(c["finish_reason"] in ("stop", "length") for c in a["choices"])
     assert a["usage"]["completion_tokens"] == 24 and a["usage"]["prompt_tokens"] > 0
-    greedy = [client.post("/v1/completions", json={"prompt": "The river", "max_tokens": 8, "temperature": 0,
-                                                    "seed": s}).json()["choices"][0]["text"] for s in (1, 2)]
-    assert greedy[0] and len(set(greedy)) <= 2  # runs; the order noise may still differ by seed
+    # temperature 0 is greedy, top_p is nucleus sampling: the same text as the generator given those settings
+    for extra, settings in (({"temperature": 0}, {"sampling": "greedy"}),
+                            ({"top_p": 0.5, "temperature": 0.8}, {"sampling": "nucleus", "top_p": 0.5, "temperature": 0.8})):
+        got = client.post("/v1/completions", json={"prompt": "The river", "max_tokens": 8, "seed": 2, **extra}).json()
+        template = "The river<mask:8>"
+        ref = generator.generate(templates=[template], seed=2, **settings).token_ids[0]
+        editable = generator.build_batch([template])[1][0]
+        assert got["choices"][0]["text"] == _continuation(generator, ref, editable)[0]
     with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
         events = [d for _, d in sse_events(r.iter_lines())]
     assert events[-1] == "[DONE]"
@@ -312,6 +317,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_rows(slow_url):
         assert c.get("/healthz").json()["model_calls"] == calls  # nothing runs for it any more
 
 
+def test_only_loopback_addresses_count_as_local():
+    from textdiffusion.serve_cli import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "192.168.1.4", "::", "example.org"))
+
+
 def test_serve_flags_are_checked(capsys):
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port must be in [0, 65535], got 70000" in capsys.readouterr().err
@@ -360,7 +372,7 @@ def test_the_load_benchmark_measures_batching(url):
 
 
 def test_the_openai_client_works_unchanged(url):
-    """The official client against /v1 (only where the `openai` package is installed: it is not a dependency)."""
+    """The official client against /v1, unchanged (`openai` is in the test extra)."""
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=url + "/v1", api_key="not-needed")
     out = client.completions.create(model="wiki-small", prompt="The river", max_tokens=8, n=2, seed=3)
