@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "train a masked LM as a text diffusion model",
     "generate": "generate text from a checkpoint by iterative denoising",
     "eval": "per-mask-level loss and the NELBO likelihood bound of a checkpoint",
+    "serve": "an HTTP API (OpenAI-style completions, streamed steps) and a live page, batching requests step by step",
     "experiment": "run one experiment (masking-viz, schedules, sampling, temperature, steps, levels) into a results folder",
 }
 
@@ -104,6 +105,16 @@ def _experiment(argv: list[str]) -> int:
     return 0
 
 
+def _serve(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .serve_cli import ServeArgs, run_serve
+
+    hf_logging.disable_progress_bar()
+    run_serve(_parse(ServeArgs, argv, "textdiffusion serve"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -112,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<10} {what}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "generate": _generate, "eval": _eval, "experiment": _experiment}
+    handlers = {"train": _train, "generate": _generate, "eval": _eval, "experiment": _experiment, "serve": _serve}
     if command not in handlers:
         print(f"textdiffusion: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2

@@ -46,6 +46,8 @@ class GenerateArgs(SamplerConfig):
     hide_steps: bool = field(default=False, metadata={"help": "Do not print the intermediate steps."})
     show_steps: bool = field(default=False, metadata={"help": "Print every step with masks visible (the default unless --hide-steps)."})
     animate: bool = field(default=False, metadata={"help": "Redraw one live view in the terminal instead of printing steps."})
+    step_delay: float = field(default=0.15, metadata={
+        "help": "Seconds each step stays on screen with --animate, so a person can follow it (0: as fast as it runs)."})
     trace_out: Optional[str] = field(default=None, metadata={"help": "Write every step's tokens to this JSON-lines file."})
     output: Optional[str] = field(default=None, metadata={"help": "Also write the samples to this JSON-lines file."})
 
@@ -55,6 +57,8 @@ class GenerateArgs(SamplerConfig):
             raise UsageError("give --prefix or --infill, not both.")
         if self.num_samples < 1:
             raise UsageError(f"--num-samples must be >= 1, got {self.num_samples}.")
+        if self.step_delay < 0:
+            raise UsageError(f"--step-delay must be >= 0, got {self.step_delay}.")
         if self.max_length < 0:
             raise UsageError(f"--max-length must be >= 0, got {self.max_length}.")
         require_writable("--trace-out", self.trace_out)  # before the model is loaded, not after the work
@@ -120,6 +124,9 @@ def run_generate(args: GenerateArgs) -> list[str]:
                 print(f"  step {state.step_index:>3} (call {nfe:>3}) [{i}] {generator.render(row)}", flush=True)
         if live is not None:  # the rich Live view of --animate, bound by the `with` below
             live.update(_panel(generator, state, nfe))
+            if args.step_delay:
+                time.sleep(args.step_delay)  # pacing for a person; not counted in the reported time
+                paused[0] += args.step_delay
 
     if args.animate:
         from rich.live import Live
@@ -127,13 +134,14 @@ def run_generate(args: GenerateArgs) -> list[str]:
         view = Live(refresh_per_second=12, transient=False)
     else:
         view = nullcontext()
+    paused = [0.0]
     t0 = time.perf_counter()
     with view as live:
         out = generator.generate(prompts, templates=templates, max_length=args.max_length or None, seed=args.seed,
                                  cfg_scale=args.cfg_scale, suppress_tokens=args.suppress_tokens,
                                  stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out),
                                  on_step=on_step if (show or live is not None) else None, **args.sampler_kwargs())
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - paused[0]
     for note in out.notes:
         print(f"note: {note}", file=sys.stderr)
     for i, text in enumerate(out.texts):

@@ -1,0 +1,182 @@
+"""Load on `textdiffusion serve`: N concurrent clients on loopback, step-level batching vs --max-batch 1.
+
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/serve_load.py            # 32 clients, 128 requests each run
+    python benchmarks/serve_load.py --clients 8 --requests 32 --max-batch 32 1
+
+For each --max-batch value it starts the real server (`python -m textdiffusion serve`, a subprocess on a
+free loopback port, same CPU affinity as this script), sends a warm-up request, then `--requests`
+OpenAI-style completions from `--clients` concurrent clients (each request its own prompt and seed), and
+reports throughput, p50/p99 latency, errors, and the average number of requests per model call, read
+from the server's own /metrics (> 1 is the batching at work). Bounded: a run stops sending after
+`--timeout` seconds. The same seed must give the same text whatever the batch: the texts of the runs
+are compared request by request. Results: results.json and README.md in --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = ["The river", "In 1905 the", "The city of", "Music is", "The first", "During the war", "Water is",
+           "The king", "A new", "The history of", "Paris is", "The museum"]
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of the samples of one metric family in Prometheus text (labels included)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+async def run_load(url: str, clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
+    """Send `requests` completions from `clients` concurrent clients; what the server did, from /metrics."""
+    async with httpx.AsyncClient(base_url=url, timeout=max(60.0, timeout),
+                                 limits=httpx.Limits(max_connections=clients)) as c:
+        before = (await c.get("/metrics")).text
+        queue = iter(range(requests))
+        latencies, errors, texts = [], [], {}
+        deadline = time.perf_counter() + timeout
+
+        async def client() -> None:
+            for i in queue:  # the clients share one iterator: each request is sent once
+                if time.perf_counter() > deadline:
+                    return
+                body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "seed": i}
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post("/v1/completions", json=body)
+                except httpx.HTTPError as e:
+                    errors.append(repr(e))
+                    continue
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+                    continue
+                latencies.append(time.perf_counter() - t0)
+                texts[i] = r.json()["choices"][0]["text"]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+        after = (await c.get("/metrics")).text
+    calls = metric(after, "textdiffusion_model_calls_total") - metric(before, "textdiffusion_model_calls_total")
+    request_steps = (metric(after, "textdiffusion_request_steps_total")
+                     - metric(before, "textdiffusion_request_steps_total"))
+    rows = metric(after, "textdiffusion_batch_rows_sum") - metric(before, "textdiffusion_batch_rows_sum")
+    done = len(latencies)
+    return {"clients": clients, "requests": requests, "completed": done, "errors": len(errors),
+            "error_samples": errors[:3], "wall_s": round(wall, 3), "requests_per_s": round(done / wall, 3),
+            "tokens_per_s": round(done * max_tokens / wall, 1),
+            "latency_p50_s": round(percentile(latencies, 50), 3), "latency_p99_s": round(percentile(latencies, 99), 3),
+            "model_calls": int(calls), "requests_per_model_call": round(request_steps / calls, 2) if calls else 0.0,
+            "rows_per_model_call": round(rows / calls, 2) if calls else 0.0, "texts": texts}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint: str, max_batch: int, max_queue: int, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "textdiffusion", "serve", "--checkpoint", checkpoint, "--host", "127.0.0.1",
+           "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("the server did not start within 180 s")
+
+
+def markdown(results: list[dict], args, machine: str) -> str:
+    lines = [
+        "# `textdiffusion serve` under load",
+        "",
+        f"`{' '.join(['python', 'benchmarks/serve_load.py'] + sys.argv[1:])}` — {args.clients} concurrent clients on "
+        f"loopback, {args.requests} completions per run ({args.max_tokens} tokens, the server's default 16 steps, checkpoint "
+        f"`{args.checkpoint}`), on {machine}.",
+        "",
+        "| --max-batch | completed | errors | requests/s | tokens/s | p50 latency (s) | p99 latency (s) "
+        "| model calls | requests per model call | rows per model call |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(f"| {r['max_batch']} | {r['completed']}/{r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} "
+                     f"| {r['tokens_per_s']:.0f} | {r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {r['model_calls']} "
+                     f"| {r['requests_per_model_call']:.2f} | {r['rows_per_model_call']:.2f} |")
+    if len(results) > 1:
+        base = results[-1]
+        lines += ["", f"Throughput ratio (--max-batch {results[0]['max_batch']} vs {base['max_batch']}): "
+                      f"**{results[0]['requests_per_s'] / base['requests_per_s']:.2f}x**."]
+        same = results[0]["identical_texts"]
+        lines += [f"Same seed, same text across the runs: {same[0]}/{same[1]} requests."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default="wiki-small")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-batch", type=int, nargs="+", default=[32, 1])
+    p.add_argument("--timeout", type=float, default=240, help="Seconds per run after which no request is sent.")
+    p.add_argument("--output", default="benchmarks/results/serve_load")
+    args = p.parse_args()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, {cores} available to the run "
+               f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), no GPU; "
+               f"load average {load:.1f} when it started (other work shares the machine)")
+    results = []
+    for max_batch in args.max_batch:
+        proc, url = start_server(args.checkpoint, max_batch, max_queue=max(64, args.clients), log=out / "server.log")
+        try:
+            httpx.post(url + "/v1/completions", json={"prompt": "Warm up", "max_tokens": args.max_tokens}, timeout=120)
+            r = asyncio.run(run_load(url, args.clients, args.requests, args.max_tokens, args.timeout))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        r["max_batch"] = max_batch
+        print(json.dumps({k: v for k, v in r.items() if k != "texts"}), flush=True)
+        results.append(r)
+    common = set.intersection(*(set(r["texts"]) for r in results))
+    same = sum(len({r["texts"][i] for r in results}) == 1 for i in common)
+    for r in results:
+        r["identical_texts"] = [same, len(common)]
+    (out / "results.json").write_text(json.dumps({"machine": machine, "args": vars(args), "runs": results}, indent=2) + "\n")
+    (out / "README.md").write_text(markdown(results, args, machine))
+    (out / "server.log").unlink(missing_ok=True)
+    print(markdown(results, args, machine))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The live page in a real browser: Debian's headless Chromium driven by Playwright against a real server.
+
+It types a prompt, presses Generate, sees an intermediate step with grey mask blocks, then the final text
+with no mask left, checks the replay slider, and saves a screenshot. The README's screenshot comes from
+``TEXTDIFFUSION_SCREENSHOT=docs/serve-page.png pytest tests/test_serve_browser.py``; by default it goes to a
+temporary folder, so a test run leaves the checkout unchanged.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("uvicorn")
+
+from test_serve import generator, live_server  # noqa: E402,F401  (the module-scoped model fixture)
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("chromium") and not os.path.exists(CHROMIUM),
+                    reason="Debian's chromium is not installed (apt-get install chromium chromium-driver; .ci/run does)")
+def test_the_page_shows_masks_then_the_final_text(generator, tmp_path):  # noqa: F811
+    with live_server(generator, max_batch=8, max_queue=8) as url, playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 720})
+            requests = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(url + "/")
+            page.fill("#prompt", "The history of the river")
+            page.fill("#steps", "24")
+            page.fill("#max_length", "48")
+            page.fill("#seed", "3")
+            page.fill("#frame_ms", "150")
+            page.click("#generate")
+            # an intermediate step: some tokens shown, some positions still grey mask blocks
+            page.wait_for_function(
+                "() => document.querySelectorAll('#text .tok.mask').length > 0"
+                " && document.querySelectorAll('#text .tok.gen').length > 0", timeout=30000)
+            step = page.text_content("#step")
+            assert step and not step.startswith("0 ")
+            page.wait_for_selector("#state[data-state='done']", timeout=60000)
+            page.wait_for_function("() => document.querySelectorAll('#text .tok.mask').length === 0")
+            text = page.inner_text("#text")
+            assert text.startswith("The history of the river") and len(text) > len("The history of the river") + 10
+            assert int(page.text_content("#calls")) >= 1
+            # the confidence colours are there, and the slider replays the first frame (all masked)
+            assert page.eval_on_selector("#text .tok.gen", "e => e.style.background") != ""
+            page.eval_on_selector("#slider", "e => { e.value = 0; e.dispatchEvent(new Event('input')); }")
+            assert page.locator("#text .tok.mask").count() == 48 - 2 - len(
+                generator.tokenizer("The history of the river", add_special_tokens=False)["input_ids"])
+            page.eval_on_selector("#slider", "e => { e.value = Math.floor(e.max / 2); e.dispatchEvent(new Event('input')); }")
+            SCREENSHOT = Path(os.environ.get("TEXTDIFFUSION_SCREENSHOT") or tmp_path / "serve-page.png")
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            assert SCREENSHOT.stat().st_size > 10_000
+            assert all(r.startswith(url) for r in requests), [r for r in requests if not r.startswith(url)]
+        finally:
+            browser.close()

@@ -1,0 +1,350 @@
+"""The HTTP layer: FastAPI routes that validate, hand a job to the engine and relay its events.
+
+    POST /v1/generate      prompt or <mask:N> template, every sampler setting -> texts (or SSE: every step)
+    POST /v1/completions   OpenAI-compatible subset (prompt, max_tokens, temperature, top_p, n, seed, stream)
+    GET  /v1/models, /healthz, /metrics (Prometheus text), /  (the live page; assets under /static)
+
+Nothing here touches the model: the engine's thread does, so the event loop never blocks on a forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import UsageError
+from ..generation import MASK_SPAN
+from ..sampler import SamplerConfig
+from .engine import Engine, Job, JobSpec, QueueFull, default_max_length, model_positions
+from .metrics import ServerMetrics
+from .schemas import CompletionRequest, GenerateRequest
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_BODY_BYTES = 64 * 1024
+
+
+class APIError(Exception):
+    """A request the server refuses: status, message, and the field and value it is about."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, value: Any = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.value, self.kind = status, message, field, value, kind
+        self.headers = headers
+
+
+def error_response(status: int, message: str, field: str | None = None, value: Any = None,
+                   kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    """OpenAI's error shape (message, type, param) plus the offending value."""
+    body = {"error": {"message": message, "type": kind, "param": field, "value": _jsonable(value), "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes is a 413 before anything parses it (declared length or
+    counted, for chunked bodies); a body within the limit is read once and replayed to the app."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            value = int(length) if length.isdigit() else length.decode("latin-1")
+            return await self._refuse(value, scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away while sending
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(size, scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: disconnect notices, as usual
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, value, scope, receive, send):
+        response = error_response(413, f"the request body is larger than {self.limit} bytes.", "body", value)
+        await response(scope, receive, send)
+
+
+def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = None) -> FastAPI:
+    """The app around a started engine (the caller owns the engine's lifecycle)."""
+    app = FastAPI(title="textdiffusion", version="0.1.0", docs_url="/docs", redoc_url=None)
+    gen = engine.generator
+    positions = model_positions(gen)
+    metrics = metrics or ServerMetrics(engine)
+    app.state.engine, app.state.metrics = engine, metrics
+    app.add_middleware(BodyLimit)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # -- errors: every refusal names its field and value -------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e.status, e.message, e.field, e.value, e.kind, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        field = ".".join(loc) or "body"
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('msg')} "
+                                       f"(at character {first.get('ctx', {}).get('position', '?')}).", "body", None)
+        value = first.get("input")
+        if first.get("type") == "missing":
+            value = None
+        message = f"`{field}`: {first.get('msg')}" + ("" if first.get("type") == "missing" else f", got {_short(value)}")
+        details = [{"field": ".".join(str(p) for p in d.get("loc", ()) if p != "body"), "message": d.get("msg"),
+                    "value": _jsonable(d.get("input"))} for d in e.errors()]
+        response = error_response(422, message + ".", field, value)
+        body = json.loads(response.body)
+        body["error"]["details"] = details
+        return JSONResponse(body, status_code=422)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        if request.url.path.startswith("/v1/"):
+            metrics.count(request.url.path, response.status_code)
+        return response
+
+    # -- small endpoints ---------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": model_id, **engine.load()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": model_id, "object": "model", "created": int(metrics.started), "owned_by": "textdiffusion",
+            "max_length": default_max_length(gen), "positions": positions, "max_batch": engine.max_batch,
+            "defaults": {f: getattr(gen.config.generation, f) for f in ("steps", "strategy", "sampling", "temperature",
+                                                                  "top_k", "top_p")}}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    # -- generation --------------------------------------------------------------------------------
+    async def submit(spec: JobSpec, field: str) -> Job:
+        loop = asyncio.get_running_loop()
+        try:
+            return await run_in_threadpool(engine.submit, spec, loop)  # tokenising is off the event loop
+        except QueueFull as e:
+            raise APIError(503, f"the server is busy: {e} Retry shortly.", kind="server_busy",
+                           headers={"Retry-After": "1"}) from None
+        except (UsageError, ValueError) as e:
+            raise APIError(422, f"`{field}`: {e}", field, _field_value(spec, field)) from None
+
+    @app.post("/v1/generate")
+    async def generate(body: GenerateRequest, request: Request):
+        sampler = _sampler_config(gen, body.sampler_kwargs())
+        max_length = body.max_length or default_max_length(gen)
+        if max_length > positions:
+            raise APIError(422, f"`max_length` must be <= {positions} (the model's positions), got {max_length}.",
+                           "max_length", max_length)
+        if body.template is not None:
+            field, text = "template", body.template
+            _check_spans(text, positions)
+            templates = [text] * body.n
+        else:
+            field, text = "prompt", body.prompt
+            try:
+                templates = [gen.prompt_template(text, max_length)] * body.n
+            except UsageError as e:
+                raise APIError(422, f"`prompt`: {e}", "prompt", _short(text)) from None
+        spec = JobSpec(templates=templates, sampler=sampler, seed=body.seed, cfg_scale=body.cfg_scale,
+                       suppress_tokens=body.suppress_tokens, stop_at_eos=body.stop_at_eos, max_length=max_length,
+                       stream=body.stream)
+        if body.suppress_tokens:
+            try:
+                gen.suppress_ids(body.suppress_tokens)
+            except UsageError as e:
+                raise APIError(422, f"`suppress_tokens`: {e}", "suppress_tokens", body.suppress_tokens) from None
+        job = await submit(spec, field)
+        if body.stream:
+            return StreamingResponse(_sse(job), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        result = await _wait(job, request)
+        return {"id": f"gen-{job.id}", "model": model_id, **result}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if body.model is not None and body.model != model_id:
+            raise APIError(404, f"`model` {body.model!r} is not served here (this server serves {model_id!r}).",
+                           "model", body.model, kind="model_not_found")
+        n_prompt = len(gen.tokenizer(body.prompt, add_special_tokens=False)["input_ids"])
+        room = positions - n_prompt - (gen.cls_id is not None) - (gen.sep_id is not None)
+        if body.max_tokens > room:
+            raise APIError(422, f"`max_tokens` must be <= {max(room, 0)} for this {n_prompt}-token prompt "
+                                f"(the model has {positions} positions), got {body.max_tokens}.",
+                           "max_tokens", body.max_tokens)
+        sampler = _sampler_config(gen, body.sampler_kwargs())
+        seed = body.seed if body.seed is not None else random.randrange(2 ** 31)
+        spec = JobSpec(templates=[f"{body.prompt}<mask:{body.max_tokens}>"] * body.n, sampler=sampler, seed=seed,
+                       stream=body.stream)
+        job = await submit(spec, "prompt")
+        created = int(time.time())
+        head = {"id": f"cmpl-{job.id}", "object": "text_completion", "created": created, "model": model_id}
+        if body.stream:
+            return StreamingResponse(_completion_stream(job, head), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        await _wait(job, request)
+        choices = [{"text": text, "index": i, "logprobs": None, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(_continuations(job))]
+        tokens = int(job.state.editable.sum())
+        return {**head, "choices": choices,
+                "usage": {"prompt_tokens": n_prompt * body.n, "completion_tokens": tokens,
+                          "total_tokens": n_prompt * body.n + tokens}}
+
+    # -- relaying the engine's events --------------------------------------------------------------
+    async def _wait(job: Job, request: Request) -> dict:
+        """The final result; a client that hangs up cancels its job (its rows leave at the next step)."""
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancel()
+                        raise APIError(499, "client closed the request") from None
+                    continue
+                if event["event"] == "done":
+                    return {k: v for k, v in job.result.items()}
+                if event["event"] == "error":
+                    raise APIError(500, event["message"], kind="server_error")
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+
+    async def _sse(job: Job):
+        try:
+            while True:
+                event = await job.events.get()
+                yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+                if event["event"] in ("done", "error"):
+                    return
+        finally:
+            job.cancel()  # no-op when done; frees the rows of a client that went away
+
+    async def _completion_stream(job: Job, head: dict):
+        """OpenAI chunks: each choice's text grows as its committed prefix grows (committed tokens never
+        change here: completions use no re-masking), the rest when it finishes, then [DONE]."""
+        sent = [""] * len(job.spec.templates)
+        try:
+            while True:
+                event = await job.events.get()
+                if event["event"] == "error":
+                    yield f"data: {json.dumps({'error': {'message': event['message'], 'type': 'server_error'}})}\n\n"
+                    return
+                done = event["event"] == "done"
+                finals = _continuations(job) if done else None
+                for i, row in enumerate(event["rows"]):
+                    text, reason = finals[i] if done else (_prefix_text(gen, row), None)
+                    if text is None or not text.startswith(sent[i]):
+                        continue
+                    delta, sent[i] = text[len(sent[i]):], text
+                    if delta or done:
+                        chunk = {**head, "choices": [{"text": delta, "index": i, "logprobs": None, "finish_reason": reason}]}
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                if done:
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            job.cancel()
+
+    def _continuations(job: Job) -> list[tuple[str, str]]:
+        x, editable = engine.state_cpu(job)
+        return [_continuation(gen, row, ed) for row, ed in zip(x, editable)]
+
+    return app
+
+
+def _sampler_config(gen, kwargs: dict) -> SamplerConfig:
+    """The checkpoint's generation defaults with the request's own settings on top."""
+    import dataclasses
+
+    try:
+        return dataclasses.replace(gen.config.generation, **kwargs)
+    except ValueError as e:  # a combination the sampler refuses: its message names the field in backticks
+        import re
+
+        names = re.findall(r"`([a-z_]+)`", str(e))
+        field = names[0] if names else None
+        raise APIError(422, str(e), field, kwargs.get(field)) from None
+
+
+def _check_spans(template: str, positions: int) -> None:
+    """Refuse a template whose spans alone exceed the model before anything is allocated for it."""
+    total = sum(int(m.group(1) or 1) for m in MASK_SPAN.finditer(template))
+    if total > positions:
+        raise APIError(422, f"`template`: its spans have {total} masked positions, more than the model's {positions}.",
+                       "template", _short(template))
+
+
+def _field_value(spec: JobSpec, field: str):
+    return _short(spec.templates[0]) if field in ("template", "prompt") else None
+
+
+def _short(value: Any, limit: int = 200) -> Any:
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + "…"
+    return value
+
+
+def _continuation(gen, row, editable) -> tuple[str, str]:
+    """The generated text of one row (its masked span only) and why it ended: ``stop`` at end of text."""
+    ids = row[editable]  # [m] the continuation's tokens
+    eos = (ids == gen.sep_id).nonzero()
+    if len(eos):
+        return gen.tokenizer.decode(ids[: int(eos[0])].tolist(), skip_special_tokens=True), "stop"
+    return gen.tokenizer.decode(ids.tolist(), skip_special_tokens=True), "length"
+
+
+def _prefix_text(gen, row: dict) -> str | None:
+    """Text of the committed prefix of a streamed row's continuation (None while it ends mid-character)."""
+    ids = [i for i, e in zip(row["ids"], row["editable"]) if e]  # display path: one row of <= max_tokens ids
+    masked = [m for m, e in zip(row["masked"], row["editable"]) if e]
+    cut = masked.index(True) if True in masked else len(ids)
+    prefix = ids[:cut]
+    if gen.sep_id in prefix:
+        prefix = prefix[: prefix.index(gen.sep_id)]
+    text = gen.tokenizer.decode(prefix, skip_special_tokens=True)
+    return None if text.endswith("\ufffd") else text

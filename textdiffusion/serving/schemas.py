@@ -1,0 +1,96 @@
+"""The request bodies, strictly typed: an unknown field, a wrong type or a value out of range is a 422
+that names the field and the value (pydantic does the naming; ``app.py`` shapes the answer)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..sampler import SamplerConfig
+from ..schedules import SCHEDULES
+
+_DEFAULTS = {f.name: f.default for f in fields(SamplerConfig)}  # the sampler's defaults, not typed twice
+MAX_STEPS = 1024
+MAX_SAMPLES = 32
+
+Strategy = Literal["remask-random", "confidence", "margin", "entropy", "random"]
+Sampling = Literal["greedy", "topk", "nucleus", "categorical"]
+Schedule = Literal[tuple(sorted(SCHEDULES))]  # type: ignore[valid-type]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _not_blank(value: Optional[str]) -> Optional[str]:
+    if value is not None and not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+class GenerateRequest(_Strict):
+    """POST /v1/generate: a prompt to continue or a template with ``<mask:N>`` spans, and every sampler setting."""
+
+    prompt: Optional[str] = Field(None, description="Text to continue (the rest of the block is generated).")
+    template: Optional[str] = Field(None, description="Text with masked spans, e.g. 'The <mask:12> was built in <mask:3>.'")
+    max_length: Optional[int] = Field(None, ge=4, description="Tokens per sample, prompt included (default: the checkpoint's).")
+    n: int = Field(1, ge=1, le=MAX_SAMPLES, description="Samples; sample i uses seed + i.")
+    seed: int = Field(0, ge=0, lt=2 ** 63 - MAX_SAMPLES)
+    steps: int = Field(_DEFAULTS["steps"], ge=1, le=MAX_STEPS)
+    schedule: Schedule = _DEFAULTS["schedule"]
+    strategy: Strategy = _DEFAULTS["strategy"]
+    sampling: Sampling = _DEFAULTS["sampling"]
+    temperature: float = Field(_DEFAULTS["temperature"], gt=0, le=100)
+    top_k: int = Field(_DEFAULTS["top_k"], ge=1)
+    top_p: float = Field(_DEFAULTS["top_p"], gt=0, le=1)
+    confidence_threshold: Optional[float] = Field(_DEFAULTS["confidence_threshold"], gt=0, le=1)
+    remask_fraction: float = Field(_DEFAULTS["remask_fraction"], ge=0, lt=1)
+    block_length: Optional[int] = Field(_DEFAULTS["block_length"], ge=1)
+    order_temperature: float = Field(_DEFAULTS["order_temperature"], ge=0, le=100)
+    repetition_penalty: float = Field(_DEFAULTS["repetition_penalty"], ge=1, le=100)
+    cfg_scale: float = Field(0.0, ge=0, le=100, description="Classifier-free guidance (doubles the request's rows).")
+    suppress_tokens: list[str] = Field(default_factory=list, max_length=256)
+    stop_at_eos: bool = True
+    stream: bool = Field(False, description="Server-sent events: every step's tokens, masks and confidence.")
+
+    _check_prompt = field_validator("prompt", "template")(_not_blank)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.prompt is None) == (self.template is None):
+            raise ValueError("give exactly one of `prompt` or `template`")
+        return self
+
+    def sampler_kwargs(self) -> dict:
+        """The sampler settings this request set; the rest come from the checkpoint's generation defaults."""
+        return {name: getattr(self, name) for name in _DEFAULTS if name in self.model_fields_set}
+
+
+class CompletionRequest(_Strict):
+    """POST /v1/completions: the OpenAI subset (prompt, max_tokens, temperature, top_p, n, seed, stream).
+
+    ``temperature`` 0 means greedy; ``top_p`` switches to nucleus sampling; otherwise the checkpoint's
+    generation defaults apply (top-k 50)."""
+
+    model: Optional[str] = None
+    prompt: str = Field(..., min_length=1)
+    max_tokens: int = Field(16, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_SAMPLES)
+    seed: Optional[int] = Field(None, ge=0, lt=2 ** 63 - MAX_SAMPLES)
+    stream: bool = False
+
+    _check_prompt = field_validator("prompt")(_not_blank)
+
+    def sampler_kwargs(self) -> dict:
+        kwargs = {}
+        if self.temperature == 0:
+            kwargs["sampling"] = "greedy"
+        elif self.temperature is not None:
+            kwargs["temperature"] = self.temperature
+        if self.top_p is not None and self.temperature != 0:
+            kwargs.update(sampling="nucleus", top_p=self.top_p)
+        return kwargs
