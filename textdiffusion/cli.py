@@ -20,6 +20,7 @@ COMMANDS = {
     "generate": "generate text from a checkpoint by iterative denoising",
     "eval": "per-mask-level loss and the NELBO likelihood bound of a checkpoint",
     "experiment": "run one experiment (masking-viz, schedules, sampling, temperature, steps, levels) into a results folder",
+    "deploy": "train on a remote (GPU) host over SSH: deploy HOST | run HOST -- FLAGS | status | logs | fetch | stop",
 }
 
 
@@ -95,6 +96,12 @@ def _experiment(argv: list[str]) -> int:
     return 0
 
 
+def _deploy(argv: list[str]) -> int:
+    from .deploy import main as deploy_main
+
+    return deploy_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<10} {what}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "generate": _generate, "eval": _eval, "experiment": _experiment}
+    handlers = {"train": _train, "generate": _generate, "eval": _eval, "experiment": _experiment, "deploy": _deploy}
     if command not in handlers:
         print(f"textdiffusion: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
