@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: install scorer demo test clean
+.PHONY: install scorer demo test figures clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# The figures of LEARNING_GUIDE.md (docs/figures/), from the code as it stands: about a minute on one core.
+figures: install
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) benchmarks/figures.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
