@@ -133,7 +133,7 @@ def test_host_without_that_python_is_one_line_and_exit_2(sshd, capsys, tmp_path)
 
 
 @pytest.mark.slow
-def test_deploy_run_fetch_generate_end_to_end(sshd, capsys, tmp_path, small_jsonl):
+def test_deploy_run_fetch_generate_end_to_end(sshd, capfd, tmp_path, small_jsonl):
     """deploy twice (the second only updates), train a micro model remotely, fetch it, generate locally.
 
     The data is a 300-document file from conftest; the loopback host sees the same filesystem, so its
@@ -142,7 +142,7 @@ def test_deploy_run_fetch_generate_end_to_end(sshd, capsys, tmp_path, small_json
     remote_dir = tmp_path / "remote" / "textdiffusion"
     where = [*flags, "--remote-dir", str(remote_dir)]
 
-    status, out, err = deploy(capsys, host, *where)
+    status, out, err = deploy(capfd, host, *where)
     assert status == 0, err
     assert "venv: installed" in out and "torch 2." in out
     copied = sorted(str(p.relative_to(remote_dir)) for p in remote_dir.rglob("*")
@@ -150,41 +150,43 @@ def test_deploy_run_fetch_generate_end_to_end(sshd, capsys, tmp_path, small_json
                     and "__pycache__" not in p.parts)
     assert copied == project_files()  # exactly the tracked files: no .venv, runs or caches of this checkout
     (remote_dir / "README.md").write_text("stale")  # a second deploy repairs a changed file ...
-    status, out, err = deploy(capsys, host, *where)
+    status, out, err = deploy(capfd, host, *where)
     assert status == 0, err
     assert "venv: up to date" in out  # ... and does not reinstall
     assert (remote_dir / "README.md").read_bytes() == (PROJECT / "README.md").read_bytes()
     assert not (remote_dir / "textdiffusion" / "textdiffusion").exists() and not (remote_dir / ".venv" / ".venv").exists()
 
-    status, out, err = deploy(capsys, "run", host, *where, "--name", "micro", *ENV, "--", *MICRO, "--dataset", str(small_jsonl),
+    status, out, err = deploy(capfd, "run", host, *where, "--name", "micro", *ENV, "--", *MICRO, "--dataset", str(small_jsonl),
                               "--max-steps", "6", "--eval-steps", "3")
     assert status == 0, err
     assert "started micro" in out
-    status, _, err = deploy(capsys, "run", host, *where, "--name", "micro", "--", *MICRO)
+    status, _, err = deploy(capfd, "run", host, *where, "--name", "micro", "--", *MICRO)
     assert status == 2 and "--name 'micro'" in err  # a second run of the same name is refused
 
     deadline = time.monotonic() + 300
     while True:
-        status, out, err = deploy(capsys, "status", host, *where)
+        status, out, err = deploy(capfd, "status", host, *where)
         assert status == 0, err
         if "micro" in out and "finished" in out:
             break
         assert time.monotonic() < deadline, out
         time.sleep(2)
-    status, out, _ = deploy(capsys, "logs", host, *where, "micro", "-n", "400")
+    status, out, _ = deploy(capfd, "logs", host, *where, "micro", "-n", "400")
     assert status == 0 and "done: model" in out
+    status, out, _ = deploy(capfd, "logs", host, *where, "--follow", "-n", "5")  # the newest run; it has ended,
+    assert status == 0 and "done: model" in out  # so --follow prints its tail and returns
 
     local = tmp_path / "fetched"
-    status, out, err = deploy(capsys, "fetch", host, *where, "--dest", str(local), "micro")
+    status, out, err = deploy(capfd, "fetch", host, *where, "--dest", str(local), "micro")
     assert status == 0, err
     run = local / "micro"
     assert (run / "model.safetensors").exists() and (run / "diffusion_config.json").exists()
     assert (run / "checkpoint-6").is_dir() and "done: model" in (run / "train.log").read_text()
 
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(["generate", "--checkpoint", str(run), "--prefix", "It was", "--max-length", "24", "--steps", "4",
                  "--hide-steps", "--seed", "0"]) == 0
-    text = capsys.readouterr().out
+    text = capfd.readouterr().out
     assert "It was" in text
 
 
@@ -201,8 +203,14 @@ def test_stop_ends_a_running_training(sshd, capsys, tmp_path):
     pid = int(out.split("(pid ")[1].split(")")[0])
     status, out, _ = deploy(capsys, "status", host, *where)
     assert "long" in out and "running" in out
+    follow = subprocess.Popen([sys.executable, "-m", "textdiffusion", "deploy", "logs", host, *where, "long", "--follow"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT)
+    time.sleep(3)
+    assert follow.poll() is None  # still following a running run
     status, out, err = deploy(capsys, "stop", host, *where)
     assert status == 0 and "long: stopped" in out, err
+    followed, _ = follow.communicate(timeout=30)  # ... and returns by itself once the run has ended
+    assert follow.returncode == 0 and "training" in followed
     stat = Path(f"/proc/{pid}/stat")
     assert not stat.exists() or ") Z" in stat.read_text()  # gone, or a zombie nobody reaped: not running
     status, out, _ = deploy(capsys, "status", host, *where)

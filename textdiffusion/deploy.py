@@ -71,7 +71,7 @@ class Remote:
         return d if d.startswith("/") else (d[2:] if d.startswith("~/") else d)
 
     def sh(self, script: str, *, check: bool = True, capture: bool = True, what: str = "") -> subprocess.CompletedProcess:
-        """Run a POSIX-shell script in the remote folder's parent context; one-line errors on failure."""
+        """Run a POSIX-shell script on the host (whatever its login shell); failures become one-line errors."""
         argv = [*self.ssh_argv(), self.host, "sh -c " + shlex.quote(script)]
         try:
             r = subprocess.run(argv, capture_output=capture, text=True, stdin=subprocess.DEVNULL)
@@ -105,7 +105,8 @@ def project_files(root: Path = PROJECT, include: list[str] = ()) -> list[str]:
     ignored (so .venv, runs and caches stay home) — plus any --include (e.g. ignored data)."""
     if not (root / ".git").exists():
         raise UsageError(f"deploy copies a git checkout of the project, and {root} is not one; run it from your clone.")
-    out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True, text=True, check=True).stdout
+    git = ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    out = subprocess.run(git, capture_output=True, text=True, check=True).stdout
     files = [f for f in out.split("\0") if f and (root / f).is_file()]
     for extra in include:
         path = (root / extra).resolve()
