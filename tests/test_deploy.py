@@ -217,3 +217,26 @@ def test_stop_ends_a_running_training(sshd, capsys, tmp_path):
     assert "finished" in out
     status, out, _ = deploy(capsys, "stop", host, *where)
     assert "nothing running" in out
+
+
+def test_include_adds_ignored_data_and_nothing_outside_the_project(tmp_path):
+    """The file list is git's view (tracked + new, not ignored), plus --include; never a path outside."""
+    repo = tmp_path / "clone"
+    (repo / "runs").mkdir(parents=True)
+    (repo / ".venv").mkdir()
+    (repo / "data").mkdir()
+    (repo / ".gitignore").write_text(".venv/\n/runs/\n/data/\n")
+    (repo / "tracked.py").write_text("x = 1\n")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", ".gitignore", "tracked.py"], check=True)
+    (repo / "new.txt").write_text("not yet added\n")
+    (repo / "runs" / "model.bin").write_text("big")
+    (repo / ".venv" / "python").write_text("")
+    (repo / "data" / "mine.txt").write_text("my corpus\n")
+    assert project_files(repo) == [".gitignore", "new.txt", "tracked.py"]
+    assert project_files(repo, ["data"]) == [".gitignore", "data/mine.txt", "new.txt", "tracked.py"]
+    from textdiffusion.errors import UsageError
+
+    (tmp_path / "outside.txt").write_text("exists, but not in the project\n")
+    with pytest.raises(UsageError, match="--include '../outside.txt'"):
+        project_files(repo, ["../outside.txt"])
