@@ -196,10 +196,13 @@ def test_stop_ends_a_running_training(sshd, capsys, tmp_path):
     where = [*flags, "--remote-dir", str(tmp_path / "td")]
     (tmp_path / "td" / ".venv" / "bin").mkdir(parents=True)
     fake = tmp_path / "td" / ".venv" / "bin" / "python"
-    fake.write_text("#!/bin/sh\necho training; exec sleep 600\n")
+    fake.write_text('#!/bin/sh\necho "training with $* (SEED_HINT=$SEED_HINT)"; exec sleep 600\n')
     fake.chmod(0o755)
-    status, out, err = deploy(capsys, "run", host, *where, "--name", "long", "--", "--preset", "micro")
+    status, out, err = deploy(capsys, "run", host, *where, "--name", "long", "--nproc", "2", "--env", "SEED_HINT=7",
+                              "--", "--preset", "micro")
     assert status == 0, err
+    launched = (tmp_path / "td" / "logs" / "long.cmd").read_text()
+    assert "-m torch.distributed.run --nproc_per_node=2 -m textdiffusion train --preset micro --output-dir runs/long" in launched
     pid = int(out.split("(pid ")[1].split(")")[0])
     status, out, _ = deploy(capsys, "status", host, *where)
     assert "long" in out and "running" in out
@@ -210,7 +213,7 @@ def test_stop_ends_a_running_training(sshd, capsys, tmp_path):
     status, out, err = deploy(capsys, "stop", host, *where)
     assert status == 0 and "long: stopped" in out, err
     followed, _ = follow.communicate(timeout=30)  # ... and returns by itself once the run has ended
-    assert follow.returncode == 0 and "training" in followed
+    assert follow.returncode == 0 and "training with -m torch.distributed.run" in followed and "SEED_HINT=7" in followed
     stat = Path(f"/proc/{pid}/stat")
     assert not stat.exists() or ") Z" in stat.read_text()  # gone, or a zombie nobody reaped: not running
     status, out, _ = deploy(capsys, "status", host, *where)
