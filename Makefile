@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: install scorer demo test test-fast clean
+.PHONY: install scorer demo test test-fast figures clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: install
 # Everything but the end-to-end runs marked `slow` (about a minute on 2 cores): for the edit-test loop.
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
+
+# The figures of LEARNING_GUIDE.md (docs/figures/), from the code as it stands: about a minute on one core.
+figures: install
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) benchmarks/figures.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "per-mask-level loss and the NELBO likelihood bound of a checkpoint",
     "serve": "an HTTP API (OpenAI-style completions, streamed steps) and a live page, batching requests step by step",
     "experiment": "run one experiment (masking-viz, schedules, sampling, temperature, steps, levels) into a results folder",
+    "deploy": "train on a remote (GPU) host over SSH: deploy HOST | run HOST -- FLAGS | status | logs | fetch | stop",
 }
 
 
@@ -115,6 +116,12 @@ def _serve(argv: list[str]) -> int:
     return 0
 
 
+def _deploy(argv: list[str]) -> int:
+    from .deploy import main as deploy_main
+
+    return deploy_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<10} {what}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "generate": _generate, "eval": _eval, "experiment": _experiment, "serve": _serve}
+    handlers = {"train": _train, "generate": _generate, "eval": _eval, "experiment": _experiment, "serve": _serve,
+                "deploy": _deploy}
     if command not in handlers:
         print(f"textdiffusion: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
