@@ -47,6 +47,11 @@ class GenerateArgs:
     order_temperature: float = field(default=2.0, metadata={
         "help": "Gumbel noise on the unmasking order (0: strictly most-confident first; see benchmarks/degeneration.py)."})
     repetition_penalty: float = field(default=1.3, metadata={"help": "Penalise tokens already in the sample (1: off)."})
+    eb_gamma: float = field(default=1.0, metadata={
+        "help": "--strategy eb: entropy budget (nats, > 0) of the tokens committed in one step; larger = fewer calls."})
+    cache: str = field(default="none", metadata={
+        "help": "Reuse keys/values within a block (needs --block-length): none, prefix (recompute the block and "
+                "what follows), dual (recompute the block only). ModernBERT and the BERT family."})
     suppress_tokens: list[str] = field(default_factory=list, metadata={"help": "Tokens never to generate."})
     cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale (0: off)."})
     no_eos_stop: bool = field(default=False, metadata={"help": "Keep text after the first end-of-text token."})
@@ -69,6 +74,13 @@ class GenerateArgs:
             raise UsageError(f"--num-samples must be >= 1, got {self.num_samples}.")
         if self.max_length < 0:
             raise UsageError(f"--max-length must be >= 0, got {self.max_length}.")
+        from .kvcache import CACHE_MODES
+
+        if self.cache not in CACHE_MODES:
+            raise UsageError(f"--cache must be one of {CACHE_MODES}, got {self.cache!r}.")
+        if self.cache != "none" and self.block_length is None:
+            raise UsageError(f"--cache {self.cache} reuses keys/values within a block: it needs --block-length "
+                             "(e.g. --block-length 32), got none.")
         try:
             SamplerConfig(**self.sampler_kwargs())
         except ValueError as e:
@@ -79,7 +91,7 @@ class GenerateArgs:
                     temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                     confidence_threshold=self.confidence_threshold, remask_fraction=self.remask_fraction,
                     block_length=self.block_length, order_temperature=self.order_temperature,
-                    repetition_penalty=self.repetition_penalty)
+                    repetition_penalty=self.repetition_penalty, eb_gamma=self.eb_gamma)
 
 
 def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
@@ -144,7 +156,7 @@ def run_generate(args: GenerateArgs) -> list[str]:
     with view as live:
         out = generator.generate(prompts, templates=templates, max_length=args.max_length or None, seed=args.seed,
                                  cfg_scale=args.cfg_scale, suppress_tokens=args.suppress_tokens,
-                                 stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out),
+                                 stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out), cache=args.cache,
                                  on_step=on_step if (show or live is not None) else None, **args.sampler_kwargs())
     seconds = time.perf_counter() - t0
     for note in out.notes:
