@@ -235,3 +235,13 @@ def test_eb_with_blocks_and_threshold_finishes(generator, tokenizer):
                              confidence_threshold=0.01, seed=0)
     assert not bool((out.token_ids == tokenizer.mask_token_id).any())
     assert out.nfe >= 5  # four-plus blocks, each needs its own call
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cached_path_skips_steps_that_commit_nothing(generator, mode):
+    """A cosine schedule over many steps has steps that unmask nothing: no model call, cached or not."""
+    kw = dict(max_length=40, block_length=16, steps=40, schedule="cosine", seed=0)
+    plain = generator.generate(["The river"], **kw)
+    cached = generator.generate(["The river"], cache=mode, cache_refresh="step", **kw)
+    assert cached.nfe == plain.nfe < plain.steps
+    assert torch.equal(cached.token_ids, plain.token_ids)
