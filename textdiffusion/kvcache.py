@@ -116,21 +116,54 @@ class DenoisingKVCache:
     def _forward(self, x, key_ok, rows, qpos, valid, hidden) -> None:
         """Hidden states of ``rows`` at query slots ``qpos`` [r, q] (``valid`` [r, q] marks real slots) into
         ``hidden`` [b, l, d]; the slots' keys/values are written to the cache, the others are read from it."""
+        l = x.shape[1]
         r = rows[:, None].expand_as(qpos)  # [r, q] batch row of each slot
-        h = self.base.embeddings(input_ids=x[rows])  # [r, l, d] (cheap; RoBERTa's positions need the whole row)
-        h = h.gather(1, qpos[..., None].expand(-1, -1, h.shape[-1]))  # [r, q, d]
-        keys_ok = key_ok[rows][:, None, :] | (qpos[:, :, None] == torch.arange(x.shape[1], device=x.device))  # [r, q, l]
-        keys_ok |= ~valid[:, :, None]  # padding slots see everything: no empty softmax
+        if self.kind == "modernbert":  # token embeddings only (positions are rotary): just the query slots
+            h = self.base.embeddings(input_ids=x[r, qpos])  # [r, q, d]
+        else:  # learned positions (RoBERTa's depend on padding): embed whole rows, keep the slots
+            h = self.base.embeddings(input_ids=x[rows])  # [r, l, d]
+            h = h.gather(1, qpos[..., None].expand(-1, -1, h.shape[-1]))  # [r, q, d]
+        # where the slots' keys/values go: one slice when every row has the same contiguous window
+        # (batch 1, or rows in step), else a scatter of the real slots
+        same = bool(valid.all()) and bool((qpos[:, 0] == qpos[0, 0]).all())
+        write = (slice(int(qpos[0, 0]), int(qpos[0, 0]) + qpos.shape[1]) if same
+                 else (r[valid], qpos[valid]))
+        masks = self._masks(key_ok[rows], qpos, valid, l)
+        masks["qpos"] = qpos  # the rotary tables are gathered at these once per call (_rotary)
         for i, layer in enumerate(self._layers()):
-            h = self._layer(i, layer, h, rows, r, qpos, valid, keys_ok)
-        hidden[r[valid], qpos[valid]] = h[valid]
+            h = self._layer(i, layer, h, rows, write, valid, masks)
+        if same:
+            hidden[rows, write] = h
+        else:
+            hidden[r[valid], qpos[valid]] = h[valid]
 
-    def _attend(self, i, q, k, v, rows, r, qpos, valid, mask):
+    def _masks(self, key_ok, qpos, valid, l) -> dict:
+        """Attention masks [r, 1, q, l] (True: attend) shared by every layer: "full" (padding only; None when
+        there is none), "local" (ModernBERT's window |query - key| <= window // 2), "bias" (MPNet, additive)."""
+        keys = torch.arange(l, device=qpos.device)
+        ok = key_ok[:, None, :] | (qpos[:, :, None] == keys)  # [r, q, l]: a query always sees itself
+        ok |= ~valid[:, :, None]  # padding slots see everything: no empty softmax
+        masks = {"full": None if bool(ok.all()) else ok[:, None]}
+        if self.kind == "modernbert":
+            near = (qpos[:, :, None] - keys).abs() <= self.base.config.sliding_window  # [r, q, l]
+            masks["local"] = (ok & (near | ~valid[:, :, None]))[:, None]
+        if self.kind == "mpnet":  # relative position bias, the same for every layer, at the query rows
+            bias = self._tables["bias"][0][:, qpos].transpose(0, 1)  # [r, h, q, l]
+            masks["bias"] = bias.masked_fill(~ok[:, None], float("-inf")).to(self.keys[0].dtype)
+        return masks
+
+    def _attend(self, i, q, k, v, rows, write, valid, mask):
         """Write the slots' k/v [r, h, q, d] into layer i's cache, then attend over all l positions."""
         kc, vc = self.keys[i], self.values[i]
-        kc[r[valid], :, qpos[valid]] = k.transpose(1, 2)[valid]  # [n_valid, h, d]
-        vc[r[valid], :, qpos[valid]] = v.transpose(1, 2)[valid]
         whole = len(rows) == kc.shape[0]
+        if isinstance(write, slice):
+            if whole:
+                kc[:, :, write], vc[:, :, write] = k, v
+            else:
+                kc[rows, :, write], vc[rows, :, write] = k, v
+        else:
+            kc[write[0], :, write[1]] = k.transpose(1, 2)[valid]  # [n_valid, h, d]
+            vc[write[0], :, write[1]] = v.transpose(1, 2)[valid]
         keys, values = (kc, vc) if whole else (kc[rows], vc[rows])  # [r, h, l, d]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [r, h, q, d]
         return out.transpose(1, 2).flatten(2)  # [r, q, h*d]
@@ -140,36 +173,34 @@ class DenoisingKVCache:
             return self.base.layers
         return self.base.encoder.layer
 
-    def _layer(self, i, layer, h, rows, r, qpos, valid, keys_ok):
+    def _layer(self, i, layer, h, rows, write, valid, masks):
         heads = self.base.config.num_attention_heads
         if self.kind == "modernbert":
             a = layer.attn_norm(h)
             qkv = layer.attn.Wqkv(a).view(*h.shape[:2], 3, heads, -1)  # [r, q, 3, h, d]
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [r, h, q, d]
-            cos, sin = (t[qpos][:, None] for t in self._tables[layer.attention_type])  # [r, 1, q, d]
+            if layer.attention_type not in masks:
+                masks[layer.attention_type] = self._rotary(layer.attention_type, masks["qpos"])
+            cos, sin = masks[layer.attention_type]
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            mask = keys_ok
-            if layer.attn.sliding_window is not None:  # local layer: |query - key| <= window // 2
-                near = (qpos[:, :, None] - torch.arange(keys_ok.shape[-1], device=h.device)).abs() \
-                    <= self.base.config.sliding_window  # [r, q, l]
-                mask = mask & (near | ~valid[:, :, None])
-            out = self._attend(i, q, k, v, rows, r, qpos, valid, mask[:, None])
+            mask = masks["local"] if layer.attn.sliding_window is not None else masks["full"]
+            out = self._attend(i, q, k, v, rows, write, valid, mask)
             h = h + layer.attn.Wo(out)
             return h + layer.mlp(layer.mlp_norm(h))
         mpnet = self.kind == "mpnet"
         attn = layer.attention.attn if mpnet else layer.attention.self
         proj = (attn.q, attn.k, attn.v) if mpnet else (attn.query, attn.key, attn.value)
         q, k, v = (p(h).view(*h.shape[:2], heads, -1).transpose(1, 2) for p in proj)  # [r, h, q, d]
-        mask = keys_ok[:, None]  # [r, 1, q, l]
-        if mpnet:  # relative position bias, the same for every layer: [1, h, l, l] rows at the queries
-            bias = self._tables["bias"][0][:, qpos].transpose(0, 1)  # [r, h, q, l]
-            mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)
-        out = self._attend(i, q, k, v, rows, r, qpos, valid, mask)
+        out = self._attend(i, q, k, v, rows, write, valid, masks["bias"] if mpnet else masks["full"])
         if mpnet:
             a = layer.attention.LayerNorm(attn.o(out) + h)
         else:
             a = layer.attention.output.LayerNorm(layer.attention.output.dense(out) + h)
         return layer.output.LayerNorm(layer.output.dense(layer.intermediate(a)) + a)
+
+    def _rotary(self, layer_type: str, qpos: torch.Tensor):
+        """cos, sin [r, 1, q, d] of this layer type at the query positions."""
+        return tuple(t[qpos][:, None] for t in self._tables[layer_type])
 
     def _final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.base.final_norm(h) if self.kind == "modernbert" else h
