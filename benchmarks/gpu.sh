@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu.sh --out DIR             # default benchmarks/results/gpu (cpu: .../gpu-cpu-check)
 #
 # Training: `textdiffusion train`'s Trainer vs Trainer + DataCollatorForLanguageModeling, interleaved,
-# eager and torch.compile. Generation: our sampler (eager, compiled with CUDA graphs) vs the original
-# per-position loop and an AR model of the same size with KV-cached generate, batch 1 and 16.
+# eager and torch.compile. Generation: our sampler (eager, compiled with CUDA graphs, and with the prefix/dual
+# key-value cache) vs the original per-position loop and an AR model of the same size with KV-cached generate,
+# batch 1 and 16.
 set -euo pipefail
 DEVICE=cuda
 OUT=""
@@ -29,8 +30,10 @@ if [ "$DEVICE" = cuda ]; then
       --rounds 3 --steps-per-round 20 --out "$OUT/train-eager"
   "$PY" benchmarks/train_throughput.py --device cuda --preset distil --precisions bf16 --batch-size 64 --max-length 512 \
       --rounds 3 --steps-per-round 20 --compile --out "$OUT/train-compiled"
+  # the curated grid: cache none/prefix/dual x confidence/threshold/eb (cached rows eager, uncached also compiled)
   "$PY" benchmarks/generation_speed.py --device cuda --preset distil --vocab-size 32768 --max-length 128 \
-      --dtypes bfloat16 --compile --steps 8 16 64 --batch-sizes 1 16 --repeats 3 --out "$OUT/generation"
+      --dtypes bfloat16 --compile --grid default --block-length 32 --batch-sizes 1 16 --repeats 3 --scorer none \
+      --out "$OUT/generation"
 else
   OUT="${OUT:-benchmarks/results/gpu-cpu-check}"
   "$PY" benchmarks/train_throughput.py --device cpu --preset micro --precisions fp32 --batch-size 8 --max-length 64 \

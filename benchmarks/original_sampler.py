@@ -17,7 +17,7 @@ from textdiffusion.schedules import get_schedule
 @torch.no_grad()
 def generate_original(model, tokenizer, prefix: str, max_length: int = 128, steps: int = 10, schedule: str = "linear",
                       sampling: str = "topk", temperature: float = 1.0, top_k: int = 50, top_p: float = 0.9,
-                      seed: int = 0) -> str:
+                      seed: int = 0, return_ids: bool = False):
     random.seed(seed)
     torch.manual_seed(seed)
     mask_id = tokenizer.mask_token_id
@@ -49,4 +49,6 @@ def generate_original(model, tokenizer, prefix: str, max_length: int = 128, step
         n_mask = int(round(float(ratio(torch.tensor(1.0 - (step + 1) / steps))) * len(generated)))
         for pos in random.sample(generated, n_mask):  # re-mask a random subset of the generated positions
             x[0, pos] = mask_id
+    if return_ids:  # the generated positions only, for scoring
+        return x[0, generated].tolist()
     return tokenizer.decode(x[0], skip_special_tokens=True)

@@ -34,6 +34,9 @@ class GenerateArgs(SamplerConfig):
         "help": "A template with masked spans, e.g. 'The <mask:12> was built in <mask:3>.'"})
     max_length: int = field(default=0, metadata={"help": "Tokens per sample, prompt included (0: the checkpoint's training length)."})
     num_samples: int = field(default=1, metadata={"help": "Samples to generate (one batch)."})
+    cache: str = field(default="none", metadata={
+        "help": "Reuse keys/values within a block (needs --block-length): none, prefix (recompute the block and "
+                "what follows), dual (recompute the block only). ModernBERT and the BERT family."})
     suppress_tokens: list[str] = field(default_factory=list, metadata={"help": "Tokens never to generate."})
     cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale (0: off)."})
     no_eos_stop: bool = field(default=False, metadata={"help": "Keep text after the first end-of-text token."})
@@ -63,6 +66,13 @@ class GenerateArgs(SamplerConfig):
             raise UsageError(f"--max-length must be >= 0, got {self.max_length}.")
         require_writable("--trace-out", self.trace_out)  # before the model is loaded, not after the work
         require_writable("--output", self.output)
+        from .kvcache import CACHE_MODES
+
+        if self.cache not in CACHE_MODES:
+            raise UsageError(f"--cache must be one of {CACHE_MODES}, got {self.cache!r}.")
+        if self.cache != "none" and self.block_length is None:
+            raise UsageError(f"--cache {self.cache} reuses keys/values within a block: it needs --block-length "
+                             "(e.g. --block-length 32), got none.")
 
     def sampler_kwargs(self) -> dict:
         """The sampler settings the user gave (all of them when built in Python rather than parsed)."""
@@ -139,7 +149,7 @@ def run_generate(args: GenerateArgs) -> list[str]:
     with view as live:
         out = generator.generate(prompts, templates=templates, max_length=args.max_length or None, seed=args.seed,
                                  cfg_scale=args.cfg_scale, suppress_tokens=args.suppress_tokens,
-                                 stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out),
+                                 stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out), cache=args.cache,
                                  on_step=on_step if (show or live is not None) else None, **args.sampler_kwargs())
     seconds = time.perf_counter() - t0 - paused[0]
     for note in out.notes:

@@ -188,13 +188,15 @@ class DiffusionGenerator:
     def generate(self, prompts: Sequence[str] | str | None = None, *, templates: Sequence[str] | None = None,
                  max_length: int | None = None, seed: int = 0, cfg_scale: float = 0.0,
                  suppress_tokens: Sequence[str] = (), allowed: torch.Tensor | None = None,
-                 stop_at_eos: bool = True, return_trace: bool = False,
+                 stop_at_eos: bool = True, return_trace: bool = False, cache: str = "none", cache_refresh: str = "block",
                  on_step: Callable[[int, DenoisingState], None] | None = None, **sampler_kwargs) -> GenerationOutput:
         """Generate one text per prompt (continuation) or per template (infilling).
 
         ``seed + i`` seeds sample i, so a sample is the same whatever batch it is in. ``sampler_kwargs``
         are the fields of :class:`SamplerConfig` (steps, strategy, sampling, temperature, ...).
         ``allowed``: a bool tensor [l, V] or [b, l, V] of the tokens allowed at each position.
+        ``cache``: ``prefix`` or ``dual`` reuse keys/values within a block (needs ``block_length``; see
+        :mod:`textdiffusion.kvcache`); ``cache_refresh="step"`` recomputes them at every step (exact).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -211,11 +213,13 @@ class DiffusionGenerator:
             raise TypeError(f"unknown generation setting(s): {sorted(unknown)}")
         config = dataclasses.replace(self.config.generation, **sampler_kwargs)  # the checkpoint's defaults, overridden
         self.last_config = config  # what the last call resolved to (shown by the server and the tests)
+        notes: list[str] = []
+        kv = self._kv_cache(cache, cache_refresh, config, cfg_scale, notes)
 
         x, editable, attention = (t.to(self.device) for t in self.build_batch(templates, max_length))
         sampler = DenoisingSampler(config, self.mask_id, self.suppress_ids(suppress_tokens),
                                    eos_token_id=self.sep_id if stop_at_eos else None)
-        notes = sampler.set_timesteps(config.steps, editable)
+        notes += sampler.set_timesteps(config.steps, editable)
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(templates))]
         state = DenoisingState(x=x, editable=editable, generators=generators, allowed=allowed)
         trace = [x.cpu().clone()] if return_trace else []
@@ -223,14 +227,18 @@ class DiffusionGenerator:
         for _ in range(max_iterations):
             if sampler.finished(state):
                 break
-            if config.confidence_threshold is None and state.step_index >= sampler.num_steps:
+            if not sampler.adaptive and state.step_index >= sampler.num_steps:
                 break
             if not bool(sampler.plan(state).any()):
                 state = sampler.skip(state)  # nothing to commit: no model call, the trace repeats the state
                 if return_trace:
                     trace.append(state.x.cpu().clone())
                 continue
-            logits = self.logits(state.x, attention, editable, cfg_scale, sampler.needed_positions(state))
+            needed = sampler.needed_positions(state)
+            if kv is not None:
+                logits = kv.logits(state.x, attention, sampler.region(state), needed)
+            else:
+                logits = self.logits(state.x, attention, editable, cfg_scale, needed)
             state = sampler.step(logits, dataclasses.replace(state, nfe=state.nfe + 1))
             if return_trace:
                 trace.append(state.x.cpu().clone())
@@ -239,6 +247,27 @@ class DiffusionGenerator:
         texts = [self.decode(row, ed, stop_at_eos) for row, ed in zip(state.x.cpu(), editable.cpu())]
         return GenerationOutput(texts=texts, nfe=state.nfe, steps=sampler.num_steps, token_ids=state.x.cpu(),
                                 trace=trace, notes=notes)
+
+    def _kv_cache(self, cache: str, refresh: str, config: SamplerConfig, cfg_scale: float, notes: list[str]):
+        """The key/value cache for this call, or None (``cache="none"``, or a notice when it cannot apply)."""
+        from .kvcache import CACHE_MODES, REFRESH, DenoisingKVCache, cache_support
+
+        if cache not in CACHE_MODES:
+            raise UsageError(f"--cache must be one of {CACHE_MODES}, got {cache!r}.")
+        if refresh not in REFRESH:
+            raise UsageError(f"cache_refresh must be one of {REFRESH}, got {refresh!r}.")
+        if cache == "none":
+            return None
+        if config.block_length is None:
+            raise UsageError(f"--cache {cache} reuses keys/values within a block: it needs --block-length "
+                             "(e.g. --block-length 32), got none.")
+        reason = cache_support(self.model)
+        if reason is None and cfg_scale:
+            reason = "--cache does not combine with --cfg-scale"
+        if reason is not None:
+            notes.append(f"{reason}: generating without the cache.")
+            return None
+        return DenoisingKVCache(self.model, cache, refresh)
 
     def suppress_ids(self, tokens: Sequence[str]) -> list[int]:
         """Ids never generated: the given tokens (as strings or ids), plus pad and the block-opening token."""

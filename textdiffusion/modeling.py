@@ -213,7 +213,7 @@ def masked_lm_head(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
     architecture; the caller then falls back to the model's full forward.
     """
     kind = model.config.model_type
-    if kind in ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm"):
+    if kind in ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "mpnet"):
         return model.lm_head
     if kind == "bert":
         return model.cls

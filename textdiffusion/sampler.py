@@ -16,6 +16,9 @@ stay masked is ``round(schedule.mask_ratio(1 - (i+1)/n) * positions)``; the stra
   self-correction re-masks the least likely committed tokens, fewer as t falls).
 * ``confidence_threshold`` — commit every masked token whose probability is at least the threshold (and
   at least one per row): easy text finishes in few model calls (Fast-dLLM).
+* ``eb`` — entropy-bounded unmasking (EB-sampler, arXiv 2505.24857): order the masked positions by
+  entropy, lowest first, and commit the longest prefix whose summed entropy minus its largest stays
+  within ``eb_gamma`` (at least one per row): as many tokens per call as the model is sure of together.
 * ``block_length`` — semi-autoregressive: positions are split left to right into blocks, each denoised
   with its own share of the steps before the next one starts (LLaDA).
 
@@ -36,7 +39,7 @@ import torch
 from .config import check
 from .schedules import SCHEDULES, get_schedule
 
-STRATEGIES = ("remask-random", "confidence", "margin", "entropy", "random")
+STRATEGIES = ("remask-random", "confidence", "margin", "entropy", "random", "eb")
 SAMPLINGS = ("greedy", "topk", "nucleus", "categorical")
 _NEG_INF = float("-inf")
 
@@ -63,6 +66,8 @@ class SamplerConfig:
     order_temperature: float = field(default=2.0, metadata={
         "help": "Gumbel noise on the unmasking order (0: strictly most-confident first; see benchmarks/degeneration.py)."})
     repetition_penalty: float = field(default=1.3, metadata={"help": "Penalise tokens already in the sample (1: off)."})
+    eb_gamma: float = field(default=1.0, metadata={
+        "help": "--strategy eb: the entropy budget (nats) of the tokens committed together (EB-sampler)."})
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")
@@ -78,9 +83,12 @@ class SamplerConfig:
         check(self.order_temperature >= 0, "order_temperature", self.order_temperature, "must be >= 0")
         check(self.repetition_penalty >= 1, "repetition_penalty", self.repetition_penalty, "must be >= 1")
         check(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {sorted(SCHEDULES)}")
+        check(self.eb_gamma > 0, "eb_gamma", self.eb_gamma, "must be > 0 (an entropy budget in nats)")
         if self.strategy == "remask-random" and (self.confidence_threshold is not None or self.remask_fraction):
             raise ValueError("`strategy` 'remask-random' already re-masks at random; it cannot be combined with "
                              "`confidence_threshold` or `remask_fraction`.")
+        if self.strategy == "eb" and self.remask_fraction:
+            raise ValueError("`remask_fraction` needs a step schedule; it cannot be combined with `strategy` 'eb'.")
         if self.confidence_threshold is not None and self.remask_fraction:
             raise ValueError("`remask_fraction` needs a step schedule; it cannot be combined with `confidence_threshold`.")
 
@@ -153,11 +161,17 @@ class DenoisingSampler:
             return region  # remasking also scores the committed tokens of the region
         return masked
 
+    @property
+    def adaptive(self) -> bool:
+        """True when the logits decide how many tokens a step commits (threshold, eb): the loop then runs
+        until no mask is left rather than for a fixed number of steps."""
+        return self.config.confidence_threshold is not None or self.config.strategy == "eb"
+
     def plan(self, state: DenoisingState) -> torch.Tensor:
         """[b] number of positions each row unmasks at the next step (0: skip the model call)."""
         region = self.region(state)
         m = ((state.x == self.mask_token_id) & region).sum(1)
-        if self.config.confidence_threshold is not None:
+        if self.adaptive:
             return (m > 0).long()  # at least one; the threshold may add more once the logits are known
         if self.config.strategy == "remask-random":
             return torch.where(m > 0, region.sum(1) - self._target_masked(state), 0)
@@ -232,16 +246,7 @@ class DenoisingSampler:
     def scores(self, logits: torch.Tensor, p_sampled: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """How much to trust each sampled token [n]: higher is unmasked first."""
         strategy = self.config.strategy
-        if strategy == "margin":
-            top2 = logits.softmax(-1).topk(2, dim=-1).values
-            score = top2[:, 0] - top2[:, 1]
-        elif strategy == "entropy":
-            logp = logits.log_softmax(-1)
-            score = (logp.exp() * logp).nan_to_num().sum(-1)  # = -entropy
-        elif strategy == "random":
-            score = noise.float()
-        else:
-            score = p_sampled
+        score = SCORES[strategy](logits, p_sampled, noise)
         if self.config.order_temperature > 0 and strategy != "random":
             gumbel = -torch.log(-torch.log(noise.clamp(1e-300, 1 - 1e-16)))
             score = score.double().log() if strategy == "confidence" else score.double()
@@ -282,10 +287,16 @@ class DenoisingSampler:
         else:
             score = torch.full(x.shape, _NEG_INF, device=x.device)
             score[fill] = self.scores(processed, p, uniforms[:, 1][fill])
-            if cfg.confidence_threshold is not None:
+            p_full = torch.zeros(x.shape, device=x.device)
+            p_full[fill] = p
+            if cfg.strategy == "eb":
+                entropy = torch.zeros(x.shape, device=x.device)
+                entropy[fill] = -_neg_entropy(processed)
+                commit = masked & entropy_bounded(score, entropy, masked, cfg.eb_gamma)
+                if cfg.confidence_threshold is not None:
+                    commit |= masked & (p_full >= cfg.confidence_threshold)
+            elif cfg.confidence_threshold is not None:
                 best = _rank_descending(score) == 0
-                p_full = torch.zeros(x.shape, device=x.device)
-                p_full[fill] = p
                 commit = masked & ((p_full >= cfg.confidence_threshold) | best)
             else:
                 extra = self._remask_count(state, k, masked)  # [b] committed tokens to re-open
@@ -330,6 +341,38 @@ def continuation(editable: torch.Tensor) -> torch.Tensor:
     fixed_before = ~editable & (positions < last_editable[:, None])  # [b, l]
     last_fixed = torch.where(fixed_before, positions, -1).max(1).values  # [b]
     return editable & (positions > last_fixed[:, None])
+
+
+def entropy_bounded(score: torch.Tensor, entropy: torch.Tensor, masked: torch.Tensor, gamma: float) -> torch.Tensor:
+    """[b, l] bool: EB-sampler's set. Positions taken in ``score`` order (best first); the longest prefix
+    whose entropy sum minus its largest entropy is <= ``gamma`` (at least one per row with a mask).
+    The sum minus the max never falls as the prefix grows, so the set is a prefix of the order."""
+    order = score.masked_fill(~masked, _NEG_INF).argsort(dim=1, descending=True, stable=True)  # [b, l]
+    e = entropy.gather(1, order).masked_fill(~masked.gather(1, order), 0.0).clamp_min(0)  # [b, l] in that order
+    within = (e.cumsum(1) - e.cummax(1).values <= gamma) & masked.gather(1, order)  # [b, l] a prefix
+    count = within.sum(1).clamp_min(1)  # [b]
+    return order.argsort(dim=1) < count[:, None]
+
+
+def _neg_entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = logits.log_softmax(-1)
+    return (logp.exp() * logp).nan_to_num().sum(-1)  # [n] = -entropy (nats)
+
+
+def _margin(logits: torch.Tensor) -> torch.Tensor:
+    top2 = logits.softmax(-1).topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+# The unmasking order of each carry-over strategy: (processed logits [n, V], p of the sampled token [n],
+# uniform noise [n]) -> score [n], higher first. "eb" orders like "entropy" and then bounds the set size.
+SCORES = {
+    "confidence": lambda logits, p, noise: p,
+    "margin": lambda logits, p, noise: _margin(logits),
+    "entropy": lambda logits, p, noise: _neg_entropy(logits),
+    "eb": lambda logits, p, noise: _neg_entropy(logits),
+    "random": lambda logits, p, noise: noise.float(),
+}
 
 
 def _rank_descending(score: torch.Tensor) -> torch.Tensor:
