@@ -47,7 +47,7 @@ class GenerateArgs:
     order_temperature: float = field(default=2.0, metadata={
         "help": "Gumbel noise on the unmasking order (0: strictly most-confident first; see benchmarks/degeneration.py)."})
     repetition_penalty: float = field(default=1.3, metadata={"help": "Penalise tokens already in the sample (1: off)."})
-    eb_gamma: float = field(default=1.0, metadata={
+    eb_gamma: float = field(default=16.0, metadata={
         "help": "--strategy eb: entropy budget (nats, > 0) of the tokens committed in one step; larger = fewer calls."})
     cache: str = field(default="none", metadata={
         "help": "Reuse keys/values within a block (needs --block-length): none, prefix (recompute the block and "
