@@ -19,6 +19,7 @@ stay masked is ``round(schedule.mask_ratio(1 - (i+1)/n) * positions)``; the stra
 * ``eb`` — entropy-bounded unmasking (EB-sampler, arXiv 2505.24857): order the masked positions by
   entropy, lowest first, and commit the longest prefix whose summed entropy minus its largest stays
   within ``eb_gamma`` (at least one per row): as many tokens per call as the model is sure of together.
+  The entropy is that of the distribution the token is drawn from (after top-k, penalty, temperature).
 * ``block_length`` — semi-autoregressive: positions are split left to right into blocks, each denoised
   with its own share of the steps before the next one starts (LLaDA).
 """
