@@ -19,6 +19,7 @@ stay masked is ``round(schedule.mask_ratio(1 - (i+1)/n) * positions)``; the stra
 * ``eb`` — entropy-bounded unmasking (EB-sampler, arXiv 2505.24857): order the masked positions by
   entropy, lowest first, and commit the longest prefix whose summed entropy minus its largest stays
   within ``eb_gamma`` (at least one per row): as many tokens per call as the model is sure of together.
+  The entropy is that of the distribution the token is drawn from (after top-k, penalty, temperature).
 * ``block_length`` — semi-autoregressive: positions are split left to right into blocks, each denoised
   with its own share of the steps before the next one starts (LLaDA).
 
@@ -66,8 +67,10 @@ class SamplerConfig:
     order_temperature: float = field(default=2.0, metadata={
         "help": "Gumbel noise on the unmasking order (0: strictly most-confident first; see benchmarks/degeneration.py)."})
     repetition_penalty: float = field(default=1.3, metadata={"help": "Penalise tokens already in the sample (1: off)."})
-    eb_gamma: float = field(default=1.0, metadata={
-        "help": "--strategy eb: the entropy budget (nats) of the tokens committed together (EB-sampler)."})
+    # 16 is the middle of the frontier measured by benchmarks/generation_speed.py (at the paper's gamma <= 1 a
+    # small model commits one token per call)
+    eb_gamma: float = field(default=16.0, metadata={
+        "help": "--strategy eb: entropy budget (nats, > 0) of the tokens committed in one step; larger = fewer calls."})
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")
