@@ -93,7 +93,8 @@ def main() -> None:
         results = {name: measure(path, docs, args.samples, args.max_length, args.prompt_tokens)
                    for name, path in models.items()}
     if args.before == "git":
-        results["before"]["checkpoint"] = f"wiki-small at {BEFORE_REV}"
+        results["before"]["checkpoint"] = f"wiki-small at {BEFORE_REV} (end-of-text never a target)"
+    results["now"]["checkpoint"] = args.checkpoint
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",

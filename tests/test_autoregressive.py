@@ -30,6 +30,7 @@ def ar_run(tmp_path_factory):
     return tmp / "ar", docs
 
 
+@pytest.mark.slow
 def test_ar_baseline_learns_and_keeps_its_best_checkpoint(ar_run):
     out, _ = ar_run
     rows = curve(out)
@@ -41,6 +42,7 @@ def test_ar_baseline_learns_and_keeps_its_best_checkpoint(ar_run):
     assert settings["objective"] == "ar"
 
 
+@pytest.mark.slow
 def test_eval_reports_exact_nll_on_the_same_tokens_as_a_direct_computation(ar_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,6 +79,7 @@ def test_matched_size(tokenizer):
     assert abs(count_parameters(ar) - count_parameters(mdm)) / count_parameters(mdm) < 0.15
 
 
+@pytest.mark.slow
 def test_generate_from_the_ar_baseline(ar_run, tmp_path, capsys):
     out, _ = ar_run
     samples = tmp_path / "s.jsonl"

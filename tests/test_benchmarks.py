@@ -16,6 +16,7 @@ def run(*args, timeout=300):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_generation_speed_benchmark_runs(tmp_path):
     run("benchmarks/generation_speed.py", "--quick", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
@@ -42,6 +43,7 @@ def saved_checkpoint(tmp_path, tokenizer):
     return path
 
 
+@pytest.mark.slow
 def test_degeneration_benchmark_runs(tmp_path, saved_checkpoint):
     run("benchmarks/degeneration.py", "--checkpoint", str(saved_checkpoint), "--num-prompts", "3",
         "--new-tokens", "8", "--steps", "4", "--out", str(tmp_path / "deg"))
@@ -50,6 +52,7 @@ def test_degeneration_benchmark_runs(tmp_path, saved_checkpoint):
     assert all(0 <= r["distinct-2"] <= 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_on_the_cpu_in_its_short_mode(tmp_path):
     """benchmarks/gpu.sh --device cpu: training (interleaved, HF recipe vs ours) and generation, summarised."""
     r = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu", "--out", str(tmp_path)], cwd=ROOT,

@@ -12,13 +12,20 @@ from textdiffusion.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bundled_model_matches_its_recipe_and_size():
+def test_bundled_model_matches_its_recipes_and_size():
+    """Two stages: recipes/wiki-small.yaml from scratch, then recipes/wiki-small-eos.yaml (end-of-text learned),
+    whose run record ships with the model."""
     path = Path(bundled.resolve_checkpoint("wiki-small"))
     recipe = yaml.safe_load((ROOT / "recipes" / "wiki-small.yaml").read_text())
+    stage2 = yaml.safe_load((ROOT / "recipes" / "wiki-small-eos.yaml").read_text())
     run_args = json.loads((path / "run_args.json").read_text())
-    for key, value in recipe.items():
+    for key, value in stage2.items():
         if key != "output_dir":
             assert run_args[key] == value, key
+    from textdiffusion.config import DiffusionConfig
+
+    saved = DiffusionConfig.from_pretrained(path)
+    assert saved.corruption.learn_eos and saved.corruption.doc_end_fraction == stage2["doc_end_fraction"]
     config = json.loads((path / "config.json").read_text())
     from textdiffusion.modeling import PRESETS
 
@@ -70,6 +77,7 @@ def test_export_writes_fp16_weights_and_keeps_the_card(tmp_path, tokenizer):
     assert not dest.with_name("wiki-small.partial").exists()
 
 
+@pytest.mark.slow
 def test_demo_runs_in_its_short_mode(tmp_path, capsys):
     from textdiffusion.demo import main as demo
 

@@ -46,6 +46,7 @@ def trained(tmp_path_factory):
     return tmp / "run", docs
 
 
+@pytest.mark.slow
 def test_every_mask_level_improves(trained):
     out, _ = trained
     table = levels(out)
@@ -54,6 +55,7 @@ def test_every_mask_level_improves(trained):
         assert table[60][rate] < before - 0.5, (rate, before, table[60][rate])
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_reproduces_the_final_evaluation(trained):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -76,6 +78,7 @@ def test_checkpoint_round_trip_reproduces_the_final_evaluation(trained):
         assert abs(r.loss - final[round(r.mask_rate, 2)]) < 1e-3
 
 
+@pytest.mark.slow
 def test_output_dir_holding_a_run_is_refused_and_left_untouched(trained, tmp_path, capsys):
     out, docs = trained
     before = digest(out / "model.safetensors")
@@ -158,6 +161,7 @@ def test_local_model_without_mask_token_is_refused(tmp_path, small_jsonl, tokeni
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_console_script_exit_status(tmp_path):
     """The installed entry point, not just main(): a real process, a real exit code."""
     r = subprocess.run([sys.executable, "-m", "textdiffusion", "train", "--dataset", "nope-xyz",
@@ -166,6 +170,7 @@ def test_console_script_exit_status(tmp_path):
     assert r.returncode == 2 and "--dataset 'nope-xyz'" in r.stderr
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path, small_jsonl):
     """`torchrun --nproc_per_node 2` runs the same command unchanged (gloo on the CPU)."""
     out = tmp_path / "ddp"
