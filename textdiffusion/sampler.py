@@ -1,8 +1,9 @@
 """The denoising sampler: every decision of the generation loop, with the model call kept outside.
 
-It has the shape of a diffusers scheduler: ``set_timesteps`` fixes the plan, ``plan`` says how many
-tokens each row will commit at the next step (so the caller can skip the forward pass when nothing
-would change), and ``step(logits, state)`` returns the next state. Everything is one tensor operation
+It has the shape of a diffusers scheduler: ``set_timesteps`` fixes the plan (the step table: how much of a
+block stays masked after each step), ``plan`` says how many tokens each row will commit at the next step
+(so the caller can skip the forward pass when nothing would change), and ``step(logits, state)`` returns
+the next state, leaving the given one untouched; the state carries the step index. Everything is one tensor operation
 over the batch; the only Python loop is over rows to draw each sample's random numbers from its own
 ``torch.Generator``, which is what makes a sample independent of the batch it is generated in.
 
@@ -117,6 +118,7 @@ class DenoisingSampler:
         self.suppress = torch.tensor(sorted({int(i) for i in suppress_token_ids} | {mask_token_id}), dtype=torch.long)
         self.num_steps = config.steps
         self.steps_per_block = config.steps
+        self.keep_masked = torch.zeros(0, dtype=torch.float64)  # [steps_per_block], set by set_timesteps
 
     # -- the plan ---------------------------------------------------------------------------------
     def set_timesteps(self, num_steps: int, editable: torch.Tensor) -> list[str]:
@@ -138,6 +140,9 @@ class DenoisingSampler:
         self.steps_per_block, self.num_blocks = per_block, n_blocks
         self.block_span = span
         self.num_steps = per_block * n_blocks
+        # the step table: after step j of a block, this fraction of the block stays masked
+        t_next = 1.0 - torch.arange(1, per_block + 1, dtype=torch.float64) / per_block  # [steps_per_block]
+        self.keep_masked = self.schedule.mask_ratio(t_next).double()
         return notes
 
     def blocks(self, editable: torch.Tensor) -> torch.Tensor:
@@ -155,10 +160,10 @@ class DenoisingSampler:
         current = block.masked_fill(~masked, big).min(1).values  # [b] lowest block with masks left
         return state.editable & (block == current[:, None])
 
-    def needed_positions(self, state: DenoisingState) -> torch.Tensor:
+    def needed_positions(self, state: DenoisingState, region: torch.Tensor | None = None) -> torch.Tensor:
         """[b, l] bool: where the next ``step`` reads logits. The model may compute only these (its LM head
         is the most expensive part at a large vocabulary); ``step`` accepts logits [n, V] for them."""
-        region = self.region(state)
+        region = self.region(state) if region is None else region
         masked = (state.x == self.mask_token_id) & region
         if self.config.remask_fraction:
             return region  # remasking also scores the committed tokens of the region
@@ -170,22 +175,20 @@ class DenoisingSampler:
         until no mask is left rather than for a fixed number of steps."""
         return self.config.confidence_threshold is not None or self.config.strategy == "eb"
 
-    def plan(self, state: DenoisingState) -> torch.Tensor:
+    def plan(self, state: DenoisingState, region: torch.Tensor | None = None) -> torch.Tensor:
         """[b] number of positions each row unmasks at the next step (0: skip the model call)."""
-        region = self.region(state)
+        region = self.region(state) if region is None else region
         m = ((state.x == self.mask_token_id) & region).sum(1)
         if self.adaptive:
             return (m > 0).long()  # at least one; the threshold may add more once the logits are known
         if self.config.strategy == "remask-random":
-            return torch.where(m > 0, region.sum(1) - self._target_masked(state), 0)
-        return (m - self._target_masked(state)).clamp_min(0)
+            return torch.where(m > 0, region.sum(1) - self._target_masked(state, region), 0)
+        return (m - self._target_masked(state, region)).clamp_min(0)
 
-    def _target_masked(self, state: DenoisingState) -> torch.Tensor:
-        """[b] how many positions of the current region should still be masked after this step."""
-        j = state.step_index % self.steps_per_block
-        t_next = torch.tensor(1.0 - (j + 1) / self.steps_per_block, dtype=torch.float64)
-        size = self.region(state).sum(1).double()
-        return torch.round(self.schedule.mask_ratio(t_next) * size).long()
+    def _target_masked(self, state: DenoisingState, region: torch.Tensor) -> torch.Tensor:
+        """[b] how many positions of the current region should still be masked after this step (the table)."""
+        keep = self.keep_masked[state.step_index % self.steps_per_block]
+        return torch.round(keep * region.sum(1).double()).long()
 
     def skip(self, state: DenoisingState) -> DenoisingState:
         """The next state without a model call (a step that would commit nothing): only the clock moves."""
@@ -262,14 +265,14 @@ class DenoisingSampler:
         [b, l, V], or [n, V] at ``needed_positions(state)`` in row-major order."""
         cfg, mask_id = self.config, self.mask_token_id
         x = state.x.clone()
-        region = self.region(state)  # [b, l]
+        region = self.region(state)  # [b, l] computed once per step, passed to everything below
         masked = (x == mask_id) & region  # [b, l]
-        needed = self.needed_positions(state)  # [b, l]
+        needed = self.needed_positions(state, region)  # [b, l]
         if logits.dim() == 2:  # sparse: scatter the rows we were given into their positions' order
             sparse, logits = logits, None
             index = torch.full(x.shape, -1, dtype=torch.long, device=x.device)
             index[needed] = torch.arange(int(needed.sum()), device=x.device)
-        k = self.plan(state)  # [b]
+        k = self.plan(state, region)  # [b]
         uniforms = self._draw(state.generators, x.shape[1], x.device)  # [b, 2, l]
         fill = masked  # the positions sampled this step
 
@@ -283,7 +286,7 @@ class DenoisingSampler:
 
         if cfg.strategy == "remask-random":
             # Original sampler: everything is filled, then a random subset of the region is masked again.
-            keep_masked = self._target_masked(state)  # [b]
+            keep_masked = self._target_masked(state, region)  # [b]
             rank = _rank_descending(uniforms[:, 1].float().masked_fill(~region, -1.0))  # random order
             remask = region & (rank < keep_masked[:, None])
             x = proposal.masked_fill(remask, mask_id)
@@ -302,7 +305,7 @@ class DenoisingSampler:
                 best = _rank_descending(score) == 0
                 commit = masked & ((p_full >= cfg.confidence_threshold) | best)
             else:
-                extra = self._remask_count(state, k, masked)  # [b] committed tokens to re-open
+                extra = self._remask_count(state, k, masked, region)  # [b] committed tokens to re-open
                 commit = masked & (_rank_descending(score) < (k + extra)[:, None])
                 if bool(extra.any()):
                     older = (x != mask_id) & region  # committed before this step
@@ -322,17 +325,16 @@ class DenoisingSampler:
         after_eos = ((x == self.eos_token_id) & tail).long().cumsum(1) > 0  # [b, l] the first EOS and everything after
         return x.masked_fill(after_eos & tail & (x == self.mask_token_id), self.eos_token_id)
 
-    def _remask_count(self, state: DenoisingState, k: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    def _remask_count(self, state: DenoisingState, k: torch.Tensor, masked: torch.Tensor,
+                      region: torch.Tensor) -> torch.Tensor:
         """ReMDM-style: re-mask ``remask_fraction * mask_ratio(t_next)`` of the committed tokens (0 at the end)."""
         if not self.config.remask_fraction:
             return torch.zeros_like(k)
         j = state.step_index % self.steps_per_block
         if j == self.steps_per_block - 1:
             return torch.zeros_like(k)
-        t_next = torch.tensor(1.0 - (j + 1) / self.steps_per_block, dtype=torch.float64)
-        region = self.region(state)
         committed = ((state.x != self.mask_token_id) & region).sum(1)
-        extra = torch.floor(self.config.remask_fraction * self.schedule.mask_ratio(t_next) * committed).long()
+        extra = torch.floor(self.config.remask_fraction * self.keep_masked[j] * committed).long()
         return torch.minimum(extra, masked.sum(1) - k).clamp_min(0)
 
 
