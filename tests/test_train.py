@@ -65,12 +65,15 @@ def test_checkpoint_round_trip_reproduces_the_final_evaluation(trained):
     for name in ["model.safetensors", "config.json", "tokenizer.json", "diffusion_config.json", "run_args.json",
                  "per_level_loss.png", "checkpoint-60/model.safetensors", "checkpoint-60/diffusion_config.json"]:
         assert (out / name).exists(), name
-    settings = json.loads((out / "diffusion_config.json").read_text())
-    assert settings["prefix_length"] == 5 and settings["time_sampling"] == "grid"
-    assert settings["mask_probs"] == pytest.approx([0.1 * i for i in range(1, 11)])
+    from textdiffusion.config import DiffusionConfig
+
+    config = DiffusionConfig.from_pretrained(out)
+    assert config.prefix_length == 5 and config.corruption.time_sampling == "grid" and config.corruption.learn_eos
+    assert config.corruption.mask_probs == pytest.approx([0.1 * i for i in range(1, 11)])
+    assert DiffusionConfig.from_pretrained(out / "checkpoint-60") == config
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForMaskedLM.from_pretrained(out)
-    assert settings["mask_token_id"] == tokenizer.mask_token_id
+    assert config.mask_token_id == tokenizer.mask_token_id
     val = pack(load_corpus(str(docs)).validation, tokenizer, 64, keep_remainder=True)[:16]
     results = per_level_loss(model, val, collator_for_tokenizer(tokenizer, prefix_length=5), batch_size=32)
     final = levels(out)[60]

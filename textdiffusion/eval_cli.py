@@ -98,17 +98,22 @@ def _write(args: EvalArgs, report: str, result: dict) -> None:
 
 
 def run_eval(args: EvalArgs) -> dict:
-    from .autoregressive import is_causal_checkpoint
+    """Evaluate a checkpoint as its objective says (the registry in objectives.py)."""
     from .bundled import resolve_checkpoint
+    from .objectives import objective_of_checkpoint
+
+    args.checkpoint = resolve_checkpoint(args.checkpoint)
+    return objective_of_checkpoint(args.checkpoint).evaluate(args)
+
+
+def run_diffusion_eval(args: EvalArgs) -> dict:
+    """Per-level loss and the NELBO of a masked diffusion checkpoint."""
     from .collator import collator_from_config
     from .data import unigram_entropy
     from .evaluation import nelbo, per_level_loss
     from .modeling import load_masked_lm
     from .reporting import format_level_table
 
-    args.checkpoint = resolve_checkpoint(args.checkpoint)
-    if is_causal_checkpoint(args.checkpoint):
-        return run_causal_eval(args)
     tokenizer, model, config, max_length, blocks = _load(args, partial(load_masked_lm, flag="--checkpoint"))
     collator = collator_from_config(tokenizer, config.corruption, training=False)
     levels = per_level_loss(model, blocks, collator, batch_size=args.batch_size)

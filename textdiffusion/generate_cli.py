@@ -110,18 +110,23 @@ def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
 
 
 def run_generate(args: GenerateArgs) -> list[str]:
-    from .autoregressive import is_causal_checkpoint
-    from .generation import DiffusionGenerator, resolve_device, resolve_dtype, write_trace
-
+    """Generate from a checkpoint as its objective says (the registry in objectives.py)."""
     from .bundled import resolve_checkpoint
     from .checkpoints import require_loadable_weights
+    from .generation import resolve_device, resolve_dtype
+    from .objectives import objective_of_checkpoint
 
     args.checkpoint = resolve_checkpoint(args.checkpoint)
     require_loadable_weights(args.checkpoint)
     device = resolve_device(args.device)  # checked before the (slow) model load
     dtype = resolve_dtype(args.dtype, device)
-    if is_causal_checkpoint(args.checkpoint):
-        return run_causal_generate(args, device, dtype)
+    return objective_of_checkpoint(args.checkpoint).generate(args, device, dtype)
+
+
+def run_diffusion_generate(args: GenerateArgs, device, dtype) -> list[str]:
+    """Iterative denoising, with the steps shown, animated or traced as the flags say."""
+    from .generation import DiffusionGenerator, write_trace
+
     generator = DiffusionGenerator.from_pretrained(args.checkpoint, device=str(device), dtype=dtype, compile=args.compile)
     n = args.num_samples
     templates = [args.infill] * n if args.infill is not None else None

@@ -27,8 +27,7 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from .autoregressive import OBJECTIVES, build_ar_model, causal_nll, load_causal_lm
-from .bundled import resolve_checkpoint
+from .autoregressive import causal_nll
 from .checkpoints import (checkpoint_problem, checkpoints, newest_good_checkpoint, remove_partial_saves, staging_folder,
                           trainer_state)
 from .collator import collator_from_config, collator_for_tokenizer
@@ -36,9 +35,9 @@ from .config import CorruptionConfig, DiffusionConfig
 from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
 from .errors import UsageError
 from .evaluation import nelbo, per_level_loss, scored_positions
-from .modeling import (PRESET_ARCHITECTURES, PRESETS, build_preset_model, count_parameters, enable_masked_head,
-                       load_masked_lm, preset_tokenizer)
+from .modeling import PRESET_ARCHITECTURES, PRESETS, count_parameters, preset_tokenizer
 from .objective import diffusion_loss
+from .objectives import OBJECTIVES
 from .reporting import append_level_csv, format_level_table, plot_level_curves
 
 logger = logging.getLogger("textdiffusion")
@@ -60,7 +59,7 @@ class TrainArgs(CorruptionConfig):
 
     # what to train
     objective: str = field(default="diffusion", metadata={
-        "help": "diffusion (masked LM, this project) or ar (a GPT-2 baseline of the preset's size on the same tokens)."})
+        "help": "; ".join(f"{o.name}: {o.what}" for o in OBJECTIVES.values())})
     model_name: str = field(default="distilroberta-base", metadata={
         "help": "Hub id or local directory of a masked LM to fine-tune (ignored with --preset)."})
     preset: Optional[str] = field(default=None, metadata={
@@ -112,7 +111,7 @@ class TrainArgs(CorruptionConfig):
             (self.batch_size >= 1, "--batch-size", self.batch_size, "must be a positive integer"),
             (self.max_steps == -1 or self.max_steps >= 1, "--max-steps", self.max_steps, "must be -1 or >= 1"),
             (self.max_length >= 8, "--max-length", self.max_length, "must be >= 8"),
-            (self.objective in OBJECTIVES, "--objective", self.objective, f"must be one of {OBJECTIVES}"),
+            (self.objective in OBJECTIVES, "--objective", self.objective, f"must be one of {tuple(OBJECTIVES)}"),
             (self.preset is None or self.preset in PRESETS, "--preset", self.preset, f"must be one of {sorted(PRESETS)}"),
             (self.architecture in PRESET_ARCHITECTURES, "--architecture", self.architecture, f"must be one of {PRESET_ARCHITECTURES}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision", self.precision, "must be auto, fp32, bf16 or fp16"),
@@ -405,24 +404,17 @@ def run_training(args: TrainArgs) -> Path:
         torch.distributed.barrier()
     set_seed(args.seed)
 
+    objective = OBJECTIVES[args.objective]
     corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)
     if args.preset:
         vocab = args.vocab_size or PRESETS[args.preset].vocab_size
         with training_args.main_process_first(desc="tokenizer"):
             work_dir.mkdir(parents=True, exist_ok=True)
             tokenizer = preset_tokenizer(corpus.train, vocab, work_dir / "tokenizer")
-        if args.objective == "ar":
-            model = build_ar_model(args.preset, tokenizer, args.max_length, args.dropout)
-        else:
-            model = build_preset_model(args.preset, tokenizer, args.max_length, args.dropout, args.architecture)
-    elif args.objective == "ar":
-        tokenizer, model = load_causal_lm(args.model_name)
+        model = objective.build(args.preset, tokenizer, args.max_length, args.dropout, args.architecture)
     else:
-        tokenizer, model = load_masked_lm(resolve_checkpoint(args.model_name))  # a bundled name fine-tunes it
-    if args.objective == "diffusion":
-        enable_masked_head(model)  # before Trainer/Accelerate wrap the model
-    elif tokenizer.mask_token_id is None:  # the AR baseline never masks; the collator still wants the id
-        tokenizer.add_special_tokens({"mask_token": "<mask>"})
+        tokenizer, model = objective.load(args.model_name)
+    objective.prepare(tokenizer, model)  # before Trainer/Accelerate wrap the model
     corruption = args.corruption()
     collator = collator_from_config(tokenizer, corruption, seed=args.seed + 7919 * training_args.process_index,
                                     gather_buckets=8 if args.compile else 0)
@@ -464,12 +456,7 @@ def run_training(args: TrainArgs) -> Path:
     common = dict(model=model, args=training_args, train_dataset=BlockDataset(train_blocks),
                   eval_dataset=BlockDataset(val_eval), processing_class=tokenizer, diffusion_config=config,
                   tokens_per_step=args.batch_size * args.max_length * training_args.world_size, level_eval=level_eval)
-    if args.objective == "ar":
-        from transformers import DataCollatorForLanguageModeling
-
-        trainer = CausalTrainer(data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), **common)
-    else:
-        trainer = DiffusionTrainer(data_collator=collator, loss_weighting=args.loss_weighting, **common)
+    trainer = objective.trainer(tokenizer, collator, args.loss_weighting, **common)
     if resume_from is None:
         trainer.evaluate()  # step 0: the "before" row every level must improve on
     else:
@@ -492,8 +479,7 @@ def run_training(args: TrainArgs) -> Path:
         best_step = int(best.rsplit("-", 1)[1]) if best else trainer.state.global_step
         if best_step in trainer.level_results:
             print(verdict(trainer.level_results[best_step], references))
-        print(f"best validation NLL{' bound' if args.objective == 'diffusion' else ''}: {trainer.state.best_metric:.4f} "
+        print(f"best validation {objective.bound}: {trainer.state.best_metric:.4f} "
               f"nats/token at {Path(best).name if best else 'the last step'}; that model is the final one", flush=True)
-        outputs = f"{LEVEL_CSV}, {LEVEL_PNG} and {CURVE_CSV}" if args.objective == "diffusion" else CURVE_CSV
-        print(f"done: model, {outputs} are in {final_dir}/", flush=True)
+        print(f"done: model, {objective.outputs} are in {final_dir}/", flush=True)
     return final_dir

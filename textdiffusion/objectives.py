@@ -1,0 +1,121 @@
+"""The training objectives, one registry entry each: diffusion (this project) and ar (the GPT-2 baseline).
+
+An objective owns everything that differs between the two: how its model is built from a preset or
+loaded from a checkpoint, what is done to it before Trainer wraps it, which Trainer (and so which batches
+and loss) trains it, how `eval` scores it and how `generate` samples it. Training, evaluation and
+generation ask the registry instead of branching on ``objective == "ar"``; a new objective is one entry.
+Imports are lazy so that choosing one never loads the other's code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    what: str  # one line for --help
+    bound: str  # what its validation number is: an upper bound (NELBO) or the exact NLL
+    outputs: str  # the report files a run of it writes
+    build: Callable  # (preset, tokenizer, max_length, dropout, architecture) -> model
+    load: Callable  # (name_or_path) -> (tokenizer, model)
+    prepare: Callable  # (tokenizer, model) -> None, before Trainer/Accelerate wrap the model
+    trainer: Callable  # (tokenizer, diffusion collator, loss_weighting, **Trainer kwargs) -> Trainer
+    evaluate: Callable  # (EvalArgs) -> dict
+    generate: Callable  # (GenerateArgs, device, dtype) -> list[str]
+
+
+# -- diffusion ---------------------------------------------------------------------------------------
+def _build_masked(preset, tokenizer, max_length, dropout, architecture):
+    from .modeling import build_preset_model
+
+    return build_preset_model(preset, tokenizer, max_length, dropout, architecture)
+
+
+def _load_masked(name_or_path):
+    from .bundled import resolve_checkpoint
+    from .modeling import load_masked_lm
+
+    return load_masked_lm(resolve_checkpoint(name_or_path))  # a bundled name fine-tunes it
+
+
+def _prepare_masked(tokenizer, model) -> None:
+    from .modeling import enable_masked_head
+
+    enable_masked_head(model)  # the LM head at masked positions only, inside the model's own forward
+
+
+def _diffusion_trainer(tokenizer, collator, loss_weighting, **kwargs):
+    from .train import DiffusionTrainer
+
+    return DiffusionTrainer(data_collator=collator, loss_weighting=loss_weighting, **kwargs)
+
+
+def _evaluate_diffusion(args):
+    from .eval_cli import run_diffusion_eval
+
+    return run_diffusion_eval(args)
+
+
+def _generate_diffusion(args, device, dtype):
+    from .generate_cli import run_diffusion_generate
+
+    return run_diffusion_generate(args, device, dtype)
+
+
+# -- the autoregressive baseline ---------------------------------------------------------------------
+def _build_causal(preset, tokenizer, max_length, dropout, architecture):
+    from .autoregressive import build_ar_model
+
+    return build_ar_model(preset, tokenizer, max_length, dropout)
+
+
+def _load_causal(name_or_path):
+    from .autoregressive import load_causal_lm
+
+    return load_causal_lm(name_or_path)
+
+
+def _prepare_causal(tokenizer, model) -> None:
+    if tokenizer.mask_token_id is None:  # the AR baseline never masks; the shared collator still wants the id
+        tokenizer.add_special_tokens({"mask_token": "<mask>"})
+
+
+def _causal_trainer(tokenizer, collator, loss_weighting, **kwargs):
+    from transformers import DataCollatorForLanguageModeling
+
+    from .train import CausalTrainer
+
+    return CausalTrainer(data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), **kwargs)
+
+
+def _evaluate_causal(args):
+    from .eval_cli import run_causal_eval
+
+    return run_causal_eval(args)
+
+
+def _generate_causal(args, device, dtype):
+    from .generate_cli import run_causal_generate
+
+    return run_causal_generate(args, device, dtype)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "diffusion": Objective("diffusion", "masked LM trained at every corruption level (this project)", "NLL bound",
+                           "per_level_loss.csv, per_level_loss.png and validation_curve.csv", _build_masked,
+                           _load_masked, _prepare_masked, _diffusion_trainer, _evaluate_diffusion, _generate_diffusion),
+    "ar": Objective("ar", "a GPT-2 of the preset's size on the same tokens (the baseline)", "NLL",
+                    "validation_curve.csv", _build_causal, _load_causal, _prepare_causal, _causal_trainer,
+                    _evaluate_causal, _generate_causal),
+}
+
+
+def objective_of_checkpoint(path: str) -> Objective:
+    """The objective a checkpoint directory was trained with (a causal LM from elsewhere counts as ar)."""
+    from .autoregressive import is_causal_checkpoint
+
+    return OBJECTIVES["ar" if Path(path).exists() and is_causal_checkpoint(path) else "diffusion"]
