@@ -39,7 +39,8 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 from textdiffusion.collator import collator_from_config
 from textdiffusion.data import BlockDataset, load_corpus, pack
 from textdiffusion.modeling import PRESETS, build_preset_model, enable_masked_head, preset_tokenizer
-from textdiffusion.train import DiffusionTrainer, TrainArgs, training_arguments
+from textdiffusion.train import DiffusionTrainer, training_arguments
+from textdiffusion.train_cli import TrainArgs
 
 
 class StepClock(TrainerCallback):

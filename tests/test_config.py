@@ -1,7 +1,6 @@
 """DiffusionConfig: one home for a checkpoint's settings, saved beside the weights, read by every consumer."""
 
 import json
-from pathlib import Path
 
 import pytest
 

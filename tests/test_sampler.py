@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from textdiffusion.config import DiffusionConfig
 from textdiffusion.generation import DiffusionGenerator
 from textdiffusion.sampler import DenoisingSampler, DenoisingState, SamplerConfig
 from textdiffusion.schedules import get_schedule

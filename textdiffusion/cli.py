@@ -59,7 +59,7 @@ def _parse(dataclass_type, argv: list[str], prog: str):
 
 
 def _train(argv: list[str]) -> int:
-    from .train import TrainArgs, run_training
+    from .train_cli import TrainArgs, run_training
 
     run_training(_parse(TrainArgs, argv, "textdiffusion train"))
     return 0

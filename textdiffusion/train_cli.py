@@ -1,0 +1,303 @@
+"""`textdiffusion train`: its flags (``TrainArgs``), the guards on the output folder, and the run.
+
+    textdiffusion train --quick-test --preset tiny            # minutes on a laptop CPU
+    textdiffusion train --quick-test --preset tiny --objective ar   # the GPT-2 baseline, same tokens
+    textdiffusion train --config recipes/wiki-small.yaml      # a recipe: any flag from a file
+    torchrun --nproc_per_node 2 -m textdiffusion train ...    # DDP, unchanged
+
+The Trainers themselves (loss, evaluation, crash-safe checkpoints) are in train.py; this module decides
+where a run writes (never over another run; --resume from the newest good checkpoint, --overwrite only
+once the new run succeeds) and puts data, model, collator and Trainer together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import set_seed
+
+from .checkpoints import checkpoint_problem, checkpoints, newest_good_checkpoint, remove_partial_saves, trainer_state
+from .collator import collator_from_config
+from .config import CorruptionConfig, DiffusionConfig
+from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
+from .errors import UsageError
+from .evaluation import scored_positions
+from .modeling import PRESET_ARCHITECTURES, PRESETS, count_parameters, preset_tokenizer
+from .objectives import OBJECTIVES
+from .train import CURVE_CSV, LEVEL_CSV, training_arguments
+
+logger = logging.getLogger("textdiffusion")
+
+RUN_ARGS_NAME = "run_args.json"
+
+# Settings that define "the same run": --resume refuses an output dir trained with other values.
+RUN_IDENTITY = ("objective", "model_name", "preset", "architecture", "dataset", "text_column", "max_length", "vocab_size", "seed")
+# What --quick-test means: a CPU-sized run of the whole pipeline (about 10 minutes on 2 cores with --preset tiny).
+QUICK_TEST = {"max_steps": 1500, "eval_steps": 300, "eval_blocks": 128, "logging_steps": 50}
+
+
+@dataclass
+class TrainArgs(CorruptionConfig):
+    """The flags of `textdiffusion train`: the corruption settings (inherited from CorruptionConfig, validated
+    there) and the run's own."""
+
+    # what to train
+    objective: str = field(default="diffusion", metadata={
+        "help": "; ".join(f"{o.name}: {o.what}" for o in OBJECTIVES.values())})
+    model_name: str = field(default="distilroberta-base", metadata={
+        "help": "Hub id or local directory of a masked LM to fine-tune (ignored with --preset)."})
+    preset: Optional[str] = field(default=None, metadata={
+        "help": f"Train from scratch: one of {sorted(PRESETS)} (a ModernBERT config and a BPE tokenizer trained on the data)."})
+    architecture: str = field(default="modernbert", metadata={
+        "help": "Architecture of a preset: modernbert (local-first attention), or for comparison modernbert-stock "
+                "(ModernBERT's own attention layout) and roberta (post-LN); both plateau from scratch."})
+    vocab_size: int = field(default=0, metadata={"help": "Preset tokenizer vocabulary size (0: the preset's default)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout of a preset model."})
+    # data
+    dataset: str = field(default="wiki-vital", metadata={
+        "help": "Bundled corpus (wiki-vital, austen), a local .txt/.jsonl/.csv/.parquet file or folder, "
+                "or a Hugging Face dataset id[:config] such as wikitext:wikitext-2-raw-v1."})
+    text_column: str = field(default="text", metadata={"help": "Column/field that holds the text."})
+    validation_fraction: float = field(default=0.05, metadata={"help": "Documents held out when the source has no validation split."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per packed training block."})
+    # optimisation
+    epochs: int = field(default=3, metadata={"help": "Passes over the training blocks (ignored when --max-steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps (-1: use --epochs)."})
+    batch_size: int = field(default=16, metadata={"help": "Blocks per device per step."})
+    learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "Peak learning rate (default: 5e-5 to fine-tune, 2e-3 for a preset)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup: float = field(default=0.05, metadata={"help": "Warm-up: a fraction of the steps (< 1) or a step count."})
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and masks."})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU or CPU (AMX) that runs it fast, else fp32), fp32, bf16, fp16."})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU)."})
+    num_workers: int = field(default=0, metadata={"help": "Dataloader worker processes."})
+    # evaluation, logging, checkpoints
+    eval_steps: int = field(default=500, metadata={"help": "Evaluate every N steps (loss at each mask level)."})
+    eval_blocks: int = field(default=256, metadata={"help": "Validation blocks used by each evaluation."})
+    logging_steps: int = field(default=50, metadata={"help": "Log loss and tokens/s every N steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept in the output dir."})
+    output_dir: str = field(default="runs/textdiffusion", metadata={"help": "Where checkpoints, tables and plots go."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a run already in --output-dir (only once the new run succeeds)."})
+    resume: bool = field(default=False, metadata={"help": "Continue the run in --output-dir from its last checkpoint."})
+    quick_test: bool = field(default=False, metadata={
+        "help": "A short CPU-sized run: 1,500 steps, evaluations every 300 steps on 128 validation blocks."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # the corruption settings
+        if self.quick_test:
+            self.max_steps = self.max_steps if self.max_steps > 0 else QUICK_TEST["max_steps"]
+            self.eval_steps = min(self.eval_steps, QUICK_TEST["eval_steps"])
+            self.eval_blocks = min(self.eval_blocks, QUICK_TEST["eval_blocks"])
+            self.logging_steps = min(self.logging_steps, QUICK_TEST["logging_steps"])
+        checks = [
+            (self.epochs >= 1, "--epochs", self.epochs, "must be a positive integer"),
+            (self.batch_size >= 1, "--batch-size", self.batch_size, "must be a positive integer"),
+            (self.max_steps == -1 or self.max_steps >= 1, "--max-steps", self.max_steps, "must be -1 or >= 1"),
+            (self.max_length >= 8, "--max-length", self.max_length, "must be >= 8"),
+            (self.objective in OBJECTIVES, "--objective", self.objective, f"must be one of {tuple(OBJECTIVES)}"),
+            (self.preset is None or self.preset in PRESETS, "--preset", self.preset, f"must be one of {sorted(PRESETS)}"),
+            (self.architecture in PRESET_ARCHITECTURES, "--architecture", self.architecture, f"must be one of {PRESET_ARCHITECTURES}"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision", self.precision, "must be auto, fp32, bf16 or fp16"),
+            (self.eval_steps >= 1, "--eval-steps", self.eval_steps, "must be >= 1"),
+            (self.eval_blocks >= 1, "--eval-blocks", self.eval_blocks, "must be >= 1"),
+            (self.vocab_size == 0 or self.vocab_size >= 300, "--vocab-size", self.vocab_size, "must be 0 (preset default) or >= 300"),
+            (self.learning_rate is None or self.learning_rate > 0, "--learning-rate", self.learning_rate, "must be > 0"),
+            (not (self.resume and self.overwrite), "--resume", self.resume, "cannot be combined with --overwrite"),
+            (0.0 <= self.dropout < 1.0, "--dropout", self.dropout, "must be in [0, 1)"),
+        ]
+        for ok, flag, value, rule in checks:
+            if not ok:
+                raise UsageError(f"{flag} {rule}, got {value!r}.")
+        self.check_block(self.max_length)
+        if self.learning_rate is None:
+            self.learning_rate = 2e-3 if self.preset else 5e-5
+
+    def corruption(self) -> CorruptionConfig:
+        """The corruption settings of this run, with end-of-text padding only where it applies."""
+        corruption = CorruptionConfig.pick(self)
+        if not self.learn_eos or self.objective != "diffusion":
+            corruption.doc_end_fraction = 0.0
+        return corruption
+
+
+def verdict(results, references: dict[str, float], up_to: float = 0.9) -> str:
+    """One line: how far below the context-free baselines (the lower, stricter one) the levels up to
+    ``up_to`` ended."""
+    bar = min(references.values())
+    worst = max((r for r in results if r.mask_rate <= up_to + 1e-9), key=lambda r: r.loss)
+    margin = bar - worst.loss
+    status = "below" if margin > 0 else "NOT below"
+    return (f"\nevery mask level <= {up_to:.1f} is {status} the unigram baselines (worst: {worst.loss:.3f} nats at "
+            f"{worst.mask_rate:.1f}, baseline {bar:.3f}, margin {margin:+.3f} nats)")
+
+
+# -- output-dir safety ------------------------------------------------------------------------------
+def _has_checkpoint(path: Path) -> bool:
+    return any(path.glob("checkpoint-*"))
+
+
+def check_output_dir(args: TrainArgs) -> Path:
+    """Decide where this run writes, refusing anything that would overwrite another run.
+
+    Returns the directory to train into: ``--output-dir`` itself, or with --overwrite a staging folder
+    beside it that replaces ``--output-dir`` only after the run has succeeded.
+    """
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {args.output_dir!r} exists and is not a directory.")
+    occupied = out.exists() and any(out.iterdir())
+    if args.resume:
+        if not occupied or not _has_checkpoint(out):
+            raise UsageError(f"--resume: --output-dir {args.output_dir!r} holds no checkpoint to continue from.")
+        if not any(checkpoint_problem(folder) is None for _, folder in checkpoints(out)):
+            raise UsageError(f"--resume: no checkpoint in --output-dir {args.output_dir!r} is complete and readable; "
+                             "start again with --overwrite.")
+        saved = json.loads((out / RUN_ARGS_NAME).read_text()) if (out / RUN_ARGS_NAME).exists() else {}
+        defaults = {f.name: f.default for f in fields(TrainArgs)}  # a setting added since that run had its default
+        differs = {k: (saved.get(k, defaults[k]), getattr(args, k)) for k in RUN_IDENTITY
+                   if saved.get(k, defaults[k]) != getattr(args, k)}
+        if differs:
+            raise UsageError(f"--resume: --output-dir {args.output_dir!r} holds a different run "
+                             f"(saved vs now: {differs}); resume with the same settings or pick another --output-dir.")
+        return out
+    if occupied and not args.overwrite:
+        what = "a run" if (out / RUN_ARGS_NAME).exists() or _has_checkpoint(out) else "other files"
+        raise UsageError(f"--output-dir {args.output_dir!r} already holds {what}; pass --resume to continue it, "
+                         "--overwrite to replace it once the new run succeeds, or choose another --output-dir.")
+    if occupied:
+        return out.with_name(out.name + ".partial")
+    return out
+
+
+def _truncate_csv(path: Path, last_step: int) -> None:
+    """Keep the header and the rows of steps <= ``last_step`` (the first column is the step)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= last_step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Swap a finished staging dir into place; the old run is removed only after the swap."""
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old)
+
+
+def run_training(args: TrainArgs) -> Path:
+    """Train as ``args`` says; returns the output dir holding the final model."""
+    final_dir = Path(args.output_dir)
+    work_dir = check_output_dir(args)  # validated before anything is written
+    resume_from, resumed_step = None, 0
+    if args.resume:
+        remove_partial_saves(work_dir)
+        resume_from = newest_good_checkpoint(work_dir)
+        state = trainer_state(resume_from)
+        resumed_step = int(state["global_step"])
+        target = args.max_steps if args.max_steps > 0 else int(state.get("max_steps", 0))
+        if resumed_step >= target and (work_dir / "model.safetensors").exists():
+            print(f"--resume: the run in {args.output_dir} already finished ({resumed_step} of {target} steps); "
+                  "nothing to do.", flush=True)
+            return final_dir
+    training_args = training_arguments(args, work_dir)
+    is_main = training_args.process_index == 0
+    if is_main and work_dir != final_dir and work_dir.exists():
+        shutil.rmtree(work_dir)  # the staging dir of an earlier --overwrite run that failed
+    if training_args.world_size > 1:
+        torch.distributed.barrier()
+    set_seed(args.seed)
+
+    objective = OBJECTIVES[args.objective]
+    corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)
+    if args.preset:
+        vocab = args.vocab_size or PRESETS[args.preset].vocab_size
+        with training_args.main_process_first(desc="tokenizer"):
+            work_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer = preset_tokenizer(corpus.train, vocab, work_dir / "tokenizer")
+        model = objective.build(args.preset, tokenizer, args.max_length, args.dropout, args.architecture)
+    else:
+        tokenizer, model = objective.load(args.model_name)
+    objective.prepare(tokenizer, model)  # before Trainer/Accelerate wrap the model
+    corruption = args.corruption()
+    collator = collator_from_config(tokenizer, corruption, seed=args.seed + 7919 * training_args.process_index,
+                                    gather_buckets=8 if args.compile else 0)
+
+    train_blocks = pack(corpus.train, tokenizer, args.max_length, doc_end_fraction=corruption.doc_end_fraction,
+                        seed=args.seed)
+    val_blocks = pack(corpus.validation, tokenizer, args.max_length, keep_remainder=True)
+    if len(train_blocks) < args.batch_size * training_args.world_size:
+        raise UsageError(f"--dataset {args.dataset!r} gives {len(train_blocks)} training block(s) of "
+                         f"{args.max_length} tokens: fewer than one batch (--batch-size {args.batch_size}).")
+    val_eval = val_blocks[: args.eval_blocks]
+    cls, sep = boundary_ids(tokenizer)
+    special = list(tokenizer.all_special_ids)
+    references = {  # what a model that ignores context scores: the bar every mask level must clear
+        "unigram entropy of the validation tokens": unigram_entropy(val_blocks, special),
+        "unigram cross-entropy (training-set token frequencies)": unigram_cross_entropy(train_blocks, val_eval, special),
+    }
+    if is_main:
+        print(f"data: {args.dataset}: {len(corpus.train):,} train / {len(corpus.validation):,} validation documents -> "
+              f"{len(train_blocks):,} train / {len(val_blocks):,} validation blocks of {args.max_length} tokens", flush=True)
+        print(f"model: {args.preset and 'preset ' + args.preset or args.model_name} ({model.config.model_type}, "
+              f"{count_parameters(model) / 1e6:.1f}M parameters, vocab {len(tokenizer):,}), "
+              f"{training_args.world_size} process(es) on {training_args.device.type}", flush=True)
+
+    config = DiffusionConfig(objective=args.objective, max_length=args.max_length, mask_token_id=tokenizer.mask_token_id,
+                             cls_token_id=cls, sep_token_id=sep, corruption=corruption)
+    if is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / RUN_ARGS_NAME).write_text(json.dumps(asdict(args), indent=2) + "\n")
+        (work_dir / "references.json").write_text(json.dumps(references, indent=2) + "\n")
+
+    # validation scores the tokens it always scored (end-of-text is conditioned on, not scored), so numbers
+    # stay comparable across runs and with the AR baseline; end_of_text_at_document_ends measures the stops
+    eval_collator = collator_from_config(tokenizer, corruption, training=False)
+    level_eval = {"blocks": val_eval, "collator": eval_collator, "report_dir": str(work_dir), "references": references,
+                  "title": f"{args.preset or args.model_name} on {args.dataset}",
+                  # the tokens the NELBO scores (after the prefix, not special): the AR baseline is scored on these
+                  "scored": scored_positions(val_eval, tokenizer, args.prefix_length)}
+    common = dict(model=model, args=training_args, train_dataset=BlockDataset(train_blocks),
+                  eval_dataset=BlockDataset(val_eval), processing_class=tokenizer, diffusion_config=config,
+                  tokens_per_step=args.batch_size * args.max_length * training_args.world_size, level_eval=level_eval)
+    trainer = objective.trainer(tokenizer, collator, args.loss_weighting, **common)
+    if resume_from is None:
+        trainer.evaluate()  # step 0: the "before" row every level must improve on
+    else:
+        # the masks of batch j depend only on (seed, j): continue the uninterrupted run's stream exactly
+        collator.reseed(collator.seed, batch_offset=resumed_step)
+        if is_main:  # drop rows an interrupted run logged after its last complete checkpoint
+            for name in (LEVEL_CSV, CURVE_CSV):
+                _truncate_csv(work_dir / name, resumed_step)
+        print(f"resuming from {resume_from} (step {resumed_step})", flush=True)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)  # evaluates and saves the last step too
+    trainer.save_model(str(work_dir))
+    if is_main:
+        config.save_pretrained(work_dir)
+    if training_args.world_size > 1:
+        torch.distributed.barrier()
+    if is_main and work_dir != final_dir:
+        _replace_dir(work_dir, final_dir)
+    if is_main:
+        best = trainer.state.best_model_checkpoint
+        best_step = int(best.rsplit("-", 1)[1]) if best else trainer.state.global_step
+        if best_step in trainer.level_results:
+            print(verdict(trainer.level_results[best_step], references))
+        print(f"best validation {objective.bound}: {trainer.state.best_metric:.4f} "
+              f"nats/token at {Path(best).name if best else 'the last step'}; that model is the final one", flush=True)
+        print(f"done: model, {objective.outputs} are in {final_dir}/", flush=True)
+    return final_dir
+
