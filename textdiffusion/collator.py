@@ -13,8 +13,9 @@ exactly what generation shows it, which is masks). Two ways to draw the level:
   [0, 1], which lowers the variance of the ELBO estimate (MDLM's low-discrepancy sampler).
 
 With ``loss_weighting="elbo"`` each example carries the weight -alpha'(t)/(1-alpha(t)) (1/t for the
-linear schedule; in grid mode the mask probability plays the role of t under the linear schedule), so
-the training loss is the negative ELBO. ``"none"`` is the original plain cross-entropy on masked tokens.
+linear schedule), so the training loss is the negative ELBO: a Monte-Carlo estimate of its integral over
+t in continuous time, and a *Riemann sum* of it over the grid's levels in grid mode (the mask probability
+plays the role of t under the linear schedule), only as fine as the grid. ``"none"`` is the original plain cross-entropy on masked tokens.
 
 Never masked: the first ``prefix_length`` positions (or a random prefix per example, so that prompts of
 any length are in distribution), the tokens in ``protected_token_ids`` (special tokens), and padding.

@@ -70,7 +70,9 @@ class CorruptionConfig:
     schedule: str = field(default="linear", metadata={"help": f"alpha(t) for continuous time: {sorted(SCHEDULES)}."})
     t_min: float = field(default=1e-3, metadata={"help": "Smallest time drawn in continuous time (avoids the 1/t blow-up)."})
     loss_weighting: str = field(default="none", metadata={
-        "help": f"{LOSS_WEIGHTINGS}: plain masked CE, or the ELBO weight -alpha'/(1-alpha)."})
+        "help": f"{LOSS_WEIGHTINGS}: plain masked CE, or the ELBO weight -alpha'/(1-alpha). With continuous time "
+                "'elbo' is a Monte-Carlo estimate of the NELBO; with the grid it is a Riemann sum of it over the "
+                "grid's levels (an approximation that is only as fine as the grid)."})
     prefix_length: int = field(default=5, metadata={"help": "Leading tokens never masked (the prompt)."})
     random_prefix_max: int = field(default=0, metadata={
         "help": "If > 0, each example's protected prefix is drawn uniformly from [prefix_length, this]."})
