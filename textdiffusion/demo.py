@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== 3. fine-tune on the bundled austen corpus ==")
     run(["train", "--model-name", args.checkpoint, "--dataset", "austen", "--max-steps", str(size["finetune_steps"]),
          "--eval-steps", str(size["eval_steps"]), "--eval-blocks", "64", "--batch-size", "32", "--learning-rate", "5e-4",
-         "--warmup", "0.05", "--mask-per", "example", "--precision", "bf16", "--logging-steps", "50",
+         "--warmup", "0.05", "--mask-per", "example", "--precision", "auto", "--logging-steps", "50",
          "--output-dir", str(out / "austen-model"), "--overwrite"])
 
     print("\n== 4. the same evaluation after fine-tuning ==")
