@@ -1,4 +1,5 @@
-"""The one exception type the command line turns into a one-line error and a non-zero exit."""
+"""The one exception type the command line turns into a one-line error and a non-zero exit, and the check
+that refuses an unwritable output path before any work is done."""
 
 
 class UsageError(ValueError):
@@ -16,7 +17,7 @@ def require_writable(flag: str, path: str | None, directory: bool = False) -> No
     target = Path(path).expanduser()
     if target.exists() and target.is_dir() != directory:
         raise UsageError(f"{flag} {path!r} is {'a file' if directory else 'a directory'}; give a {'folder' if directory else 'file'} path.")
-    probe = target if (directory and target.exists()) or (not directory and target.exists()) else target.parent
+    probe = target if target.exists() else target.parent
     while directory and not probe.exists() and probe != probe.parent:  # a new folder: its nearest existing ancestor
         probe = probe.parent
     if not probe.exists():
