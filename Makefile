@@ -31,12 +31,16 @@ scorer: install
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m textdiffusion.demo --output-dir $(DEMO_DIR)
 
-test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+# Tests run one file per worker on every core (pytest-xdist), one thread each: two 2-thread jobs on 2 cores
+# run several times slower than one after the other.
+PYTEST := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadfile
 
-# Everything but the end-to-end runs marked `slow` (about a minute on 2 cores): for the edit-test loop.
+test: install
+	$(PYTEST)
+
+# Everything but the end-to-end runs marked `slow`: for the edit-test loop.
 test-fast: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The figures of LEARNING_GUIDE.md (docs/figures/), from the code as it stands: about a minute on one core.
 figures: install
