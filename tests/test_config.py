@@ -75,7 +75,7 @@ def test_generate_takes_its_defaults_from_the_checkpoint_and_flags_win(tmp_path,
 
     def spy(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        seen.update(kwargs, resolved=self.last_config)
+        seen.update(kwargs, resolved=out.config)
         return out
 
     monkeypatch.setattr(DiffusionGenerator, "generate", spy)

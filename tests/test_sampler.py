@@ -289,7 +289,7 @@ def test_end_of_text_in_an_earlier_infill_span_does_not_cut_the_template(tokeniz
     assert continuation(editable).tolist() == [[False, False, False, False, False, True, True, True, False]]
     sampler = DenoisingSampler(SamplerConfig(), MASK, eos_token_id=2)
     x = torch.tensor([[0, 2, MASK, 7, 7, MASK, 2, MASK, 2]])
-    assert sampler.fill_after_eos(x, editable).tolist() == [[0, 2, MASK, 7, 7, MASK, 2, 2, 2]]
+    assert sampler.fill_after_eos(x, continuation(editable)).tolist() == [[0, 2, MASK, 7, 7, MASK, 2, 2, 2]]
 
 
 def test_step_returns_a_new_state_and_leaves_the_given_one_alone():

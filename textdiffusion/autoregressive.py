@@ -49,6 +49,10 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None):
     local = Path(name_or_path).expanduser()
     if local.exists() and not (local / "config.json").exists():
         raise UsageError(f"--checkpoint {name_or_path!r} is a local path but holds no config.json.")
+    if local.is_dir():
+        from .checkpoints import require_loadable_weights
+
+        require_loadable_weights(local)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)

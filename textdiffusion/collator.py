@@ -194,12 +194,12 @@ def collator_from_config(tokenizer, corruption: CorruptionConfig, training: bool
     """The collator of a run's corruption settings. ``training=False`` gives the evaluation collator: the
     same protected prefix, but end-of-text conditioned on rather than scored, so validation numbers stay
     comparable across runs and with the AR baseline."""
+    if not training:
+        return collator_for_tokenizer(tokenizer, prefix_length=corruption.prefix_length, **kwargs)
     keys = ("time_sampling", "mask_per", "schedule", "t_min", "loss_weighting", "prefix_length", "random_prefix_max")
     settings = {k: getattr(corruption, k) for k in keys}
-    if not training:
-        settings = {"prefix_length": corruption.prefix_length}
-    return collator_for_tokenizer(tokenizer, learn_eos=training and corruption.learn_eos,
-                                  **({"mask_probs": tuple(corruption.mask_probs)} if training else {}), **settings, **kwargs)
+    return collator_for_tokenizer(tokenizer, learn_eos=corruption.learn_eos, mask_probs=tuple(corruption.mask_probs),
+                                  **settings, **kwargs)
 
 
 def collator_for_tokenizer(tokenizer, learn_eos: bool = False, **kwargs) -> DiffusionCollator:

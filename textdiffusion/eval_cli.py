@@ -52,14 +52,12 @@ def _load(args: EvalArgs, loader):
     the same split and packing as training, whichever objective the checkpoint has."""
     from .data import load_corpus, pack
     from .generation import resolve_device
-    from .checkpoints import require_loadable_weights
     from .config import DiffusionConfig
     from .modeling import check_position_limit
 
     device = resolve_device(args.device)  # checked before the (slow) corpus and model loads
-    require_loadable_weights(args.checkpoint)
-    config = DiffusionConfig.from_pretrained(args.checkpoint) if Path(args.checkpoint).is_dir() else DiffusionConfig.for_foreign_model()
-    tokenizer, model = loader(args.checkpoint)
+    config = DiffusionConfig.from_pretrained(args.checkpoint)  # a model from elsewhere: the foreign-model defaults
+    tokenizer, model = loader(args.checkpoint)  # checks the weights file first
     max_length = args.max_length or config.max_length
     check_position_limit(model, max_length)
     model.to(device).eval()

@@ -112,12 +112,10 @@ def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
 def run_generate(args: GenerateArgs) -> list[str]:
     """Generate from a checkpoint as its objective says (the registry in objectives.py)."""
     from .bundled import resolve_checkpoint
-    from .checkpoints import require_loadable_weights
     from .generation import resolve_device, resolve_dtype
     from .objectives import objective_of_checkpoint
 
     args.checkpoint = resolve_checkpoint(args.checkpoint)
-    require_loadable_weights(args.checkpoint)
     device = resolve_device(args.device)  # checked before the (slow) model load
     dtype = resolve_dtype(args.dtype, device)
     return objective_of_checkpoint(args.checkpoint).generate(args, device, dtype)

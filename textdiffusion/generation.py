@@ -37,6 +37,7 @@ class GenerationOutput:
     token_ids: torch.Tensor  # [b, l] final tokens
     trace: list[torch.Tensor] = field(default_factory=list)  # [b, l] tokens at the start and after each step
     notes: list[str] = field(default_factory=list)
+    config: SamplerConfig | None = None  # the settings used: the checkpoint's defaults with the call's overrides
 
 
 def available_devices() -> list[str]:
@@ -105,8 +106,7 @@ class DiffusionGenerator:
 
         path = resolve_checkpoint(path)
         tokenizer, model = load_masked_lm(path, dtype=dtype, flag="--checkpoint")
-        config = DiffusionConfig.from_pretrained(path) if Path(path).is_dir() else None
-        return cls(model, tokenizer, config, device, dtype, compile)
+        return cls(model, tokenizer, DiffusionConfig.from_pretrained(path), device, dtype, compile)
 
     # -- templates --------------------------------------------------------------------------------
     def encode_template(self, template: str) -> tuple[list[int], list[bool]]:
@@ -212,7 +212,6 @@ class DiffusionGenerator:
         if unknown:
             raise TypeError(f"unknown generation setting(s): {sorted(unknown)}")
         config = dataclasses.replace(self.config.generation, **sampler_kwargs)  # the checkpoint's defaults, overridden
-        self.last_config = config  # what the last call resolved to (shown by the server and the tests)
         notes: list[str] = []
         kv = self._kv_cache(cache, cache_refresh, config, cfg_scale, notes)
 
@@ -246,7 +245,7 @@ class DiffusionGenerator:
                 on_step(state.nfe, state)
         texts = [self.decode(row, ed, stop_at_eos) for row, ed in zip(state.x.cpu(), editable.cpu())]
         return GenerationOutput(texts=texts, nfe=state.nfe, steps=sampler.num_steps, token_ids=state.x.cpu(),
-                                trace=trace, notes=notes)
+                                trace=trace, notes=notes, config=config)
 
     def _kv_cache(self, cache: str, refresh: str, config: SamplerConfig, cfg_scale: float, notes: list[str]):
         """The key/value cache for this call, or None (``cache="none"``, or a notice when it cannot apply)."""

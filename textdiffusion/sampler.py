@@ -119,6 +119,7 @@ class DenoisingSampler:
         self.num_steps = config.steps
         self.steps_per_block = config.steps
         self.keep_masked = torch.zeros(0, dtype=torch.float64)  # [steps_per_block], set by set_timesteps
+        self.tail: torch.Tensor | None = None  # [b, l] each row's continuation, set by set_timesteps
 
     # -- the plan ---------------------------------------------------------------------------------
     def set_timesteps(self, num_steps: int, editable: torch.Tensor) -> list[str]:
@@ -143,6 +144,7 @@ class DenoisingSampler:
         # the step table: after step j of a block, this fraction of the block stays masked
         t_next = 1.0 - torch.arange(1, per_block + 1, dtype=torch.float64) / per_block  # [steps_per_block]
         self.keep_masked = self.schedule.mask_ratio(t_next).double()
+        self.tail = continuation(editable)  # where an end-of-text ends the row (the template never changes)
         return notes
 
     def blocks(self, editable: torch.Tensor) -> torch.Tensor:
@@ -316,12 +318,12 @@ class DenoisingSampler:
             x = torch.where(commit, proposal, x)
 
         if self.eos_token_id is not None:
-            x = self.fill_after_eos(x, state.editable)
+            x = self.fill_after_eos(x, self.tail)
         return dataclasses.replace(state, x=x, step_index=state.step_index + 1)  # the given state is left as it was
 
-    def fill_after_eos(self, x: torch.Tensor, editable: torch.Tensor) -> torch.Tensor:
-        """[b, l]: every masked position after the first end-of-text of a row's continuation becomes end-of-text."""
-        tail = continuation(editable)  # [b, l]
+    def fill_after_eos(self, x: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+        """[b, l]: every masked position after the first end-of-text in ``tail`` ([b, l], each row's continuation,
+        see ``continuation``) becomes end-of-text."""
         after_eos = ((x == self.eos_token_id) & tail).long().cumsum(1) > 0  # [b, l] the first EOS and everything after
         return x.masked_fill(after_eos & tail & (x == self.mask_token_id), self.eos_token_id)
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from transformers import set_seed
 
-from .checkpoints import checkpoint_problem, checkpoints, newest_good_checkpoint, remove_partial_saves, trainer_state
+from .checkpoints import newest_good_checkpoint, remove_partial_saves, trainer_state
 from .collator import collator_from_config
 from .config import CorruptionConfig, DiffusionConfig
 from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
@@ -156,9 +156,6 @@ def check_output_dir(args: TrainArgs) -> Path:
     if args.resume:
         if not occupied or not _has_checkpoint(out):
             raise UsageError(f"--resume: --output-dir {args.output_dir!r} holds no checkpoint to continue from.")
-        if not any(checkpoint_problem(folder) is None for _, folder in checkpoints(out)):
-            raise UsageError(f"--resume: no checkpoint in --output-dir {args.output_dir!r} is complete and readable; "
-                             "start again with --overwrite.")
         saved = json.loads((out / RUN_ARGS_NAME).read_text()) if (out / RUN_ARGS_NAME).exists() else {}
         defaults = {f.name: f.default for f in fields(TrainArgs)}  # a setting added since that run had its default
         differs = {k: (saved.get(k, defaults[k]), getattr(args, k)) for k in RUN_IDENTITY
@@ -205,7 +202,10 @@ def run_training(args: TrainArgs) -> Path:
     resume_from, resumed_step = None, 0
     if args.resume:
         remove_partial_saves(work_dir)
-        resume_from = newest_good_checkpoint(work_dir)
+        resume_from = newest_good_checkpoint(work_dir)  # still before anything is written
+        if resume_from is None:
+            raise UsageError(f"--resume: no checkpoint in --output-dir {args.output_dir!r} is complete and readable; "
+                             "start again with --overwrite.")
         state = trainer_state(resume_from)
         resumed_step = int(state["global_step"])
         target = args.max_steps if args.max_steps > 0 else int(state.get("max_steps", 0))
