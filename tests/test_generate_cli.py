@@ -130,3 +130,13 @@ def test_checkpoint_without_tokenizer_files_says_so(checkpoint, tmp_path, capsys
     assert main(["generate", "--checkpoint", str(bare), "--hide-steps"]) == 2
     err = capsys.readouterr().err
     assert "no tokenizer files" in err and "not a masked language model" not in err
+
+
+def test_position_limit_counts_the_padding_offset_of_roberta_and_mpnet():
+    from transformers import BertConfig, MPNetConfig, RobertaConfig
+
+    from textdiffusion.modeling import position_limit
+
+    assert position_limit(RobertaConfig(max_position_embeddings=514)) == 512  # positions start after padding_idx
+    assert position_limit(MPNetConfig(max_position_embeddings=514)) == 512
+    assert position_limit(BertConfig(max_position_embeddings=512)) == 512

@@ -182,7 +182,7 @@ def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None, flag: st
 
 
 # models whose learned position table starts after padding_idx + 1 (RoBERTa's convention)
-OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm")
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "mpnet")
 
 
 def position_limit(config) -> int | None:
