@@ -99,6 +99,7 @@ REQUESTS = [  # heterogeneous: lengths, templates, strategies, blocks, threshold
     {"prompt": "Water", "seed": 6, "max_length": 24, "confidence_threshold": 0.3, "steps": 20},
     {"prompt": "A city", "seed": 8, "max_length": 24, "cfg_scale": 1.5, "steps": 8, "n": 2},
     {"prompt": "The war", "seed": 9, "max_length": 30, "remask_fraction": 0.3, "sampling": "nucleus", "top_p": 0.8},
+    {"prompt": "Rome", "seed": 10, "max_length": 28, "strategy": "eb", "eb_gamma": 2.0, "steps": 4},  # adaptive: past the plan
 ]
 
 

@@ -224,9 +224,7 @@ class DiffusionGenerator:
         trace = [x.cpu().clone()] if return_trace else []
         max_iterations = int(editable.sum(1).max()) * 2 + sampler.num_steps  # a hard stop, never reached in practice
         for _ in range(max_iterations):
-            if sampler.finished(state):
-                break
-            if not sampler.adaptive and state.step_index >= sampler.num_steps:
+            if sampler.done(state):
                 break
             if not bool(sampler.plan(state).any()):
                 state = sampler.skip(state)  # nothing to commit: no model call, the trace repeats the state

@@ -199,6 +199,11 @@ class DenoisingSampler:
     def finished(self, state: DenoisingState) -> bool:
         return not bool(((state.x == self.mask_token_id) & state.editable).any())
 
+    def done(self, state: DenoisingState) -> bool:
+        """True when the loop stops: nothing left masked, or the step plan spent (an adaptive strategy —
+        threshold, eb — runs until nothing is masked instead)."""
+        return self.finished(state) or (not self.adaptive and state.step_index >= self.num_steps)
+
     # -- turning logits into tokens ---------------------------------------------------------------
     def process_logits(self, logits: torch.Tensor, positions: torch.Tensor, state: DenoisingState) -> torch.Tensor:
         """Logits [n, V] at ``positions`` ([b, l] bool) after suppression, allowed sets, repetition penalty,

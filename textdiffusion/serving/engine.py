@@ -105,9 +105,7 @@ class Job:
         """Skip steps that commit nothing; True if the request needs a model call now, False if it is done."""
         sampler, state = self.sampler, self.state
         while self.iterations < self.max_iterations:
-            if sampler.finished(state):
-                return False
-            if sampler.config.confidence_threshold is None and state.step_index >= sampler.num_steps:
+            if sampler.done(state):
                 return False
             if bool(sampler.plan(state).any()):
                 return True

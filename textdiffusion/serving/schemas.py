@@ -8,15 +8,15 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..sampler import SamplerConfig
+from ..sampler import SAMPLINGS, STRATEGIES, SamplerConfig
 from ..schedules import SCHEDULES
 
 _DEFAULTS = {f.name: f.default for f in fields(SamplerConfig)}  # the sampler's defaults, not typed twice
 MAX_STEPS = 1024
 MAX_SAMPLES = 32
 
-Strategy = Literal["remask-random", "confidence", "margin", "entropy", "random"]
-Sampling = Literal["greedy", "topk", "nucleus", "categorical"]
+Strategy = Literal[STRATEGIES]  # type: ignore[valid-type]  # the sampler's own lists, not typed twice
+Sampling = Literal[SAMPLINGS]  # type: ignore[valid-type]
 Schedule = Literal[tuple(sorted(SCHEDULES))]  # type: ignore[valid-type]
 
 
@@ -50,6 +50,7 @@ class GenerateRequest(_Strict):
     block_length: Optional[int] = Field(_DEFAULTS["block_length"], ge=1)
     order_temperature: float = Field(_DEFAULTS["order_temperature"], ge=0, le=100)
     repetition_penalty: float = Field(_DEFAULTS["repetition_penalty"], ge=1, le=100)
+    eb_gamma: float = Field(_DEFAULTS["eb_gamma"], gt=0, le=1000, description="Entropy budget of strategy 'eb' (nats).")
     cfg_scale: float = Field(0.0, ge=0, le=100, description="Classifier-free guidance (doubles the request's rows).")
     suppress_tokens: list[str] = Field(default_factory=list, max_length=256)
     stop_at_eos: bool = True
