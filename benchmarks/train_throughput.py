@@ -38,7 +38,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 
 from textdiffusion.collator import collator_from_config
 from textdiffusion.data import BlockDataset, load_corpus, pack
-from textdiffusion.modeling import PRESETS, build_preset_model, enable_masked_head, preset_tokenizer
+from textdiffusion.modeling import PRESETS, MaskedDiffusionLM, build_preset_model, preset_tokenizer
 from textdiffusion.train import DiffusionTrainer, training_arguments
 from textdiffusion.train_cli import TrainArgs
 
@@ -119,8 +119,7 @@ def build(recipe: str, precision: str, args, tokenizer, blocks, out: Path, compi
         trainer = Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[clock],
                           data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15))
     else:
-        enable_masked_head(model)
-        trainer = DiffusionTrainer(model=model, args=targs, train_dataset=dataset, callbacks=[clock],
+        trainer = DiffusionTrainer(model=MaskedDiffusionLM(model), args=targs, train_dataset=dataset, callbacks=[clock],
                                    data_collator=collator_from_config(tokenizer, train_args.corruption(),
                                                                       gather_buckets=8 if compile_model else 0),
                                    loss_weighting="none", tokens_per_step=args.batch_size * args.max_length,

@@ -68,10 +68,10 @@ def test_nothing_masked_gives_zero_loss_with_a_graph():
 def test_static_shape_gather_gives_the_same_loss_and_gradients(kind, weighting):
     """`train --compile` pads the masked positions to a bucket size; the loss and gradients must not change."""
     from textdiffusion.collator import bucketed_index
-    from textdiffusion.modeling import enable_masked_head
+    from textdiffusion.modeling import MaskedDiffusionLM
 
     torch.manual_seed(0)
-    model = enable_masked_head(tiny_model(kind).eval())
+    model = MaskedDiffusionLM(tiny_model(kind).eval())
     ids = torch.randint(5, V, (4, 48))
     ids[:, 0] = 0
     collate = dict(mask_token_id=4, pad_token_id=1, protected_token_ids=[0, 2], time_sampling="uniform",

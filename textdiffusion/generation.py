@@ -23,7 +23,7 @@ import torch
 
 from .config import DiffusionConfig
 from .errors import UsageError
-from .modeling import check_position_limit, enable_masked_head, load_masked_lm, masked_logits
+from .modeling import MaskedDiffusionLM, check_position_limit, load_masked_lm, masked_logits
 from .sampler import DenoisingSampler, DenoisingState, SamplerConfig, continuation
 
 MASK_SPAN = re.compile(r"<mask(?::(\d+))?>")
@@ -80,7 +80,8 @@ class DiffusionGenerator:
             raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no mask token: "
                              "it cannot denoise. Use a masked-LM checkpoint.")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.model = enable_masked_head(model.to(self.device, dtype=dtype).eval())
+        self.model = model.to(self.device, dtype=dtype).eval()
+        self.denoiser = MaskedDiffusionLM(self.model)  # logits at the masked positions only
         self.tokenizer = tokenizer
         # how the checkpoint was trained and its generation defaults; a model from elsewhere gets the
         # foreign-model defaults (nothing learned about end-of-text or a prompt prefix)
@@ -173,10 +174,10 @@ class DiffusionGenerator:
             if self._compiled is not None:
                 full = self._compiled(x, attention if not bool(attention.all()) else None)
                 return full[positions].clone()  # copy out: a CUDA graph reuses its output buffer
-            return masked_logits(self.model, x, attention, positions)
+            return masked_logits(self.denoiser, x, attention, positions)
         special = torch.isin(x, torch.tensor([self.cls_id, self.sep_id, self.pad_id], device=x.device))
         uncond = x.masked_fill(~editable & ~special, self.mask_id)
-        both = masked_logits(self.model, torch.cat([x, uncond]), torch.cat([attention, attention]),
+        both = masked_logits(self.denoiser, torch.cat([x, uncond]), torch.cat([attention, attention]),
                              torch.cat([positions, positions]))
         cond, unc = both.chunk(2)  # rows of the first half of the batch come first in row-major order
         return unc + (1 + cfg_scale) * (cond - unc)  # LLaDA's form: cfg_scale 0 is the conditional model

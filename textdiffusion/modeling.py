@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from .errors import UsageError
 
@@ -210,13 +211,14 @@ def masked_lm_head(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
 
     With it, training runs the backbone on every position but the (vocabulary-sized, expensive) head
     only on the masked ones: the same loss, far less work at low mask rates. ``None`` means unknown
-    architecture; the caller then falls back to the model's full forward.
+    architecture; the caller then falls back to the model's full forward. A plain function, not the
+    head module, so that a wrapper holding it does not register the head's weights a second time.
     """
     kind = model.config.model_type
     if kind in ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "mpnet"):
-        return model.lm_head
+        return lambda h: model.lm_head(h)
     if kind == "bert":
-        return model.cls
+        return lambda h: model.cls(h)
     if kind == "modernbert":
         return lambda h: model.decoder(model.head(h))
     if kind == "distilbert":
@@ -224,37 +226,67 @@ def masked_lm_head(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return None
 
 
-def enable_masked_head(model):
-    """Teach ``model(..., masked_positions=mask)`` to return logits [n, vocab] at those positions only.
+class TrainedModule(nn.Module):
+    """The module Trainer trains: a Hugging Face model inside, the forward the objective needs outside.
 
-    It has to be the model's own forward, not a helper that calls ``model.base_model``: under DDP only
-    a call through the wrapper's forward synchronises gradients (Accelerate patches ``forward`` the same
-    way for mixed precision). Without ``masked_positions`` the model behaves exactly as before.
+    Trainer, DDP, Accelerate's mixed precision and ``torch.compile`` all wrap *this* module, so its
+    forward is the one that runs (under DDP it synchronises gradients; under mixed precision Accelerate
+    puts its autocast on it). The model inside is untouched: checkpoints save it in its own format (the
+    Trainers unwrap it) and evaluation calls a fresh wrapper around it, which runs in full precision.
+    This base class passes every call through; the AR baseline trains it as is.
     """
-    if getattr(model, "_textdiffusion_masked_head", False):
-        return model
-    head, original = masked_lm_head(model), model.forward
 
-    def forward(*args, masked_positions: torch.Tensor | None = None, masked_index: torch.Tensor | None = None, **kwargs):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+    def fresh(self) -> "TrainedModule":
+        """The same module around the same weights, without whatever wrapped this instance's forward."""
+        return type(self)(self.model)
+
+
+class MaskedDiffusionLM(TrainedModule):
+    """A masked LM as the denoiser: ``denoiser(input_ids, attention_mask, masked_positions=mask)`` returns
+    logits [n, vocab] at the masked positions only (without ``masked_positions``/``masked_index`` it
+    returns the model's full output)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self._head = masked_lm_head(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                masked_positions: torch.Tensor | None = None, masked_index: torch.Tensor | None = None, **kwargs):
         if masked_positions is None and masked_index is None:
-            return original(*args, **kwargs)
-        if head is None:  # unknown architecture: full logits, then select
-            logits = original(*args, **kwargs).logits
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if self._head is None:  # unknown architecture: full logits, then select
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # [b, l, V]
             return logits[masked_positions] if masked_index is None else logits.flatten(0, 1)[masked_index]
-        hidden = model.base_model(*args, **kwargs).last_hidden_state  # [b, l, d]
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       **kwargs).last_hidden_state  # [b, l, d]
         if masked_index is not None:  # static-shape gather (see collator.bucketed_index)
-            return head(hidden.flatten(0, 1).index_select(0, masked_index))  # [n_bucket, vocab]
-        return head(hidden[masked_positions])  # [n, vocab]
+            return self._head(hidden.flatten(0, 1).index_select(0, masked_index))  # [n_bucket, V]
+        return self._head(hidden[masked_positions])  # [n, V]
 
-    model.forward = forward
-    model._textdiffusion_masked_head = True
-    return model
+
+def as_denoiser(model: nn.Module) -> nn.Module:
+    """``model`` if it already is a denoiser (possibly DDP/compile-wrapped), else a MaskedDiffusionLM around it."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
+    return model if isinstance(inner, MaskedDiffusionLM) else MaskedDiffusionLM(model)
 
 
 def masked_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                   positions: torch.Tensor) -> torch.Tensor:
-    """Logits [n, vocab] at ``positions`` ([b, l] bool) only; ``model`` may be DDP-wrapped."""
-    enable_masked_head(getattr(model, "module", model))
+    """Logits [n, vocab] at ``positions`` ([b, l] bool) only. ``model``: a denoiser (possibly DDP-wrapped)
+    or a plain masked LM, which is wrapped for the call (a few microseconds)."""
+    model = as_denoiser(model)
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: let SDPA take its fastest path
     return model(input_ids=input_ids, attention_mask=attention_mask, masked_positions=positions)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .collator import IGNORE_INDEX
-from .modeling import masked_logits
+from .modeling import as_denoiser, masked_logits
 
 
 def masked_predictions(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -27,7 +27,8 @@ def _bucketed_loss(model, batch: dict[str, torch.Tensor], loss_weighting: str) -
     attention = batch.get("attention_mask")
     if attention is not None and bool(attention.all()):
         attention = None
-    logits = model(input_ids=batch["input_ids"], attention_mask=attention, masked_index=batch["masked_index"])
+    logits = as_denoiser(model)(input_ids=batch["input_ids"], attention_mask=attention,
+                                masked_index=batch["masked_index"])  # [n_bucket, V]
     targets = batch["masked_targets"]
     valid = targets != IGNORE_INDEX
     ce = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")  # 0 on padding

@@ -22,7 +22,7 @@ class Objective:
     outputs: str  # the report files a run of it writes
     build: Callable  # (preset, tokenizer, max_length, dropout, architecture) -> model
     load: Callable  # (name_or_path) -> (tokenizer, model)
-    prepare: Callable  # (tokenizer, model) -> None, before Trainer/Accelerate wrap the model
+    prepare: Callable  # (tokenizer, model) -> the module Trainer/Accelerate wrap and train
     trainer: Callable  # (tokenizer, diffusion collator, loss_weighting, **Trainer kwargs) -> Trainer
     evaluate: Callable  # (EvalArgs) -> dict
     generate: Callable  # (GenerateArgs, device, dtype) -> list[str]
@@ -42,10 +42,10 @@ def _load_masked(name_or_path):
     return load_masked_lm(resolve_checkpoint(name_or_path))  # a bundled name fine-tunes it
 
 
-def _prepare_masked(tokenizer, model) -> None:
-    from .modeling import enable_masked_head
+def _prepare_masked(tokenizer, model):
+    from .modeling import MaskedDiffusionLM
 
-    enable_masked_head(model)  # the LM head at masked positions only, inside the model's own forward
+    return MaskedDiffusionLM(model)  # the LM head at masked positions only; Trainer wraps this module
 
 
 def _diffusion_trainer(tokenizer, collator, loss_weighting, **kwargs):
@@ -79,9 +79,12 @@ def _load_causal(name_or_path):
     return load_causal_lm(name_or_path)
 
 
-def _prepare_causal(tokenizer, model) -> None:
+def _prepare_causal(tokenizer, model):
     if tokenizer.mask_token_id is None:  # the AR baseline never masks; the shared collator still wants the id
         tokenizer.add_special_tokens({"mask_token": "<mask>"})
+    from .modeling import TrainedModule
+
+    return TrainedModule(model)  # Trainer's causal-LM loss, through a module evaluation can bypass
 
 
 def _causal_trainer(tokenizer, collator, loss_weighting, **kwargs):

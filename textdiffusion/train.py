@@ -32,6 +32,7 @@ from .checkpoints import staging_folder
 from .config import DiffusionConfig
 from .errors import UsageError
 from .evaluation import nelbo, per_level_loss
+from .modeling import TrainedModule
 from .objective import diffusion_loss
 from .reporting import append_level_csv, format_level_table, plot_level_curves
 
@@ -68,20 +69,45 @@ class _ProjectTrainer(Trainer):
             self._throughput_mark = (now, step)
         super().log(logs, *args, **kwargs)
 
+    def evaluation_model(self) -> torch.nn.Module:
+        """The model as evaluation calls it: outside DDP/compile, and in full precision even when training
+        autocasts to bf16 (Accelerate puts autocast on the trained module's forward only, so a fresh wrapper
+        around the same weights runs in fp32): validation numbers match `textdiffusion eval`."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.fresh() if isinstance(model, TrainedModule) else model
+
     @contextlib.contextmanager
-    def full_precision(self):
-        """Evaluate in fp32 even when training autocasts to bf16 (Accelerate wraps ``forward`` for that and
-        keeps the original): validation numbers then match `textdiffusion eval` and compare across runs."""
-        model = self.model
-        wrapped = model.__dict__.get("forward")
-        original = getattr(model, "_original_forward", None)
-        if original is not None:
-            model.forward = original
+    def _hugging_face_model(self):
+        """Within it, ``self.model`` is the Hugging Face model inside the trained module, for Trainer's own
+        saving and loading: checkpoints keep the model's format (no ``model.`` prefix, config.json beside)."""
+        trained = self.model
+        if isinstance(trained, TrainedModule):
+            self.model = trained.model
         try:
             yield
         finally:
-            if original is not None:
-                model.forward = wrapped
+            self.model = trained
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is not None and isinstance(self.model, TrainedModule):  # gathered from the wrapper (FSDP)
+            state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()}
+        with self._hugging_face_model():
+            super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        with self._hugging_face_model():
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        with self._hugging_face_model():
+            super()._load_best_model()
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Tied weights (the decoder is the input embedding) are not saved twice, so they are 'missing' from
+        every checkpoint by design: say nothing about those, warn about anything else."""
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's save, made crash-safe: everything is written into ``.checkpoint-N.partial/`` (with the
@@ -147,9 +173,9 @@ class DiffusionTrainer(_ProjectTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         cfg = self.level_eval
         batch = self.args.per_device_eval_batch_size
-        with self.full_precision():
-            results = per_level_loss(self.model, cfg["blocks"], cfg["collator"], batch_size=batch)
-            bound = nelbo(self.model, cfg["blocks"], cfg["collator"], samples_per_block=2, batch_size=batch)
+        model = self.evaluation_model()
+        results = per_level_loss(model, cfg["blocks"], cfg["collator"], batch_size=batch)
+        bound = nelbo(model, cfg["blocks"], cfg["collator"], samples_per_block=2, batch_size=batch)
         metrics = {f"{metric_key_prefix}_loss": sum(r.loss for r in results) / len(results)}
         metrics.update({f"{metric_key_prefix}_loss@{r.mask_rate:.1f}": round(r.loss, 4) for r in results})
         if self.is_world_process_zero():
@@ -167,8 +193,8 @@ class CausalTrainer(_ProjectTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         cfg = self.level_eval
-        with self.full_precision():
-            nll = causal_nll(self.model, cfg["blocks"], cfg["scored"], batch_size=self.args.per_device_eval_batch_size)
+        nll = causal_nll(self.evaluation_model(), cfg["blocks"], cfg["scored"],
+                         batch_size=self.args.per_device_eval_batch_size)
         if self.is_world_process_zero():
             print(f"\nvalidation NLL, step {self.state.global_step}: {nll.nats_per_token:.4f} ± {nll.stderr:.4f} "
                   f"nats/token (perplexity {nll.perplexity_bound:.1f})", flush=True)

@@ -231,7 +231,7 @@ def run_training(args: TrainArgs) -> Path:
         model = objective.build(args.preset, tokenizer, args.max_length, args.dropout, args.architecture)
     else:
         tokenizer, model = objective.load(args.model_name)
-    objective.prepare(tokenizer, model)  # before Trainer/Accelerate wrap the model
+    trained = objective.prepare(tokenizer, model)  # the module Trainer/Accelerate wrap (diffusion: the denoiser)
     corruption = args.corruption()
     collator = collator_from_config(tokenizer, corruption, seed=args.seed + 7919 * training_args.process_index,
                                     gather_buckets=8 if args.compile else 0)
@@ -270,7 +270,7 @@ def run_training(args: TrainArgs) -> Path:
                   "title": f"{args.preset or args.model_name} on {args.dataset}",
                   # the tokens the NELBO scores (after the prefix, not special): the AR baseline is scored on these
                   "scored": scored_positions(val_eval, tokenizer, args.prefix_length)}
-    common = dict(model=model, args=training_args, train_dataset=BlockDataset(train_blocks),
+    common = dict(model=trained, args=training_args, train_dataset=BlockDataset(train_blocks),
                   eval_dataset=BlockDataset(val_eval), processing_class=tokenizer, diffusion_config=config,
                   tokens_per_step=args.batch_size * args.max_length * training_args.world_size, level_eval=level_eval)
     trainer = objective.trainer(tokenizer, collator, args.loss_weighting, **common)

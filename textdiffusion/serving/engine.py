@@ -243,7 +243,7 @@ class Engine:
         x = torch.cat([_pad(t, length, g.pad_id) for t in xs]).to(g.device)  # [B, L]
         attention = torch.cat([_pad(t, length, 0) for t in atts]).to(g.device)  # [B, L]
         positions = torch.cat([_pad(t, length, False) for t in needed]).to(g.device)  # [B, L]
-        logits = masked_logits(g.model, x, attention, positions)  # [n, V] row-major over the batch
+        logits = masked_logits(g.denoiser, x, attention, positions)  # [n, V] row-major over the batch
         rows = x.shape[0]
         with self.lock:
             self.model_calls += 1
