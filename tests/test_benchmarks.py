@@ -66,3 +66,23 @@ def test_gpu_script_runs_on_the_cpu_in_its_short_mode(tmp_path):
     assert "| recipe |" in (tmp_path / "summary.md").read_text()
     bad = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "tpu"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--device must be cuda or cpu" in bad.stderr
+
+
+def test_speed_goals_are_judged_at_equal_quality():
+    """The goal lines compare the fastest diffusion row that is at least as good as AR, not the fastest row."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from generation_speed import goal_lines
+
+    ar = {"sampler": "AR baseline", "setting": "trained", "tps_b1": 100.0, "tps_b16": 1000.0, "gen_ppl": 200.0,
+          "distinct_2": 0.9}
+    fast_bad = {"sampler": "textdiffusion", "setting": "fast", "tps_b1": 400.0, "tps_b16": 2000.0, "gen_ppl": 500.0,
+                "distinct_2": 0.9}
+    slow_good = {"sampler": "textdiffusion", "setting": "slow", "tps_b1": 150.0, "tps_b16": 900.0, "gen_ppl": 190.0,
+                 "distinct_2": 0.88}
+    repetitive = {"sampler": "textdiffusion", "setting": "repetitive", "tps_b1": 300.0, "tps_b16": 3000.0,
+                  "gen_ppl": 100.0, "distinct_2": 0.5}
+    lines = "\n".join(goal_lines([fast_bad, slow_good, repetitive, ar], [1, 16], ar, None))
+    assert "batch 1, >= 2x AR at equal quality: **not met**, 1.50x (slow" in lines
+    assert "batch 16, >= 1x AR at equal quality: **not met**, 0.90x (slow" in lines
+    lines = "\n".join(goal_lines([fast_bad, ar], [1, 16], ar, None))
+    assert "no diffusion row reaches AR's gen PPL 200.0" in lines and "fast, 4.00x at gen PPL 500.0" in lines
