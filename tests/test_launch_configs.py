@@ -53,6 +53,8 @@ def test_accelerate_ddp_config_trains_with_two_cpu_processes(tmp_path, small_jso
     assert "2 process(es) on cpu" in r.stdout
     assert (out / "checkpoint-4" / "rng_state_0.pth").exists() and (out / "checkpoint-4" / "rng_state_1.pth").exists()
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    evaluated = {int(line.split(",")[0]) for line in (out / "per_level_loss.csv").read_text().splitlines()[1:]}
+    assert evaluated == {0, 2, 4}  # the per-level evaluation runs under DDP too (rank 0 writes it)
 
 
 @pytest.mark.slow

@@ -171,20 +171,3 @@ def test_console_script_exit_status(tmp_path):
                         "--output-dir", str(tmp_path / "o")], capture_output=True, text=True,
                        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "--dataset 'nope-xyz'" in r.stderr
-
-
-@pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path, small_jsonl):
-    """`torchrun --nproc_per_node 2` runs the same command unchanged (gloo on the CPU)."""
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "textdiffusion", "train",
-           "--dataset", str(small_jsonl), "--output-dir", str(out), *FAST, "--batch-size", "4", "--max-steps", "6",
-           "--eval-steps", "3"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 process(es) on cpu" in r.stdout
-    assert (out / "checkpoint-6" / "rng_state_0.pth").exists() and (out / "checkpoint-6" / "rng_state_1.pth").exists()
-    assert sorted(levels(out)) == [0, 3, 6]
-    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
-    assert state["global_step"] == 6

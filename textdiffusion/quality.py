@@ -71,9 +71,11 @@ class Continuations:
 
 
 def diffusion_continuations(generator, prompts: PromptSet, new_tokens: int, seed: int = 0, **sampler) -> Continuations:
-    """Fixed-length continuations (no stop at EOS, so every row has ``new_tokens`` tokens to judge)."""
+    """Fixed-length continuations: end-of-text is never generated (as the AR side's ``min_new_tokens``), so
+    every row has ``new_tokens`` tokens of text to judge."""
     templates = [f"{p}<mask:{new_tokens}>" for p in prompts.prompts]
-    out = generator.generate(templates=templates, seed=seed, stop_at_eos=False, **sampler)
+    suppress = [*sampler.pop("suppress_tokens", ()), *([generator.sep_id] if generator.sep_id is not None else [])]
+    out = generator.generate(templates=templates, seed=seed, stop_at_eos=False, suppress_tokens=suppress, **sampler)
     _, editable, _ = generator.build_batch(templates)
     new_ids = [row[ed].tolist() for row, ed in zip(out.token_ids, editable)]
     return Continuations(out.texts, new_ids, out.nfe)
