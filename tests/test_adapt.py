@@ -163,7 +163,7 @@ def test_bad_inputs_are_one_line_usage_errors_naming_the_flag(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_train_adapt_from_causal_then_generate_and_eval(tmp_path, small_jsonl, wiki):
+def test_train_adapt_from_causal_then_generate_and_eval(tmp_path, small_jsonl, wiki, capsys):
     """The real command on a tiny Llama saved in tmp: a few steps, then generate and eval rebuild the wrapper."""
     base = tmp_path / "tiny-llama"
     tokenizer = causal_tokenizer(wiki.train[:300])
@@ -195,14 +195,11 @@ def test_train_adapt_from_causal_then_generate_and_eval(tmp_path, small_jsonl, w
     assert not (result.token_ids == generator.mask_id).any()  # every mask filled
     assert result.texts[0].startswith("The river")
 
-    out = subprocess.run([sys.executable, "-m", "textdiffusion", "generate", "--checkpoint", str(run), "--prefix", "The",
-                          "--max-length", "20", "--steps", "4", "--hide-steps"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "[sample 0] The" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "textdiffusion", "eval", "--checkpoint", str(run), "--dataset",
-                          str(small_jsonl), "--eval-blocks", "4", "--samples-per-block", "1", "--output-dir",
-                          str(tmp_path / "eval")], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert main(["generate", "--checkpoint", str(run), "--prefix", "The", "--max-length", "20", "--steps", "4",
+                 "--hide-steps"]) == 0
+    assert "[sample 0] The" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(run), "--dataset", str(small_jsonl), "--eval-blocks", "4",
+                 "--samples-per-block", "1", "--output-dir", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["objective"] == "diffusion" and report["nelbo"][0]["nats_per_token"] > 0
     # the evaluation inside training (a fresh wrapper: full attention) and `eval` of the saved model agree
