@@ -65,10 +65,10 @@ def logit_dependence(denoiser, position: int) -> set[int]:
 @pytest.mark.parametrize("kind,attn", [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("qwen2", "sdpa")])
 def test_logits_are_shifted_and_attention_anneals_from_causal_to_full(kind, attn):
     denoiser = CausalDiffusionLM(tiny_causal(kind, attn=attn), anneal_steps=10).train()
-    denoiser.step = 0  # anneal step 0: exactly the causal LM, its head read one position early
+    denoiser.set_step(0)  # anneal step 0: exactly the causal LM, its head read one position early
     for i in (1, 5, L - 1):
         assert logit_dependence(denoiser, i) == set(range(i))
-    denoiser.step = 10  # annealed: every position sees the whole block
+    denoiser.set_step(10)  # annealed: every position sees the whole block
     for i in (1, 5, L - 1):
         assert logit_dependence(denoiser, i) == set(range(L))
     assert CausalDiffusionLM(denoiser.model).fresh().attention_ratio == 1.0  # what evaluation gets
@@ -90,7 +90,7 @@ def test_shifted_logits_are_the_causal_lms_next_token_logits_at_step_0():
 
 def test_halfway_through_annealing_part_of_the_future_is_visible():
     denoiser = CausalDiffusionLM(tiny_causal(), anneal_steps=10).train()
-    denoiser.step = 5
+    denoiser.set_step(5)
     torch.manual_seed(0)
     mask = denoiser.attention_mask_4d(torch.zeros(4, 64, dtype=torch.long), None)  # [b, 1, l, l]
     future = torch.ones(64, 64, dtype=torch.bool).triu(1)

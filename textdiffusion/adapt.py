@@ -185,7 +185,7 @@ class CausalDiffusionLM(MaskedDiffusionLM):
     Same contract as :class:`MaskedDiffusionLM`: with ``masked_positions`` ([b, l] bool) or ``masked_index``
     it returns logits [n, vocab] at those positions only; without, a ``MaskedLMOutput`` with logits
     [b, l, vocab]. ``anneal_steps`` 0 (the default, and what ``fresh()`` gives evaluation) is full
-    attention; otherwise the training step is set by :class:`AttentionAnnealCallback`. In eval mode
+    attention; otherwise the training step is set (``set_step``) by :class:`AttentionAnnealCallback`. In eval mode
     attention is always full.
     """
 
@@ -193,27 +193,32 @@ class CausalDiffusionLM(MaskedDiffusionLM):
         super().__init__(model)
         self._head = lambda h: model.get_output_embeddings()(h)  # a function: the head is not registered twice
         self.anneal_steps = anneal_steps  # None: set from the run's length when training starts
-        self.step = 0
+        # the share of later keys each query sees, a tensor so that a compiled forward does not recompile
+        # at every step of the schedule; not part of any checkpoint
+        self.register_buffer("_ratio", torch.zeros(()), persistent=False)
+
+    def set_step(self, step: int) -> None:
+        """The optimiser step the attention schedule is at (0: causal; ``anneal_steps`` and after: full)."""
+        self._ratio.fill_(min(1.0, step / self.anneal_steps) if self.anneal_steps else 1.0)
 
     @property
     def attention_ratio(self) -> float:
         """Probability that a query attends to a given later key: 0 is causal, 1 is full attention."""
         if not self.training or not self.anneal_steps:
             return 1.0
-        return min(1.0, self.step / self.anneal_steps)
+        return float(self._ratio)
 
     def attention_mask_4d(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """[b, 1, l, l] (query, key) mask: True / 0.0 where attention is allowed; padding keys never are."""
         b, l = input_ids.shape
         device = input_ids.device
-        ratio = self.attention_ratio
-        if ratio >= 1.0:
-            allowed = torch.ones(1, 1, l, l, dtype=torch.bool, device=device)  # [1, 1, l, l]
+        if not self.training or not self.anneal_steps:
+            allowed = torch.ones(1, 1, l, l, dtype=torch.bool, device=device)  # [1, 1, l, l] full
         else:
             position = torch.arange(l, device=device)
-            allowed = (position[None, :] <= position[:, None])[None, None]  # [1, 1, l, l] causal
-            if ratio > 0.0:
-                allowed = allowed | (torch.rand(b, 1, l, l, device=device) < ratio)  # [b, 1, l, l]
+            causal = position[None, :] <= position[:, None]  # [l, l]: query i sees keys j <= i
+            # each later key with probability ratio (rand < 0 never, rand < 1 always: causal and full are exact)
+            allowed = causal | (torch.rand(b, 1, l, l, device=device) < self._ratio)  # [b, 1, l, l]
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, :]  # [b, 1, l, l]
         allowed = allowed.expand(b, 1, l, l)
@@ -247,12 +252,13 @@ class AttentionAnnealCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self.denoiser.anneal_steps is None:
             self.denoiser.anneal_steps = max(1, state.max_steps // 10)
+        self.denoiser.set_step(state.global_step)
         if state.is_world_process_zero:
             print(f"attention: causal at step 0, full from step {self.denoiser.anneal_steps} "
                   "(--attention-anneal-steps)", flush=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.denoiser.step = state.global_step
+        self.denoiser.set_step(state.global_step)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
