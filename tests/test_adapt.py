@@ -162,6 +162,28 @@ def test_bad_inputs_are_one_line_usage_errors_naming_the_flag(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_checkpoint_records_adaptation_and_readers_rebuild_the_shifted_wrapper(tmp_path, wiki):
+    from textdiffusion.generation import DiffusionGenerator
+    from textdiffusion.objectives import objective_of_checkpoint
+
+    tokenizer = causal_tokenizer(wiki.train[:200])
+    model = tiny_causal(vocab=len(tokenizer))
+    choose_special_tokens(tokenizer, model)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert objective_of_checkpoint(str(tmp_path)).name == "ar"  # a plain causal LM: the AR path
+    DiffusionConfig(max_length=24, mask_token_id=tokenizer.mask_token_id, adapted_from_causal=True).save_pretrained(tmp_path)
+    assert objective_of_checkpoint(str(tmp_path)).name == "diffusion"
+    generator = DiffusionGenerator.from_pretrained(str(tmp_path), device="cpu")
+    assert type(generator.denoiser) is CausalDiffusionLM and generator.mask_id == tokenizer.mask_token_id
+    out = generator.generate(["The"], steps=6, seed=0)
+    assert out.token_ids.shape[1] == 24 and not (out.token_ids == generator.mask_id).any()
+    legacy = {k: v for k, v in DiffusionConfig().to_dict().items() if k != "adapted_from_causal"}
+    assert DiffusionConfig.from_dict(legacy).adapted_from_causal is False  # files written before the field
+    with pytest.raises(ValueError, match="adapted_from_causal"):
+        DiffusionConfig(objective="ar", adapted_from_causal=True)
+
+
 @pytest.mark.slow
 def test_train_adapt_from_causal_then_generate_and_eval(tmp_path, small_jsonl, wiki, capsys):
     """The real command on a tiny Llama saved in tmp: a few steps, then generate and eval rebuild the wrapper."""
