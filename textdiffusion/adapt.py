@@ -254,8 +254,9 @@ class AttentionAnnealCallback(TrainerCallback):
             self.denoiser.anneal_steps = max(1, state.max_steps // 10)
         self.denoiser.set_step(state.global_step)
         if state.is_world_process_zero:
-            print(f"\nattention: causal at step 0, full from step {self.denoiser.anneal_steps} "
-                  "(--attention-anneal-steps)", flush=True)
+            steps = self.denoiser.anneal_steps
+            when = f"causal at step 0, full from step {steps}" if steps else "full from the start"
+            print(f"\nattention: {when} (--attention-anneal-steps)", flush=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.denoiser.set_step(state.global_step)
