@@ -64,14 +64,18 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None):
 
 
 def is_causal_checkpoint(path: str) -> bool:
-    """True for a directory holding a causal LM (our AR baseline or any *ForCausalLM save)."""
+    """True for a directory holding a causal LM (our AR baseline or any *ForCausalLM save) that was not
+    adapted to diffusion (train --adapt-from-causal: its weights are a causal LM's, but it denoises)."""
     config = Path(path) / "config.json"
     if not config.exists():
         return False
     from .config import DiffusionConfig
 
-    if DiffusionConfig.from_pretrained(path).objective == "ar":
+    settings = DiffusionConfig.from_pretrained(path)
+    if settings.objective == "ar":
         return True
+    if settings.adapted_from_causal:
+        return False
     architectures = json.loads(config.read_text()).get("architectures") or []
     return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
 

@@ -125,12 +125,18 @@ class DiffusionConfig:
     sep_token_id: int | None = None
     corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
     generation: Any = None  # SamplerConfig: the defaults of `generate` (None: SamplerConfig())
+    # a causal LM adapted to diffusion (train --adapt-from-causal): readers wrap it in adapt.CausalDiffusionLM
+    # (shifted logits, full attention) instead of loading a masked LM; files without the key are masked LMs
+    adapted_from_causal: bool = False
     version: int = CONFIG_VERSION
     trained_with: str = "textdiffusion"
 
     def __post_init__(self) -> None:
         check(self.objective in OBJECTIVE_NAMES, "objective", self.objective, f"must be one of {OBJECTIVE_NAMES}")
         check(self.max_length >= 3, "max_length", self.max_length, "must be >= 3")
+        check(isinstance(self.adapted_from_causal, bool), "adapted_from_causal", self.adapted_from_causal, "must be true or false")
+        check(not self.adapted_from_causal or self.objective == "diffusion", "adapted_from_causal", self.adapted_from_causal,
+              f"needs objective 'diffusion' (an adapted causal LM denoises), not {self.objective!r}")
         if isinstance(self.corruption, dict):
             self.corruption = CorruptionConfig(**self.corruption)
         sampler_config = _sampler_config_type()

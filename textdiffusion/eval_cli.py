@@ -57,7 +57,7 @@ def _load(args: EvalArgs, loader):
 
     device = resolve_device(args.device)  # checked before the (slow) corpus and model loads
     config = DiffusionConfig.from_pretrained(args.checkpoint)  # a model from elsewhere: the foreign-model defaults
-    tokenizer, model = loader(args.checkpoint)  # checks the weights file first
+    tokenizer, model = loader(args.checkpoint, config)  # checks the weights file first
     max_length = args.max_length or config.max_length
     check_position_limit(model, max_length)
     model.to(device).eval()
@@ -71,7 +71,7 @@ def run_causal_eval(args: EvalArgs) -> dict:
     from .autoregressive import causal_nll, load_causal_lm
     from .evaluation import scored_positions
 
-    tokenizer, model, config, max_length, blocks = _load(args, load_causal_lm)
+    tokenizer, model, config, max_length, blocks = _load(args, lambda path, config: load_causal_lm(path))
     prefix = config.prefix_length
     nll = causal_nll(model, blocks, scored_positions(blocks, tokenizer, prefix), batch_size=args.batch_size)
     report = (f"exact NLL of the autoregressive model ({len(blocks)} blocks of {max_length} tokens; the first "
@@ -109,10 +109,11 @@ def run_diffusion_eval(args: EvalArgs) -> dict:
     from .collator import collator_from_config
     from .data import unigram_entropy
     from .evaluation import nelbo, per_level_loss
-    from .modeling import load_masked_lm
+    from .modeling import denoiser_for, load_diffusion_model
     from .reporting import format_level_table
 
-    tokenizer, model, config, max_length, blocks = _load(args, partial(load_masked_lm, flag="--checkpoint"))
+    tokenizer, model, config, max_length, blocks = _load(args, partial(load_diffusion_model, flag="--checkpoint"))
+    model = denoiser_for(model, config)  # a causal LM adapted to diffusion: shifted logits, full attention
     collator = collator_from_config(tokenizer, config.corruption, training=False)
     levels = per_level_loss(model, blocks, collator, batch_size=args.batch_size)
     unigram = unigram_entropy(blocks, list(tokenizer.all_special_ids))

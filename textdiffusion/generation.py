@@ -23,7 +23,7 @@ import torch
 
 from .config import DiffusionConfig
 from .errors import UsageError
-from .modeling import MaskedDiffusionLM, check_position_limit, load_masked_lm, masked_logits
+from .modeling import check_position_limit, denoiser_for, load_diffusion_model, masked_logits
 from .sampler import DenoisingSampler, DenoisingState, SamplerConfig, continuation
 
 MASK_SPAN = re.compile(r"<mask(?::(\d+))?>")
@@ -81,13 +81,14 @@ class DiffusionGenerator:
                              "it cannot denoise. Use a masked-LM checkpoint.")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model = model.to(self.device, dtype=dtype).eval()
-        self.denoiser = MaskedDiffusionLM(self.model)  # logits at the masked positions only
         self.tokenizer = tokenizer
         # how the checkpoint was trained and its generation defaults; a model from elsewhere gets the
         # foreign-model defaults (nothing learned about end-of-text or a prompt prefix)
         if isinstance(config, dict):  # a settings dict as saved by version 1
             config = DiffusionConfig.from_dict(config)
         self.config = config or DiffusionConfig.for_foreign_model()
+        # logits at the masked positions only; a causal LM adapted to diffusion gets its shifted wrapper
+        self.denoiser = denoiser_for(self.model, self.config).eval()
         self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
         self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.sep_id
@@ -106,8 +107,9 @@ class DiffusionGenerator:
         from .bundled import resolve_checkpoint
 
         path = resolve_checkpoint(path)
-        tokenizer, model = load_masked_lm(path, dtype=dtype, flag="--checkpoint")
-        return cls(model, tokenizer, DiffusionConfig.from_pretrained(path), device, dtype, compile)
+        config = DiffusionConfig.from_pretrained(path)
+        tokenizer, model = load_diffusion_model(path, config, dtype=dtype, flag="--checkpoint")
+        return cls(model, tokenizer, config, device, dtype, compile)
 
     # -- templates --------------------------------------------------------------------------------
     def encode_template(self, template: str) -> tuple[list[int], list[bool]]:
@@ -183,7 +185,7 @@ class DiffusionGenerator:
         return unc + (1 + cfg_scale) * (cond - unc)  # LLaDA's form: cfg_scale 0 is the conditional model
 
     def _full_logits(self, x: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
-        return self.model(input_ids=x, attention_mask=attention).logits
+        return self.denoiser(input_ids=x, attention_mask=attention).logits  # [b, l, V]
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str] | str | None = None, *, templates: Sequence[str] | None = None,

@@ -275,6 +275,26 @@ class MaskedDiffusionLM(TrainedModule):
         return self._head(hidden[masked_positions])  # [n, V]
 
 
+def denoiser_for(model: nn.Module, config=None) -> MaskedDiffusionLM:
+    """The denoiser a checkpoint was trained as: a causal LM adapted with --adapt-from-causal (its
+    DiffusionConfig says so) gets shifted logits and full attention, anything else the masked-LM wrapper."""
+    if config is not None and getattr(config, "adapted_from_causal", False):
+        from .adapt import CausalDiffusionLM
+
+        return CausalDiffusionLM(model)
+    return MaskedDiffusionLM(model)
+
+
+def load_diffusion_model(name_or_path: str, config=None, dtype: torch.dtype | None = None, flag: str = "--checkpoint"):
+    """(tokenizer, model) of a diffusion checkpoint: the causal LM of an adapted one (``config`` is its
+    DiffusionConfig), else a masked LM. Wrap the model with ``denoiser_for(model, config)``."""
+    if config is not None and getattr(config, "adapted_from_causal", False):
+        from .adapt import load_adapted
+
+        return load_adapted(name_or_path, dtype=dtype, flag=flag)
+    return load_masked_lm(name_or_path, dtype=dtype, flag=flag)
+
+
 def as_denoiser(model: nn.Module) -> nn.Module:
     """``model`` if it already is a denoiser (possibly DDP/compile-wrapped), else a MaskedDiffusionLM around it."""
     inner = getattr(model, "module", model)

@@ -10,6 +10,7 @@ Imports are lazy so that choosing one never loads the other's code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -107,6 +108,45 @@ def _generate_causal(args, device, dtype):
     return run_causal_generate(args, device, dtype)
 
 
+# -- a causal LM adapted to diffusion (train --adapt-from-causal) --------------------------------------
+def _no_preset(preset, tokenizer, max_length, dropout, architecture):
+    from .errors import UsageError
+
+    raise UsageError("--adapt-from-causal adapts the causal LM given by --model-name; it cannot start from --preset.")
+
+
+def _load_adapted(name_or_path):
+    from .adapt import load_causal_for_adaptation
+
+    return load_causal_for_adaptation(name_or_path)
+
+
+def _prepare_adapted(tokenizer, model, anneal_steps):
+    from .adapt import CausalDiffusionLM, choose_special_tokens
+
+    for note in choose_special_tokens(tokenizer, model):  # the tokenizer has no mask token (nor its own padding)
+        print(note, flush=True)
+    return CausalDiffusionLM(model, anneal_steps)  # shifted logits, attention annealed causal -> full
+
+
+def _adapted_trainer(tokenizer, collator, loss_weighting, **kwargs):
+    from .adapt import AttentionAnnealCallback
+
+    trainer = _diffusion_trainer(tokenizer, collator, loss_weighting, **kwargs)
+    trainer.add_callback(AttentionAnnealCallback(kwargs["model"]))  # the step the attention anneals with
+    return trainer
+
+
+def adapted_objective(anneal_steps: int | None) -> Objective:
+    """Diffusion, trained from a causal LM (DiffuGPT/DiffuLLaMA): its own loading, wrapper and annealing;
+    the loss, evaluation and generation are the diffusion objective's."""
+    diffusion = OBJECTIVES["diffusion"]
+    return Objective("diffusion", "a causal LM adapted to masked diffusion (shifted logits, annealed attention)",
+                     diffusion.bound, diffusion.outputs, _no_preset, _load_adapted,
+                     partial(_prepare_adapted, anneal_steps=anneal_steps), _adapted_trainer,
+                     diffusion.evaluate, diffusion.generate)
+
+
 OBJECTIVES: dict[str, Objective] = {
     "diffusion": Objective("diffusion", "masked LM trained at every corruption level (this project)", "NLL bound",
                            "per_level_loss.csv, per_level_loss.png and validation_curve.csv", _build_masked,
@@ -118,7 +158,8 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 def objective_of_checkpoint(path: str) -> Objective:
-    """The objective a checkpoint directory was trained with (a causal LM from elsewhere counts as ar)."""
+    """The objective a checkpoint directory was trained with (a causal LM from elsewhere counts as ar; one
+    adapted with --adapt-from-causal is diffusion, and its readers rebuild the adapted wrapper)."""
     from .autoregressive import is_causal_checkpoint
 
     return OBJECTIVES["ar" if Path(path).exists() and is_causal_checkpoint(path) else "diffusion"]

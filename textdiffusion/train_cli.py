@@ -29,7 +29,7 @@ from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_e
 from .errors import UsageError
 from .evaluation import scored_positions
 from .modeling import PRESET_ARCHITECTURES, PRESETS, count_parameters, preset_tokenizer
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, adapted_objective
 from .train import CURVE_CSV, LEVEL_CSV, training_arguments
 
 logger = logging.getLogger("textdiffusion")
@@ -37,7 +37,7 @@ logger = logging.getLogger("textdiffusion")
 RUN_ARGS_NAME = "run_args.json"
 
 # Settings that define "the same run": --resume refuses an output dir trained with other values.
-RUN_IDENTITY = ("objective", "model_name", "preset", "architecture", "dataset", "text_column", "max_length", "vocab_size", "seed")
+RUN_IDENTITY = ("objective", "adapt_from_causal", "model_name", "preset", "architecture", "dataset", "text_column", "max_length", "vocab_size", "seed")
 # What --quick-test means: a CPU-sized run of the whole pipeline (about 10 minutes on 2 cores with --preset tiny).
 QUICK_TEST = {"max_steps": 1500, "eval_steps": 300, "eval_blocks": 128, "logging_steps": 50}
 
@@ -57,6 +57,13 @@ class TrainArgs(CorruptionConfig):
     architecture: str = field(default="modernbert", metadata={
         "help": "Architecture of a preset: modernbert (local-first attention), or for comparison modernbert-stock "
                 "(ModernBERT's own attention layout) and roberta (post-LN); both plateau from scratch."})
+    adapt_from_causal: bool = field(default=False, metadata={
+        "help": "--model-name is a causal LM (Llama family: a directory, a .gguf file, or 'smollm2' from the offline "
+                "wheel) to adapt to diffusion as DiffuGPT/DiffuLLaMA do: shifted logits, attention annealed from causal "
+                "to full, an unused special token as the mask."})
+    attention_anneal_steps: Optional[int] = field(default=None, metadata={
+        "help": "With --adapt-from-causal: optimiser steps over which attention goes from causal to full "
+                "(0: full from the start; default: the first tenth of the run)."})
     vocab_size: int = field(default=0, metadata={"help": "Preset tokenizer vocabulary size (0: the preset's default)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout of a preset model."})
     # data
@@ -111,6 +118,14 @@ class TrainArgs(CorruptionConfig):
             (self.learning_rate is None or self.learning_rate > 0, "--learning-rate", self.learning_rate, "must be > 0"),
             (not (self.resume and self.overwrite), "--resume", self.resume, "cannot be combined with --overwrite"),
             (0.0 <= self.dropout < 1.0, "--dropout", self.dropout, "must be in [0, 1)"),
+            (self.attention_anneal_steps is None or self.attention_anneal_steps >= 0, "--attention-anneal-steps",
+             self.attention_anneal_steps, "must be >= 0 (0: full attention from the start)"),
+            (self.attention_anneal_steps is None or self.adapt_from_causal, "--attention-anneal-steps",
+             self.attention_anneal_steps, "applies only with --adapt-from-causal"),
+            (not (self.adapt_from_causal and self.preset), "--adapt-from-causal", self.adapt_from_causal,
+             f"adapts the causal LM given by --model-name; it cannot start from --preset {self.preset!r}"),
+            (not (self.adapt_from_causal and self.objective != "diffusion"), "--adapt-from-causal",
+             self.adapt_from_causal, f"trains a diffusion model; it cannot be combined with --objective {self.objective!r}"),
         ]
         for ok, flag, value, rule in checks:
             if not ok:
@@ -221,7 +236,7 @@ def run_training(args: TrainArgs) -> Path:
         torch.distributed.barrier()
     set_seed(args.seed)
 
-    objective = OBJECTIVES[args.objective]
+    objective = adapted_objective(args.attention_anneal_steps) if args.adapt_from_causal else OBJECTIVES[args.objective]
     corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)
     if args.preset:
         vocab = args.vocab_size or PRESETS[args.preset].vocab_size
@@ -257,7 +272,8 @@ def run_training(args: TrainArgs) -> Path:
               f"{training_args.world_size} process(es) on {training_args.device.type}", flush=True)
 
     config = DiffusionConfig(objective=args.objective, max_length=args.max_length, mask_token_id=tokenizer.mask_token_id,
-                             cls_token_id=cls, sep_token_id=sep, corruption=corruption)
+                             cls_token_id=cls, sep_token_id=sep, corruption=corruption,
+                             adapted_from_causal=args.adapt_from_causal)
     if is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / RUN_ARGS_NAME).write_text(json.dumps(asdict(args), indent=2) + "\n")
