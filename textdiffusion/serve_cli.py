@@ -36,10 +36,9 @@ class ServeArgs:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be in [0, 65535], got {self.port}.")
-        if self.max_batch < 1:
-            raise UsageError(f"--max-batch must be >= 1, got {self.max_batch}.")
-        if self.max_queue < 1:
-            raise UsageError(f"--max-queue must be >= 1, got {self.max_queue}.")
+        from .serving.engine import check_limits
+
+        check_limits(self.max_batch, self.max_queue)
         if self.step_delay < 0:
             raise UsageError(f"--step-delay must be >= 0, got {self.step_delay}.")
 

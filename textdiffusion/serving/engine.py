@@ -114,15 +114,20 @@ class Job:
         return False
 
 
+def check_limits(max_batch: int, max_queue: int) -> None:
+    """The engine's limits, checked here only (`serve` calls it before loading the model)."""
+    if max_batch < 1:
+        raise UsageError(f"--max-batch must be >= 1, got {max_batch}.")
+    if max_queue < 1:
+        raise UsageError(f"--max-queue must be >= 1, got {max_queue}.")
+
+
 class Engine:
     """The scheduler: a bounded waiting line, the active set, and the model loop in one thread."""
 
     def __init__(self, generator: DiffusionGenerator, max_batch: int = 32, max_queue: int = 64,
                  tick_delay: float = 0.0, on_call=None, on_finish=None):
-        if max_batch < 1:
-            raise UsageError(f"--max-batch must be >= 1, got {max_batch}.")
-        if max_queue < 1:
-            raise UsageError(f"--max-queue must be >= 1, got {max_queue}.")
+        check_limits(max_batch, max_queue)
         self.generator = generator
         self.max_batch = max_batch
         self.max_queue = max_queue
