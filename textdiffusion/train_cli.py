@@ -269,15 +269,19 @@ def run_training(args: TrainArgs) -> Path:
         with training_args.main_process_first(desc="tokenizer"):
             work_dir.mkdir(parents=True, exist_ok=True)
             tokenizer = preset_tokenizer(corpus.train, vocab, work_dir / "tokenizer")
+        if args.label_column:  # the labels' tokens exist before the model is built for this tokenizer
+            add_label_tokens(tokenizer, corpus.label_set)
         model = objective.build(args.preset, tokenizer, args.max_length, args.dropout, args.architecture)
     else:
         tokenizer, model = objective.load(args.model_name)
-    trained = objective.prepare(tokenizer, model)  # the module Trainer/Accelerate wrap (diffusion: the denoiser)
-    corruption = args.corruption()
     label_set = corpus.label_set if args.label_column else None
     if label_set:  # one special token per label, added before the collator reads the special tokens
         add_label_tokens(tokenizer, label_set)
-        model.resize_token_embeddings(len(tokenizer))
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):  # a pretrained model: new rows
+            # drawn like the initial weights; mean-resizing would start every label at the same embedding
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    trained = objective.prepare(tokenizer, model)  # the module Trainer/Accelerate wrap (diffusion: the denoiser)
+    corruption = args.corruption()
     collator = collator_from_config(tokenizer, corruption, seed=args.seed + 7919 * training_args.process_index,
                                     gather_buckets=8 if args.compile else 0)
 
