@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Generative classification (diffusion NELBO, AR likelihood) vs a discriminative baseline, and label-guided
+# generation: `textdiffusion experiment classify`, results into benchmarks/results/classify/.
+# Trains 12 micro models (about 13 CPU minutes in all); one thread, pinned to one core:
+#
+#   bash benchmarks/classify.sh [CORE]      # default core 0
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TD="${TEXTDIFFUSION:-$( [ -x .venv/bin/textdiffusion ] && echo .venv/bin/textdiffusion || echo textdiffusion )}"
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+taskset -c "${1:-0}" "$TD" experiment classify --output-dir benchmarks/results/classify --overwrite \
+  --preset micro --train-steps 600 --batch-size 16 --eval-texts 240 --nelbo-samples 4 \
+  --cfg-scales 0 1 2 4 --guidance-samples 8 --new-tokens 48 --steps 16
