@@ -77,7 +77,7 @@ def run_classify(args: ClassifyArgs) -> dict:
             keep = np.linspace(0, len(texts) - 1, args.limit).round().astype(int)
             texts, truth = [texts[i] for i in keep], [truth[i] for i in keep]
         check_texts(texts, "--dataset")
-        check_labels(scorer.labels, sorted(set(truth)), f"--dataset {args.dataset!r} --label-column {column!r}: label",
+        check_labels(scorer.labels, corpus.label_set, f"--dataset {args.dataset!r} --label-column {column!r}: label",
                      args.checkpoint)
     t0 = time.process_time()
     result = scorer.classify(texts, samples=args.samples, estimator=args.estimator, seed=args.seed,
