@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Generative classification (diffusion NELBO, AR likelihood) vs a discriminative baseline, and label-guided
 # generation: `textdiffusion experiment classify`, results into benchmarks/results/classify/.
-# Trains 12 micro models (about 13 CPU minutes in all); one thread, pinned to one core:
+# Trains 12 micro models (about 17 CPU minutes in all); one thread, pinned to one core:
 #
 #   bash benchmarks/classify.sh [CORE]      # default core 0
 set -euo pipefail
@@ -9,5 +9,5 @@ cd "$(dirname "$0")/.."
 TD="${TEXTDIFFUSION:-$( [ -x .venv/bin/textdiffusion ] && echo .venv/bin/textdiffusion || echo textdiffusion )}"
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 taskset -c "${1:-0}" "$TD" experiment classify --output-dir benchmarks/results/classify --overwrite \
-  --preset micro --train-steps 600 --batch-size 16 --eval-texts 240 --nelbo-samples 4 \
+  --preset micro --train-steps 1200 --batch-size 16 --max-length 64 --learning-rate 5e-3 --eval-texts 240 --nelbo-samples 8 \
   --cfg-scales 0 1 2 4 --guidance-samples 8 --new-tokens 48 --steps 16

@@ -67,7 +67,7 @@ class ExperimentArgs:
     train_steps: int = field(default=600, metadata={"help": "classify: optimiser steps of every model."})
     batch_size: int = field(default=16, metadata={"help": "classify: blocks (documents) per step."})
     max_length: int = field(default=128, metadata={"help": "classify: tokens per block."})
-    learning_rate: Optional[float] = field(default=None, metadata={"help": "classify: peak learning rate (default 2e-3)."})
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "classify: peak learning rate of the generative models (default 2e-3)."})
     eval_texts: int = field(default=240, metadata={"help": "classify: validation documents scored per corpus."})
     nelbo_samples: int = field(default=4, metadata={"help": "classify: NELBO mask draws per text, shared by all labels."})
     cfg_scales: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0], metadata={
