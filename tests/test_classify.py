@@ -237,3 +237,14 @@ def test_classify_cli_reports_accuracy(toy_models, toy_file, tmp_path, capsys):
     assert "accuracy 1.000" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and all(r["prediction"] == r["label"] for r in rows)
+
+
+def test_unigram_bayes_separates_the_toy_languages(toy_file):
+    from textdiffusion.classify import unigram_bayes
+
+    corpus = load_corpus(str(toy_file), label_column="lang")
+    tokenizer = train_bpe_tokenizer(corpus.train, 300)
+    p = unigram_bayes(tokenizer, corpus.train, corpus.train_labels, corpus.label_set, corpus.validation)
+    predicted = [corpus.label_set[i] for i in p.argmax(1).tolist()]
+    assert predicted == corpus.validation_labels
+    assert torch.allclose(p.sum(1), torch.ones(len(p), dtype=torch.float64))

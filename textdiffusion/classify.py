@@ -150,6 +150,26 @@ def load_scorer(checkpoint: str, device: torch.device | str = "cpu") -> LabelSco
     return LabelScorer(model.to(device), tokenizer, config, checkpoint)
 
 
+def unigram_bayes(tokenizer, train_texts: Sequence[str], train_labels: Sequence[str], labels: Sequence[str],
+                  texts: Sequence[str], smoothing: float = 0.5) -> torch.Tensor:
+    """[n, C] p(label | text) of the simplest generative classifier: class-conditional token frequencies
+    (add-``smoothing``), i.e. multinomial Naive Bayes on the same tokens, with a uniform prior. The floor a
+    neural p(text | label) should clear: a model that has not learned to use its label stays below it."""
+    index = {c: i for i, c in enumerate(labels)}
+    vocab = len(tokenizer)
+    train_ids = tokenizer(list(train_texts), add_special_tokens=False)["input_ids"]
+    flat = np.concatenate([np.asarray(r, dtype=np.int64) for r in train_ids])  # every training token
+    cls = np.repeat([index[c] for c in train_labels], [len(r) for r in train_ids])  # its document's class
+    counts = np.bincount(cls * vocab + flat, minlength=len(labels) * vocab).reshape(len(labels), vocab) + smoothing
+    log_p = np.log(counts / counts.sum(1, keepdims=True))  # [C, V]
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    flat = np.concatenate([np.asarray(r, dtype=np.int64) for r in ids])
+    owner = np.repeat(np.arange(len(ids)), [len(r) for r in ids])
+    scores = np.zeros((len(ids), len(labels)))
+    np.add.at(scores, owner, log_p[:, flat].T)  # [n, C] log p(text | label)
+    return torch.softmax(torch.from_numpy(scores), dim=1)
+
+
 # -- how good a classifier is -----------------------------------------------------------------------
 def expected_calibration_error(probabilities: np.ndarray, truth: np.ndarray, bins: int = 10) -> float:
     """ECE: |accuracy - confidence| of the top label, averaged over equal-width confidence bins by size."""

@@ -9,7 +9,9 @@ label fraction (1.0 and 0.1), three models of the same preset are trained for th
 * diffusion: ``train --label-column`` (one model of p(text | label)); classified by the NELBO, every label
   with the same mask draws (classify.py);
 * AR: the GPT-2 baseline of the same size on the same labelled blocks; classified by its exact likelihood;
-* discriminative: ModernBertForSequenceClassification of the same preset (discriminative.py).
+* discriminative: ModernBertForSequenceClassification of the same preset (discriminative.py);
+* and as a reference, the simplest generative classifier: class-conditional token counts (Naive Bayes on
+  the same tokens, no training beyond counting) — what a p(text | label) model that uses its label beats.
 
 With 10% of the labels the generative models still read all training text (the other 90% with the label
 masked, as unlabelled text: a generative model can use it), the discriminative one only the labelled 10%.
@@ -128,7 +130,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def run_classify(args, out: Path) -> dict:
-    from .classify import load_scorer
+    from .classify import load_scorer, unigram_bayes
     from .data import load_corpus
     from .discriminative import predict_proba, train_sequence_classifier
     from .labels import kept_labels
@@ -189,6 +191,14 @@ def run_classify(args, out: Path) -> dict:
                              **metrics})
                 print(f"  {tag} discriminative: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
                       f"ECE {metrics['ece']:.3f} ({len(train_texts):,} labelled documents)", flush=True)
+                t0 = _cpu()
+                probs = unigram_bayes(tokenizer, train_texts, train_labels, labels, texts).numpy()
+                cpu = _cpu() - t0
+                metrics = _evaluate(probs, truth, labels, out / f"confusion-{tag}-unigram.png",
+                                    f"class-conditional unigram, {dataset}, {fraction:.0%} labels")
+                rows.append({"dataset": dataset, "label_fraction": fraction, "classifier": "class-conditional unigram (counts)",
+                             "train_cpu_s": cpu, "classify_cpu_s": 0.0, **metrics})
+                print(f"  {tag} class-conditional unigram: accuracy {metrics['accuracy']:.3f}", flush=True)
                 if fraction == 1.0 and args.cfg_scales:
                     guidance += _guidance(args, models["diffusion"], disc, labels, out, dataset)
                 shutil.rmtree(work / tag, ignore_errors=True)
@@ -208,7 +218,8 @@ def _write_report(args, out: Path, rows: list[dict], guidance: list[dict]) -> No
              f"Learning rate {args.learning_rate or 2e-3:g} for the generative models, {DISCRIMINATIVE_LR:g} for the "
              "discriminative one. ECE: 10 equal-width confidence bins. CPU seconds are process CPU time (training includes tokenizer "
              "training and two validation passes). With 10% of the labels the generative models also read the other "
-             "90% of the training text with the label masked; the discriminative model sees only the labelled 10%.",
+             "90% of the training text with the label masked; the discriminative model and the unigram counts see only "
+             "the labelled 10% (the counts' CPU time is counting and scoring together).",
              "", _table(rows), "", "Confusion matrices: `confusion-<corpus>-<labels %>-<classifier>.png`."]
     if guidance:
         lines += ["", "## Label-guided generation", "",
