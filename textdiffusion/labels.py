@@ -44,8 +44,10 @@ def label_token(label: str) -> str:
 
 def add_label_tokens(tokenizer, labels: Sequence[str]) -> list[int]:
     """Add one special token per label to ``tokenizer`` (if missing) and return their ids, in order."""
-    tokens = [label_token(c) for c in labels]
-    tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+    vocab = tokenizer.get_vocab()
+    tokens = [label_token(c) for c in labels if label_token(c) not in vocab]
+    if tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
     return label_token_ids(tokenizer, labels)
 
 
