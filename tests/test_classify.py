@@ -248,3 +248,28 @@ def test_unigram_bayes_separates_the_toy_languages(toy_file):
     predicted = [corpus.label_set[i] for i in p.argmax(1).tolist()]
     assert predicted == corpus.validation_labels
     assert torch.allclose(p.sum(1), torch.ones(len(p), dtype=torch.float64))
+
+
+def test_guidance_contrasts_with_the_label_masked_out(untrained, monkeypatch):
+    """--cfg-scale runs a second pass whose only change is the label token replaced by the mask."""
+    import textdiffusion.generation as generation
+    from textdiffusion.generation import DiffusionGenerator
+
+    calls = []
+    real = generation.masked_logits
+
+    def spy(model, input_ids, attention_mask, positions):
+        calls.append(input_ids.clone())
+        return real(model, input_ids, attention_mask, positions)
+
+    monkeypatch.setattr(generation, "masked_logits", spy)
+    gen = DiffusionGenerator.from_pretrained(str(untrained), device="cpu")
+    alpha = gen.tokenizer.convert_tokens_to_ids(label_token("alpha"))
+    out = gen.generate(templates=[f"{label_token('alpha')}<mask:6>"] * 2, cfg_scale=2.0, steps=3, stop_at_eos=False,
+                       suppress_tokens=[label_token("alpha"), label_token("beta")])
+    first = calls[0]  # [2b, l]: conditional rows, then unconditional ones
+    cond, uncond = first.chunk(2)
+    assert bool((cond[:, LABEL_POSITION] == alpha).all())
+    assert bool((uncond[:, LABEL_POSITION] == gen.mask_id).all())
+    assert torch.equal(torch.cat([cond[:, :1], cond[:, 2:]], 1), torch.cat([uncond[:, :1], uncond[:, 2:]], 1))
+    assert not bool(torch.isin(out.token_ids[:, 2:], torch.tensor([alpha, gen.mask_id])).any())  # never sampled
