@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Generative classification (diffusion NELBO, AR likelihood) vs a discriminative baseline, and label-guided
 # generation: `textdiffusion experiment classify`, results into benchmarks/results/classify/.
-# Trains 12 micro models (about 17 CPU minutes in all); one thread, pinned to one core:
+# Trains 12 micro models (about 14 CPU minutes in all (24 min wall on a shared core)); one thread, pinned to one core:
 #
 #   bash benchmarks/classify.sh [CORE]      # default core 0
 set -euo pipefail
