@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "train a masked LM as a text diffusion model",
     "generate": "generate text from a checkpoint by iterative denoising",
     "eval": "per-mask-level loss and the NELBO likelihood bound of a checkpoint",
+    "classify": "label probabilities of a text (or accuracy on a labelled split) from a model trained with --label-column",
     "serve": "an HTTP API (OpenAI-style completions, streamed steps) and a live page, batching requests step by step",
     "experiment": "run one experiment (masking-viz, schedules, sampling, temperature, steps, levels) into a results folder",
     "deploy": "train on a remote (GPU) host over SSH: deploy HOST | run HOST -- FLAGS | status | logs | fetch | stop",
@@ -86,6 +87,16 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _classify(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .classify_cli import ClassifyArgs, run_classify
+
+    hf_logging.disable_progress_bar()
+    run_classify(_parse(ClassifyArgs, argv, "textdiffusion classify"))
+    return 0
+
+
 def _experiment(argv: list[str]) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     handlers = {"train": _train, "generate": _generate, "eval": _eval, "experiment": _experiment, "serve": _serve,
-                "deploy": _deploy}
+                "deploy": _deploy, "classify": _classify}
     if command not in handlers:
         print(f"textdiffusion: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2

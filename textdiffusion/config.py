@@ -24,7 +24,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .errors import UsageError
 from .schedules import SCHEDULES
@@ -130,6 +130,10 @@ class DiffusionConfig:
     adapted_from_causal: bool = False
     version: int = CONFIG_VERSION
     trained_with: str = "textdiffusion"
+    # class-conditional training (train --label-column): the labels, each one token at position 1 (labels.py);
+    # None for a model trained on text alone (every checkpoint written before labels existed)
+    labels: Optional[list[str]] = None
+    label_column: Optional[str] = None
 
     def __post_init__(self) -> None:
         check(self.objective in OBJECTIVE_NAMES, "objective", self.objective, f"must be one of {OBJECTIVE_NAMES}")
@@ -145,6 +149,9 @@ class DiffusionConfig:
         elif isinstance(self.generation, dict):
             self.generation = sampler_config(**self.generation)
         self.corruption.check_block(self.max_length)
+        if self.labels is not None:
+            self.labels = [str(c) for c in self.labels]
+            check(len(set(self.labels)) >= 2, "labels", self.labels, "must hold at least two distinct classes")
 
     @property
     def prefix_length(self) -> int:

@@ -33,6 +33,14 @@ class Corpus:
     train: list[str]
     validation: list[str]
     source: str
+    # with ``load_corpus(label_column=...)``: the label of each document, aligned with train / validation
+    train_labels: list[str] | None = None
+    validation_labels: list[str] | None = None
+
+    @property
+    def label_set(self) -> list[str]:
+        """The distinct labels of both splits, sorted (empty without a label column)."""
+        return sorted(set(self.train_labels or []) | set(self.validation_labels or []))
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -162,10 +170,13 @@ def split_documents(docs: list[str], validation_fraction: float, seed: int = 0) 
 
 
 def load_corpus(dataset: str = "wiki-vital", text_column: str = "text", validation_fraction: float = 0.05,
-                split_seed: int = 0) -> Corpus:
-    """Resolve ``dataset`` (bundled name, local path, or hub id) to train/validation documents."""
+                split_seed: int = 0, label_column: str | None = None) -> Corpus:
+    """Resolve ``dataset`` (bundled name, local path, or hub id) to train/validation documents; with
+    ``label_column`` also each document's label (a record without one is dropped)."""
     if not 0.0 < validation_fraction < 1.0:
         raise UsageError(f"--validation-fraction must be in (0, 1), got {validation_fraction}.")
+    if label_column:
+        return load_labelled_corpus(dataset, text_column, label_column, validation_fraction, split_seed)
     path = Path(dataset).expanduser()
     if dataset in BUNDLED_CORPORA:
         docs, val = read_bundled(dataset), None
@@ -181,6 +192,71 @@ def load_corpus(dataset: str = "wiki-vital", text_column: str = "text", validati
         return Corpus(docs, val, dataset)
     train, val = split_documents(docs, validation_fraction, split_seed)
     return Corpus(train, val, dataset)
+
+
+# -- labelled corpora -------------------------------------------------------------------------------
+def _labelled_records(records: list[dict], text_column: str, label_column: str, where: str) -> list[tuple[str, str]]:
+    if records and label_column not in records[0]:
+        raise UsageError(f"--label-column {label_column!r} is not in {where} (its columns: {sorted(records[0])}).")
+    if records and text_column not in records[0]:
+        raise UsageError(f"--text-column {text_column!r} is not in {where} (its columns: {sorted(records[0])}).")
+    return [(str(r[text_column]), str(r[label_column])) for r in records
+            if r.get(text_column) is not None and r.get(label_column) is not None and str(r[text_column]).strip()]
+
+
+def read_labelled_file(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
+    """(text, label) pairs of one local file with columns: JSON lines, CSV or Parquet."""
+    suffix, bad = _suffix(path), [0]
+    if suffix in (".jsonl", ".jsonl.gz", ".json"):
+        records = [json.loads(line) for line in _utf8_lines(_read_bytes(path), bad) if line.strip()]
+    elif suffix == ".csv":
+        records = list(csv.DictReader(io.StringIO("\n".join(_utf8_lines(_read_bytes(path), bad)))))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(path).to_pylist()
+    else:
+        raise UsageError(f"--label-column {label_column!r}: {str(path)!r} is plain text and has no columns; "
+                         "use a .jsonl, .csv or .parquet file with a label field.")
+    return _labelled_records(records, text_column, label_column, str(path))
+
+
+def load_labelled_corpus(dataset: str, text_column: str, label_column: str, validation_fraction: float = 0.05,
+                         split_seed: int = 0) -> Corpus:
+    """Documents and their labels (``label_column``), split as ``load_corpus`` splits the same documents."""
+    path = Path(dataset).expanduser()
+    val_pairs = None
+    if dataset in BUNDLED_CORPORA:
+        ref = resources.files("textdiffusion") / "corpora" / BUNDLED_CORPORA[dataset]
+        with resources.as_file(ref) as file:
+            pairs = read_labelled_file(file, text_column, label_column)
+    elif path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in FILE_SUFFIXES) if path.is_dir() else [path]
+        pairs = [pair for f in files for pair in read_labelled_file(f, text_column, label_column)]
+    elif dataset.startswith((".", "/", "~")) or _suffix(path) in FILE_SUFFIXES:
+        raise UsageError(f"--dataset {dataset!r}: no such file or folder.")
+    else:
+        import datasets
+
+        name, _, config = dataset.partition(":")
+        try:
+            ds = datasets.load_dataset(name, config or None)
+        except Exception as e:
+            raise UsageError(f"--dataset {dataset!r} could not be loaded ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}).") from None
+        if "train" not in ds:
+            raise UsageError(f"--dataset {dataset!r} has no 'train' split (splits: {list(ds)}).")
+        pairs = _labelled_records(ds["train"].to_list(), text_column, label_column, repr(dataset))
+        val = next((ds[s] for s in VALIDATION_SPLIT_NAMES if s in ds), None)
+        val_pairs = _labelled_records(val.to_list(), text_column, label_column, repr(dataset)) if val is not None else None
+    if not pairs:
+        raise UsageError(f"--dataset {dataset!r} holds no labelled text (columns {text_column!r}, {label_column!r}).")
+    train, val = (pairs, val_pairs) if val_pairs else split_documents(pairs, validation_fraction, split_seed)
+    corpus = Corpus([t for t, _ in train], [t for t, _ in val], dataset, [c for _, c in train], [c for _, c in val])
+    if len(corpus.label_set) < 2:
+        raise UsageError(f"--label-column {label_column!r} of {dataset!r} has a single class "
+                         f"({corpus.label_set!r}): at least two are needed to condition on or classify.")
+    return corpus
 
 
 # -- tokenising and packing -------------------------------------------------------------------------

@@ -90,6 +90,56 @@ def _mask_exactly(maskable: torch.Tensor, k: torch.Tensor, g: torch.Generator) -
     return rank < k[:, None]
 
 
+@dataclass
+class MaskDraws:
+    """The random masks of a NELBO estimate: ``masked`` [n*S, l] (the S draws of block i are rows
+    i*S .. i*S+S-1) and ``scale`` [n*S] float64, which turns a row's summed masked cross-entropy into one
+    draw of the NELBO per maskable token (1/k for exact-k, 1/(t L) for continuous time)."""
+
+    masked: torch.Tensor
+    scale: torch.Tensor
+
+
+def draw_masks(maskable: torch.Tensor, samples: int, estimator: str, g: torch.Generator) -> MaskDraws:
+    """Draw ``samples`` masks of each row of ``maskable`` [n, l] for ``nelbo``'s estimators. The draws
+    depend only on ``maskable`` and ``g``: blocks that differ in a protected token (a label) get the same
+    masks, which is what makes the bounds of one text under different labels comparable (classify.py)."""
+    if estimator not in ("exact-k", "continuous"):
+        raise ValueError(f"`estimator` must be 'exact-k' or 'continuous', got {estimator!r}.")
+    n, S = maskable.shape[0], samples
+    maskable = maskable.repeat_interleave(S, 0)  # [n*S, l]
+    L = maskable.sum(1)  # [n*S]
+    sample = torch.arange(S).repeat(n)  # [n*S] which sample of its block a row is
+    if estimator == "exact-k":
+        # stratified: sample s of S draws k from the s-th of S equal slices of 1..L
+        u = (sample + torch.rand(n * S, generator=g, dtype=torch.float64)) / S
+        k = torch.minimum((u * L).floor().long() + 1, L)
+        return MaskDraws(_mask_exactly(maskable, k, g), 1.0 / k.clamp_min(1).double())
+    offset = torch.rand(n, generator=g, dtype=torch.float64).repeat_interleave(S)
+    t = ((offset + sample / S) % 1.0).clamp_min(1e-6)  # [n*S] antithetic within each block
+    masked = (torch.rand(maskable.shape, generator=g, dtype=torch.float64) < t[:, None]) & maskable
+    return MaskDraws(masked, 1.0 / t / L.double().clamp_min(1))
+
+
+@torch.inference_mode()
+def masked_ce_sums(model, ids: torch.Tensor, masked: torch.Tensor, mask_token_id: int, batch_size: int = 32,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[r] float64: for each row of ``ids`` [r, l], the summed cross-entropy (nats) of its ``masked``
+    tokens predicted with all of them masked; rows run in batches of ``batch_size``."""
+    device = next(model.parameters()).device
+    ce_sum = torch.zeros(ids.shape[0], dtype=torch.float64)  # [r]
+    for start in range(0, ids.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        batch = {"input_ids": ids[rows].masked_fill(masked[rows], mask_token_id).to(device),
+                 "labels": torch.where(masked[rows], ids[rows], -100).to(device)}
+        if attention_mask is not None:
+            batch["attention_mask"] = attention_mask[rows].to(device)
+        logits, targets, _ = masked_predictions(model, batch)
+        ce = F.cross_entropy(logits, targets, reduction="none").double().cpu()  # [n_masked]
+        ce_sum[rows] = torch.zeros(ce_sum[rows].shape[0], dtype=torch.float64).index_add_(0, masked[rows].nonzero()[:, 0], ce)
+    return ce_sum
+
+
 @torch.inference_mode()
 def nelbo(model, blocks: torch.Tensor, collator: DiffusionCollator, estimator: str = "exact-k",
           samples_per_block: int = 4, batch_size: int = 32, seed: int = 1234) -> BoundResult:
@@ -114,36 +164,14 @@ def nelbo(model, blocks: torch.Tensor, collator: DiffusionCollator, estimator: s
         raise ValueError(f"`estimator` must be 'exact-k' or 'continuous', got {estimator!r}.")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     n, S = blocks.shape[0], samples_per_block
     maskable_all = collator.maskable(blocks, torch.full((n,), collator.prefix_length))  # [n, l]
+    draws = draw_masks(maskable_all, S, estimator, g)
     ids = blocks.repeat_interleave(S, 0)  # [n*S, l]: the S samples of block i are rows i*S .. i*S+S-1
-    maskable = maskable_all.repeat_interleave(S, 0)  # [n*S, l]
-    L = maskable.sum(1)  # [n*S]
-    sample = torch.arange(S).repeat(n)  # [n*S] which sample of its block a row is
-    if estimator == "exact-k":
-        # stratified: sample s of S draws k from the s-th of S equal slices of 1..L
-        u = (sample + torch.rand(n * S, generator=g, dtype=torch.float64)) / S
-        k = torch.minimum((u * L).floor().long() + 1, L)
-        masked = _mask_exactly(maskable, k, g)  # [n*S, l]
-    else:
-        offset = torch.rand(n, generator=g, dtype=torch.float64).repeat_interleave(S)
-        t = ((offset + sample / S) % 1.0).clamp_min(1e-6)  # [n*S] antithetic within each block
-        masked = (torch.rand(maskable.shape, generator=g, dtype=torch.float64) < t[:, None]) & maskable
-    ce_sum = torch.zeros(n * S, dtype=torch.float64)  # [n*S] summed masked cross-entropy per row
-    for start in range(0, n * S, batch_size):
-        rows = slice(start, start + batch_size)
-        batch = {"input_ids": ids[rows].masked_fill(masked[rows], collator.mask_token_id).to(device),
-                 "labels": torch.where(masked[rows], ids[rows], -100).to(device)}
-        logits, targets, _ = masked_predictions(model, batch)
-        ce = F.cross_entropy(logits, targets, reduction="none").double().cpu()  # [n_masked]
-        ce_sum[rows] = torch.zeros(ce_sum[rows].shape[0], dtype=torch.float64).index_add_(0, masked[rows].nonzero()[:, 0], ce)
+    ce_sum = masked_ce_sums(model, ids, draws.masked, collator.mask_token_id, batch_size)  # [n*S]
     model.train(was_training)
-    if estimator == "exact-k":
-        contribution = ce_sum / k.clamp_min(1).double()  # mean masked CE at exactly k: a draw of NELBO / L
-    else:
-        contribution = ce_sum / t / L.double().clamp_min(1)  # (1/t) * sum CE, per token
+    contribution = ce_sum * draws.scale  # [n*S] a draw of NELBO / L per row
     per_block = contribution.view(n, S).mean(1)  # [n]
     weights = maskable_all.sum(1).double()  # [n] tokens scored per block
     mean = float((per_block * weights).sum() / weights.sum())  # per token over the whole set

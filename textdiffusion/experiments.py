@@ -6,6 +6,7 @@
     textdiffusion experiment temperature --checkpoint wiki-small    # 0.3 / 0.7 / 1.2
     textdiffusion experiment steps       --checkpoint wiki-small --ar-checkpoint runs/ar   # quality vs NFE
     textdiffusion experiment levels      --run-dir runs/wiki-small  # every mask level over training
+    textdiffusion experiment classify    --output-dir benchmarks/results/classify   # generative vs discriminative classifiers
 
 Each writes ``results.md`` (a Markdown table), ``results.json`` and a PNG into ``--output-dir``
 (default ``results/experiments/NAME``). The folder is built beside its final place and moved there
@@ -36,6 +37,8 @@ EXPERIMENTS = {
     "temperature": "generation quality at temperature 0.3 / 0.7 / 1.2",
     "steps": "the quality-speed frontier: model calls vs gen PPL and distinct-2 per strategy, AR baseline as a point",
     "levels": "per-mask-level validation loss over training, from a run's per_level_loss.csv",
+    "classify": "generative classifiers (diffusion NELBO, AR likelihood) vs a discriminative baseline on Austen book "
+                "and wiki topic, all and 10% of the labels, and label-guided generation (trains its own models)",
 }
 
 
@@ -57,9 +60,23 @@ class ExperimentArgs:
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Results folder (default results/experiments/NAME)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace results already in --output-dir."})
+    # `classify` trains its own models (classify_experiment.py)
+    datasets: list[str] = field(default_factory=lambda: ["austen:book", "wiki-vital:topic"], metadata={
+        "help": "classify: corpus:label_column pairs."})
+    preset: str = field(default="micro", metadata={"help": "classify: the preset of every model it trains."})
+    train_steps: int = field(default=600, metadata={"help": "classify: optimiser steps of every model."})
+    batch_size: int = field(default=16, metadata={"help": "classify: blocks (documents) per step."})
+    max_length: int = field(default=128, metadata={"help": "classify: tokens per block."})
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "classify: peak learning rate of the generative models (default 2e-3)."})
+    eval_texts: int = field(default=240, metadata={"help": "classify: validation documents scored per corpus."})
+    nelbo_samples: int = field(default=4, metadata={"help": "classify: NELBO mask draws per text, shared by all labels."})
+    cfg_scales: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0], metadata={
+        "help": "classify: guidance scales of the label-guided samples (empty: no guidance part)."})
+    guidance_samples: int = field(default=8, metadata={"help": "classify: guided samples per label and scale."})
 
     def __post_init__(self) -> None:
-        for name in ("num_prompts", "prompt_tokens", "new_tokens", "steps"):
+        for name in ("num_prompts", "prompt_tokens", "new_tokens", "steps", "train_steps", "batch_size", "eval_texts",
+                     "nelbo_samples", "guidance_samples"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
 
@@ -327,8 +344,14 @@ def run_masking_viz(args, out):
             "prefix_positions_masked": prefix_masked, "schedules": remaining}
 
 
+def run_classify(args, out):
+    from .classify_experiment import run_classify as run
+
+    return run(args, out)
+
+
 RUNNERS = {"masking-viz": run_masking_viz, "schedules": run_schedules, "sampling": run_sampling,
-           "temperature": run_temperature, "steps": run_steps, "levels": run_levels}
+           "temperature": run_temperature, "steps": run_steps, "levels": run_levels, "classify": run_classify}
 
 
 def run_experiment(name: str, args: ExperimentArgs) -> Path:

@@ -39,6 +39,9 @@ class GenerateArgs(SamplerConfig):
                 "what follows), dual (recompute the block only). ModernBERT and the BERT family."})
     suppress_tokens: list[str] = field(default_factory=list, metadata={"help": "Tokens never to generate."})
     cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale (0: off)."})
+    label: Optional[str] = field(default=None, metadata={
+        "help": "Write text of this class (a model trained with --label-column): the label is the prompt's first "
+                "token; with --cfg-scale s the unconditional pass masks it (and any --prefix) out."})
     no_eos_stop: bool = field(default=False, metadata={"help": "Keep text after the first end-of-text token."})
     seed: int = field(default=0, metadata={"help": "Sample i uses seed + i."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, mps or auto."})
@@ -81,6 +84,17 @@ class GenerateArgs(SamplerConfig):
         return {n: getattr(self, n) for n in names if explicit is None or n in explicit}
 
 
+def labelled_prompt(args: GenerateArgs, config, text: Optional[str] = None) -> str:
+    """``text`` (default: --prefix) behind the label's token when --label is given (labels.py)."""
+    text = args.prefix if text is None else text
+    if args.label is None:
+        return text or ""
+    from .labels import check_labels, label_token
+
+    check_labels(config.labels, [args.label], "--label", args.checkpoint)
+    return label_token(args.label) + (text or "")
+
+
 def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
     """The AR baseline: KV-cached left-to-right sampling with the same token-sampling flags."""
     from .autoregressive import CausalGenerator
@@ -88,7 +102,7 @@ def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
     if args.infill is not None:
         raise UsageError(f"--infill needs a masked (diffusion) model; {args.checkpoint!r} is autoregressive.")
     generator = CausalGenerator.from_pretrained(args.checkpoint, device, dtype)
-    prompt = args.prefix or ""
+    prompt = labelled_prompt(args, generator.config)
     max_length = args.max_length or generator.config.max_length
     room = max_length - len(generator.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 2
     if room < 1:
@@ -97,6 +111,10 @@ def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
     texts = generator.generate([prompt] * args.num_samples, room, sampling=args.sampling, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                seed=args.seed)
+    if args.label is not None:  # the label's token is the prompt's first token, not text
+        from .labels import label_token
+
+        texts = [t.removeprefix(label_token(args.label)).lstrip() for t in texts]
     seconds = time.perf_counter() - t0
     for i, text in enumerate(texts):
         print(f"\n[sample {i}] {text}")
@@ -127,8 +145,12 @@ def run_diffusion_generate(args: GenerateArgs, device, dtype) -> list[str]:
 
     generator = DiffusionGenerator.from_pretrained(args.checkpoint, device=str(device), dtype=dtype, compile=args.compile)
     n = args.num_samples
-    templates = [args.infill] * n if args.infill is not None else None
-    prompts = None if templates else [args.prefix or ""] * n
+    if args.label is not None:
+        from .labels import label_token
+
+        args.suppress_tokens = list(args.suppress_tokens) + [label_token(c) for c in generator.config.labels or []]
+    templates = [labelled_prompt(args, generator.config, args.infill)] * n if args.infill is not None else None
+    prompts = None if templates else [labelled_prompt(args, generator.config)] * n
     show = not args.hide_steps and not args.animate
 
     def on_step(nfe, state):

@@ -28,6 +28,7 @@ from .config import CorruptionConfig, DiffusionConfig
 from .data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
 from .errors import UsageError
 from .evaluation import scored_positions
+from .labels import add_label_tokens
 from .modeling import PRESET_ARCHITECTURES, PRESETS, count_parameters, preset_tokenizer
 from .objectives import OBJECTIVES, adapted_objective
 from .train import CURVE_CSV, LEVEL_CSV, training_arguments
@@ -37,7 +38,8 @@ logger = logging.getLogger("textdiffusion")
 RUN_ARGS_NAME = "run_args.json"
 
 # Settings that define "the same run": --resume refuses an output dir trained with other values.
-RUN_IDENTITY = ("objective", "adapt_from_causal", "model_name", "preset", "architecture", "dataset", "text_column", "max_length", "vocab_size", "seed")
+RUN_IDENTITY = ("objective", "adapt_from_causal", "model_name", "preset", "architecture", "dataset", "text_column",
+                "max_length", "vocab_size", "seed", "label_column")
 # What --quick-test means: a CPU-sized run of the whole pipeline (about 10 minutes on 2 cores with --preset tiny).
 QUICK_TEST = {"max_steps": 1500, "eval_steps": 300, "eval_blocks": 128, "logging_steps": 50}
 
@@ -72,6 +74,16 @@ class TrainArgs(CorruptionConfig):
                 "or a Hugging Face dataset id[:config] such as wikitext:wikitext-2-raw-v1."})
     text_column: str = field(default="text", metadata={"help": "Column/field that holds the text."})
     validation_fraction: float = field(default=0.05, metadata={"help": "Documents held out when the source has no validation split."})
+    label_column: Optional[str] = field(default=None, metadata={
+        "help": "Class-conditional training: each document becomes '<label> text' with this column's value as a "
+                "protected one-token prefix (one document per block; see labels.py). Then `classify` and "
+                "`generate --label` work on the model."})
+    label_fraction: float = field(default=1.0, metadata={
+        "help": "With --label-column: the share of training documents whose label is used (a label budget); the "
+                "rest train with the label masked, as unlabelled text."})
+    label_dropout: float = field(default=0.1, metadata={
+        "help": "With --label-column: the share of labelled documents trained with the label masked anyway, so "
+                "the model also learns p(text) (the unconditional pass of --cfg-scale guidance)."})
     max_length: int = field(default=128, metadata={"help": "Tokens per packed training block."})
     # optimisation
     epochs: int = field(default=3, metadata={"help": "Passes over the training blocks (ignored when --max-steps > 0)."})
@@ -126,6 +138,8 @@ class TrainArgs(CorruptionConfig):
              f"adapts the causal LM given by --model-name; it cannot start from --preset {self.preset!r}"),
             (not (self.adapt_from_causal and self.objective != "diffusion"), "--adapt-from-causal",
              self.adapt_from_causal, f"trains a diffusion model; it cannot be combined with --objective {self.objective!r}"),
+            (0.0 < self.label_fraction <= 1.0, "--label-fraction", self.label_fraction, "must be in (0, 1]"),
+            (0.0 <= self.label_dropout < 1.0, "--label-dropout", self.label_dropout, "must be in [0, 1)"),
         ]
         for ok, flag, value, rule in checks:
             if not ok:
@@ -139,6 +153,14 @@ class TrainArgs(CorruptionConfig):
         corruption = CorruptionConfig.pick(self)
         if not self.learn_eos or self.objective != "diffusion":
             corruption.doc_end_fraction = 0.0
+        if self.label_column:  # the protected prefix is [cls] <label>; every document ends its block
+            from .labels import LABEL_PREFIX_LENGTH
+
+            corruption.prefix_length = LABEL_PREFIX_LENGTH
+            if corruption.random_prefix_max:
+                corruption.random_prefix_max = max(corruption.random_prefix_max, LABEL_PREFIX_LENGTH)
+            if corruption.learn_eos and self.objective == "diffusion":
+                corruption.doc_end_fraction = 1.0
         return corruption
 
 
@@ -210,6 +232,25 @@ def _replace_dir(staging: Path, target: Path) -> None:
     shutil.rmtree(old)
 
 
+def labelled_blocks(args: TrainArgs, corpus, tokenizer, corruption: CorruptionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation blocks of a labelled corpus, one document per block (labels.py). Training
+    withholds the labels outside --label-fraction and --label-dropout of the rest (the mask token stands in);
+    validation keeps every label."""
+    from .labels import dropped_labels, kept_labels, label_token_ids, pack_labelled
+
+    to_id = dict(zip(corpus.label_set, label_token_ids(tokenizer, corpus.label_set)))
+    n = len(corpus.train)
+    withheld = ~kept_labels(n, args.label_fraction, args.seed) | dropped_labels(n, args.label_dropout, args.seed)
+    train_ids = [None if w else to_id[c] for c, w in zip(corpus.train_labels, withheld)]
+    pad_with_eos = corruption.learn_eos or args.objective != "diffusion"
+    train, _ = pack_labelled(corpus.train, train_ids, tokenizer, args.max_length, tokenizer.mask_token_id, pad_with_eos)
+    val, _ = pack_labelled(corpus.validation, [to_id[c] for c in corpus.validation_labels], tokenizer, args.max_length,
+                           tokenizer.mask_token_id, pad_with_eos)
+    print(f"labels: {len(to_id)} classes of {args.label_column!r}; {int((~withheld).sum()):,} of {n:,} training documents "
+          "carry their label, the rest train with it masked", flush=True)
+    return train, val
+
+
 def run_training(args: TrainArgs) -> Path:
     """Train as ``args`` says; returns the output dir holding the final model."""
     final_dir = Path(args.output_dir)
@@ -237,23 +278,34 @@ def run_training(args: TrainArgs) -> Path:
     set_seed(args.seed)
 
     objective = adapted_objective(args.attention_anneal_steps) if args.adapt_from_causal else OBJECTIVES[args.objective]
-    corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)
+    corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction, label_column=args.label_column)
     if args.preset:
         vocab = args.vocab_size or PRESETS[args.preset].vocab_size
         with training_args.main_process_first(desc="tokenizer"):
             work_dir.mkdir(parents=True, exist_ok=True)
             tokenizer = preset_tokenizer(corpus.train, vocab, work_dir / "tokenizer")
+        if args.label_column:  # the labels' tokens exist before the model is built for this tokenizer
+            add_label_tokens(tokenizer, corpus.label_set)
         model = objective.build(args.preset, tokenizer, args.max_length, args.dropout, args.architecture)
     else:
         tokenizer, model = objective.load(args.model_name)
+    label_set = corpus.label_set if args.label_column else None
+    if label_set:  # one special token per label, added before the collator reads the special tokens
+        add_label_tokens(tokenizer, label_set)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):  # a pretrained model: new rows
+            # drawn like the initial weights; mean-resizing would start every label at the same embedding
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     trained = objective.prepare(tokenizer, model)  # the module Trainer/Accelerate wrap (diffusion: the denoiser)
     corruption = args.corruption()
     collator = collator_from_config(tokenizer, corruption, seed=args.seed + 7919 * training_args.process_index,
                                     gather_buckets=8 if args.compile else 0)
 
-    train_blocks = pack(corpus.train, tokenizer, args.max_length, doc_end_fraction=corruption.doc_end_fraction,
-                        seed=args.seed)
-    val_blocks = pack(corpus.validation, tokenizer, args.max_length, keep_remainder=True)
+    if label_set:
+        train_blocks, val_blocks = labelled_blocks(args, corpus, tokenizer, corruption)
+    else:
+        train_blocks = pack(corpus.train, tokenizer, args.max_length, doc_end_fraction=corruption.doc_end_fraction,
+                            seed=args.seed)
+        val_blocks = pack(corpus.validation, tokenizer, args.max_length, keep_remainder=True)
     if len(train_blocks) < args.batch_size * training_args.world_size:
         raise UsageError(f"--dataset {args.dataset!r} gives {len(train_blocks)} training block(s) of "
                          f"{args.max_length} tokens: fewer than one batch (--batch-size {args.batch_size}).")
@@ -273,7 +325,8 @@ def run_training(args: TrainArgs) -> Path:
 
     config = DiffusionConfig(objective=args.objective, max_length=args.max_length, mask_token_id=tokenizer.mask_token_id,
                              cls_token_id=cls, sep_token_id=sep, corruption=corruption,
-                             adapted_from_causal=args.adapt_from_causal)
+                             adapted_from_causal=args.adapt_from_causal, labels=label_set,
+                             label_column=args.label_column if label_set else None)
     if is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / RUN_ARGS_NAME).write_text(json.dumps(asdict(args), indent=2) + "\n")
@@ -285,7 +338,7 @@ def run_training(args: TrainArgs) -> Path:
     level_eval = {"blocks": val_eval, "collator": eval_collator, "report_dir": str(work_dir), "references": references,
                   "title": f"{args.preset or args.model_name} on {args.dataset}",
                   # the tokens the NELBO scores (after the prefix, not special): the AR baseline is scored on these
-                  "scored": scored_positions(val_eval, tokenizer, args.prefix_length)}
+                  "scored": scored_positions(val_eval, tokenizer, corruption.prefix_length)}
     common = dict(model=trained, args=training_args, train_dataset=BlockDataset(train_blocks),
                   eval_dataset=BlockDataset(val_eval), processing_class=tokenizer, diffusion_config=config,
                   tokens_per_step=args.batch_size * args.max_length * training_args.world_size, level_eval=level_eval)

@@ -1,0 +1,275 @@
+"""Class-conditional training and generative classification: the label prefix is never masked, every
+label of a text is scored with the same mask draws, the same seed gives the same probabilities, bad input
+is one line and exit 2, and a toy two-language corpus is separated perfectly (slow: it trains)."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from textdiffusion.classify import (LabelScorer, classification_metrics, expected_calibration_error, load_scorer,
+                                    macro_f1)
+from textdiffusion.cli import main
+from textdiffusion.collator import collator_from_config
+from textdiffusion.config import ConfigError, DiffusionConfig
+from textdiffusion.data import load_corpus
+from textdiffusion.errors import UsageError
+from textdiffusion.labels import LABEL_POSITION, add_label_tokens, label_token, pack_labelled
+from textdiffusion.modeling import build_preset_model, train_bpe_tokenizer
+from textdiffusion.train_cli import TrainArgs
+
+ALPHA = "ka lo mi ne sa ti wu pe".split()
+BETA = "zorg thrax vulm krynn bazz quop fjord glimt".split()
+
+
+def toy_rows(n: int = 240, seed: int = 0) -> list[dict]:
+    """Two synthetic 'languages' with disjoint words: the text alone says its class."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        lang, words = ("alpha", ALPHA) if i % 2 else ("beta", BETA)
+        rows.append({"text": " ".join(rng.choice(words) for _ in range(rng.randint(6, 14))), "lang": lang,
+                     "same": "x"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def toy_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("toy") / "toy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in toy_rows()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def untrained(toy_file, tmp_path_factory):
+    """An untrained micro denoiser with the toy labels, saved as a checkpoint (seconds, no training)."""
+    corpus = load_corpus(str(toy_file), label_column="lang")
+    tokenizer = train_bpe_tokenizer(corpus.train, 300)
+    add_label_tokens(tokenizer, corpus.label_set)
+    torch.manual_seed(0)
+    model = build_preset_model("micro", tokenizer, 24)
+    args = TrainArgs(preset="micro", label_column="lang", max_length=24)
+    config = DiffusionConfig(max_length=24, mask_token_id=tokenizer.mask_token_id, cls_token_id=tokenizer.cls_token_id,
+                             sep_token_id=tokenizer.sep_token_id,
+                             corruption=args.corruption(), labels=corpus.label_set, label_column="lang")
+    out = tmp_path_factory.mktemp("untrained")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    config.save_pretrained(out)
+    return out
+
+
+# -- data and config --------------------------------------------------------------------------------
+def test_labels_are_aligned_and_the_split_matches_the_unlabelled_one():
+    labelled, plain = load_corpus("austen", label_column="book"), load_corpus("austen")
+    assert labelled.train == plain.train and labelled.validation == plain.validation
+    assert len(labelled.train_labels) == len(labelled.train) and len(labelled.label_set) == 6
+    # the first paragraph of Emma carries Emma's label
+    i = labelled.train.index("EMMA") if "EMMA" in labelled.train else None
+    if i is not None:
+        assert labelled.train_labels[i] == "Emma"
+
+
+def test_no_such_label_column_and_a_single_class_are_usage_errors(toy_file):
+    with pytest.raises(UsageError, match="--label-column 'nope' is not in"):
+        load_corpus(str(toy_file), label_column="nope")
+    with pytest.raises(UsageError, match="single class"):
+        load_corpus(str(toy_file), label_column="same")
+
+
+def test_config_keeps_labels_and_old_configs_load(tmp_path):
+    config = DiffusionConfig(labels=["a", "b"], label_column="lang")
+    config.save_pretrained(tmp_path)
+    again = DiffusionConfig.from_pretrained(tmp_path)
+    assert again.labels == ["a", "b"] and again.label_column == "lang"
+    old = DiffusionConfig().to_dict()
+    del old["labels"], old["label_column"]  # a version-2 file written before labels existed
+    assert DiffusionConfig.from_dict(old).labels is None
+    assert DiffusionConfig.from_dict({"prefix_length": 5, "mask_token_id": 4}).labels is None  # version 1
+    with pytest.raises(ConfigError):
+        DiffusionConfig(labels=["only"])
+
+
+# -- the label prefix -------------------------------------------------------------------------------
+def test_label_prefix_is_never_masked(toy_file):
+    corpus = load_corpus(str(toy_file), label_column="lang")
+    tokenizer = train_bpe_tokenizer(corpus.train, 300)
+    ids = add_label_tokens(tokenizer, corpus.label_set)
+    to_id = dict(zip(corpus.label_set, ids))
+    docs = corpus.train[:64]
+    labels = [None if i % 5 == 0 else to_id[c] for i, c in enumerate(corpus.train_labels[:64])]  # some unlabelled
+    blocks, owner = pack_labelled(docs, labels, tokenizer, 16, tokenizer.mask_token_id)
+    assert bool((blocks[:, 0] == tokenizer.cls_token_id).all())
+    expected = torch.tensor([tokenizer.mask_token_id if labels[i] is None else labels[i] for i in owner.tolist()])
+    assert torch.equal(blocks[:, LABEL_POSITION], expected)
+    assert owner.unique().numel() == len(docs)  # every document opens at least one block
+    corruption = TrainArgs(preset="micro", label_column="lang", max_length=16, time_sampling="uniform").corruption()
+    assert corruption.prefix_length == 2
+    collator = collator_from_config(tokenizer, corruption, seed=3)
+    for _ in range(50):  # every level, including all-masked rows
+        batch = collator(list(blocks))
+        assert torch.equal(batch["input_ids"][:, LABEL_POSITION], blocks[:, LABEL_POSITION])
+        assert bool((batch["labels"][:, :2] == -100).all())  # never a target either
+        assert not bool(torch.isin(batch["labels"], torch.tensor(ids)).any())
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+def test_every_label_is_scored_with_the_same_mask_draws(untrained, monkeypatch):
+    import textdiffusion.classify as classify
+
+    seen = {}
+    real = classify.masked_ce_sums
+
+    def spy(model, ids, masked, *args, **kwargs):
+        seen["ids"], seen["masked"] = ids, masked
+        return real(model, ids, masked, *args, **kwargs)
+
+    monkeypatch.setattr(classify, "masked_ce_sums", spy)
+    scorer = load_scorer(str(untrained))
+    scorer.classify(["ka lo mi ne", "zorg thrax vulm krynn bazz"], samples=3)
+    C = len(scorer.labels)
+    ids, masked = seen["ids"].view(-1, C, seen["ids"].shape[1]), seen["masked"].reshape(-1, C, seen["ids"].shape[1])
+    assert bool((masked == masked[:, :1]).all())  # one draw per (block, sample), shared by the labels
+    assert bool(masked.any(2).all())  # and every row masks something
+    differs = (ids != ids[:, :1]).any(0).any(0)  # [l] positions where the labels' rows differ
+    assert differs.nonzero().flatten().tolist() == [LABEL_POSITION]
+    assert not bool(masked[:, :, :2].any())  # the prefix is never masked for scoring either
+
+
+def test_same_seed_same_probabilities_and_another_seed_differs(untrained):
+    scorer = load_scorer(str(untrained))
+    texts = ["ka lo mi ne sa", "zorg thrax", "wu pe ti"]
+    a, b = scorer.classify(texts, samples=2, seed=5), scorer.classify(texts, samples=2, seed=5)
+    assert torch.equal(a.bounds, b.bounds)
+    c = scorer.classify(texts, samples=2, seed=6)
+    assert not torch.equal(a.bounds, c.bounds)
+    assert torch.allclose(a.probabilities.sum(1), torch.ones(3, dtype=torch.float64))
+    assert a.tokens.tolist() == [len(scorer.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def test_shared_draws_give_lower_variance_differences_than_independent_ones(untrained):
+    """The point of common draws: the label difference of the bound varies less across seeds."""
+    scorer = load_scorer(str(untrained))
+    text = ["ka lo mi ne sa ti wu pe ka lo mi ne"]
+    shared = torch.stack([scorer.classify(text, samples=1, seed=s).bounds[0] for s in range(12)])  # [12, C]
+    independent = torch.stack([torch.stack([scorer.classify(text, samples=1, seed=100 * s + c).bounds[0, c]
+                                            for c in range(len(scorer.labels))]) for s in range(12)])
+    assert float((shared[:, 0] - shared[:, 1]).var()) < 0.5 * float((independent[:, 0] - independent[:, 1]).var())
+
+
+def test_metrics():
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    truth = np.array([0, 1, 1, 1])
+    m = classification_metrics(p, truth)
+    assert m["accuracy"] == 0.75 and m["confusion"] == [[1, 0], [1, 2]]
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert expected_calibration_error(np.array([[1.0, 0.0]]), np.array([0])) == 0.0
+    assert expected_calibration_error(np.array([[1.0, 0.0]]), np.array([1])) == 1.0
+    assert macro_f1(np.array([[3, 0], [0, 0]])) == 1.0  # a class never present nor predicted is skipped
+
+
+# -- bad input on the command line ------------------------------------------------------------------
+def test_bad_input_is_one_line_and_exit_2(untrained, toy_file, tmp_path, capsys):
+    cases = [
+        (["classify", "--checkpoint", str(untrained), "--text", "   "], "--text is empty"),
+        (["classify", "--checkpoint", "wiki-small", "--text", "hello"], "was not trained with labels"),
+        (["classify", "--checkpoint", str(untrained), "--dataset", str(toy_file), "--label-column", "nope"],
+         "--label-column 'nope' is not in"),
+        (["generate", "--checkpoint", str(untrained), "--label", "gamma", "--hide-steps"], "never saw"),
+        (["train", "--preset", "micro", "--dataset", str(toy_file), "--label-column", "same", "--output-dir",
+          str(tmp_path / "run")], "single class"),
+        (["train", "--preset", "micro", "--dataset", str(toy_file), "--label-column", "nope", "--output-dir",
+          str(tmp_path / "run")], "--label-column 'nope'"),
+    ]
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": "ka lo", "lang": c}) + "\n" for c in ("alpha", "gamma") * 10))
+    cases.append((["classify", "--checkpoint", str(untrained), "--dataset", str(other)], "'gamma' is a label the model never saw"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_generate_with_a_label_and_guidance(untrained, capsys):
+    assert main(["generate", "--checkpoint", str(untrained), "--label", "alpha", "--cfg-scale", "2", "--hide-steps",
+                 "--num-samples", "2", "--max-length", "16", "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "[sample 1]" in out and label_token("alpha") not in out
+
+
+# -- end to end (trains) ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_models(toy_file, tmp_path_factory):
+    from textdiffusion.train_cli import run_training
+
+    root = tmp_path_factory.mktemp("toy-runs")
+    runs = {}
+    for objective in ("diffusion", "ar"):
+        runs[objective] = run_training(TrainArgs(
+            objective=objective, preset="micro", dataset=str(toy_file), label_column="lang", max_length=24,
+            max_steps=200, eval_steps=200, eval_blocks=8, batch_size=16, vocab_size=300, learning_rate=6e-3,
+            warmup=0.02, validation_fraction=0.1, precision="fp32", logging_steps=200, output_dir=str(root / objective)))
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["diffusion", "ar"])
+def test_toy_languages_are_separated_perfectly(toy_models, toy_file, objective):
+    corpus = load_corpus(str(toy_file), label_column="lang", validation_fraction=0.1)
+    scorer = load_scorer(str(toy_models[objective]))
+    assert scorer.labels == ["alpha", "beta"] and scorer.causal == (objective == "ar")
+    fresh = toy_rows(40, seed=1)  # texts the model never saw, and the validation split
+    texts = corpus.validation + [r["text"] for r in fresh]
+    truth = corpus.validation_labels + [r["lang"] for r in fresh]
+    result = scorer.classify(texts, samples=16)  # 4 draws misjudge about one text in 60
+    assert result.predictions == truth
+    assert float(result.probabilities.max(1).values.mean()) > 0.9  # confident, not just right
+
+
+@pytest.mark.slow
+def test_classify_cli_reports_accuracy(toy_models, toy_file, tmp_path, capsys):
+    out = tmp_path / "preds.jsonl"
+    assert main(["classify", "--checkpoint", str(toy_models["diffusion"]), "--dataset", str(toy_file),
+                 "--validation-fraction", "0.1", "--samples", "16", "--output", str(out)]) == 0
+    assert "accuracy 1.000" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(r["prediction"] == r["label"] for r in rows)
+
+
+def test_unigram_bayes_separates_the_toy_languages(toy_file):
+    from textdiffusion.classify import unigram_bayes
+
+    corpus = load_corpus(str(toy_file), label_column="lang")
+    tokenizer = train_bpe_tokenizer(corpus.train, 300)
+    p = unigram_bayes(tokenizer, corpus.train, corpus.train_labels, corpus.label_set, corpus.validation)
+    predicted = [corpus.label_set[i] for i in p.argmax(1).tolist()]
+    assert predicted == corpus.validation_labels
+    assert torch.allclose(p.sum(1), torch.ones(len(p), dtype=torch.float64))
+
+
+def test_guidance_contrasts_with_the_label_masked_out(untrained, monkeypatch):
+    """--cfg-scale runs a second pass whose only change is the label token replaced by the mask."""
+    import textdiffusion.generation as generation
+    from textdiffusion.generation import DiffusionGenerator
+
+    calls = []
+    real = generation.masked_logits
+
+    def spy(model, input_ids, attention_mask, positions):
+        calls.append(input_ids.clone())
+        return real(model, input_ids, attention_mask, positions)
+
+    monkeypatch.setattr(generation, "masked_logits", spy)
+    gen = DiffusionGenerator.from_pretrained(str(untrained), device="cpu")
+    alpha = gen.tokenizer.convert_tokens_to_ids(label_token("alpha"))
+    out = gen.generate(templates=[f"{label_token('alpha')}<mask:6>"] * 2, cfg_scale=2.0, steps=3, stop_at_eos=False,
+                       suppress_tokens=[label_token("alpha"), label_token("beta")])
+    first = calls[0]  # [2b, l]: conditional rows, then unconditional ones
+    cond, uncond = first.chunk(2)
+    assert bool((cond[:, LABEL_POSITION] == alpha).all())
+    assert bool((uncond[:, LABEL_POSITION] == gen.mask_id).all())
+    assert torch.equal(torch.cat([cond[:, :1], cond[:, 2:]], 1), torch.cat([uncond[:, :1], uncond[:, 2:]], 1))
+    assert not bool(torch.isin(out.token_ids[:, 2:], torch.tensor([alpha, gen.mask_id])).any())  # never sampled
