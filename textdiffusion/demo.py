@@ -25,9 +25,9 @@ from .errors import UsageError
 
 WIKI_PROMPTS = ["The history of the city", "The river flows"]
 AUSTEN_PROMPTS = ["It is a truth universally acknowledged", "Mrs. Bennet", "Elizabeth"]
-FULL = {"finetune_steps": 600, "eval_blocks": 96, "eval_steps": 200, "samples": 2}
+FULL = {"finetune_steps": 600, "eval_blocks": 96, "eval_steps": 200, "train_eval_blocks": 64, "samples": 2}
 DEMO_TITLE = "# textdiffusion demo"
-QUICK = {"finetune_steps": 20, "eval_blocks": 8, "eval_steps": 10, "samples": 1}
+QUICK = {"finetune_steps": 20, "eval_blocks": 8, "eval_steps": 20, "train_eval_blocks": 16, "samples": 1}
 
 
 def run(argv: list[str]) -> None:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n== 3. fine-tune on the bundled austen corpus ==")
     run(["train", "--model-name", args.checkpoint, "--dataset", "austen", "--max-steps", str(size["finetune_steps"]),
-         "--eval-steps", str(size["eval_steps"]), "--eval-blocks", "64", "--batch-size", "32", "--learning-rate", "5e-4",
+         "--eval-steps", str(size["eval_steps"]), "--eval-blocks", str(size["train_eval_blocks"]), "--batch-size", "32", "--learning-rate", "5e-4",
          "--warmup", "0.05", "--mask-per", "example", "--precision", "auto", "--logging-steps", "50",
          "--output-dir", str(out / "austen-model"), "--overwrite"])
 
