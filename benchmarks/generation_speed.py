@@ -93,11 +93,15 @@ def ar_baseline(args, tokenizer, dtype):
     return CausalGenerator(model, tokenizer, torch.device(args.device))
 
 
-# The curated grid (--grid default): every cache mode with every strategy, more points where the frontier is
-CURATED = [("none", "confidence", 16), ("none", "confidence", 32), ("none", "eb", 16.0),
-           ("prefix", "confidence", 32), ("prefix", "eb", 16.0),
-           ("dual", "confidence", 16), ("dual", "confidence", 32), ("dual", "confidence", 64), ("dual", "threshold", 0.3),
-           ("dual", "eb", 4.0), ("dual", "eb", 16.0), ("dual", "eb", 32.0)]
+# The curated grid (--grid default): every cache mode with every strategy, more points where the frontier is;
+# rows with the sampler's default repetition penalty (1.3, set against loops in small models) and with 1.1
+CURATED = [("none", "confidence", 16, 1.3), ("none", "confidence", 32, 1.3), ("none", "eb", 16.0, 1.3),
+           ("prefix", "confidence", 32, 1.3), ("prefix", "eb", 16.0, 1.3),
+           ("dual", "confidence", 16, 1.3), ("dual", "confidence", 32, 1.3), ("dual", "confidence", 64, 1.3),
+           ("dual", "threshold", 0.3, 1.3), ("dual", "eb", 16.0, 1.3), ("dual", "eb", 32.0, 1.3),
+           ("none", "confidence", 32, 1.1), ("prefix", "confidence", 32, 1.1),
+           ("dual", "confidence", 16, 1.1), ("dual", "confidence", 24, 1.1), ("dual", "confidence", 32, 1.1),
+           ("dual", "confidence", 48, 1.1), ("dual", "eb", 16.0, 1.1), ("dual", "confidence", 32, 1.0)]
 
 
 def settings_grid(args) -> list[tuple[str, dict]]:
@@ -107,7 +111,8 @@ def settings_grid(args) -> list[tuple[str, dict]]:
         knob = {"confidence": lambda v: (f"{v} steps", dict(steps=v)),
                 "threshold": lambda v: (f"p >= {v}", dict(confidence_threshold=v)),
                 "eb": lambda v: (f"gamma {v:g}", dict(strategy="eb", eb_gamma=v))}
-        return [(f"cache {c}, {s}, {knob[s](v)[0]}", dict(base, cache=c, **knob[s](v)[1])) for c, s, v in CURATED]
+        return [(f"cache {c}, {s}, {knob[s](v)[0]}, rep. penalty {rp:g}",
+                 dict(base, cache=c, repetition_penalty=rp, **knob[s](v)[1])) for c, s, v, rp in CURATED]
     grid = []
     for cache in args.caches:
         for strategy in args.strategies:

@@ -26,12 +26,15 @@ def generate_original(model, tokenizer, prefix: str, max_length: int = 128, step
     generated = [i for i, t in enumerate(ids) if t == mask_id]
     x = torch.tensor([ids])
     ratio = get_schedule(schedule).mask_ratio
+    # special tokens are never sampled: the original's models gave them no probability (it never trained
+    # on them); a model that learned end-of-text would otherwise write it inside this fixed-length text
+    never = [i for i in tokenizer.all_special_ids if i is not None]
     for step in range(steps):
         logits = model(input_ids=x).logits[0]
         mask_positions = (x[0] == mask_id).nonzero().flatten().tolist()
         for pos in mask_positions:  # the per-position Python loop of the original
             scores = logits[pos] / temperature
-            scores[mask_id] = -float("inf")
+            scores[never] = -float("inf")  # the mask token among them
             if sampling == "greedy":
                 token = int(scores.argmax())
             else:

@@ -191,10 +191,11 @@ def test_cache_needs_blocks_and_a_known_mode(generator):
         generator.generate(["The river"], max_length=24, steps=4, block_length=8, cache="triple")
 
 
-def test_cli_refuses_cache_without_blocks_and_bad_gamma(capsys):
+def test_cli_refuses_a_bad_cache_mode_and_bad_gamma(capsys):
     from textdiffusion.cli import main
 
-    for argv, message in ((["--cache", "dual"], "--cache dual reuses keys/values within a block: it needs --block-length"),
+    for argv, message in ((["--cache", "dual", "--checkpoint", "no-such-dir-xyz"], "no-such-dir-xyz"),
+                          (["--cache", "triple"], "--cache must be one of ('auto', 'none', 'prefix', 'dual'), got 'triple'"),
                           (["--strategy", "eb", "--eb-gamma", "0"], "--eb-gamma must be > 0"),
                           (["--eb-gamma", "-1.5"], "got -1.5")):
         assert main(["generate", "--hide-steps", *argv]) == 2
@@ -245,3 +246,14 @@ def test_cached_path_skips_steps_that_commit_nothing(generator, mode):
     cached = generator.generate(["The river"], cache=mode, cache_refresh="step", **kw)
     assert cached.nfe == plain.nfe < plain.steps
     assert torch.equal(cached.token_ids, plain.token_ids)
+
+
+def test_auto_cache_is_dual_with_blocks_and_none_without(generator):
+    """`--cache auto` (generate's default) takes the dual cache where it applies, silently, and none elsewhere."""
+    kw = dict(max_length=24, steps=6, seed=0)
+    blocks = dict(kw, block_length=8)
+    assert torch.equal(generator.generate(["The river"], cache="auto", **blocks).token_ids,
+                       generator.generate(["The river"], cache="dual", **blocks).token_ids)
+    plain = generator.generate(["The river"], cache="auto", **kw)
+    assert torch.equal(plain.token_ids, generator.generate(["The river"], cache="none", **kw).token_ids)
+    assert not any("cache" in n for n in plain.notes)

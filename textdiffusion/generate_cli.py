@@ -34,9 +34,10 @@ class GenerateArgs(SamplerConfig):
         "help": "A template with masked spans, e.g. 'The <mask:12> was built in <mask:3>.'"})
     max_length: int = field(default=0, metadata={"help": "Tokens per sample, prompt included (0: the checkpoint's training length)."})
     num_samples: int = field(default=1, metadata={"help": "Samples to generate (one batch)."})
-    cache: str = field(default="none", metadata={
+    cache: str = field(default="auto", metadata={
         "help": "Reuse keys/values within a block (needs --block-length): none, prefix (recompute the block and "
-                "what follows), dual (recompute the block only). ModernBERT and the BERT family."})
+                "what follows), dual (recompute the block only; ModernBERT and the BERT family), auto (dual wherever "
+                "it applies, else none: the fastest setting at the AR baseline's quality, benchmarks/generation_speed.py)."})
     suppress_tokens: list[str] = field(default_factory=list, metadata={"help": "Tokens never to generate."})
     cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale (0: off)."})
     label: Optional[str] = field(default=None, metadata={
@@ -69,13 +70,10 @@ class GenerateArgs(SamplerConfig):
             raise UsageError(f"--max-length must be >= 0, got {self.max_length}.")
         require_writable("--trace-out", self.trace_out)  # before the model is loaded, not after the work
         require_writable("--output", self.output)
-        from .kvcache import CACHE_MODES
+        from .kvcache import CACHE_CHOICES
 
-        if self.cache not in CACHE_MODES:
-            raise UsageError(f"--cache must be one of {CACHE_MODES}, got {self.cache!r}.")
-        if self.cache != "none" and self.block_length is None:
-            raise UsageError(f"--cache {self.cache} reuses keys/values within a block: it needs --block-length "
-                             "(e.g. --block-length 32), got none.")
+        if self.cache not in CACHE_CHOICES:
+            raise UsageError(f"--cache must be one of {CACHE_CHOICES}, got {self.cache!r}.")
 
     def sampler_kwargs(self) -> dict:
         """The sampler settings the user gave (all of them when built in Python rather than parsed)."""

@@ -250,14 +250,17 @@ class DiffusionGenerator:
 
     def _kv_cache(self, cache: str, refresh: str, config: SamplerConfig, cfg_scale: float, notes: list[str]):
         """The key/value cache for this call, or None (``cache="none"``, or a notice when it cannot apply)."""
-        from .kvcache import CACHE_MODES, REFRESH, DenoisingKVCache, cache_support
+        from .kvcache import CACHE_CHOICES, REFRESH, DenoisingKVCache, cache_support
 
-        if cache not in CACHE_MODES:
-            raise UsageError(f"--cache must be one of {CACHE_MODES}, got {cache!r}.")
+        if cache not in CACHE_CHOICES:
+            raise UsageError(f"--cache must be one of {CACHE_CHOICES}, got {cache!r}.")
         if refresh not in REFRESH:
             raise UsageError(f"cache_refresh must be one of {REFRESH}, got {refresh!r}.")
         if cache == "none":
             return None
+        if cache == "auto":  # the dual cache wherever it applies, without a notice where it does not
+            usable = config.block_length is not None and cache_support(self.model) is None and not cfg_scale
+            return DenoisingKVCache(self.model, "dual", refresh) if usable else None
         if config.block_length is None:
             raise UsageError(f"--cache {cache} reuses keys/values within a block: it needs --block-length "
                              "(e.g. --block-length 32), got none.")

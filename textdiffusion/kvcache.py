@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from .modeling import masked_lm_head
 
 CACHE_MODES = ("none", "prefix", "dual")
+# what `generate --cache` accepts: "auto" is dual wherever it applies (blocks, a supported architecture, no
+# guidance) and none elsewhere, silently; benchmarks/generation_speed.py is why dual is the choice
+CACHE_CHOICES = ("auto",) + CACHE_MODES
 REFRESH = ("block", "step")
 _BERT_LIKE = ("bert", "roberta", "mpnet")
 
