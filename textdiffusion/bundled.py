@@ -23,8 +23,13 @@ def bundled_path(name: str) -> Path:
 def resolve_checkpoint(name_or_path: str) -> str:
     """A bundled model's directory for its short name; anything else unchanged (a path or a hub id).
 
-    A local directory of the same name wins, so ``runs/wiki-small`` style paths are never shadowed.
+    A local directory of the same name wins, so ``runs/wiki-small`` style paths are never shadowed. A
+    pretrained encoder's short name (``mpnet-base``, see pretrained.py) resolves to its cache folder.
     """
+    from .pretrained import PRETRAINED, require_fetched
+
+    if name_or_path in PRETRAINED and not Path(name_or_path).exists():
+        return str(require_fetched(name_or_path))
     if name_or_path not in BUNDLED or Path(name_or_path).exists():
         return name_or_path
     path = bundled_path(name_or_path)
