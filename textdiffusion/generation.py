@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import DiffusionConfig
+from .detokenize import decode_text
 from .errors import UsageError
 from .modeling import MaskedDiffusionLM, check_position_limit, load_masked_lm, masked_logits
 from .sampler import DenoisingSampler, DenoisingState, SamplerConfig, continuation
@@ -291,7 +292,7 @@ class DiffusionGenerator:
             eos = (row == self.sep_id) & continuation(editable[None])[0]  # [l]
             if bool(eos.any()):
                 keep = torch.arange(len(row)) < int(eos.nonzero()[0])
-        return self.tokenizer.decode(row[keep].tolist(), skip_special_tokens=True).strip()
+        return decode_text(self.tokenizer, row[keep].tolist()).strip()  # WordPiece joined as text
 
     def render(self, row: torch.Tensor, mask_symbol: str = "_") -> str:
         """One row with masks visible (one symbol per masked position), for showing the process."""
@@ -301,7 +302,7 @@ class DiffusionGenerator:
                 run.append(tok)
                 continue
             if run:
-                pieces.append(self.tokenizer.decode(run, skip_special_tokens=True))
+                pieces.append(decode_text(self.tokenizer, run))
                 run = []
             if tok == self.mask_id:
                 pieces.append(" " + mask_symbol)
