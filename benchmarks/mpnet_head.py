@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,17 +92,7 @@ def main() -> None:
               "--dataset", a.dataset]
     tokens_per_step = a.batch_size * a.max_length
     table, summary = {}, {}
-    for arm in arms:
-        flags = ARMS[arm] + (["--head-warmup", str(a.warmup_steps)] if arm == "warm" else [])
-        log, wall = train(runs / arm, common + flags, a.model_name)
-        table[arm] = levels(runs / arm)
-        head = re.search(r"^head: .*$", log, re.M)
-        warm = re.search(r"^head warm-up: .*$", log, re.M)
-        summary[arm] = {"wall_s": round(wall, 1), "s_per_step": round(seconds_per_step(log, tokens_per_step), 3),
-                        "nelbo_by_eval": nelbo_by_step(log), "head": head.group(0) if head else "",
-                        "warmup": warm.group(0) if warm else ""}
-        print(f"{arm}: {summary[arm]}", flush=True)
-    if a.probe:
+    if a.probe:  # first: the recipe's sizing needs it even if the arms are cut short
         log, wall = train(runs / "probe", ["--max-steps", str(a.probe), "--eval-steps", str(10 * a.probe),
                                            "--eval-blocks", "1", "--batch-size", "8", "--max-length", "128",
                                            "--logging-steps", "1", "--learning-rate", str(a.learning_rate),
@@ -109,8 +100,25 @@ def main() -> None:
         summary["probe"] = {"shape": "batch 8 x 128", "steps": a.probe, "wall_s": round(wall, 1),
                             "s_per_step": round(seconds_per_step(log, 8 * 128), 3)}
         print(f"probe: {summary['probe']}", flush=True)
+        shutil.rmtree(runs / "probe")
+    for arm in arms:
+        flags = ARMS[arm] + (["--head-warmup", str(a.warmup_steps)] if arm == "warm" else [])
+        log, wall = train(runs / arm, common + flags, a.model_name)
+        table[arm] = levels(runs / arm)
+        shutil.copy2(runs / arm / "references.json", runs / "references.json")
+        head = re.search(r"^head: .*$", log, re.M)
+        warm = re.search(r"^head warm-up: .*$", log, re.M)
+        summary[arm] = {"wall_s": round(wall, 1), "s_per_step": round(seconds_per_step(log, tokens_per_step), 3),
+                        "nelbo_by_eval": nelbo_by_step(log), "head": head.group(0) if head else "",
+                        "warmup": warm.group(0) if warm else ""}
+        print(f"{arm}: {summary[arm]}", flush=True)
+        shutil.rmtree(runs / arm)  # 440 MB of weights per arm
+        write(out, a, [x for x in arms if x in table], table, summary, json.loads((runs / "references.json").read_text())
+              if (runs / "references.json").exists() else {})
 
-    refs = json.loads((runs / arms[0] / "references.json").read_text())
+
+def write(out: Path, a, arms: list[str], table: dict, summary: dict, refs: dict) -> None:
+    """The tables so far (rewritten after every arm, so a run cut short keeps what it measured)."""
     steps = sorted(table[arms[0]])
     rates = sorted(table[arms[0]][steps[0]])
     with (out / "per_level.csv").open("w", newline="") as f:
@@ -143,7 +151,7 @@ def main() -> None:
         lines.append(f"- **speed probe** at the recipe's shape ({p['shape']}): {p['s_per_step']} s/step over {p['steps']} steps")
     (out / "README.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps({"args": vars(a), "arms": summary}, indent=2) + "\n")
-    print(f"wrote {out}/README.md, per_level.csv, summary.json")
+    print(f"wrote {out}/README.md, per_level.csv, summary.json", flush=True)
 
 
 if __name__ == "__main__":

@@ -121,3 +121,4 @@ def test_train_builds_and_warms_the_head(headless, small_jsonl, tmp_path, capsys
     assert "built one" in printed and "head warm-up: 5 steps" in printed
     tokenizer, model = load_masked_lm(str(out))
     assert model.missing_head_keys == [] and model.config.num_hidden_layers == 1
+    assert model.lm_head.bias.std() > 0.5  # the built log-unigram bias was saved with the model (tied to the decoder's)

@@ -213,6 +213,8 @@ def _prepare_head(args: TrainArgs, model, tokenizer, train_blocks, corruption, d
     missing = getattr(model, "missing_head_keys", [])
     if args.head_warmup and not supports_head_building(model):
         raise UsageError(f"--head-warmup {args.head_warmup}: not supported for a {model.config.model_type!r} model.")
+    if (missing and args.head_init == "built") or args.head_warmup:
+        model.to(device)  # where Trainer will put it anyway: the encoder's forward passes below run there
     if missing and args.head_init == "built":
         fit = build_head(model, train_blocks, tokenizer, seed=args.seed)
         if is_main:
@@ -224,7 +226,6 @@ def _prepare_head(args: TrainArgs, model, tokenizer, train_blocks, corruption, d
         print(f"head: {args.model_name} has no MLM head ({len(missing)} weights missing); left random (--head-init random)",
               flush=True)
     if args.head_warmup:
-        model.to(device)
         warm_collator = collator_from_config(tokenizer, corruption, seed=args.seed + 1)  # the run's mask stream untouched
         losses = warm_up_head(model, train_blocks, warm_collator, args.head_warmup, args.batch_size, seed=args.seed,
                               log_every=max(1, args.head_warmup // 5) if is_main else 0)
