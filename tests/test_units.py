@@ -63,9 +63,14 @@ def test_eval_reports_nats_per_word_and_bits_per_byte(tmp_path, capsys):
 def test_generator_output_of_a_wordpiece_model_reads_like_text(tmp_path, wiki):
     """The decode path of generate/serve (DiffusionGenerator.decode): no "india ' s" in a sample."""
     from mpnet_helpers import save_headless_mpnet
+    from textdiffusion.errors import UsageError
     from textdiffusion.generation import DiffusionGenerator
+    from textdiffusion.modeling import load_masked_lm
 
-    gen = DiffusionGenerator.from_pretrained(str(save_headless_mpnet(tmp_path / "m", wiki.train[:200] + [SENTENCE] * 5)))
+    path = str(save_headless_mpnet(tmp_path / "m", wiki.train[:200] + [SENTENCE] * 5))
+    with pytest.raises(UsageError, match="without a trained MLM head"):  # a random head would only make noise
+        DiffusionGenerator.from_pretrained(path)
+    gen = DiffusionGenerator(*load_masked_lm(path)[::-1])
     row = torch.tensor(gen.tokenizer(SENTENCE)["input_ids"])
     text = gen.decode(row, torch.ones_like(row, dtype=torch.bool))
     assert text == SENTENCE.lower() and "india ' s" not in text

@@ -108,6 +108,10 @@ class DiffusionGenerator:
 
         path = resolve_checkpoint(path)
         tokenizer, model = load_masked_lm(path, dtype=dtype, flag="--checkpoint")
+        if getattr(model, "missing_head_keys", None):  # its head would be random: the text would be noise
+            raise UsageError(f"--checkpoint {path!r} is an encoder without a trained MLM head (such as mpnet-base as "
+                             "fetched); fine-tune it first, e.g. `textdiffusion train --config recipes/mpnet-wiki.yaml`, "
+                             "and generate from that run.")
         return cls(model, tokenizer, DiffusionConfig.from_pretrained(path), device, dtype, compile)
 
     # -- templates --------------------------------------------------------------------------------
