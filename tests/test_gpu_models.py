@@ -15,12 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_gpu_models_cpu_smoke(tmp_path, wiki):
+def test_gpu_models_cpu_smoke(tmp_path, wiki, small_jsonl):
     mpnet = save_headless_mpnet(tmp_path / "tiny-mpnet", wiki.train[:200])
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "GPU_MODELS_SMOKE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--out", str(out), "--mpnet", str(mpnet)],
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--out", str(out), "--mpnet", str(mpnet),
+                           "--dataset", str(small_jsonl)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -189,7 +189,7 @@ def warm_up_head(model, blocks: torch.Tensor, collator, steps: int, batch_size: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
             print(f"head warm-up step {step + 1}/{steps}: masked loss {sum(losses[-log_every:]) / log_every:.4f}",
                   flush=True)
