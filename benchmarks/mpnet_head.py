@@ -116,6 +116,8 @@ def main() -> None:
         write(out, a, [x for x in arms if x in table], table, summary, json.loads((runs / "references.json").read_text())
               if (runs / "references.json").exists() else {})
 
+    shutil.rmtree(runs, ignore_errors=True)
+
 
 def write(out: Path, a, arms: list[str], table: dict, summary: dict, refs: dict) -> None:
     """The tables so far (rewritten after every arm, so a run cut short keeps what it measured)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -227,11 +228,13 @@ def _prepare_head(args: TrainArgs, model, tokenizer, train_blocks, corruption, d
               flush=True)
     if args.head_warmup:
         warm_collator = collator_from_config(tokenizer, corruption, seed=args.seed + 1)  # the run's mask stream untouched
+        started = time.perf_counter()
         losses = warm_up_head(model, train_blocks, warm_collator, args.head_warmup, args.batch_size, seed=args.seed,
                               log_every=max(1, args.head_warmup // 5) if is_main else 0)
         if is_main:
             print(f"head warm-up: {args.head_warmup} steps with the encoder frozen, masked loss "
-                  f"{losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+                  f"{losses[0]:.3f} -> {losses[-1]:.3f} (mean of the last 10: {sum(losses[-10:]) / len(losses[-10:]):.3f}), "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
 
 
 def run_training(args: TrainArgs) -> Path:
