@@ -119,6 +119,8 @@ def test_missing_cache_is_one_line_that_says_what_to_run(cache, capsys):
     assert main(["eval", "--checkpoint", "mpnet-base", "--eval-blocks", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "fetch-model mpnet-base" in err
+    assert main(["train", "--model-name", "mpnet-base", "--output-dir", str(cache.parent / "run")]) == 2
+    assert "--model-name 'mpnet-base'" in capsys.readouterr().err
     assert main(["fetch-model", "no-such-model"]) == 2
 
 

@@ -20,7 +20,7 @@ def bundled_path(name: str) -> Path:
     return MODELS_DIR / name
 
 
-def resolve_checkpoint(name_or_path: str) -> str:
+def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
     """A bundled model's directory for its short name; anything else unchanged (a path or a hub id).
 
     A local directory of the same name wins, so ``runs/wiki-small`` style paths are never shadowed. A
@@ -29,7 +29,7 @@ def resolve_checkpoint(name_or_path: str) -> str:
     from .pretrained import PRETRAINED, require_fetched
 
     if name_or_path in PRETRAINED and not Path(name_or_path).exists():
-        return str(require_fetched(name_or_path))
+        return str(require_fetched(name_or_path, flag))
     if name_or_path not in BUNDLED or Path(name_or_path).exists():
         return name_or_path
     path = bundled_path(name_or_path)
