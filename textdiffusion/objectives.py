@@ -40,7 +40,7 @@ def _load_masked(name_or_path):
     from .bundled import resolve_checkpoint
     from .modeling import load_masked_lm
 
-    return load_masked_lm(resolve_checkpoint(name_or_path))  # a bundled name fine-tunes it
+    return load_masked_lm(resolve_checkpoint(name_or_path, "--model-name"))  # a bundled or fetched name fine-tunes it
 
 
 def _prepare_masked(tokenizer, model):

@@ -166,7 +166,9 @@ class Scorer:
 def quality_row(name: str, prompts: PromptSet, new_ids: Sequence[Sequence[int]], tokenizer, scorer: Scorer | None,
                 texts: Sequence[str] | None = None, nfe: int | str = "") -> dict:
     """One row of a quality table: gen PPL beside diversity, prefix adherence and cost."""
-    continuations = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+    from .detokenize import decode_text
+
+    continuations = [decode_text(tokenizer, ids) for ids in new_ids]  # scored as a reader sees it
     row = {"setting": name, "nfe": nfe}
     row["gen_ppl"] = scorer.perplexity(prompts.prompts, continuations) if scorer else float("nan")
     row.update(diversity(new_ids))

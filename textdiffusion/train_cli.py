@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -38,8 +39,8 @@ logger = logging.getLogger("textdiffusion")
 RUN_ARGS_NAME = "run_args.json"
 
 # Settings that define "the same run": --resume refuses an output dir trained with other values.
-RUN_IDENTITY = ("objective", "adapt_from_causal", "model_name", "preset", "architecture", "dataset", "text_column",
-                "max_length", "vocab_size", "seed", "label_column")
+RUN_IDENTITY = ("objective", "adapt_from_causal", "model_name", "keep_layers", "preset", "architecture", "dataset",
+                "text_column", "max_length", "vocab_size", "seed", "label_column")
 # What --quick-test means: a CPU-sized run of the whole pipeline (about 10 minutes on 2 cores with --preset tiny).
 QUICK_TEST = {"max_steps": 1500, "eval_steps": 300, "eval_blocks": 128, "logging_steps": 50}
 
@@ -66,6 +67,13 @@ class TrainArgs(CorruptionConfig):
     attention_anneal_steps: Optional[int] = field(default=None, metadata={
         "help": "With --adapt-from-causal: optimiser steps over which attention goes from causal to full "
                 "(0: full from the start; default: the first tenth of the run)."})
+    keep_layers: int = field(default=0, metadata={
+        "help": "Keep only the first N encoder layers of --model-name (0: all), e.g. 6 of 12 as DistilRoBERTa."})
+    head_init: str = field(default="built", metadata={
+        "help": "When --model-name ships without an MLM head (mpnet-base): built (tied decoder, near-identity "
+                "transform, log-unigram bias; see heads.py) or random (the library's default init, for comparison)."})
+    head_warmup: int = field(default=0, metadata={
+        "help": "Fit the MLM head alone for N steps (encoder frozen, a forward pass per step) before training."})
     vocab_size: int = field(default=0, metadata={"help": "Preset tokenizer vocabulary size (0: the preset's default)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout of a preset model."})
     # data
@@ -140,6 +148,10 @@ class TrainArgs(CorruptionConfig):
              self.adapt_from_causal, f"trains a diffusion model; it cannot be combined with --objective {self.objective!r}"),
             (0.0 < self.label_fraction <= 1.0, "--label-fraction", self.label_fraction, "must be in (0, 1]"),
             (0.0 <= self.label_dropout < 1.0, "--label-dropout", self.label_dropout, "must be in [0, 1)"),
+            (self.head_init in ("built", "random"), "--head-init", self.head_init, "must be built or random"),
+            (self.head_warmup >= 0, "--head-warmup", self.head_warmup, "must be >= 0"),
+            (self.keep_layers >= 0, "--keep-layers", self.keep_layers, "must be >= 0 (0: keep all)"),
+            (not (self.preset and self.keep_layers), "--keep-layers", self.keep_layers, "applies to --model-name, not to --preset"),
         ]
         for ok, flag, value, rule in checks:
             if not ok:
@@ -249,6 +261,34 @@ def labelled_blocks(args: TrainArgs, corpus, tokenizer, corruption: CorruptionCo
     print(f"labels: {len(to_id)} classes of {args.label_column!r}; {int((~withheld).sum()):,} of {n:,} training documents "
           "carry their label, the rest train with it masked", flush=True)
     return train, val
+def _prepare_head(args: TrainArgs, model, tokenizer, train_blocks, corruption, device, is_main: bool) -> None:
+    """Build the MLM head of an encoder shipped without one, and warm it up with the encoder frozen."""
+    from .heads import build_head, supports_head_building, warm_up_head
+
+    missing = getattr(model, "missing_head_keys", [])
+    if args.head_warmup and not supports_head_building(model):
+        raise UsageError(f"--head-warmup {args.head_warmup}: not supported for a {model.config.model_type!r} model.")
+    if (missing and args.head_init == "built") or args.head_warmup:
+        model.to(device)  # where Trainer will put it anyway: the encoder's forward passes below run there
+    if missing and args.head_init == "built":
+        fit = build_head(model, train_blocks, tokenizer, seed=args.seed)
+        if is_main:
+            print(f"head: {args.model_name} has no MLM head ({len(missing)} weights missing); built one: masked loss on "
+                  f"{fit['positions']} training positions {fit['random_head_loss']:.3f} (random head) -> "
+                  f"{fit['built_head_loss']:.3f} nats (logit scale {fit['logit_scale']:.2f}, unigram weight "
+                  f"{fit['unigram_weight']:.2f})", flush=True)
+    elif missing and is_main:
+        print(f"head: {args.model_name} has no MLM head ({len(missing)} weights missing); left random (--head-init random)",
+              flush=True)
+    if args.head_warmup:
+        warm_collator = collator_from_config(tokenizer, corruption, seed=args.seed + 1)  # the run's mask stream untouched
+        started = time.perf_counter()
+        losses = warm_up_head(model, train_blocks, warm_collator, args.head_warmup, args.batch_size, seed=args.seed,
+                              log_every=max(1, args.head_warmup // 5) if is_main else 0)
+        if is_main:
+            print(f"head warm-up: {args.head_warmup} steps with the encoder frozen, masked loss "
+                  f"{losses[0]:.3f} -> {losses[-1]:.3f} (mean of the last 10: {sum(losses[-10:]) / len(losses[-10:]):.3f}), "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
 
 
 def run_training(args: TrainArgs) -> Path:
@@ -289,6 +329,10 @@ def run_training(args: TrainArgs) -> Path:
         model = objective.build(args.preset, tokenizer, args.max_length, args.dropout, args.architecture)
     else:
         tokenizer, model = objective.load(args.model_name)
+        if args.keep_layers:
+            from .modeling import keep_first_layers
+
+            keep_first_layers(model, args.keep_layers)
     label_set = corpus.label_set if args.label_column else None
     if label_set:  # one special token per label, added before the collator reads the special tokens
         add_label_tokens(tokenizer, label_set)
@@ -322,6 +366,9 @@ def run_training(args: TrainArgs) -> Path:
         print(f"model: {args.preset and 'preset ' + args.preset or args.model_name} ({model.config.model_type}, "
               f"{count_parameters(model) / 1e6:.1f}M parameters, vocab {len(tokenizer):,}), "
               f"{training_args.world_size} process(es) on {training_args.device.type}", flush=True)
+
+    if resume_from is None:  # a resumed run's checkpoint holds its trained head
+        _prepare_head(args, model, tokenizer, train_blocks, corruption, training_args.device, is_main)
 
     config = DiffusionConfig(objective=args.objective, max_length=args.max_length, mask_token_id=tokenizer.mask_token_id,
                              cls_token_id=cls, sep_token_id=sep, corruption=corruption,

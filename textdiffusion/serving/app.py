@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from ..detokenize import decode_text
 from ..errors import UsageError
 from ..generation import MASK_SPAN
 from ..sampler import SamplerConfig
@@ -334,8 +335,8 @@ def _continuation(gen, row, editable) -> tuple[str, str]:
     ids = row[editable]  # [m] the continuation's tokens
     eos = (ids == gen.sep_id).nonzero()
     if len(eos):
-        return gen.tokenizer.decode(ids[: int(eos[0])].tolist(), skip_special_tokens=True), "stop"
-    return gen.tokenizer.decode(ids.tolist(), skip_special_tokens=True), "length"
+        return decode_text(gen.tokenizer, ids[: int(eos[0])].tolist()), "stop"
+    return decode_text(gen.tokenizer, ids.tolist()), "length"
 
 
 def _prefix_text(gen, row: dict) -> str | None:
@@ -346,5 +347,5 @@ def _prefix_text(gen, row: dict) -> str | None:
     prefix = ids[:cut]
     if gen.sep_id in prefix:
         prefix = prefix[: prefix.index(gen.sep_id)]
-    text = gen.tokenizer.decode(prefix, skip_special_tokens=True)
+    text = decode_text(gen.tokenizer, prefix)
     return None if text.endswith("\ufffd") else text

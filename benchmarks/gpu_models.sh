@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One GPU command refreshes the ready models: trains, evaluates and exports, in about 6 minutes on one GPU.
+#
+#   bash benchmarks/gpu_models.sh                 # CUDA: recipes/wiki-gpu.yaml (preset small, ~45 epochs) and
+#                                                 # recipes/mpnet-wiki-gpu.yaml (mpnet-base fine-tune), bf16
+#   bash benchmarks/gpu_models.sh --cpu-smoke     # the same pipeline, shortened, on the CPU (1-2 minutes);
+#                                                 # also GPU_MODELS_SMOKE=1
+#   --out DIR      results (default benchmarks/results/gpu_models; smoke: .../gpu_models-cpu-smoke)
+#   --mpnet NAME   the pretrained encoder to fine-tune (default mpnet-base, fetched if missing; a folder works)
+#   --dataset D    the corpus (default wiki-vital, the recipes' own; the CPU test passes a small file)
+#
+# For each model: `textdiffusion train --config <recipe>`, `textdiffusion eval` (per-level loss, NELBO per token,
+# nats per word and bits per byte, so the two tokenizers compare), four samples from `textdiffusion generate`,
+# and an fp16 export in $OUT/models/<name>. The bundled wiki-small is evaluated beside them. Nothing in the
+# package is replaced: to ship the new small model, copy it over textdiffusion/models/wiki-small (its recipe
+# then is recipes/wiki-gpu.yaml) and commit it with $OUT/summary.md.
+set -euo pipefail
+SMOKE="${GPU_MODELS_SMOKE:-0}"
+OUT=""
+MPNET=mpnet-base
+DATASET=wiki-vital
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu-smoke) SMOKE=1; shift ;;
+    --out) OUT="$2"; shift 2 ;;
+    --mpnet) MPNET="$2"; shift 2 ;;
+    --dataset) DATASET="$2"; shift 2 ;;
+    *) echo "gpu_models.sh: unknown argument '$1' (use --cpu-smoke, --out DIR, --mpnet NAME, --dataset D)" >&2; exit 2 ;;
+  esac
+done
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+TD=("$PY" -m textdiffusion)
+
+if [ "$SMOKE" = 1 ]; then
+  OUT="${OUT:-benchmarks/results/gpu_models-cpu-smoke}"
+  DEVICE=cpu
+  # the recipes, cut to seconds: flags after --config win
+  SHORT=(--max-steps 6 --eval-steps 3 --eval-blocks 4 --batch-size 4 --max-length 32 --precision fp32 --logging-steps 3)
+  PRESET_FLAGS=("${SHORT[@]}" --preset micro --vocab-size 512)
+  MPNET_FLAGS=("${SHORT[@]}" --head-warmup 2)
+  EVAL_FLAGS=(--eval-blocks 4 --samples-per-block 1 --batch-size 4)
+  GEN_FLAGS=(--num-samples 2 --max-length 24 --steps 8)
+else
+  OUT="${OUT:-benchmarks/results/gpu_models}"
+  DEVICE=cuda
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_models.sh: torch sees no CUDA device; run with --cpu-smoke')"
+  PRESET_FLAGS=()
+  MPNET_FLAGS=()
+  EVAL_FLAGS=(--eval-blocks 256)
+  GEN_FLAGS=(--num-samples 4 --max-length 128)
+fi
+if [ "$MPNET" = mpnet-base ]; then
+  "${TD[@]}" fetch-model mpnet-base  # a no-op when it is already in the cache
+fi
+mkdir -p "$OUT"
+RUNS="$OUT/runs"
+SECONDS=0
+
+run_one() {  # name recipe flags...
+  local name="$1" recipe="$2"; shift 2
+  local t0=$SECONDS
+  "${TD[@]}" train --config "$recipe" --output-dir "$RUNS/$name" --overwrite --dataset "$DATASET" "$@" > "$OUT/$name.train.log" 2>&1 \
+    || { echo "gpu_models.sh: training $name failed; see $OUT/$name.train.log" >&2; tail -20 "$OUT/$name.train.log" >&2; exit 1; }
+  echo "$name: trained in $((SECONDS - t0)) s"
+  echo "$((SECONDS - t0))" > "$OUT/$name.train_seconds"
+}
+
+evaluate() {  # name checkpoint
+  local name="$1" checkpoint="$2"
+  "${TD[@]}" eval --checkpoint "$checkpoint" --dataset "$DATASET" --device "$DEVICE" --output-dir "$OUT/eval-$name" --overwrite \
+    "${EVAL_FLAGS[@]}" > "$OUT/$name.eval.log" 2>&1 \
+    || { echo "gpu_models.sh: evaluating $name failed; see $OUT/$name.eval.log" >&2; tail -20 "$OUT/$name.eval.log" >&2; exit 1; }
+  "${TD[@]}" generate --checkpoint "$checkpoint" --device "$DEVICE" --prefix "The history of" --hide-steps \
+    --output "$OUT/eval-$name/samples.jsonl" "${GEN_FLAGS[@]}" > "$OUT/$name.generate.log" 2>&1 \
+    || { echo "gpu_models.sh: generating from $name failed; see $OUT/$name.generate.log" >&2; exit 1; }
+}
+
+run_one wiki-gpu recipes/wiki-gpu.yaml "${PRESET_FLAGS[@]}"
+run_one mpnet-wiki recipes/mpnet-wiki-gpu.yaml --model-name "$MPNET" "${MPNET_FLAGS[@]}"
+"$PY" -m textdiffusion.bundled --run "$RUNS/wiki-gpu" --name wiki-small --dest "$OUT/models/wiki-small"
+"$PY" -m textdiffusion.bundled --run "$RUNS/mpnet-wiki" --name mpnet-wiki --dest "$OUT/models/mpnet-wiki" --no-size-limit
+evaluate wiki-small-now wiki-small
+evaluate wiki-small-new "$OUT/models/wiki-small"
+evaluate mpnet-wiki "$OUT/models/mpnet-wiki"
+rm -rf "$RUNS"  # checkpoints and optimiser states: the exports are what is kept
+
+"$PY" - "$OUT" "$SECONDS" "$SMOKE" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out, seconds, smoke = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+rows = []
+for name in ("wiki-small-now", "wiki-small-new", "mpnet-wiki"):
+    result = json.loads((out / f"eval-{name}" / "eval.json").read_text())
+    bound = result["nelbo"][0]
+    samples = [json.loads(line) for line in (out / f"eval-{name}" / "samples.jsonl").read_text().splitlines()]
+    train_s = out / f"{name.replace('wiki-small-new', 'wiki-gpu')}.train_seconds"
+    rows.append({"model": name, "nats_per_token": bound["nats_per_token"], "nats_per_word": bound["nats_per_word"],
+                 "bits_per_byte": bound["bits_per_byte"], "tokens": bound["tokens"],
+                 "train_seconds": int(train_s.read_text()) if train_s.exists() else None,
+                 "sample": (samples[0].get("text") or "")[:160] if samples else ""})
+(out / "summary.json").write_text(json.dumps({"smoke": smoke, "seconds": seconds, "models": rows}, indent=2) + "\n")
+md = [f"# benchmarks/gpu_models.sh{' --cpu-smoke (shortened: the numbers mean nothing)' if smoke else ''}", "",
+      f"{seconds} s in all. NELBO bound from `textdiffusion eval` on the validation split of the training corpus.", "",
+      "| model | nats/token | nats/word | bits/byte | trained in (s) | first sample |", "| --- | --- | --- | --- | --- | --- |"]
+for r in rows:
+    md.append(f"| {r['model']} | {r['nats_per_token']:.3f} | {r['nats_per_word']:.3f} | {r['bits_per_byte']:.3f} | "
+              f"{r['train_seconds'] if r['train_seconds'] is not None else '-'} | {r['sample'].replace('|', '/')} |")
+(out / "summary.md").write_text("\n".join(md) + "\n")
+print(f"gpu_models.sh: wrote {out}/summary.json and {out}/summary.md; exports in {out}/models/")
+PYEOF

@@ -1,0 +1,46 @@
+"""benchmarks/gpu_models.sh in its CPU mode: trains both models (shortened), evaluates, samples and exports them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpnet_helpers import save_headless_mpnet
+from textdiffusion import bundled
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_models_cpu_smoke(tmp_path, wiki, small_jsonl):
+    mpnet = save_headless_mpnet(tmp_path / "tiny-mpnet", wiki.train[:200])
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_MODELS_SMOKE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--out", str(out), "--mpnet", str(mpnet),
+                           "--dataset", str(small_jsonl)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["smoke"] and [r["model"] for r in summary["models"]] == ["wiki-small-now", "wiki-small-new", "mpnet-wiki"]
+    for row in summary["models"]:
+        assert row["bits_per_byte"] > 0 and row["nats_per_word"] > row["nats_per_token"]
+    from textdiffusion.modeling import load_masked_lm
+
+    for name in ("wiki-small", "mpnet-wiki"):  # the exports load and carry their diffusion settings
+        assert (out / "models" / name / "diffusion_config.json").exists()
+        assert load_masked_lm(str(out / "models" / name))[1].missing_head_keys == []
+    assert not (out / "runs").exists()
+
+
+def test_gpu_models_flags(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--bogus"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--cpu-smoke" in done.stderr
+
+
+def test_export_needs_dest_for_a_name_that_is_not_bundled(capsys):
+    assert bundled.main(["--run", "nowhere", "--name", "mpnet-wiki"]) == 2
+    assert "--name must be one of" in capsys.readouterr().err
