@@ -73,7 +73,7 @@ class _ProjectTrainer(Trainer):
         """The model as evaluation calls it: outside DDP/compile, and in full precision even when training
         autocasts to bf16 (Accelerate puts autocast on the trained module's forward only, so a fresh wrapper
         around the same weights runs in fp32): validation numbers match `textdiffusion eval`."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)  # the eager module under compile
         return model.fresh() if isinstance(model, TrainedModule) else model
 
     @contextlib.contextmanager
