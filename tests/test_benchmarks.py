@@ -86,3 +86,30 @@ def test_speed_goals_are_judged_at_equal_quality():
     assert "batch 16, >= 1x AR at equal quality: **not met**, 0.90x (slow" in lines
     lines = "\n".join(goal_lines([fast_bad, ar], [1, 16], ar, None))
     assert "no diffusion row reaches AR's gen PPL 200.0" in lines and "fast, 4.00x at gen PPL 500.0" in lines
+
+
+@pytest.mark.slow
+def test_pretrained_comparison_measures_both_tokenizers_in_words(tmp_path):
+    """wiki-small (cased BPE) beside a lowercase WordPiece MPNet: each gets as many masks as it needs for the
+    same number of words, and diversity is counted on words, so the rows compare."""
+    import torch
+    from transformers import MPNetConfig, MPNetForMaskedLM
+
+    from mpnet_helpers import wordpiece_tokenizer
+    from textdiffusion.data import load_corpus
+
+    tokenizer = wordpiece_tokenizer(load_corpus("wiki-vital").train[:300])
+    config = MPNetConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    MPNetForMaskedLM(config).save_pretrained(tmp_path / "wp")
+    tokenizer.save_pretrained(tmp_path / "wp")
+    run("benchmarks/pretrained_compare.py", "--quick", "--checkpoints", "wiki-small", str(tmp_path / "wp"),
+        "--out", str(tmp_path / "out"))
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [r["lowercase"] for r in rows] == [False, True]
+    for r in rows:
+        assert 0.2 < r["words_per_token"] < 1.5 and r["new_tokens"] == round(8 / r["words_per_token"])
+        assert 0 < r["distinct_2"] <= 1 and r["words_per_s_b1"] > 0 and r["reference"]["words"] > 0
+    assert rows[0]["new_tokens"] != rows[1]["new_tokens"]  # BPE 4k needs more tokens for the same words
+    assert "| wiki-small | 3.7M | no |" in (tmp_path / "out" / "README.md").read_text()

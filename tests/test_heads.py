@@ -42,6 +42,22 @@ def test_missing_head_is_detected_from_the_load_report(headless):
     assert load_masked_lm(resolve_checkpoint("wiki-small"))[1].missing_head_keys == []  # a complete model
 
 
+def test_a_dropped_head_loads_quietly_and_other_missing_weights_are_named(headless, tmp_path, capfd, caplog):
+    fresh(headless)
+    assert "LOAD REPORT" not in capfd.readouterr().err  # the head is built by train, not a page of MISSING rows
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(headless, broken)
+    weights = load_file(broken / "model.safetensors")
+    dropped = next(k for k in weights if "intermediate.dense.weight" in k)
+    save_file({k: v for k, v in weights.items() if k != dropped}, broken / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="textdiffusion.modeling"):
+        load_masked_lm(str(broken))
+    assert "1 weight(s) missing" in caplog.text and "intermediate.dense.weight" in caplog.text
+
+
 def test_built_head_beats_the_random_head_at_step_0(headless, data):
     """On real text, with an untrained encoder: the built head's loss is near the unigram cross-entropy at
     every level (the bias carries it), the random head's near log V."""

@@ -18,6 +18,8 @@ the global layers above it build longer-range context. ``benchmarks/preset_plate
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import logging
@@ -170,8 +172,9 @@ def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None, flag: st
                              "save the tokenizer beside it (tokenizer.save_pretrained) or copy its files there.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model, report = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=dtype or torch.float32,
-                                                             output_loading_info=True)
+        with quiet_load_report():  # its missing/unexpected keys are reported below, in our words
+            model, report = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=dtype or torch.float32,
+                                                                 output_loading_info=True)
     except OSError as e:
         raise UsageError(
             f"{flag} {name_or_path!r} could not be loaded: it is not a local model directory and the "
@@ -185,7 +188,30 @@ def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None, flag: st
     # an encoder shipped without its MLM head (all-mpnet-base-v2) loads with a random one: training builds
     # a useful head in its place (heads.build_head) when this list is not empty
     model.missing_head_keys = missing_head_keys(model, report["missing_keys"])
+    other = sorted(set(report["missing_keys"]) - set(model.missing_head_keys))
+    unused = sorted(k for k in report["unexpected_keys"] if not k.startswith("pooler."))  # a pooler is not used
+    if other or unused:  # anything but a dropped head is worth a look
+        logger.warning("%s %r: %d weight(s) missing from the checkpoint (newly initialised: %s) and %d unused (%s)",
+                       flag, name_or_path, len(other), ", ".join(other[:4]) or "-", len(unused),
+                       ", ".join(unused[:4]) or "-")
     return tokenizer, model
+
+
+@contextlib.contextmanager
+def quiet_load_report():
+    """Drop Transformers' LOAD REPORT table for one load: an encoder without its MLM head (mpnet-base) would
+    print a page of MISSING rows (and call itself corrupted) where `train` answers by building the head
+    (heads.build_head); other missing weights are reported by load_masked_lm. A filter, not a
+    higher log level: Transformers 5 runs a tensor-parallel check, with its own warning, at level >= WARNING."""
+    log = logging.getLogger("transformers.modeling_utils")
+    drop = logging.Filter()
+    drop.filter = lambda record: not ("LOAD REPORT" in str(record.msg)  # nor its note on the absent head's tied bias
+                                      or "seem corrupted" in str(record.msg) and "tie lm_head." in str(record.msg))
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 def keep_first_layers(model, layers: int, flag: str = "--keep-layers"):
