@@ -32,7 +32,8 @@ def test_wordpiece_decode_reads_like_text(wordpiece, tokenizer):
 
 
 @pytest.mark.parametrize("raw, want", [("don ' t stop", "don't stop"), ('he said " yes " .', 'he said "yes".'),
-                                       ("the 1990s ( early )", "the 1990s (early)"), ("a - b", "a-b")])
+                                       ("the 1990s ( early )", "the 1990s (early)"), ("a - b", "a-b"),
+                                       ("yangtze – huai", "yangtze–huai")])
 def test_tidy_rules(raw, want):
     assert tidy_wordpiece(raw) == want
 
