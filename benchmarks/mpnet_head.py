@@ -131,9 +131,11 @@ def write(out: Path, a, arms: list[str], table: dict, summary: dict, refs: dict)
                 for rate in rates:
                     w.writerow([arm, step, rate, table[arm][step][rate]])
     cmd = "python benchmarks/mpnet_head.py " + " ".join(sys.argv[1:])
-    lines = [f"# Built vs random MLM head on mpnet-base: per-level validation loss (nats/WordPiece token)", "",
-             f"Command: `OMP_NUM_THREADS=1 taskset -c 0 {cmd.strip()}`  ",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores (one used), fp32, {time.strftime('%Y-%m-%d')}  ",
+    threads = os.environ.get("OMP_NUM_THREADS", "(all)")
+    lines = ["# Built vs random MLM head on mpnet-base: per-level validation loss (nats/WordPiece token)", "",
+             f"Command: `OMP_NUM_THREADS={threads} {cmd.strip()}`  ",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores, {threads} thread(s) on core(s) "
+             f"{','.join(map(str, sorted(os.sched_getaffinity(0))))}, fp32, {time.strftime('%Y-%m-%d')}  ",
              f"Runs: batch {a.batch_size} x {a.max_length} tokens, lr {a.learning_rate}, --mask-per example, "
              f"{a.eval_blocks} validation blocks, {a.dataset}.", "",
              "| mask rate | " + " | ".join(f"{arm} @{s}" for s in steps for arm in arms) + " |",
