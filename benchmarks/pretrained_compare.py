@@ -98,7 +98,8 @@ def generation(gen: DiffusionGenerator, prompts: list[str], references: list[str
     ids = [gen.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     own_prompts = [decode_text(gen.tokenizer, i) for i in ids]  # as the model sees them (lowercased by MPNet)
     steps = sampler["steps_per_block"] * math.ceil(new_tokens / sampler["block_length"])
-    settings = dict(block_length=sampler["block_length"], steps=steps, sampling="topk", top_k=50, temperature=1.0,
+    settings = dict(block_length=sampler["block_length"], steps=steps, sampling="topk", top_k=50,
+                    temperature=sampler["temperature"],
                     repetition_penalty=sampler["repetition_penalty"], strategy="confidence", cache="dual",
                     max_length=max(map(len, ids)) + new_tokens + 2)
     full = PromptSet(prompts=own_prompts, prompt_ids=ids, references=[])
@@ -139,6 +140,7 @@ def main() -> None:
     ap.add_argument("--eval-blocks", type=int, default=64, help="validation blocks for the likelihood (0: skip it)")
     ap.add_argument("--steps-per-block", type=int, default=8, help="denoising steps per block of 32 (4 tokens a step)")
     ap.add_argument("--repetition-penalty", type=float, default=1.1)
+    ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (0: no timing)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--scorer", default="smollm2", help="gen-PPL scorer ('none' to skip)")
@@ -157,7 +159,8 @@ def main() -> None:
         from textdiffusion.quality import Scorer
 
         scorer = Scorer.load(args.scorer)
-    sampler = dict(block_length=32, steps_per_block=args.steps_per_block, repetition_penalty=args.repetition_penalty)
+    sampler = dict(block_length=32, steps_per_block=args.steps_per_block, repetition_penalty=args.repetition_penalty,
+                   temperature=args.temperature)
     batches = sorted({1, args.num_prompts})
     rows = []
     for checkpoint in args.checkpoints:
@@ -190,6 +193,7 @@ def write(args, rows: list[dict], batches: list[int]) -> None:
     lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['date']}", "",
              f"Prompts: the first {args.prompt_words} words of {args.num_prompts} wiki-vital validation documents; about "
              f"{args.new_words} words generated per prompt (blocks of 32, {args.steps_per_block} steps per block, top-k 50, "
+             f"temperature {args.temperature}, "
              f"repetition penalty {args.repetition_penalty}, dual cache). Gen PPL under {args.scorer}; distinct-2 and "
              "repetition-2 on lowercased words.", "",
              "| model | parameters | lowercase | nats/token | nats/word | bits/byte | new tokens | calls | gen PPL | "

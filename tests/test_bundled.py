@@ -96,3 +96,31 @@ def test_demo_runs_in_its_short_mode(tmp_path, capsys):
     (other / "notes.txt").write_text("keep")
     assert demo(["--quick", "--output-dir", str(other)]) == 2
     assert (other / "notes.txt").read_text() == "keep"
+
+
+def test_a_built_ready_model_says_how_to_build_it_then_loads_by_name(tmp_path, monkeypatch, tokenizer, capsys):
+    """mpnet-wiki is too large to ship: its short name points into the cache, where `make mpnet-wiki` exports it."""
+    from textdiffusion.config import DiffusionConfig
+    from textdiffusion.generation import DiffusionGenerator
+    from textdiffusion.modeling import build_preset_model
+
+    monkeypatch.setenv("TEXTDIFFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--checkpoint", "mpnet-wiki", "--prefix", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "make mpnet-wiki" in err and "--into-cache" in err and str(tmp_path / "cache") in err
+
+    run = tmp_path / "run"
+    build_preset_model("micro", tokenizer, 32).save_pretrained(run)
+    tokenizer.save_pretrained(run)
+    DiffusionConfig(max_length=32).save_pretrained(run)
+    assert bundled.main(["--run", str(run), "--name", "mpnet-wiki", "--into-cache", "--generation", "steps=0"]) == 2
+    assert "steps" in capsys.readouterr().err and not (tmp_path / "cache" / "models" / "mpnet-wiki").exists()
+    assert bundled.main(["--run", str(run), "--name", "wiki-small", "--into-cache"]) == 2  # a shipped model
+    assert bundled.main(["--run", str(run), "--name", "mpnet-wiki", "--into-cache",
+                         "--generation", "steps=8", "block_length=16", "repetition_penalty=1.1"]) == 0
+    gen = DiffusionGenerator.from_pretrained("mpnet-wiki")
+    assert (gen.config.generation.steps, gen.config.generation.block_length) == (8, 16)
+    assert gen.config.generation.repetition_penalty == 1.1
+    card = Path(bundled.resolve_checkpoint("mpnet-wiki")) / "README.md"
+    assert card.read_text() == (bundled.MODELS_DIR / "mpnet-wiki" / "README.md").read_text()  # the shipped card

@@ -1,23 +1,35 @@
-"""Models shipped inside the package, loadable by a short name (``--checkpoint wiki-small``).
+"""Ready models loadable by a short name (``--checkpoint wiki-small``, ``--checkpoint mpnet-wiki``).
 
 Without network access no pretrained masked LM can be downloaded, so the project ships its own small
 diffusion model, trained by its own ``train`` command from ``recipes/<name>.yaml``. A short name that
 is bundled but whose weights are missing (a clone without the file, say) gets an error that says how
 to rebuild it, rather than a confusing attempt to reach the Hugging Face Hub.
+
+A ready model too large to ship (the MPNet fine-tune: ~210 MB in fp16) is *built* once on the user's
+machine from its recipe (``make mpnet-wiki``) and exported into the cache (``$TEXTDIFFUSION_CACHE/models``,
+beside the fetched encoders), where its short name finds it; only its model card ships in the package.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .errors import UsageError
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 BUNDLED = {"wiki-small": "recipes/wiki-small.yaml"}
+BUILT = {"mpnet-wiki": "recipes/mpnet-wiki.yaml"}  # built locally by `make <name>`, found in the cache
 
 
 def bundled_path(name: str) -> Path:
     return MODELS_DIR / name
+
+
+def built_path(name: str) -> Path:
+    from .pretrained import cache_root
+
+    return cache_root() / "models" / name
 
 
 def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
@@ -30,6 +42,15 @@ def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
 
     if name_or_path in PRETRAINED and not Path(name_or_path).exists():
         return str(require_fetched(name_or_path, flag))
+    if name_or_path in BUILT and not Path(name_or_path).exists():
+        path = built_path(name_or_path)
+        if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+            raise UsageError(
+                f"{flag} {name_or_path!r} is a ready model that is built on this machine, not shipped, and it is not "
+                f"in {path} yet. Build it once with `make {name_or_path}` (fetches mpnet-base, fine-tunes it by "
+                f"{BUILT[name_or_path]}: ~1.7 h on 2 CPU cores, and exports it there), or export a run of it: "
+                f"`python -m textdiffusion.bundled --run RUN_DIR --name {name_or_path} --into-cache`.")
+        return str(path)
     if name_or_path not in BUNDLED or Path(name_or_path).exists():
         return name_or_path
     path = bundled_path(name_or_path)
@@ -50,12 +71,16 @@ RUN_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json
              "run_args.json", "references.json", "per_level_loss.csv", "per_level_loss.png", "validation_curve.csv")
 
 
-def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: float | None = MAX_BUNDLED_MB) -> Path:
+def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: float | None = MAX_BUNDLED_MB,
+                   generation: dict | None = None) -> Path:
     """Save a run's final (validation-best) model as fp16 safetensors under ``textdiffusion/models/<name>``
     (or ``dest``; ``max_mb=None`` lifts the size cap for a model that is not shipped, such as an mpnet fine-tune).
 
     The model card (README.md) already in the destination is kept: it is written by hand from
-    `textdiffusion eval` and the samples, and this only replaces the weights and run files.
+    `textdiffusion eval` and the samples, and this only replaces the weights and run files; a destination
+    without one gets the card shipped in ``textdiffusion/models/<name>`` if there is one. ``generation``
+    overrides the saved `generate` defaults (steps, block_length, repetition_penalty, ...), chosen from a
+    benchmark rather than left at the sampler's.
     """
     import shutil
 
@@ -75,8 +100,20 @@ def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: fl
     for f in RUN_FILES:
         if (run / f).exists():
             shutil.copy2(run / f, staging / f)
-    if (dest / "README.md").exists():
-        shutil.copy2(dest / "README.md", staging / "README.md")
+    for card in (dest / "README.md", bundled_path(name) / "README.md"):
+        if card.exists():
+            shutil.copy2(card, staging / "README.md")
+            break
+    if generation:
+        from .config import DiffusionConfig
+
+        config = DiffusionConfig.from_pretrained(staging)
+        try:  # replace() runs the sampler's own checks of the values
+            config.generation = dataclasses.replace(config.generation, **generation)
+        except (TypeError, ValueError, UsageError) as e:
+            shutil.rmtree(staging)
+            raise UsageError(f"--generation {generation}: {e}") from None
+        config.save_pretrained(staging)
     size_mb = (staging / "model.safetensors").stat().st_size / 2**20
     if max_mb is not None and size_mb > max_mb:
         shutil.rmtree(staging)
@@ -86,6 +123,23 @@ def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: fl
     staging.rename(dest)
     print(f"bundled {name}: {dest} ({size_mb:.1f} MB fp16 safetensors)")
     return dest
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``["steps=32", "repetition_penalty=1.1"]`` -> ``{"steps": 32, "repetition_penalty": 1.1}`` (JSON values,
+    bare words as strings)."""
+    import json
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--generation takes KEY=VALUE pairs, got {pair!r}.")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,12 +152,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", required=True, help=f"The bundled name ({', '.join(sorted(BUNDLED))}), or any name with --dest.")
     ap.add_argument("--dest", default=None, help="Export into this folder instead of textdiffusion/models/NAME.")
     ap.add_argument("--no-size-limit", action="store_true", help=f"Allow more than {MAX_BUNDLED_MB} MB (with --dest).")
+    ap.add_argument("--into-cache", action="store_true",
+                    help=f"Export a ready model that is built locally ({', '.join(sorted(BUILT))}) into the cache, "
+                         "where its short name finds it (no size limit).")
+    ap.add_argument("--generation", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="Saved generate defaults of the export, e.g. steps=32 block_length=32 repetition_penalty=1.1.")
     args = ap.parse_args(argv)
     try:
-        if args.dest is None and args.name not in BUNDLED:
+        generation = parse_settings(args.generation)
+        if args.into_cache:
+            if args.name not in BUILT or args.dest:
+                raise UsageError(f"--into-cache takes --name one of {sorted(BUILT)} and no --dest, got --name "
+                                 f"{args.name!r}" + (f" and --dest {args.dest!r}." if args.dest else "."))
+            export_bundled(args.run, args.name, built_path(args.name), None, generation)
+        elif args.dest is None and args.name not in BUNDLED:
             raise UsageError(f"--name must be one of {sorted(BUNDLED)} without --dest, got {args.name!r}.")
-        export_bundled(args.run, args.name, Path(args.dest) if args.dest else None,
-                       None if args.no_size_limit and args.dest else MAX_BUNDLED_MB)
+        else:
+            export_bundled(args.run, args.name, Path(args.dest) if args.dest else None,
+                           None if args.no_size_limit and args.dest else MAX_BUNDLED_MB, generation)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
