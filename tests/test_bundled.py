@@ -124,3 +124,6 @@ def test_a_built_ready_model_says_how_to_build_it_then_loads_by_name(tmp_path, m
     assert gen.config.generation.repetition_penalty == 1.1
     card = Path(bundled.resolve_checkpoint("mpnet-wiki")) / "README.md"
     assert card.read_text() == (bundled.MODELS_DIR / "mpnet-wiki" / "README.md").read_text()  # the shipped card
+    card.write_text("an older card")
+    assert bundled.main(["--run", str(run), "--name", "mpnet-wiki", "--into-cache"]) == 0  # re-export: it is replaced
+    assert card.read_text() == (bundled.MODELS_DIR / "mpnet-wiki" / "README.md").read_text()

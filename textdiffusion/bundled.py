@@ -77,8 +77,8 @@ def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: fl
     (or ``dest``; ``max_mb=None`` lifts the size cap for a model that is not shipped, such as an mpnet fine-tune).
 
     The model card (README.md) already in the destination is kept: it is written by hand from
-    `textdiffusion eval` and the samples, and this only replaces the weights and run files; a destination
-    without one gets the card shipped in ``textdiffusion/models/<name>`` if there is one. ``generation``
+    `textdiffusion eval` and the samples, and this only replaces the weights and run files. A model built into
+    the cache (``BUILT``) gets the card shipped in ``textdiffusion/models/<name>`` instead. ``generation``
     overrides the saved `generate` defaults (steps, block_length, repetition_penalty, ...), chosen from a
     benchmark rather than left at the sampler's.
     """
@@ -100,7 +100,8 @@ def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: fl
     for f in RUN_FILES:
         if (run / f).exists():
             shutil.copy2(run / f, staging / f)
-    for card in (dest / "README.md", bundled_path(name) / "README.md"):
+    cards = (dest / "README.md", bundled_path(name) / "README.md")  # a built model's card: the shipped one wins
+    for card in reversed(cards) if name in BUILT else cards:
         if card.exists():
             shutil.copy2(card, staging / "README.md")
             break
