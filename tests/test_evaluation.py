@@ -75,3 +75,20 @@ def test_nelbo_estimators_agree_with_brute_force(tiny):
     assert t_est.nats_per_token == pytest.approx(exact, rel=0.03)
     assert k_est.perplexity_bound == pytest.approx(math.exp(k_est.nats_per_token))
     assert k_est.bits_per_token == pytest.approx(k_est.nats_per_token / math.log(2))
+
+
+@pytest.mark.parametrize("prefix", [0, 5])
+def test_ar_and_diffusion_evaluations_score_the_same_tokens(tokenizer, blocks, prefix):
+    """The AR baseline's exact NLL (`scored_positions`) and the NELBO (the evaluation collator's maskable set)
+    must count the same tokens, or their per-token numbers would not compare: padded blocks, separators and
+    the protected prefix included."""
+    from textdiffusion.collator import collator_from_config
+    from textdiffusion.config import CorruptionConfig
+    from textdiffusion.evaluation import scored_positions
+
+    padded = blocks.clone()
+    padded[:3, -10:] = tokenizer.pad_token_id  # short last blocks end in padding
+    config = CorruptionConfig(prefix_length=prefix, learn_eos=True)  # eval conditions on end-of-text all the same
+    maskable = collator_from_config(tokenizer, config, training=False).maskable(padded, torch.full((len(padded),), prefix))
+    scored = scored_positions(padded, tokenizer, prefix)
+    assert (padded == tokenizer.sep_token_id).any() and torch.equal(maskable, scored)
