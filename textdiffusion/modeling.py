@@ -19,7 +19,6 @@ the global layers above it build longer-range context. ``benchmarks/preset_plate
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import logging
