@@ -1,6 +1,7 @@
 """DiffusionConfig: one home for a checkpoint's settings, saved beside the weights, read by every consumer."""
 
 import json
+import os
 
 import pytest
 
@@ -24,6 +25,9 @@ def test_round_trip_keeps_every_field(tmp_path):
     assert again == config
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["version"] == 2
     assert not list(tmp_path.glob(".diffusion_config.*"))  # written aside, renamed into place
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / CONFIG_NAME).stat().st_mode & 0o777 == 0o666 & ~umask  # as readable as the model beside it
 
 
 def test_a_version_1_file_still_loads_with_what_was_true_of_it(tmp_path):

@@ -168,6 +168,9 @@ class DiffusionConfig:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".diffusion_config.", delete=False) as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(f.name, 0o666 & ~umask)  # a temporary file is private (0600); the config is as readable as its model
         os.replace(f.name, directory / CONFIG_NAME)
         return directory / CONFIG_NAME
 
