@@ -89,11 +89,9 @@ def likelihood(checkpoint: str, blocks: int, out: Path, python: str) -> dict:
 
 
 def generation(gen: DiffusionGenerator, prompts: list[str], references: list[str], new_words: int, scorer,
-               repeats: int, batches: list[int], sampler: dict) -> tuple[dict, dict]:
-    """(the model's row, its real-text reference row)."""
-    from textdiffusion.data import load_corpus
-
-    wpt = words_per_token(gen.tokenizer, load_corpus("wiki-vital").validation[:200])
+               repeats: int, batches: list[int], sampler: dict, docs) -> tuple[dict, dict]:
+    """(the model's row, its real-text reference row); ``docs``: validation texts to measure words per token on."""
+    wpt = words_per_token(gen.tokenizer, docs[:200])
     new_tokens = max(1, round(new_words / wpt))
     ids = [gen.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     own_prompts = [decode_text(gen.tokenizer, i) for i in ids]  # as the model sees them (lowercased by MPNet)
@@ -152,8 +150,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from textdiffusion.data import load_corpus
 
-    prompts, references = word_prompts(load_corpus("wiki-vital").validation, args.num_prompts, args.prompt_words,
-                                       args.new_words)
+    validation = load_corpus("wiki-vital").validation
+    prompts, references = word_prompts(validation, args.num_prompts, args.prompt_words, args.new_words)
     scorer = None
     if args.scorer != "none":
         from textdiffusion.quality import Scorer
@@ -166,7 +164,8 @@ def main() -> None:
     for checkpoint in args.checkpoints:
         gen = DiffusionGenerator.from_pretrained(checkpoint, device="cpu")
         params = sum(p.numel() for p in gen.model.parameters())
-        row, reference = generation(gen, prompts, references, args.new_words, scorer, args.repeats, batches, sampler)
+        row, reference = generation(gen, prompts, references, args.new_words, scorer, args.repeats, batches, sampler,
+                                    validation)
         row.update(checkpoint=checkpoint, parameters=params, reference=reference,
                    lowercase=bool(getattr(gen.tokenizer, "do_lower_case", False)
                                   or gen.tokenizer("A", add_special_tokens=False)["input_ids"]

@@ -33,7 +33,8 @@ def built_path(name: str) -> Path:
 
 
 def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
-    """A bundled model's directory for its short name; anything else unchanged (a path or a hub id).
+    """A ready model's directory for its short name (bundled in the package, or built into the cache);
+    anything else unchanged (a path or a hub id).
 
     A local directory of the same name wins, so ``runs/wiki-small`` style paths are never shadowed. A
     pretrained encoder's short name (``mpnet-base``, see pretrained.py) resolves to its cache folder.
@@ -42,25 +43,23 @@ def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
 
     if name_or_path in PRETRAINED and not Path(name_or_path).exists():
         return str(require_fetched(name_or_path, flag))
-    if name_or_path in BUILT and not Path(name_or_path).exists():
-        path = built_path(name_or_path)
-        if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
-            raise UsageError(
-                f"{flag} {name_or_path!r} is a ready model that is built on this machine, not shipped, and it is not "
-                f"in {path} yet. Build it once with `make {name_or_path}` (fetches mpnet-base, fine-tunes it by "
-                f"{BUILT[name_or_path]}: ~1.7 h on 2 CPU cores, and exports it there), or export a run of it: "
-                f"`python -m textdiffusion.bundled --run RUN_DIR --name {name_or_path} --into-cache`.")
-        return str(path)
-    if name_or_path not in BUNDLED or Path(name_or_path).exists():
+    if name_or_path not in BUNDLED and name_or_path not in BUILT or Path(name_or_path).exists():
         return name_or_path
-    path = bundled_path(name_or_path)
-    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+    built = name_or_path in BUILT
+    path = built_path(name_or_path) if built else bundled_path(name_or_path)
+    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+        return str(path)
+    if built:
         raise UsageError(
-            f"--checkpoint {name_or_path!r} is the bundled model, but its files are missing from {path}. Rebuild it "
-            f"with its recipe: `textdiffusion train --config {BUNDLED[name_or_path]} --output-dir runs/{name_or_path}`, "
-            f"then `python -m textdiffusion.bundled --run runs/{name_or_path} --name {name_or_path}` "
-            f"(or pass --checkpoint runs/{name_or_path} directly).")
-    return str(path)
+            f"{flag} {name_or_path!r} is a ready model that is built on this machine, not shipped, and it is not "
+            f"in {path} yet. Build it once with `make {name_or_path}` (fetches mpnet-base, fine-tunes it by "
+            f"{BUILT[name_or_path]}: ~1.7 h on 2 CPU cores, and exports it there), or export a run of it: "
+            f"`python -m textdiffusion.bundled --run RUN_DIR --name {name_or_path} --into-cache`.")
+    raise UsageError(
+        f"--checkpoint {name_or_path!r} is the bundled model, but its files are missing from {path}. Rebuild it "
+        f"with its recipe: `textdiffusion train --config {BUNDLED[name_or_path]} --output-dir runs/{name_or_path}`, "
+        f"then `python -m textdiffusion.bundled --run runs/{name_or_path} --name {name_or_path}` "
+        f"(or pass --checkpoint runs/{name_or_path} directly).")
 
 
 # -- building the bundled copy from a training run ----------------------------------------------------
