@@ -36,14 +36,14 @@ pretrained: install
 MPNET_RUN ?= runs/mpnet-wiki
 mpnet-wiki: pretrained
 	test -f $(MPNET_RUN)/model.safetensors || HF_HUB_OFFLINE=1 $(PY) -m textdiffusion train --config recipes/mpnet-wiki.yaml --output-dir $(MPNET_RUN)
-	$(PY) -m textdiffusion.bundled --run $(MPNET_RUN) --name mpnet-wiki --into-cache \
+	$(PY) -m textdiffusion.models.bundled --run $(MPNET_RUN) --name mpnet-wiki --into-cache \
 		--generation steps=32 block_length=32 temperature=1.2 repetition_penalty=1.3
 
 # The main job on the bundled defaults: generate from the bundled wiki-small model, fine-tune it on the
 # bundled Austen corpus, compare the per-level losses before and after, and generate Austen-style text
 # (offline, a few minutes on 2 CPU cores); it ends by printing where the results are.
 demo: install
-	HF_HUB_OFFLINE=1 $(PY) -m textdiffusion.demo --output-dir $(DEMO_DIR)
+	HF_HUB_OFFLINE=1 $(PY) -m textdiffusion.cli.demo --output-dir $(DEMO_DIR)
 
 # Tests run one file per worker on every core (pytest-xdist), one thread each: two 2-thread jobs on 2 cores
 # run several times slower than one after the other.

@@ -46,12 +46,12 @@ cp "$run/per_level_loss.csv" "$run/validation_curve.csv" "$run/references.json" 
 # the causal model before adaptation, scored exactly on the tokens the NELBO scores; then one sample
 import sys
 import torch
-from textdiffusion.adapt import choose_special_tokens, load_causal_for_adaptation
-from textdiffusion.autoregressive import causal_nll
+from textdiffusion.models.adapt import choose_special_tokens, load_causal_for_adaptation
+from textdiffusion.models.autoregressive import causal_nll
 from textdiffusion.config import DiffusionConfig
-from textdiffusion.data import load_corpus, pack
-from textdiffusion.evaluation import scored_positions
-from textdiffusion.generation import DiffusionGenerator
+from textdiffusion.core.data import load_corpus, pack
+from textdiffusion.core.evaluation import scored_positions
+from textdiffusion.pipelines.generation import DiffusionGenerator
 
 run, n = sys.argv[1], int(sys.argv[2])
 device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from textdiffusion.eval_cli import EvalArgs, run_eval
+from textdiffusion.pipelines.evaluate import EvalArgs, run_eval
 
 
 def read_curve(run: Path) -> list[dict]:

@@ -26,11 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from textdiffusion.bundled import resolve_checkpoint  # noqa: E402
-from textdiffusion.data import load_corpus, pack  # noqa: E402
-from textdiffusion.evaluation import end_of_text_at_document_ends  # noqa: E402
-from textdiffusion.generation import DiffusionGenerator  # noqa: E402
-from textdiffusion.sampler import continuation  # noqa: E402
+from textdiffusion.models.bundled import resolve_checkpoint
+from textdiffusion.core.data import load_corpus, pack
+from textdiffusion.core.evaluation import end_of_text_at_document_ends
+from textdiffusion.pipelines.generation import DiffusionGenerator
+from textdiffusion.core.sampler import continuation
 
 BEFORE_REV = "d41eb5a"  # the last commit whose wiki-small never saw end-of-text as a target
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "diffusion_config.json")

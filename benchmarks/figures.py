@@ -57,7 +57,7 @@ def masked_rows(results_md: Path, dest: Path) -> None:
 
 def denoising_trace(dest: Path, prompt: str = "The river", length: int = 24, steps: int = 8) -> None:
     """The reverse process: each step of one sample, masks grey, tokens committed at that step in colour."""
-    from textdiffusion.generation import DiffusionGenerator
+    from textdiffusion.pipelines.generation import DiffusionGenerator
 
     gen = DiffusionGenerator.from_pretrained("wiki-small", device="cpu")
     out = gen.generate([prompt], max_length=length, steps=steps, seed=0, return_trace=True, stop_at_eos=False)

@@ -32,17 +32,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from original_sampler import generate_original  # noqa: E402
 
-from textdiffusion.config import DiffusionConfig  # noqa: E402
-from textdiffusion.generation import DiffusionGenerator  # noqa: E402
-from textdiffusion.metrics import diversity  # noqa: E402
-from textdiffusion.quality import PromptSet, diffusion_continuations, prompts_from_documents  # noqa: E402
+from textdiffusion.config import DiffusionConfig
+from textdiffusion.pipelines.generation import DiffusionGenerator
+from textdiffusion.core.metrics import diversity
+from textdiffusion.models.quality import PromptSet, diffusion_continuations, prompts_from_documents
 
 
 def load(args):
     if args.checkpoint:
         return DiffusionGenerator.from_pretrained(args.checkpoint, device=args.device)
-    from textdiffusion.data import load_corpus
-    from textdiffusion.modeling import build_preset_model, train_bpe_tokenizer
+    from textdiffusion.core.data import load_corpus
+    from textdiffusion.models.presets import build_preset_model, train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(load_corpus("wiki-vital").train[:2000], args.vocab_size)
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def fastest(fn, repeats: int, threads: list[int]) -> tuple[float, int]:
 
 
 def ar_baseline(args, tokenizer, dtype):
-    from textdiffusion.autoregressive import CausalGenerator, build_ar_model
+    from textdiffusion.models.autoregressive import CausalGenerator, build_ar_model
 
     if args.ar_checkpoint:
         return CausalGenerator.from_pretrained(args.ar_checkpoint, torch.device(args.device), dtype)
@@ -178,14 +178,14 @@ def main() -> None:
         args.grid = "full"
         args.dtypes = ["float32"] if args.device == "cpu" else args.dtypes
     gen = load(args)
-    from textdiffusion.data import load_corpus
+    from textdiffusion.core.data import load_corpus
 
     new_tokens = args.max_length - args.prompt_tokens - 2  # [cls] prompt masks [sep]
     prompts = prompts_from_documents(load_corpus("wiki-vital").validation, gen.tokenizer, max(args.batch_sizes),
                                      args.prompt_tokens, new_tokens, "wiki-vital")
     scorer = None
     if args.scorer != "none":
-        from textdiffusion.quality import Scorer
+        from textdiffusion.models.quality import Scorer
 
         scorer = Scorer.load(args.scorer)
     grid = settings_grid(args)

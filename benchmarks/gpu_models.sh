@@ -79,9 +79,9 @@ evaluate() {  # name checkpoint
 
 run_one wiki-gpu recipes/wiki-gpu.yaml "${PRESET_FLAGS[@]}"
 run_one mpnet-wiki recipes/mpnet-wiki-gpu.yaml --model-name "$MPNET" "${MPNET_FLAGS[@]}"
-"$PY" -m textdiffusion.bundled --run "$RUNS/wiki-gpu" --name wiki-small --dest "$OUT/models/wiki-small"
+"$PY" -m textdiffusion.models.bundled --run "$RUNS/wiki-gpu" --name wiki-small --dest "$OUT/models/wiki-small"
 # the ready model's sampling defaults (benchmarks/pretrained_compare.py); copy this export to ~/.cache/textdiffusion/models/
-"$PY" -m textdiffusion.bundled --run "$RUNS/mpnet-wiki" --name mpnet-wiki --dest "$OUT/models/mpnet-wiki" --no-size-limit \
+"$PY" -m textdiffusion.models.bundled --run "$RUNS/mpnet-wiki" --name mpnet-wiki --dest "$OUT/models/mpnet-wiki" --no-size-limit \
   --generation steps=32 block_length=32 temperature=1.2 repetition_penalty=1.3
 evaluate wiki-small-now wiki-small
 evaluate wiki-small-new "$OUT/models/wiki-small"

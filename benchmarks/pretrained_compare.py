@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation_speed import best_of, timed  # noqa: E402
 
-from textdiffusion.detokenize import decode_text  # noqa: E402
-from textdiffusion.generation import DiffusionGenerator  # noqa: E402
-from textdiffusion.metrics import distinct_n, repetition_rate  # noqa: E402
-from textdiffusion.quality import PromptSet, diffusion_continuations  # noqa: E402
+from textdiffusion.core.detokenize import decode_text
+from textdiffusion.pipelines.generation import DiffusionGenerator
+from textdiffusion.core.metrics import distinct_n, repetition_rate
+from textdiffusion.models.quality import PromptSet, diffusion_continuations
 
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -148,13 +148,13 @@ def main() -> None:
     if args.quick:
         args.num_prompts, args.new_words, args.eval_blocks, args.scorer, args.repeats = 2, 8, 0, "none", 1
     torch.set_num_threads(args.threads)
-    from textdiffusion.data import load_corpus
+    from textdiffusion.core.data import load_corpus
 
     validation = load_corpus("wiki-vital").validation
     prompts, references = word_prompts(validation, args.num_prompts, args.prompt_words, args.new_words)
     scorer = None
     if args.scorer != "none":
-        from textdiffusion.quality import Scorer
+        from textdiffusion.models.quality import Scorer
 
         scorer = Scorer.load(args.scorer)
     sampler = dict(block_length=32, steps_per_block=args.steps_per_block, repetition_penalty=args.repetition_penalty,

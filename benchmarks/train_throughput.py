@@ -36,11 +36,12 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback
 
-from textdiffusion.collator import collator_from_config
-from textdiffusion.data import BlockDataset, load_corpus, pack
-from textdiffusion.modeling import PRESETS, MaskedDiffusionLM, build_preset_model, preset_tokenizer
-from textdiffusion.train import DiffusionTrainer, training_arguments
-from textdiffusion.train_cli import TrainArgs
+from textdiffusion.core.collator import collator_from_config
+from textdiffusion.core.data import BlockDataset, load_corpus, pack
+from textdiffusion.models.presets import PRESETS, build_preset_model, preset_tokenizer
+from textdiffusion.core.denoiser import MaskedDiffusionLM
+from textdiffusion.pipelines.trainers import DiffusionTrainer, training_arguments
+from textdiffusion.pipelines.training_args import TrainArgs
 
 
 class StepClock(TrainerCallback):

@@ -8,8 +8,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from textdiffusion.data import load_corpus, pack  # noqa: E402
-from textdiffusion.modeling import train_bpe_tokenizer  # noqa: E402
+from textdiffusion.core.data import load_corpus, pack
+from textdiffusion.models.presets import train_bpe_tokenizer
 
 
 @pytest.fixture(scope="session")

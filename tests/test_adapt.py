@@ -11,11 +11,11 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM)
 
-from textdiffusion.adapt import AttentionAnnealCallback, CausalDiffusionLM, choose_special_tokens
-from textdiffusion.cli import main
+from textdiffusion.models.adapt import AttentionAnnealCallback, CausalDiffusionLM, choose_special_tokens
+from textdiffusion.cli.main import main
 from textdiffusion.config import DiffusionConfig
 from textdiffusion.errors import UsageError
-from textdiffusion.train_cli import TrainArgs
+from textdiffusion.pipelines.training_args import TrainArgs
 
 L = 12
 SMOL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<file_sep>", "<empty_output>"]
@@ -150,7 +150,7 @@ def test_bad_inputs_are_one_line_usage_errors_naming_the_flag(tmp_path, capsys):
     with pytest.raises(UsageError, match="--adapt-from-causal .*--preset"):
         TrainArgs(adapt_from_causal=True, preset="micro")
     masked = tmp_path / "masked"
-    from textdiffusion.modeling import build_preset_model, train_bpe_tokenizer
+    from textdiffusion.models.presets import build_preset_model, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(["a b c d e f"] * 50, 300)
     build_preset_model("micro", tok, 64).save_pretrained(masked)
@@ -164,8 +164,8 @@ def test_bad_inputs_are_one_line_usage_errors_naming_the_flag(tmp_path, capsys):
 
 
 def test_the_checkpoint_records_adaptation_and_readers_rebuild_the_shifted_wrapper(tmp_path, wiki):
-    from textdiffusion.generation import DiffusionGenerator
-    from textdiffusion.objectives import objective_of_checkpoint
+    from textdiffusion.pipelines.generation import DiffusionGenerator
+    from textdiffusion.pipelines.objectives import objective_of_checkpoint
 
     tokenizer = causal_tokenizer(wiki.train[:200])
     model = tiny_causal(vocab=len(tokenizer))
@@ -208,8 +208,8 @@ def test_train_adapt_from_causal_then_generate_and_eval(tmp_path, small_jsonl, w
     levels = (run / "per_level_loss.csv").read_text().splitlines()
     assert len(levels) > 2  # step 0 and step 6
 
-    from textdiffusion.generation import DiffusionGenerator
-    from textdiffusion.objectives import objective_of_checkpoint
+    from textdiffusion.pipelines.generation import DiffusionGenerator
+    from textdiffusion.pipelines.objectives import objective_of_checkpoint
 
     assert objective_of_checkpoint(str(run)).name == "diffusion"  # not the AR baseline, though it is a LlamaForCausalLM
     generator = DiffusionGenerator.from_pretrained(str(run), device="cpu")

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-import textdiffusion.generate_cli as generate_cli
-from textdiffusion.cli import main
+import textdiffusion.cli.generate as generate_cli
+from textdiffusion.cli.main import main
 
 
 def test_animate_pauses_step_delay_after_each_step(monkeypatch, capsys):

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from textdiffusion.cli import main
-from textdiffusion.train import CURVE_CSV
+from textdiffusion.cli.main import main
+from textdiffusion.pipelines.trainers import CURVE_CSV
 
 FAST = ["--preset", "micro", "--max-length", "64", "--batch-size", "8", "--eval-blocks", "16", "--logging-steps", "10"]
 
@@ -21,7 +21,7 @@ def curve(out):
 def ar_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ar")
     docs = tmp / "docs.jsonl"
-    from textdiffusion.data import load_corpus
+    from textdiffusion.core.data import load_corpus
 
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in load_corpus("wiki-vital").train[:300]))
     argv = ["train", "--objective", "ar", "--dataset", str(docs), "--output-dir", str(tmp / "ar"), *FAST,
@@ -46,7 +46,7 @@ def test_ar_baseline_learns_and_keeps_its_best_checkpoint(ar_run):
 def test_eval_reports_exact_nll_on_the_same_tokens_as_a_direct_computation(ar_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from textdiffusion.data import load_corpus, pack
+    from textdiffusion.core.data import load_corpus, pack
 
     out, docs = ar_run
     assert main(["eval", "--checkpoint", str(out), "--dataset", str(docs), "--eval-blocks", "16",
@@ -72,8 +72,9 @@ def test_eval_reports_exact_nll_on_the_same_tokens_as_a_direct_computation(ar_ru
 
 
 def test_matched_size(tokenizer):
-    from textdiffusion.autoregressive import build_ar_model
-    from textdiffusion.modeling import build_preset_model, count_parameters
+    from textdiffusion.models.autoregressive import build_ar_model
+    from textdiffusion.models.presets import build_preset_model
+    from textdiffusion.core.denoiser import count_parameters
 
     ar, mdm = build_ar_model("tiny", tokenizer, 128), build_preset_model("tiny", tokenizer, 128)
     assert abs(count_parameters(ar) - count_parameters(mdm)) / count_parameters(mdm) < 0.15

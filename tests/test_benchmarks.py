@@ -35,7 +35,7 @@ def test_generation_speed_benchmark_runs(tmp_path):
 
 @pytest.fixture
 def saved_checkpoint(tmp_path, tokenizer):
-    from textdiffusion.modeling import build_preset_model
+    from textdiffusion.models.presets import build_preset_model
 
     path = tmp_path / "ckpt"
     build_preset_model("micro", tokenizer, 32).save_pretrained(path)
@@ -96,7 +96,7 @@ def test_pretrained_comparison_measures_both_tokenizers_in_words(tmp_path):
     from transformers import MPNetConfig, MPNetForMaskedLM
 
     from mpnet_helpers import wordpiece_tokenizer
-    from textdiffusion.data import load_corpus
+    from textdiffusion.core.data import load_corpus
 
     tokenizer = wordpiece_tokenizer(load_corpus("wiki-vital").train[:300])
     config = MPNetConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from textdiffusion import bundled
-from textdiffusion.cli import main
+from textdiffusion.models import bundled
+from textdiffusion.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def test_bundled_model_matches_its_recipes_and_size():
     saved = DiffusionConfig.from_pretrained(path)
     assert saved.corruption.learn_eos and saved.corruption.doc_end_fraction == stage2["doc_end_fraction"]
     config = json.loads((path / "config.json").read_text())
-    from textdiffusion.modeling import PRESETS
+    from textdiffusion.models.presets import PRESETS
 
     preset = PRESETS[recipe["preset"]]
     assert (config["hidden_size"], config["num_hidden_layers"]) == (preset.hidden_size, preset.num_hidden_layers)
@@ -39,7 +39,7 @@ def test_bundled_model_matches_its_recipes_and_size():
 
 
 def test_four_step_generation_from_the_bundled_model(tmp_path):
-    from textdiffusion.generation import DiffusionGenerator
+    from textdiffusion.pipelines.generation import DiffusionGenerator
 
     gen = DiffusionGenerator.from_pretrained("wiki-small", device="cpu")
     out = gen.generate(["The river"] * 2, max_length=32, steps=4, seed=0)
@@ -54,14 +54,14 @@ def test_missing_bundled_model_says_how_to_rebuild(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "--checkpoint", "wiki-small", "--prefix", "x"]) == 2
     err = capsys.readouterr().err
-    assert "recipes/wiki-small.yaml" in err and "--config" in err and "python -m textdiffusion.bundled" in err
+    assert "recipes/wiki-small.yaml" in err and "--config" in err and "python -m textdiffusion.models.bundled" in err
 
 
 def test_export_writes_fp16_weights_and_keeps_the_card(tmp_path, tokenizer):
     from safetensors import safe_open
 
     from textdiffusion.config import DiffusionConfig
-    from textdiffusion.modeling import build_preset_model
+    from textdiffusion.models.presets import build_preset_model
 
     run = tmp_path / "run"
     build_preset_model("micro", tokenizer, 32).save_pretrained(run)
@@ -79,7 +79,7 @@ def test_export_writes_fp16_weights_and_keeps_the_card(tmp_path, tokenizer):
 
 @pytest.mark.slow
 def test_demo_runs_in_its_short_mode(tmp_path, capsys):
-    from textdiffusion.demo import main as demo
+    from textdiffusion.cli.demo import main as demo
 
     out = tmp_path / "demo"
     assert demo(["--quick", "--output-dir", str(out), "--device", "cpu"]) == 0
@@ -101,8 +101,8 @@ def test_demo_runs_in_its_short_mode(tmp_path, capsys):
 def test_a_built_ready_model_says_how_to_build_it_then_loads_by_name(tmp_path, monkeypatch, tokenizer, capsys):
     """mpnet-wiki is too large to ship: its short name points into the cache, where `make mpnet-wiki` exports it."""
     from textdiffusion.config import DiffusionConfig
-    from textdiffusion.generation import DiffusionGenerator
-    from textdiffusion.modeling import build_preset_model
+    from textdiffusion.pipelines.generation import DiffusionGenerator
+    from textdiffusion.models.presets import build_preset_model
 
     monkeypatch.setenv("TEXTDIFFUSION_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)

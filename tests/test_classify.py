@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from textdiffusion.classify import (LabelScorer, classification_metrics, expected_calibration_error, load_scorer,
-                                    macro_f1)
-from textdiffusion.cli import main
-from textdiffusion.collator import collator_from_config
+from textdiffusion.pipelines.classification import classification_metrics, expected_calibration_error, load_scorer, macro_f1
+from textdiffusion.cli.main import main
+from textdiffusion.core.collator import collator_from_config
 from textdiffusion.config import ConfigError, DiffusionConfig
-from textdiffusion.data import load_corpus
+from textdiffusion.core.data import load_corpus
 from textdiffusion.errors import UsageError
-from textdiffusion.labels import LABEL_POSITION, add_label_tokens, label_token, pack_labelled
-from textdiffusion.modeling import build_preset_model, train_bpe_tokenizer
-from textdiffusion.train_cli import TrainArgs
+from textdiffusion.core.labels import LABEL_POSITION, add_label_tokens, label_token, pack_labelled
+from textdiffusion.models.presets import build_preset_model, train_bpe_tokenizer
+from textdiffusion.pipelines.training_args import TrainArgs
 
 ALPHA = "ka lo mi ne sa ti wu pe".split()
 BETA = "zorg thrax vulm krynn bazz quop fjord glimt".split()
@@ -117,7 +116,7 @@ def test_label_prefix_is_never_masked(toy_file):
 
 # -- scoring ----------------------------------------------------------------------------------------
 def test_every_label_is_scored_with_the_same_mask_draws(untrained, monkeypatch):
-    import textdiffusion.classify as classify
+    import textdiffusion.pipelines.classification as classify
 
     seen = {}
     real = classify.masked_ce_sums
@@ -203,7 +202,7 @@ def test_generate_with_a_label_and_guidance(untrained, capsys):
 # -- end to end (trains) ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy_models(toy_file, tmp_path_factory):
-    from textdiffusion.train_cli import run_training
+    from textdiffusion.pipelines.training import run_training
 
     root = tmp_path_factory.mktemp("toy-runs")
     runs = {}
@@ -240,7 +239,7 @@ def test_classify_cli_reports_accuracy(toy_models, toy_file, tmp_path, capsys):
 
 
 def test_unigram_bayes_separates_the_toy_languages(toy_file):
-    from textdiffusion.classify import unigram_bayes
+    from textdiffusion.pipelines.classification import unigram_bayes
 
     corpus = load_corpus(str(toy_file), label_column="lang")
     tokenizer = train_bpe_tokenizer(corpus.train, 300)
@@ -252,8 +251,8 @@ def test_unigram_bayes_separates_the_toy_languages(toy_file):
 
 def test_guidance_contrasts_with_the_label_masked_out(untrained, monkeypatch):
     """--cfg-scale runs a second pass whose only change is the label token replaced by the mask."""
-    import textdiffusion.generation as generation
-    from textdiffusion.generation import DiffusionGenerator
+    import textdiffusion.pipelines.generation as generation
+    from textdiffusion.pipelines.generation import DiffusionGenerator
 
     calls = []
     real = generation.masked_logits

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from textdiffusion.collator import IGNORE_INDEX, DiffusionCollator, collator_for_tokenizer
+from textdiffusion.core.collator import IGNORE_INDEX, DiffusionCollator, collator_for_tokenizer
 
 
 def make(tokenizer, **kw):
@@ -115,7 +115,7 @@ def test_tokenizer_without_mask_token_is_refused(tokenizer):
 
 def test_continuous_time_is_per_example_with_the_default_flags(tokenizer, blocks):
     """--mask-per defaults to batch, which applies to the grid only: continuous t is drawn for every row."""
-    from textdiffusion.train_cli import TrainArgs
+    from textdiffusion.pipelines.training_args import TrainArgs
 
     args = TrainArgs(time_sampling="antithetic")  # every other flag at its default (mask_per='batch')
     c = make(tokenizer, **{k: getattr(args, k) for k in ("time_sampling", "mask_per", "schedule", "t_min")}, seed=3)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from textdiffusion.data import BUNDLED_CORPORA, load_corpus, pack, split_documents, unigram_entropy
+from textdiffusion.core.data import BUNDLED_CORPORA, load_corpus, pack, split_documents, unigram_entropy
 from textdiffusion.errors import UsageError
 
 
@@ -89,7 +89,7 @@ def test_unigram_entropy_of_uniform_tokens():
 
 
 def test_document_ends_can_end_their_block_padded_with_end_of_text(wiki, tokenizer):
-    from textdiffusion.data import pack
+    from textdiffusion.core.data import pack
 
     docs = wiki.train[:200]
     sep = tokenizer.sep_token_id

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from textdiffusion.cli import main
-from textdiffusion.deploy import PROJECT, Remote, project_files
+from textdiffusion.cli.main import main
+from textdiffusion.cli.deploy import PROJECT, Remote, project_files
 
 SSHD = "/usr/sbin/sshd"
 MICRO = ["--preset", "micro", "--max-length", "64", "--batch-size", "8",
@@ -96,7 +96,7 @@ def deploy(capsys, *argv) -> tuple[int, str, str]:
 # -- without a server ---------------------------------------------------------------------------------
 def test_project_files_are_the_tracked_files_without_venv_or_runs():
     files = project_files()
-    assert "pyproject.toml" in files and "textdiffusion/deploy.py" in files
+    assert "pyproject.toml" in files and "textdiffusion/cli/deploy.py" in files
     assert not [f for f in files if f.startswith((".venv/", "runs/", ".git/")) or "__pycache__" in f]
 
 

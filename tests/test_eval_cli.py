@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from textdiffusion.cli import main
+from textdiffusion.cli.main import main
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from textdiffusion.data import load_corpus
+    from textdiffusion.core.data import load_corpus
 
     tmp = tmp_path_factory.mktemp("evalrun")
     docs = tmp / "docs.jsonl"

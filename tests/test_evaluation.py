@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from textdiffusion.collator import DiffusionCollator
-from textdiffusion.evaluation import nelbo, per_level_loss
-from textdiffusion.modeling import build_preset_model
+from textdiffusion.core.collator import DiffusionCollator
+from textdiffusion.core.evaluation import nelbo, per_level_loss
+from textdiffusion.models.presets import build_preset_model
 
 MASK, PAD, CLS, SEP = 4, 1, 0, 2
 
@@ -82,9 +82,9 @@ def test_ar_and_diffusion_evaluations_score_the_same_tokens(tokenizer, blocks, p
     """The AR baseline's exact NLL (`scored_positions`) and the NELBO (the evaluation collator's maskable set)
     must count the same tokens, or their per-token numbers would not compare: padded blocks, separators and
     the protected prefix included."""
-    from textdiffusion.collator import collator_from_config
+    from textdiffusion.core.collator import collator_from_config
     from textdiffusion.config import CorruptionConfig
-    from textdiffusion.evaluation import scored_positions
+    from textdiffusion.core.evaluation import scored_positions
 
     padded = blocks.clone()
     padded[:3, -10:] = tokenizer.pad_token_id  # short last blocks end in padding

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from textdiffusion.cli import main
+from textdiffusion.cli.main import main
 from textdiffusion.errors import UsageError
-from textdiffusion.quality import Scorer, prompts_from_documents
+from textdiffusion.models.quality import Scorer, prompts_from_documents
 
 FAST = ["--preset", "micro", "--max-length", "64", "--batch-size", "8", "--eval-blocks", "8", "--logging-steps", "10"]
 
@@ -18,7 +18,7 @@ def runs(tmp_path_factory):
     """A 10-step diffusion run and a 10-step AR run on the same 300 documents (same tokenizer)."""
     tmp = tmp_path_factory.mktemp("runs")
     docs = tmp / "docs.jsonl"
-    from textdiffusion.data import load_corpus
+    from textdiffusion.core.data import load_corpus
 
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in load_corpus("wiki-vital").train[:300]))
     for objective in ("diffusion", "ar"):

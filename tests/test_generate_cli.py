@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from textdiffusion.cli import main
+from textdiffusion.cli.main import main
 from textdiffusion.config import DiffusionConfig
-from textdiffusion.modeling import build_preset_model
+from textdiffusion.models.presets import build_preset_model
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_checkpoint_without_tokenizer_files_says_so(checkpoint, tmp_path, capsys
 def test_position_limit_counts_the_padding_offset_of_roberta_and_mpnet():
     from transformers import BertConfig, MPNetConfig, RobertaConfig
 
-    from textdiffusion.modeling import position_limit
+    from textdiffusion.core.denoiser import position_limit
 
     assert position_limit(RobertaConfig(max_position_embeddings=514)) == 512  # positions start after padding_idx
     assert position_limit(MPNetConfig(max_position_embeddings=514)) == 512

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mpnet_helpers import save_headless_mpnet
-from textdiffusion import bundled
+from textdiffusion.models import bundled
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def test_gpu_models_cpu_smoke(tmp_path, wiki, small_jsonl):
     assert summary["smoke"] and [r["model"] for r in summary["models"]] == ["wiki-small-now", "wiki-small-new", "mpnet-wiki"]
     for row in summary["models"]:
         assert row["bits_per_byte"] > 0 and row["nats_per_word"] > row["nats_per_token"]
-    from textdiffusion.modeling import load_masked_lm
+    from textdiffusion.models.loading import load_masked_lm
 
     for name in ("wiki-small", "mpnet-wiki"):  # the exports load and carry their diffusion settings
         assert (out / "models" / name / "diffusion_config.json").exists()

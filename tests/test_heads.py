@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from mpnet_helpers import save_headless_mpnet
-from textdiffusion.bundled import resolve_checkpoint
-from textdiffusion.cli import main
-from textdiffusion.collator import collator_for_tokenizer
-from textdiffusion.data import pack, unigram_cross_entropy
+from textdiffusion.models.bundled import resolve_checkpoint
+from textdiffusion.cli.main import main
+from textdiffusion.core.collator import collator_for_tokenizer
+from textdiffusion.core.data import pack, unigram_cross_entropy
 from textdiffusion.errors import UsageError
-from textdiffusion.evaluation import per_level_loss
-from textdiffusion.heads import build_head, head_transform, warm_up_head
-from textdiffusion.modeling import keep_first_layers, load_masked_lm
+from textdiffusion.core.evaluation import per_level_loss
+from textdiffusion.models.heads import build_head, head_transform, warm_up_head
+from textdiffusion.models.loading import keep_first_layers, load_masked_lm
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_a_dropped_head_loads_quietly_and_other_missing_weights_are_named(headle
     weights = load_file(broken / "model.safetensors")
     dropped = next(k for k in weights if "intermediate.dense.weight" in k)
     save_file({k: v for k, v in weights.items() if k != dropped}, broken / "model.safetensors", metadata={"format": "pt"})
-    with caplog.at_level("WARNING", logger="textdiffusion.modeling"):
+    with caplog.at_level("WARNING", logger="textdiffusion.models.loading"):
         load_masked_lm(str(broken))
     assert "1 weight(s) missing" in caplog.text and "intermediate.dense.weight" in caplog.text
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from textdiffusion.errors import UsageError
-from textdiffusion.generation import DiffusionGenerator
-from textdiffusion.kvcache import DenoisingKVCache, cache_support
-from textdiffusion.sampler import DenoisingSampler, DenoisingState, SamplerConfig, entropy_bounded
+from textdiffusion.pipelines.generation import DiffusionGenerator
+from textdiffusion.models.kvcache import DenoisingKVCache, cache_support
+from textdiffusion.core.sampler import DenoisingSampler, DenoisingState, entropy_bounded
+from textdiffusion.config import SamplerConfig
 
 V = 120
 
@@ -90,7 +91,7 @@ def test_stale_cache_is_used_and_differs_only_through_the_cached_positions():
 
 @pytest.fixture(scope="module")
 def generator(tokenizer):
-    from textdiffusion.modeling import build_preset_model
+    from textdiffusion.models.presets import build_preset_model
 
     torch.manual_seed(0)
     return DiffusionGenerator(build_preset_model("micro", tokenizer, 64), tokenizer, {"max_length": 40}, device="cpu")
@@ -192,7 +193,7 @@ def test_cache_needs_blocks_and_a_known_mode(generator):
 
 
 def test_cli_refuses_a_bad_cache_mode_and_bad_gamma(capsys):
-    from textdiffusion.cli import main
+    from textdiffusion.cli.main import main
 
     for argv, message in ((["--cache", "dual", "--checkpoint", "no-such-dir-xyz"], "no-such-dir-xyz"),
                           (["--cache", "triple"], "--cache must be one of ('auto', 'none', 'prefix', 'dual'), got 'triple'"),

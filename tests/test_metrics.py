@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from textdiffusion.metrics import distinct_n, diversity, repetition_rate, unigram_entropy_bits
+from textdiffusion.core.metrics import distinct_n, diversity, repetition_rate, unigram_entropy_bits
 
 
 def test_distinct_n_on_hand_made_samples():

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from textdiffusion.cli import _parse
-from textdiffusion.train_cli import TrainArgs
+from textdiffusion.cli.main import _parse
+from textdiffusion.pipelines.training_args import TrainArgs
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

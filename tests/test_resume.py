@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from textdiffusion.cli import main
+from textdiffusion.cli.main import main
 
 FAST = ["--preset", "micro", "--max-length", "64", "--batch-size", "8", "--eval-blocks", "16", "--logging-steps", "10",
         "--save-total-limit", "10"]

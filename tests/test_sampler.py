@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from textdiffusion.generation import DiffusionGenerator
-from textdiffusion.sampler import DenoisingSampler, DenoisingState, SamplerConfig
+from textdiffusion.pipelines.generation import DiffusionGenerator
+from textdiffusion.core.sampler import DenoisingSampler, DenoisingState
+from textdiffusion.config import SamplerConfig
 from textdiffusion.schedules import get_schedule
 
 MASK = 4
@@ -252,7 +253,7 @@ def test_cfg_runs_a_conditional_and_an_unconditional_pass(tokenizer):
 
 def test_compiled_forward_gives_the_same_samples(tokenizer):
     """The GPU path (torch.compile, static shapes) checked on the CPU: same tokens as eager."""
-    from textdiffusion.modeling import build_preset_model
+    from textdiffusion.models.presets import build_preset_model
 
     torch.manual_seed(0)
     model = build_preset_model("micro", tokenizer, 32)
@@ -283,7 +284,7 @@ def test_end_of_text_ends_the_row_and_its_tail_costs_no_model_call(tokenizer):
 
 
 def test_end_of_text_in_an_earlier_infill_span_does_not_cut_the_template(tokenizer):
-    from textdiffusion.sampler import continuation
+    from textdiffusion.core.sampler import continuation
 
     editable = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 1, 0]], dtype=torch.bool)
     assert continuation(editable).tolist() == [[False, False, False, False, False, True, True, True, False]]

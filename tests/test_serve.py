@@ -16,10 +16,10 @@ import pytest
 
 uvicorn = pytest.importorskip("uvicorn")
 
-from textdiffusion.cli import main  # noqa: E402
-from textdiffusion.generation import DiffusionGenerator  # noqa: E402
-from textdiffusion.serving.app import MAX_BODY_BYTES, _continuation, create_app  # noqa: E402
-from textdiffusion.serving.engine import Engine  # noqa: E402
+from textdiffusion.cli.main import main
+from textdiffusion.pipelines.generation import DiffusionGenerator
+from textdiffusion.serving.app import MAX_BODY_BYTES, _continuation, create_app
+from textdiffusion.serving.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +319,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_rows(slow_url):
 
 
 def test_only_loopback_addresses_count_as_local():
-    from textdiffusion.serve_cli import is_loopback
+    from textdiffusion.cli.serve import is_loopback
 
     assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "192.168.1.4", "::", "example.org"))

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from textdiffusion.cli import main
-from textdiffusion.collator import collator_for_tokenizer
-from textdiffusion.evaluation import per_level_loss
-from textdiffusion.train import LEVEL_CSV
+from textdiffusion.cli.main import main
+from textdiffusion.core.collator import collator_for_tokenizer
+from textdiffusion.core.evaluation import per_level_loss
+from textdiffusion.pipelines.trainers import LEVEL_CSV
 
 FAST = ["--preset", "micro", "--max-length", "64", "--batch-size", "8", "--eval-blocks", "16", "--logging-steps", "10"]
 
@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
     """One 60-step run shared by the tests that only read its outputs."""
     tmp = tmp_path_factory.mktemp("trained")
     docs = tmp / "docs.jsonl"
-    from textdiffusion.data import load_corpus
+    from textdiffusion.core.data import load_corpus
 
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in load_corpus("wiki-vital").train[:300]))
     assert train(tmp, docs, "--max-steps", "60", "--eval-steps", "30", "--learning-rate", "3e-3") == 0
@@ -59,7 +59,7 @@ def test_every_mask_level_improves(trained):
 def test_checkpoint_round_trip_reproduces_the_final_evaluation(trained):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from textdiffusion.data import load_corpus, pack
+    from textdiffusion.core.data import load_corpus, pack
 
     out, docs = trained
     for name in ["model.safetensors", "config.json", "tokenizer.json", "diffusion_config.json", "run_args.json",

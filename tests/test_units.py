@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from mpnet_helpers import wordpiece_tokenizer
-from textdiffusion.bundled import resolve_checkpoint
-from textdiffusion.cli import main
-from textdiffusion.detokenize import decode_text, is_wordpiece, text_units, tidy_wordpiece
+from textdiffusion.cli.main import main
+from textdiffusion.core.detokenize import decode_text, is_wordpiece, text_units, tidy_wordpiece
 
 SENTENCE = 'India\'s capital (New Delhi) is well-known; it grew 3.5 times to 3,000 "large" towns, and they\'re big.'
 
@@ -65,8 +64,8 @@ def test_generator_output_of_a_wordpiece_model_reads_like_text(tmp_path, wiki):
     """The decode path of generate/serve (DiffusionGenerator.decode): no "india ' s" in a sample."""
     from mpnet_helpers import save_headless_mpnet
     from textdiffusion.errors import UsageError
-    from textdiffusion.generation import DiffusionGenerator
-    from textdiffusion.modeling import load_masked_lm
+    from textdiffusion.pipelines.generation import DiffusionGenerator
+    from textdiffusion.models.loading import load_masked_lm
 
     path = str(save_headless_mpnet(tmp_path / "m", wiki.train[:200] + [SENTENCE] * 5))
     with pytest.raises(UsageError, match="without a trained MLM head"):  # a random head would only make noise

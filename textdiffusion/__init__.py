@@ -1,9 +1,16 @@
 """textdiffusion: train a masked language model as a discrete text diffusion model, and generate with it.
 
-Modules, one idea each: ``schedules`` (alpha(t) and the ELBO weight), ``collator`` (what gets masked),
-``data`` (corpora, packing), ``modeling`` (models, presets, tokenizers), ``objective`` (the loss),
-``evaluation`` (per-mask-level loss, NELBO), ``train`` (the Trainer layer), ``sampler`` (the denoising
-decisions), ``generation`` (DiffusionGenerator), ``metrics`` (diversity), ``cli`` (the command line).
+The package in layers; a module imports only from its own layer or the ones below (``.importlinter``):
+
+* ``cli/`` — the command line: parse flags, call a pipeline, print (``textdiffusion train | generate | ...``)
+* ``serving/`` (the HTTP server and its step-batching engine) and ``experiments/`` (result folders)
+* ``pipelines/`` — whole jobs: training (``training``, ``trainers``, ``objectives``), generation
+  (``generation``: DiffusionGenerator, ``denoising``: the one steppable denoising run), evaluation, classification
+* ``models/`` — getting a model: presets, loading, heads for encoders without one, a causal LM adapted to
+  diffusion, the key/value cache, the AR baseline, bundled and pretrained models, the gen-PPL scorer
+* ``core/`` — the diffusion itself: the denoiser call, corruption (``collator``), the loss, the sampler,
+  evaluation (per-level loss, NELBO), corpora and labels, text out
+* ``config``, ``schedules``, ``errors`` — the settings and their ranges, alpha(t), the user-error type
 """
 
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ does) and is read by every consumer: the CLI, the Python API, evaluation, the ex
 
 * ``CorruptionConfig`` — the forward process of training (the collator's settings); its fields are the
   ``train`` command's flags (``TrainArgs`` inherits them), and it is the one place they are validated.
-* ``SamplerConfig`` (in ``sampler.py``) — the reverse process; its fields are the ``generate`` flags and a
+* ``SamplerConfig`` — the reverse process (``core/sampler.py`` runs it); its fields are the ``generate`` flags and a
   checkpoint stores its defaults under ``generation``.
 
 Checkpoints written before this class existed (a flat dict without ``version``, e.g. the first bundled
@@ -26,15 +26,20 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UsageError
-from .schedules import SCHEDULES
+from textdiffusion.errors import UsageError
+from textdiffusion.schedules import SCHEDULES
 
 CONFIG_NAME = "diffusion_config.json"
 CONFIG_VERSION = 2
 DEFAULT_MASK_PROBS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TIME_SAMPLINGS = ("grid", "uniform", "antithetic", "stratified")
 LOSS_WEIGHTINGS = ("none", "elbo")
-OBJECTIVE_NAMES = ("diffusion", "ar")
+# the training objectives and what each is (their code: pipelines/objectives.py's registry)
+OBJECTIVES_WHAT = {
+    "diffusion": "masked LM trained at every corruption level (this project)",
+    "ar": "a GPT-2 of the preset's size on the same tokens (the baseline)",
+}
+OBJECTIVE_NAMES = tuple(OBJECTIVES_WHAT)
 
 
 class ConfigError(ValueError):
@@ -109,7 +114,7 @@ class CorruptionConfig:
 
 
 def _sampler_config_type():
-    from .sampler import SamplerConfig  # sampler.py imports this module's errors; import lazily
+    from textdiffusion.config import SamplerConfig
 
     return SamplerConfig
 
@@ -143,11 +148,10 @@ class DiffusionConfig:
               f"needs objective 'diffusion' (an adapted causal LM denoises), not {self.objective!r}")
         if isinstance(self.corruption, dict):
             self.corruption = CorruptionConfig(**self.corruption)
-        sampler_config = _sampler_config_type()
         if self.generation is None:
-            self.generation = sampler_config()
+            self.generation = SamplerConfig()
         elif isinstance(self.generation, dict):
-            self.generation = sampler_config(**self.generation)
+            self.generation = SamplerConfig(**self.generation)
         self.corruption.check_block(self.max_length)
         if self.labels is not None:
             self.labels = [str(c) for c in self.labels]
@@ -213,3 +217,60 @@ class DiffusionConfig:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UsageError(f"{path} cannot be read ({str(e).splitlines()[0][:120]}).") from None
         return cls.from_dict(values)
+
+
+STRATEGIES = ("remask-random", "confidence", "margin", "entropy", "random", "eb")
+
+
+SAMPLINGS = ("greedy", "topk", "nucleus", "categorical")
+
+
+@dataclass
+class SamplerConfig:
+    """How to denoise. Every field is a flag of ``textdiffusion generate`` (``GenerateArgs`` inherits them), and a
+    checkpoint's ``DiffusionConfig.generation`` holds its defaults."""
+
+    steps: int = field(default=16, metadata={"help": "Denoising steps (clamped to the number of masked tokens)."})
+    schedule: str = field(default="linear", metadata={"help": f"Masked fraction over the steps: {sorted(SCHEDULES)}."})
+    strategy: str = field(default="confidence", metadata={"help": f"Which positions to unmask: {STRATEGIES}."})
+    sampling: str = field(default="topk", metadata={"help": f"Token sampling: {SAMPLINGS}."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (> 0)."})
+    top_k: int = field(default=50, metadata={"help": "Top-k for --sampling topk."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus mass for --sampling nucleus, in (0, 1]."})
+    confidence_threshold: Optional[float] = field(default=None, metadata={
+        "help": "Commit every masked token with probability >= this (at least one per step); steps become adaptive."})
+    remask_fraction: float = field(default=0.0, metadata={
+        "help": "ReMDM-style self-correction: re-mask this fraction (times the mask ratio) of committed tokens per step."})
+    block_length: Optional[int] = field(default=None, metadata={"help": "Semi-autoregressive blocks of this many tokens."})
+    # Defaults chosen with benchmarks/degeneration.py: without them a small model falls into loops
+    # ("the country of the country of ...", distinct-2 0.29 vs 0.89 for real text); with them, 0.79.
+    order_temperature: float = field(default=2.0, metadata={
+        "help": "Gumbel noise on the unmasking order (0: strictly most-confident first; see benchmarks/degeneration.py)."})
+    repetition_penalty: float = field(default=1.3, metadata={"help": "Penalise tokens already in the sample (1: off)."})
+    # 16 is the middle of the frontier measured by benchmarks/generation_speed.py (at the paper's gamma <= 1 a
+    # small model commits one token per call)
+    eb_gamma: float = field(default=16.0, metadata={
+        "help": "--strategy eb: entropy budget (nats, > 0) of the tokens committed in one step; larger = fewer calls."})
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        check(self.strategy in STRATEGIES, "strategy", self.strategy, f"must be one of {STRATEGIES}")
+        check(self.sampling in SAMPLINGS, "sampling", self.sampling, f"must be one of {SAMPLINGS}")
+        check(self.temperature > 0, "temperature", self.temperature, "must be > 0 (use --sampling greedy for argmax)")
+        check(self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        check(self.confidence_threshold is None or 0 < self.confidence_threshold <= 1, "confidence_threshold",
+              self.confidence_threshold, "must be in (0, 1]")
+        check(0 <= self.remask_fraction < 1, "remask_fraction", self.remask_fraction, "must be in [0, 1)")
+        check(self.block_length is None or self.block_length >= 1, "block_length", self.block_length, "must be >= 1")
+        check(self.order_temperature >= 0, "order_temperature", self.order_temperature, "must be >= 0")
+        check(self.repetition_penalty >= 1, "repetition_penalty", self.repetition_penalty, "must be >= 1")
+        check(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {sorted(SCHEDULES)}")
+        check(self.eb_gamma > 0, "eb_gamma", self.eb_gamma, "must be > 0 (an entropy budget in nats)")
+        if self.strategy == "remask-random" and (self.confidence_threshold is not None or self.remask_fraction):
+            raise ValueError("`strategy` 'remask-random' already re-masks at random; it cannot be combined with "
+                             "`confidence_threshold` or `remask_fraction`.")
+        if self.strategy == "eb" and self.remask_fraction:
+            raise ValueError("`remask_fraction` needs a step schedule; it cannot be combined with `strategy` 'eb'.")
+        if self.confidence_threshold is not None and self.remask_fraction:
+            raise ValueError("`remask_fraction` needs a step schedule; it cannot be combined with `confidence_threshold`.")

@@ -22,13 +22,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from ..detokenize import decode_text
-from ..errors import UsageError
-from ..generation import MASK_SPAN
-from ..sampler import SamplerConfig
-from .engine import Engine, Job, JobSpec, QueueFull, default_max_length, model_positions
-from .metrics import ServerMetrics
-from .schemas import CompletionRequest, GenerateRequest
+from textdiffusion.core.detokenize import decode_text
+from textdiffusion.errors import UsageError
+from textdiffusion.pipelines.generation import MASK_SPAN
+from textdiffusion.config import SamplerConfig
+from textdiffusion.serving.engine import Engine, Job, JobSpec, QueueFull, default_max_length, model_positions
+from textdiffusion.serving.metrics import ServerMetrics
+from textdiffusion.serving.schemas import CompletionRequest, GenerateRequest
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 64 * 1024

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import UsageError
-from ..generation import DiffusionGenerator
-from ..modeling import masked_logits, position_limit
-from ..sampler import DenoisingSampler, DenoisingState, SamplerConfig
+from textdiffusion.errors import UsageError
+from textdiffusion.pipelines.generation import DiffusionGenerator
+from textdiffusion.core.denoiser import masked_logits, position_limit
+from textdiffusion.core.sampler import DenoisingSampler, DenoisingState
+from textdiffusion.config import SamplerConfig
 
 
 def default_max_length(generator: DiffusionGenerator) -> int:

@@ -8,8 +8,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..sampler import SAMPLINGS, STRATEGIES, SamplerConfig
-from ..schedules import SCHEDULES
+from textdiffusion.config import SAMPLINGS, STRATEGIES, SamplerConfig
+from textdiffusion.schedules import SCHEDULES
 
 _DEFAULTS = {f.name: f.default for f in fields(SamplerConfig)}  # the sampler's defaults, not typed twice
 MAX_STEPS = 1024

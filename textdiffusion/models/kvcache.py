@@ -1,0 +1,228 @@
+"""Keys and values reused across denoising steps (Fast-dLLM's prefix and dual cache), for block denoising.
+
+With ``--block-length`` only the current block changes from step to step, yet a plain step re-reads
+every position. Here the encoder runs layer by layer from the checkpoint's own weights (no change to
+the saved format) and keeps each layer's keys and values:
+
+* at the first step of a block, one full forward stores every layer's keys/values (after rotary, for
+  ModernBERT) and gives that step's logits;
+* ``prefix``: later steps of the block compute only the block and everything after it as queries; the
+  positions before the block contribute their cached keys/values;
+* ``dual``: the positions after the block are frozen too; a step computes only the block's positions.
+
+Within a block this is an approximation (the cached positions would attend to the block's new tokens),
+whose quality cost ``benchmarks/generation_speed.py`` measures; with ``refresh="step"`` every step is a
+full forward and the result equals the uncached model. Rows of a batch move through their blocks at
+their own pace: each call runs the rows that start a block as one full sub-batch and the rest as one
+partial sub-batch; finished rows cost nothing.
+
+Supported: ModernBERT (local sliding-window and global layers, rotary, pre-norm, GLU) and the post-LN
+BERT family (BERT, RoBERTa and DistilRoBERTa-shaped RoBERTa configs, MPNet with its relative position
+bias). Anything else falls back to the uncached path with a one-line notice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from textdiffusion.core.denoiser import masked_lm_head
+
+CACHE_MODES = ("none", "prefix", "dual")
+# what `generate --cache` accepts: "auto" is dual wherever it applies (blocks, a supported architecture, no
+# guidance) and none elsewhere, silently; benchmarks/generation_speed.py is why dual is the choice
+CACHE_CHOICES = ("auto",) + CACHE_MODES
+REFRESH = ("block", "step")
+_BERT_LIKE = ("bert", "roberta", "mpnet")
+
+
+def cache_support(model) -> str | None:
+    """None when ``model`` can use the cache, otherwise why not (one line)."""
+    config = model.config
+    kind = config.model_type
+    if kind not in ("modernbert",) + _BERT_LIKE:
+        return f"--cache needs ModernBERT, BERT, RoBERTa or MPNet; {kind!r} is not supported"
+    if masked_lm_head(model) is None:
+        return f"--cache: no known masked-LM head for {kind!r}"
+    if kind in ("bert", "roberta") and (getattr(config, "is_decoder", False) or
+                                        getattr(config, "position_embedding_type", "absolute") != "absolute"):
+        return f"--cache: {kind!r} with relative positions or as a decoder is not supported"
+    return None
+
+
+class DenoisingKVCache:
+    """Per-layer keys/values of a batch, and the forward passes that fill and reuse them."""
+
+    def __init__(self, model, mode: str = "prefix", refresh: str = "block"):
+        if mode not in CACHE_MODES[1:]:
+            raise ValueError(f"`cache` must be one of {CACHE_MODES[1:]} here, got {mode!r}.")
+        if refresh not in REFRESH:
+            raise ValueError(f"`cache_refresh` must be one of {REFRESH}, got {refresh!r}.")
+        reason = cache_support(model)
+        if reason:
+            raise ValueError(reason)
+        self.model, self.mode, self.refresh = model, mode, refresh
+        self.kind = model.config.model_type
+        self.base = model.base_model
+        self.head = masked_lm_head(model)
+        self.keys: list[torch.Tensor] = []  # per layer [b, h, l, d]
+        self.values: list[torch.Tensor] = []
+        self.block_start: torch.Tensor | None = None  # [b] first position of the block each row's cache is for
+        self.full_rows = self.partial_rows = 0  # rows run through each path (a cost counter for tests)
+
+    # -- the entry point ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, attention: torch.Tensor, region: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        """Logits [n, V] at ``positions`` ([b, l] bool, row-major), which lie in ``region`` ([b, l] bool, the
+        current block of each row). Rows with no position cost nothing."""
+        b, l = x.shape
+        if not self.keys or self.keys[0].shape[:1] != (b,) or self.keys[0].shape[2] != l:
+            self._allocate(b, l, x.device)
+        arange = torch.arange(l, device=x.device)
+        start = torch.where(region, arange, l).min(1).values  # [b] first position of the current block
+        end = torch.where(region, arange + 1, 0).max(1).values  # [b] one past its last position
+        active = positions.any(1)  # [b]
+        fresh = active & ((start != self.block_start) | (self.refresh == "step"))  # [b] rows starting a block
+        reuse = active & ~fresh
+        hidden = torch.empty(b, l, self.base.config.hidden_size, device=x.device, dtype=self.keys[0].dtype)
+        key_ok = attention.bool()  # [b, l]
+        if bool(fresh.any()):
+            rows = fresh.nonzero().squeeze(1)  # [r]
+            qpos = arange.expand(len(rows), l)  # [r, l]
+            self._forward(x, key_ok, rows, qpos, torch.ones_like(qpos, dtype=torch.bool), hidden)
+            self.block_start[rows] = start[rows]
+            self.full_rows += len(rows)
+        if bool(reuse.any()):
+            rows = reuse.nonzero().squeeze(1)
+            last = key_ok[rows].sum(1) if self.mode == "prefix" else end[rows]  # [r] queries end here
+            first = start[rows]
+            n_q = int((last - first).max())
+            qpos = first[:, None] + torch.arange(n_q, device=x.device)  # [r, n_q]
+            valid = qpos < last[:, None]  # [r, n_q] slots beyond a row's window are padding
+            self._forward(x, key_ok, rows, qpos.clamp_max(l - 1), valid, hidden)
+            self.partial_rows += len(rows)
+        return self.head(self._final_norm(hidden[positions]))  # [n, V]
+
+    def _allocate(self, b: int, l: int, device) -> None:
+        cfg = self.base.config
+        heads = cfg.num_attention_heads
+        shape = (b, heads, l, cfg.hidden_size // heads)
+        dtype = next(self.model.parameters()).dtype
+        n = cfg.num_hidden_layers
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
+        self.block_start = torch.full((b,), -1, dtype=torch.long, device=device)
+        self._tables = self._position_tables(l, device, dtype)
+
+    # -- the layer-by-layer forward ----------------------------------------------------------------
+    def _forward(self, x, key_ok, rows, qpos, valid, hidden) -> None:
+        """Hidden states of ``rows`` at query slots ``qpos`` [r, q] (``valid`` [r, q] marks real slots) into
+        ``hidden`` [b, l, d]; the slots' keys/values are written to the cache, the others are read from it."""
+        l = x.shape[1]
+        r = rows[:, None].expand_as(qpos)  # [r, q] batch row of each slot
+        if self.kind == "modernbert":  # token embeddings only (positions are rotary): just the query slots
+            h = self.base.embeddings(input_ids=x[r, qpos])  # [r, q, d]
+        else:  # learned positions (RoBERTa's depend on padding): embed whole rows, keep the slots
+            h = self.base.embeddings(input_ids=x[rows])  # [r, l, d]
+            h = h.gather(1, qpos[..., None].expand(-1, -1, h.shape[-1]))  # [r, q, d]
+        # where the slots' keys/values go: one slice when every row has the same contiguous window
+        # (batch 1, or rows in step), else a scatter of the real slots
+        same = bool(valid.all()) and bool((qpos[:, 0] == qpos[0, 0]).all())
+        write = (slice(int(qpos[0, 0]), int(qpos[0, 0]) + qpos.shape[1]) if same
+                 else (r[valid], qpos[valid]))
+        masks = self._masks(key_ok[rows], qpos, valid, l)
+        masks["qpos"] = qpos  # the rotary tables are gathered at these once per call (_rotary)
+        for i, layer in enumerate(self._layers()):
+            h = self._layer(i, layer, h, rows, write, valid, masks)
+        if same:
+            hidden[rows, write] = h
+        else:
+            hidden[r[valid], qpos[valid]] = h[valid]
+
+    def _masks(self, key_ok, qpos, valid, l) -> dict:
+        """Attention masks [r, 1, q, l] (True: attend) shared by every layer: "full" (padding only; None when
+        there is none), "local" (ModernBERT's window |query - key| <= window // 2), "bias" (MPNet, additive)."""
+        keys = torch.arange(l, device=qpos.device)
+        ok = key_ok[:, None, :] | (qpos[:, :, None] == keys)  # [r, q, l]: a query always sees itself
+        ok |= ~valid[:, :, None]  # padding slots see everything: no empty softmax
+        masks = {"full": None if bool(ok.all()) else ok[:, None]}
+        if self.kind == "modernbert":
+            near = (qpos[:, :, None] - keys).abs() <= self.base.config.sliding_window  # [r, q, l]
+            masks["local"] = (ok & (near | ~valid[:, :, None]))[:, None]
+        if self.kind == "mpnet":  # relative position bias, the same for every layer, at the query rows
+            bias = self._tables["bias"][0][:, qpos].transpose(0, 1)  # [r, h, q, l]
+            masks["bias"] = bias.masked_fill(~ok[:, None], float("-inf")).to(self.keys[0].dtype)
+        return masks
+
+    def _attend(self, i, q, k, v, rows, write, valid, mask):
+        """Write the slots' k/v [r, h, q, d] into layer i's cache, then attend over all l positions."""
+        kc, vc = self.keys[i], self.values[i]
+        whole = len(rows) == kc.shape[0]
+        if isinstance(write, slice):
+            if whole:
+                kc[:, :, write], vc[:, :, write] = k, v
+            else:
+                kc[rows, :, write], vc[rows, :, write] = k, v
+        else:
+            kc[write[0], :, write[1]] = k.transpose(1, 2)[valid]  # [n_valid, h, d]
+            vc[write[0], :, write[1]] = v.transpose(1, 2)[valid]
+        keys, values = (kc, vc) if whole else (kc[rows], vc[rows])  # [r, h, l, d]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [r, h, q, d]
+        return out.transpose(1, 2).flatten(2)  # [r, q, h*d]
+
+    def _layers(self):
+        if self.kind == "modernbert":
+            return self.base.layers
+        return self.base.encoder.layer
+
+    def _layer(self, i, layer, h, rows, write, valid, masks):
+        heads = self.base.config.num_attention_heads
+        if self.kind == "modernbert":
+            a = layer.attn_norm(h)
+            qkv = layer.attn.Wqkv(a).view(*h.shape[:2], 3, heads, -1)  # [r, q, 3, h, d]
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [r, h, q, d]
+            if layer.attention_type not in masks:
+                masks[layer.attention_type] = self._rotary(layer.attention_type, masks["qpos"])
+            cos, sin = masks[layer.attention_type]
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            mask = masks["local"] if layer.attn.sliding_window is not None else masks["full"]
+            out = self._attend(i, q, k, v, rows, write, valid, mask)
+            h = h + layer.attn.Wo(out)
+            return h + layer.mlp(layer.mlp_norm(h))
+        mpnet = self.kind == "mpnet"
+        attn = layer.attention.attn if mpnet else layer.attention.self
+        proj = (attn.q, attn.k, attn.v) if mpnet else (attn.query, attn.key, attn.value)
+        q, k, v = (p(h).view(*h.shape[:2], heads, -1).transpose(1, 2) for p in proj)  # [r, h, q, d]
+        out = self._attend(i, q, k, v, rows, write, valid, masks["bias"] if mpnet else masks["full"])
+        if mpnet:
+            a = layer.attention.LayerNorm(attn.o(out) + h)
+        else:
+            a = layer.attention.output.LayerNorm(layer.attention.output.dense(out) + h)
+        return layer.output.LayerNorm(layer.output.dense(layer.intermediate(a)) + a)
+
+    def _rotary(self, layer_type: str, qpos: torch.Tensor):
+        """cos, sin [r, 1, q, d] of this layer type at the query positions."""
+        return tuple(t[qpos][:, None] for t in self._tables[layer_type])
+
+    def _final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.base.final_norm(h) if self.kind == "modernbert" else h
+
+    def _position_tables(self, l: int, device, dtype) -> dict:
+        """ModernBERT: rotary cos/sin [l, d] per layer type; MPNet: the relative position bias [1, h, l, l]."""
+        if self.kind == "modernbert":
+            probe = torch.zeros(1, l, 1, device=device, dtype=dtype)
+            positions = torch.arange(l, device=device)[None]
+            return {t: tuple(c[0] for c in self.base.rotary_emb(probe, positions, t))
+                    for t in set(self.base.config.layer_types)}
+        if self.kind == "mpnet":
+            return {"bias": self.base.encoder.compute_position_bias(torch.zeros(1, l, 1, device=device))}
+        return {}
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in float32, as the reference implementation does."""
+    f = t.float()
+    half = f.shape[-1] // 2
+    rotated = torch.cat((-f[..., half:], f[..., :half]), dim=-1)
+    return (f * cos + rotated * sin).to(t.dtype)

@@ -1,0 +1,122 @@
+"""Loading a masked LM and its tokenizer: a hub id, a local ``save_pretrained`` directory of any masked LM
+(RoBERTa, DistilRoBERTa, BERT, ModernBERT, MPNet, ...) through ``AutoModelForMaskedLM`` / ``AutoTokenizer``,
+or a checkpoint of this project (a causal LM adapted to diffusion included). From-scratch presets are in
+``presets.py``; the denoiser wrapper in ``core/denoiser.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from textdiffusion.errors import UsageError
+from textdiffusion.core.denoiser import MaskedDiffusionLM
+from textdiffusion.models.presets import TOKENIZER_FILES
+
+logger = logging.getLogger(__name__)
+
+
+def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None, flag: str = "--model-name"):
+    """(tokenizer, model) from a hub id or local directory, with an actionable error when it fails.
+
+    Weights load as float32 unless ``dtype`` says otherwise: a model shipped in fp16 (the bundled one)
+    is then trained and evaluated in full precision on any device.
+    """
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    if local.exists() and not (local / "config.json").exists():
+        raise UsageError(f"{flag} {name_or_path!r} is a local path but holds no config.json: "
+                         "it is not a save_pretrained model directory.")
+    if local.is_dir():
+        from textdiffusion.models.checkpoints import require_loadable_weights
+
+        require_loadable_weights(local, flag)
+        if not any((local / f).exists() for f in TOKENIZER_FILES) and not list(local.glob("*.model")):
+            raise UsageError(f"{flag} {name_or_path!r} holds a model but no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+                             "save the tokenizer beside it (tokenizer.save_pretrained) or copy its files there.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        with quiet_load_report():  # its missing/unexpected keys are reported below, in our words
+            model, report = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=dtype or torch.float32,
+                                                                 output_loading_info=True)
+    except OSError as e:
+        raise UsageError(
+            f"{flag} {name_or_path!r} could not be loaded: it is not a local model directory and the "
+            f"Hugging Face Hub did not provide it ({str(e).splitlines()[0][:160]}). Offline, train from scratch "
+            "with --preset tiny|small|base, or pass a local directory saved with save_pretrained.") from None
+    except ValueError as e:
+        raise UsageError(f"{flag} {name_or_path!r} is not a masked language model "
+                         f"({str(e).splitlines()[0][:160]}).") from None
+    from textdiffusion.models.heads import missing_head_keys
+
+    # an encoder shipped without its MLM head (all-mpnet-base-v2) loads with a random one: training builds
+    # a useful head in its place (heads.build_head) when this list is not empty
+    model.missing_head_keys = missing_head_keys(model, report["missing_keys"])
+    other = sorted(set(report["missing_keys"]) - set(model.missing_head_keys))
+    unused = sorted(k for k in report["unexpected_keys"] if not k.startswith("pooler."))  # a pooler is not used
+    if other or unused:  # anything but a dropped head is worth a look
+        logger.warning("%s %r: %d weight(s) missing from the checkpoint (newly initialised: %s) and %d unused (%s)",
+                       flag, name_or_path, len(other), ", ".join(other[:4]) or "-", len(unused),
+                       ", ".join(unused[:4]) or "-")
+    return tokenizer, model
+
+
+@contextlib.contextmanager
+def quiet_load_report():
+    """Drop Transformers' LOAD REPORT table for one load: an encoder without its MLM head (mpnet-base) would
+    print a page of MISSING rows (and call itself corrupted) where `train` answers by building the head
+    (heads.build_head); other missing weights are reported by load_masked_lm. A filter, not a
+    higher log level: Transformers 5 runs a tensor-parallel check, with its own warning, at level >= WARNING."""
+    log = logging.getLogger("transformers.modeling_utils")
+    drop = logging.Filter()
+    drop.filter = lambda record: not ("LOAD REPORT" in str(record.msg)  # nor its note on the absent head's tied bias
+                                      or "seem corrupted" in str(record.msg) and "tie lm_head." in str(record.msg))
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+def keep_first_layers(model, layers: int, flag: str = "--keep-layers"):
+    """Drop all but the first ``layers`` encoder layers (DistilRoBERTa's recipe: a shallower copy of a
+    pretrained encoder, with its embeddings and head), in place; returns the model."""
+    encoder = getattr(model.base_model, "encoder", None)
+    stack = getattr(encoder, "layer", None) if encoder is not None else getattr(model.base_model, "layers", None)
+    if stack is None:
+        raise UsageError(f"{flag}: cannot find the layer stack of a {model.config.model_type!r} model.")
+    if not 1 <= layers <= len(stack):
+        raise UsageError(f"{flag} must be between 1 and the model's {len(stack)} layers, got {layers}.")
+    kept = nn.ModuleList(list(stack)[:layers])
+    if encoder is not None and hasattr(encoder, "layer"):
+        encoder.layer = kept
+    else:
+        model.base_model.layers = kept
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = list(model.config.layer_types)[:layers]
+    return model
+
+
+def denoiser_for(model: nn.Module, config=None) -> MaskedDiffusionLM:
+    """The denoiser a checkpoint was trained as: a causal LM adapted with --adapt-from-causal (its
+    DiffusionConfig says so) gets shifted logits and full attention, anything else the masked-LM wrapper."""
+    if config is not None and getattr(config, "adapted_from_causal", False):
+        from textdiffusion.models.adapt import CausalDiffusionLM
+
+        return CausalDiffusionLM(model)
+    return MaskedDiffusionLM(model)
+
+
+def load_diffusion_model(name_or_path: str, config=None, dtype: torch.dtype | None = None, flag: str = "--checkpoint"):
+    """(tokenizer, model) of a diffusion checkpoint: the causal LM of an adapted one (``config`` is its
+    DiffusionConfig), else a masked LM. Wrap the model with ``denoiser_for(model, config)``."""
+    if config is not None and getattr(config, "adapted_from_causal", False):
+        from textdiffusion.models.adapt import load_adapted
+
+        return load_adapted(name_or_path, dtype=dtype, flag=flag)
+    return load_masked_lm(name_or_path, dtype=dtype, flag=flag)

@@ -1,0 +1,327 @@
+"""Generating text with a trained masked LM: templates in, texts out, the sampler in between.
+
+    gen = DiffusionGenerator.from_pretrained("wiki-small")
+    gen.generate(["The river"], steps=16).texts
+    gen.generate(templates=["The <mask:12> was built in <mask:3>."]).texts
+
+A template is text with masked spans ``<mask:N>`` (N positions) or ``<mask>`` (one); a prompt is the
+special case of a template whose only span is the rest of the block. The loop is: one forward pass for
+the whole batch, the sampler's step, repeat until no mask is left. A step that would commit nothing
+skips the forward pass; the number of forward passes is reported as NFE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from textdiffusion.config import DiffusionConfig
+from textdiffusion.core.detokenize import decode_text
+from textdiffusion.errors import UsageError
+from textdiffusion.core.denoiser import check_position_limit, masked_logits
+from textdiffusion.models.loading import denoiser_for, load_diffusion_model
+from textdiffusion.core.sampler import DenoisingSampler, DenoisingState, continuation
+from textdiffusion.config import SamplerConfig
+
+MASK_SPAN = re.compile(r"<mask(?::(\d+))?>")
+
+
+@dataclass
+class GenerationOutput:
+    texts: list[str]
+    nfe: int  # forward passes of the model (model calls), the cost of generation
+    steps: int  # steps of the plan (a step may be skipped without a model call)
+    token_ids: torch.Tensor  # [b, l] final tokens
+    trace: list[torch.Tensor] = field(default_factory=list)  # [b, l] tokens at the start and after each step
+    notes: list[str] = field(default_factory=list)
+    config: SamplerConfig | None = None  # the settings used: the checkpoint's defaults with the call's overrides
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that supports it, float32 elsewhere (bfloat16 on a CPU with AMX is
+    several times faster but changes the numbers slightly, so it is opt-in there)."""
+    if dtype == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}.")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in available_devices():
+        raise UsageError(f"--device {device!r} is not available here (available: {', '.join(available_devices())}).")
+    return torch.device(device)
+
+
+class DiffusionGenerator:
+    """A masked LM plus its tokenizer and the diffusion settings it was trained with."""
+
+    def __init__(self, model, tokenizer, config: DiffusionConfig | dict | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, compile: bool = False):
+        if tokenizer.mask_token_id is None:
+            raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no mask token: "
+                             "it cannot denoise. Use a masked-LM checkpoint.")
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.model = model.to(self.device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        # how the checkpoint was trained and its generation defaults; a model from elsewhere gets the
+        # foreign-model defaults (nothing learned about end-of-text or a prompt prefix)
+        if isinstance(config, dict):  # a settings dict as saved by version 1
+            config = DiffusionConfig.from_dict(config)
+        self.config = config or DiffusionConfig.for_foreign_model()
+        # logits at the masked positions only; a causal LM adapted to diffusion gets its shifted wrapper
+        self.denoiser = denoiser_for(self.model, self.config).eval()
+        self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.sep_id
+        self.mask_id = tokenizer.mask_token_id
+        # compile=True: one static-shape graph per batch shape (full logits, indexed afterwards); on a GPU with
+        # CUDA graphs ("reduce-overhead"), which removes the kernel-launch overhead that dominates batch 1
+        self._compiled = None
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self._compiled = torch.compile(self._full_logits, mode=mode, dynamic=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None,
+                        compile: bool = False) -> "DiffusionGenerator":
+        """Load a checkpoint of this project, or any masked LM directory / hub id (default settings then)."""
+        from textdiffusion.models.bundled import resolve_checkpoint
+
+        path = resolve_checkpoint(path)
+        config = DiffusionConfig.from_pretrained(path)
+        tokenizer, model = load_diffusion_model(path, config, dtype=dtype, flag="--checkpoint")
+        if getattr(model, "missing_head_keys", None):  # its head would be random: the text would be noise
+            raise UsageError(f"--checkpoint {path!r} is an encoder without a trained MLM head (such as mpnet-base as "
+                             "fetched); fine-tune it first, e.g. `textdiffusion train --config recipes/mpnet-wiki.yaml`, "
+                             "and generate from that run.")
+        return cls(model, tokenizer, config, device, dtype, compile)
+
+    # -- templates --------------------------------------------------------------------------------
+    def encode_template(self, template: str) -> tuple[list[int], list[bool]]:
+        """Token ids and an editable flag per position for a template with ``<mask:N>`` spans."""
+        ids, editable, pos = [], [], 0
+        for match in MASK_SPAN.finditer(template):
+            text = template[pos:match.start()].rstrip(" ")  # the span's tokens carry their own leading space
+            if text:
+                piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids += piece
+                editable += [False] * len(piece)
+            n = int(match.group(1) or 1)
+            if n < 1:
+                raise UsageError(f"--infill: a span must have at least one position, got {match.group(0)!r}.")
+            ids += [self.mask_id] * n
+            editable += [True] * n
+            pos = match.end()
+        if not any(editable):
+            raise UsageError(f"--infill {template!r} has no masked span: write <mask:N> where text should be generated.")
+        tail = template[pos:]
+        if tail:
+            piece = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
+            ids += piece
+            editable += [False] * len(piece)
+        return ids, editable
+
+    def prompt_template(self, prompt: str, max_length: int) -> str:
+        n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+        room = max_length - n_prompt - (self.cls_id is not None) - (self.sep_id is not None)
+        if room < 1:
+            raise UsageError(f"--prefix is {n_prompt} tokens long: it leaves no room to generate within "
+                             f"--max-length {max_length}; raise --max-length or shorten the prompt.")
+        return f"{prompt}<mask:{room}>"
+
+    def build_batch(self, templates: Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input ids [b, l], editable [b, l], attention mask [b, l]); rows padded on the right."""
+        rows = []
+        for template in templates:
+            ids, editable = self.encode_template(template)
+            if self.cls_id is not None:
+                ids, editable = [self.cls_id] + ids, [False] + editable
+            if self.sep_id is not None:
+                ids, editable = ids + [self.sep_id], editable + [False]
+            if max_length is not None and len(ids) > max_length:
+                raise UsageError(f"the template is {len(ids)} tokens long, more than --max-length {max_length}.")
+            rows.append((ids, editable))
+        length = max(len(ids) for ids, _ in rows)
+        x = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        editable = torch.zeros((len(rows), length), dtype=torch.bool)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (ids, ed) in enumerate(rows):  # one row at a time, once, before the loop
+            x[i, : len(ids)] = torch.tensor(ids)
+            editable[i, : len(ed)] = torch.tensor(ed)
+            attention[i, : len(ids)] = 1
+        return x, editable, attention
+
+    # -- the loop ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, attention: torch.Tensor, editable: torch.Tensor, cfg_scale: float,
+               positions: torch.Tensor) -> torch.Tensor:
+        """Model logits [n, V] at ``positions`` only (the LM head skips the rest); with classifier-free
+        guidance, combined with an unconditional pass in which the prompt is masked out."""
+        if not cfg_scale:
+            if self._compiled is not None:
+                full = self._compiled(x, attention if not bool(attention.all()) else None)
+                return full[positions].clone()  # copy out: a CUDA graph reuses its output buffer
+            return masked_logits(self.denoiser, x, attention, positions)
+        special = torch.isin(x, torch.tensor([self.cls_id, self.sep_id, self.pad_id], device=x.device))
+        uncond = x.masked_fill(~editable & ~special, self.mask_id)
+        both = masked_logits(self.denoiser, torch.cat([x, uncond]), torch.cat([attention, attention]),
+                             torch.cat([positions, positions]))
+        cond, unc = both.chunk(2)  # rows of the first half of the batch come first in row-major order
+        return unc + (1 + cfg_scale) * (cond - unc)  # LLaDA's form: cfg_scale 0 is the conditional model
+
+    def _full_logits(self, x: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
+        return self.denoiser(input_ids=x, attention_mask=attention).logits  # [b, l, V]
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str] | str | None = None, *, templates: Sequence[str] | None = None,
+                 max_length: int | None = None, seed: int = 0, cfg_scale: float = 0.0,
+                 suppress_tokens: Sequence[str] = (), allowed: torch.Tensor | None = None,
+                 stop_at_eos: bool = True, return_trace: bool = False, cache: str = "none", cache_refresh: str = "block",
+                 on_step: Callable[[int, DenoisingState], None] | None = None, **sampler_kwargs) -> GenerationOutput:
+        """Generate one text per prompt (continuation) or per template (infilling).
+
+        ``seed + i`` seeds sample i, so a sample is the same whatever batch it is in. ``sampler_kwargs``
+        are the fields of :class:`SamplerConfig` (steps, strategy, sampling, temperature, ...).
+        ``allowed``: a bool tensor [l, V] or [b, l, V] of the tokens allowed at each position.
+        ``cache``: ``prefix`` or ``dual`` reuse keys/values within a block (needs ``block_length``; see
+        :mod:`textdiffusion.models.kvcache`); ``cache_refresh="step"`` recomputes them at every step (exact).
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if (prompts is None) == (templates is None):
+            raise UsageError("give either prompts or templates.")
+        max_length = max_length or self.config.max_length
+        check_position_limit(self.model, max_length)
+        if templates is None:
+            templates = [self.prompt_template(p, max_length) for p in prompts]
+        if not templates:
+            raise UsageError("nothing to generate: the list of prompts/templates is empty.")
+        unknown = set(sampler_kwargs) - {f.name for f in fields(SamplerConfig)}
+        if unknown:
+            raise TypeError(f"unknown generation setting(s): {sorted(unknown)}")
+        config = dataclasses.replace(self.config.generation, **sampler_kwargs)  # the checkpoint's defaults, overridden
+        notes: list[str] = []
+        kv = self._kv_cache(cache, cache_refresh, config, cfg_scale, notes)
+
+        x, editable, attention = (t.to(self.device) for t in self.build_batch(templates, max_length))
+        sampler = DenoisingSampler(config, self.mask_id, self.suppress_ids(suppress_tokens),
+                                   eos_token_id=self.sep_id if stop_at_eos else None)
+        notes += sampler.set_timesteps(config.steps, editable)
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(templates))]
+        state = DenoisingState(x=x, editable=editable, generators=generators, allowed=allowed)
+        trace = [x.cpu().clone()] if return_trace else []
+        max_iterations = int(editable.sum(1).max()) * 2 + sampler.num_steps  # a hard stop, never reached in practice
+        for _ in range(max_iterations):
+            if sampler.done(state):
+                break
+            if not bool(sampler.plan(state).any()):
+                state = sampler.skip(state)  # nothing to commit: no model call, the trace repeats the state
+                if return_trace:
+                    trace.append(state.x.cpu().clone())
+                continue
+            needed = sampler.needed_positions(state)
+            if kv is not None:
+                logits = kv.logits(state.x, attention, sampler.region(state), needed)
+            else:
+                logits = self.logits(state.x, attention, editable, cfg_scale, needed)
+            state = sampler.step(logits, dataclasses.replace(state, nfe=state.nfe + 1))
+            if return_trace:
+                trace.append(state.x.cpu().clone())
+            if on_step is not None:
+                on_step(state.nfe, state)
+        texts = [self.decode(row, ed, stop_at_eos) for row, ed in zip(state.x.cpu(), editable.cpu())]
+        return GenerationOutput(texts=texts, nfe=state.nfe, steps=sampler.num_steps, token_ids=state.x.cpu(),
+                                trace=trace, notes=notes, config=config)
+
+    def _kv_cache(self, cache: str, refresh: str, config: SamplerConfig, cfg_scale: float, notes: list[str]):
+        """The key/value cache for this call, or None (``cache="none"``, or a notice when it cannot apply)."""
+        from textdiffusion.models.kvcache import CACHE_CHOICES, REFRESH, DenoisingKVCache, cache_support
+
+        if cache not in CACHE_CHOICES:
+            raise UsageError(f"--cache must be one of {CACHE_CHOICES}, got {cache!r}.")
+        if refresh not in REFRESH:
+            raise UsageError(f"cache_refresh must be one of {REFRESH}, got {refresh!r}.")
+        if cache == "none":
+            return None
+        if cache == "auto":  # the dual cache wherever it applies, without a notice where it does not
+            usable = config.block_length is not None and cache_support(self.model) is None and not cfg_scale
+            return DenoisingKVCache(self.model, "dual", refresh) if usable else None
+        if config.block_length is None:
+            raise UsageError(f"--cache {cache} reuses keys/values within a block: it needs --block-length "
+                             "(e.g. --block-length 32), got none.")
+        reason = cache_support(self.model)
+        if reason is None and cfg_scale:
+            reason = "--cache does not combine with --cfg-scale"
+        if reason is not None:
+            notes.append(f"{reason}: generating without the cache.")
+            return None
+        return DenoisingKVCache(self.model, cache, refresh)
+
+    def suppress_ids(self, tokens: Sequence[str]) -> list[int]:
+        """Ids never generated: the given tokens (as strings or ids), plus pad and the block-opening token."""
+        ids = {i for i in (self.pad_id, self.cls_id) if i is not None}
+        vocab = self.tokenizer.get_vocab()
+        for t in tokens:
+            if isinstance(t, int) or str(t).isdigit():
+                ids.add(int(t))
+            elif t in vocab:
+                ids.add(vocab[t])
+            else:
+                pieces = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+                if len(pieces) != 1:
+                    raise UsageError(f"--suppress-tokens {t!r} is not one token of this tokenizer (it is {len(pieces)}).")
+                ids.add(pieces[0])
+        return sorted(ids)
+
+    # -- text out ---------------------------------------------------------------------------------
+    def decode(self, row: torch.Tensor, editable: torch.Tensor, stop_at_eos: bool = True) -> str:
+        """Text of one row; with ``stop_at_eos``, the last span ends at the first end-of-text token in it."""
+        keep = torch.ones_like(editable)
+        if stop_at_eos and self.sep_id is not None:
+            eos = (row == self.sep_id) & continuation(editable[None])[0]  # [l]
+            if bool(eos.any()):
+                keep = torch.arange(len(row)) < int(eos.nonzero()[0])
+        return decode_text(self.tokenizer, row[keep].tolist()).strip()  # WordPiece joined as text
+
+    def render(self, row: torch.Tensor, mask_symbol: str = "_") -> str:
+        """One row with masks visible (one symbol per masked position), for showing the process."""
+        pieces, run = [], []
+        for tok in row.tolist() + [None]:  # display only: group unmasked runs and decode each once
+            if tok is not None and tok != self.mask_id:
+                run.append(tok)
+                continue
+            if run:
+                pieces.append(decode_text(self.tokenizer, run))
+                run = []
+            if tok == self.mask_id:
+                pieces.append(" " + mask_symbol)
+        return "".join(pieces).strip()
+
+
+def write_trace(path: Path, trace: list[torch.Tensor], mask_id: int) -> None:
+    """One JSON line per step: the token ids of every sample and how many are still masked."""
+    with path.open("w") as f:
+        for i, x in enumerate(trace):
+            f.write(json.dumps({"step": i, "masked": (x == mask_id).sum(1).tolist(), "tokens": x.tolist()}) + "\n")

@@ -1,0 +1,137 @@
+"""The training objectives, one registry entry each: diffusion (this project) and ar (the GPT-2 baseline).
+
+An objective owns everything that differs between the two in training: how its model is built from a
+preset or loaded from a checkpoint, what is done to it before Trainer wraps it, and which Trainer (and so
+which batches and loss) trains it. Training asks the registry instead of branching on ``objective ==
+"ar"``; a new objective is one entry. Evaluation and generation of a checkpoint dispatch on
+``models.checkpoints.checkpoint_objective`` with their own small tables (``pipelines.evaluate``,
+``cli.generate``). Imports are lazy so that choosing one never loads the other's code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+from textdiffusion.config import OBJECTIVES_WHAT
+from textdiffusion.models.autoregressive import checkpoint_objective
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    what: str  # one line for --help
+    bound: str  # what its validation number is: an upper bound (NELBO) or the exact NLL
+    outputs: str  # the report files a run of it writes
+    build: Callable  # (preset, tokenizer, max_length, dropout, architecture) -> model
+    load: Callable  # (name_or_path) -> (tokenizer, model)
+    prepare: Callable  # (tokenizer, model) -> the module Trainer/Accelerate wrap and train
+    trainer: Callable  # (tokenizer, diffusion collator, loss_weighting, **Trainer kwargs) -> Trainer
+
+
+# -- diffusion ---------------------------------------------------------------------------------------
+def _build_masked(preset, tokenizer, max_length, dropout, architecture):
+    from textdiffusion.models.presets import build_preset_model
+
+    return build_preset_model(preset, tokenizer, max_length, dropout, architecture)
+
+
+def _load_masked(name_or_path):
+    from textdiffusion.models.bundled import resolve_checkpoint
+    from textdiffusion.models.loading import load_masked_lm
+
+    return load_masked_lm(resolve_checkpoint(name_or_path, "--model-name"))  # a bundled or fetched name fine-tunes it
+
+
+def _prepare_masked(tokenizer, model):
+    from textdiffusion.core.denoiser import MaskedDiffusionLM
+
+    return MaskedDiffusionLM(model)  # the LM head at masked positions only; Trainer wraps this module
+
+
+def _diffusion_trainer(tokenizer, collator, loss_weighting, **kwargs):
+    from textdiffusion.pipelines.trainers import DiffusionTrainer
+
+    return DiffusionTrainer(data_collator=collator, loss_weighting=loss_weighting, **kwargs)
+
+
+# -- the autoregressive baseline ---------------------------------------------------------------------
+def _build_causal(preset, tokenizer, max_length, dropout, architecture):
+    from textdiffusion.models.autoregressive import build_ar_model
+
+    return build_ar_model(preset, tokenizer, max_length, dropout)
+
+
+def _load_causal(name_or_path):
+    from textdiffusion.models.autoregressive import load_causal_lm
+
+    return load_causal_lm(name_or_path)
+
+
+def _prepare_causal(tokenizer, model):
+    if tokenizer.mask_token_id is None:  # the AR baseline never masks; the shared collator still wants the id
+        tokenizer.add_special_tokens({"mask_token": "<mask>"})
+    from textdiffusion.core.denoiser import TrainedModule
+
+    return TrainedModule(model)  # Trainer's causal-LM loss, through a module evaluation can bypass
+
+
+def _causal_trainer(tokenizer, collator, loss_weighting, **kwargs):
+    from transformers import DataCollatorForLanguageModeling
+
+    from textdiffusion.pipelines.trainers import CausalTrainer
+
+    return CausalTrainer(data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), **kwargs)
+
+
+# -- a causal LM adapted to diffusion (train --adapt-from-causal) --------------------------------------
+def _no_preset(preset, tokenizer, max_length, dropout, architecture):
+    from textdiffusion.errors import UsageError
+
+    raise UsageError("--adapt-from-causal adapts the causal LM given by --model-name; it cannot start from --preset.")
+
+
+def _load_adapted(name_or_path):
+    from textdiffusion.models.adapt import load_causal_for_adaptation
+
+    return load_causal_for_adaptation(name_or_path)
+
+
+def _prepare_adapted(tokenizer, model, anneal_steps):
+    from textdiffusion.models.adapt import CausalDiffusionLM, choose_special_tokens
+
+    for note in choose_special_tokens(tokenizer, model):  # the tokenizer has no mask token (nor its own padding)
+        print(note, flush=True)
+    return CausalDiffusionLM(model, anneal_steps)  # shifted logits, attention annealed causal -> full
+
+
+def _adapted_trainer(tokenizer, collator, loss_weighting, **kwargs):
+    from textdiffusion.models.adapt import AttentionAnnealCallback
+
+    trainer = _diffusion_trainer(tokenizer, collator, loss_weighting, **kwargs)
+    trainer.add_callback(AttentionAnnealCallback(kwargs["model"]))  # the step the attention anneals with
+    return trainer
+
+
+def adapted_objective(anneal_steps: int | None) -> Objective:
+    """Diffusion, trained from a causal LM (DiffuGPT/DiffuLLaMA): its own loading, wrapper and annealing;
+    the loss, evaluation and generation are the diffusion objective's."""
+    diffusion = OBJECTIVES["diffusion"]
+    return Objective("diffusion", "a causal LM adapted to masked diffusion (shifted logits, annealed attention)",
+                     diffusion.bound, diffusion.outputs, _no_preset, _load_adapted,
+                     partial(_prepare_adapted, anneal_steps=anneal_steps), _adapted_trainer)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "diffusion": Objective("diffusion", OBJECTIVES_WHAT["diffusion"], "NLL bound",
+                           "per_level_loss.csv, per_level_loss.png and validation_curve.csv", _build_masked,
+                           _load_masked, _prepare_masked, _diffusion_trainer),
+    "ar": Objective("ar", OBJECTIVES_WHAT["ar"], "NLL", "validation_curve.csv", _build_causal, _load_causal,
+                    _prepare_causal, _causal_trainer),
+}
+
+
+def objective_of_checkpoint(path: str) -> Objective:
+    """The objective a checkpoint directory was trained with (see ``checkpoint_objective``)."""
+    return OBJECTIVES[checkpoint_objective(path)]

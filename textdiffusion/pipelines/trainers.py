@@ -1,0 +1,244 @@
+"""Train a masked LM as a text diffusion model: a thin layer over ``transformers.Trainer``.
+
+    textdiffusion train --quick-test --preset tiny            # minutes on a laptop CPU
+    textdiffusion train --quick-test --preset tiny --objective ar   # the GPT-2 baseline, same tokens
+    textdiffusion train --model-name distilroberta-base --dataset wikitext:wikitext-2-raw-v1
+    torchrun --nproc_per_node 2 -m textdiffusion train ...    # DDP, unchanged
+
+What this layer adds to Trainer: the variable-masking collator, the loss with the LM head on masked
+positions only, a deterministic per-mask-level validation (``per_level_loss.csv`` + PNG after every
+evaluation), the NELBO bound against tokens seen (``validation_curve.csv``; the AR baseline writes its
+exact NLL there, so the two curves compare directly), the best checkpoint by that number kept as the
+final model, tokens/s in the logs, the diffusion settings saved beside every checkpoint, and guards that
+keep a failed or mistaken run from overwriting an earlier one.
+
+The command's flags and the run itself are in train_cli.py, beside the other subcommands' CLIs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from textdiffusion.models.autoregressive import causal_nll
+from textdiffusion.models.checkpoints import staging_folder
+from textdiffusion.config import DiffusionConfig
+from textdiffusion.errors import UsageError
+from textdiffusion.core.evaluation import nelbo, per_level_loss
+from textdiffusion.core.denoiser import TrainedModule
+from textdiffusion.core.loss import diffusion_loss
+from textdiffusion.core.reporting import append_level_csv, format_level_table, plot_level_curves
+
+if TYPE_CHECKING:
+    from textdiffusion.pipelines.training_args import TrainArgs
+
+logger = logging.getLogger("textdiffusion")
+
+
+LEVEL_CSV = "per_level_loss.csv"
+LEVEL_PNG = "per_level_loss.png"
+CURVE_CSV = "validation_curve.csv"
+
+# -- the Trainers -----------------------------------------------------------------------------------
+class _ProjectTrainer(Trainer):
+    """What both objectives share: tokens/s in the logs, and the validation NLL (bound) vs tokens seen."""
+
+    def __init__(self, *args, level_eval: dict, tokens_per_step: int, diffusion_config: DiffusionConfig | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.diffusion_config = diffusion_config or DiffusionConfig()
+        self.level_eval = level_eval
+        self.tokens_per_step = tokens_per_step
+        self.level_results: dict[int, list] = {}  # step -> per-level results (diffusion only)
+        self._throughput_mark = None
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        now, step = time.perf_counter(), self.state.global_step
+        if "loss" in logs and self._throughput_mark is not None:
+            last_time, last_step = self._throughput_mark
+            if step > last_step:
+                logs["tokens_per_second"] = round((step - last_step) * self.tokens_per_step / (now - last_time))
+        if "loss" in logs or self._throughput_mark is None:
+            self._throughput_mark = (now, step)
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_model(self) -> torch.nn.Module:
+        """The model as evaluation calls it: outside DDP/compile, and in full precision even when training
+        autocasts to bf16 (Accelerate puts autocast on the trained module's forward only, so a fresh wrapper
+        around the same weights runs in fp32): validation numbers match `textdiffusion eval`."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)  # the eager module under compile
+        return model.fresh() if isinstance(model, TrainedModule) else model
+
+    @contextlib.contextmanager
+    def _hugging_face_model(self):
+        """Within it, ``self.model`` is the Hugging Face model inside the trained module, for Trainer's own
+        saving and loading: checkpoints keep the model's format (no ``model.`` prefix, config.json beside)."""
+        trained = self.model
+        if isinstance(trained, TrainedModule):
+            self.model = trained.model
+        try:
+            yield
+        finally:
+            self.model = trained
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is not None and isinstance(self.model, TrainedModule):  # gathered from the wrapper (FSDP)
+            state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()}
+        with self._hugging_face_model():
+            super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        with self._hugging_face_model():
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        with self._hugging_face_model():
+            super()._load_best_model()
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Tied weights (the decoder is the input embedding) are not saved twice, so they are 'missing' from
+        every checkpoint by design: say nothing about those, warn about anything else."""
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's save, made crash-safe: everything is written into ``.checkpoint-N.partial/`` (with the
+        diffusion config), and renamed to ``checkpoint-N`` only when complete (see checkpoints.py)."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"checkpoint-{self.state.global_step}"
+        final = run_dir / name
+        staging_root = staging_folder(final)
+        staged = staging_root / name
+        self._get_output_dir = lambda trial=None: str(staging_root)  # Trainer writes into staging_root/checkpoint-N
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
+            self.state.best_model_checkpoint = str(final)
+        if self.args.world_size > 1:
+            torch.distributed.barrier()  # every rank's RNG state is in the staged folder
+        if self.args.should_save:
+            self.state.save_to_json(str(staged / "trainer_state.json"))  # with the final path of the best checkpoint
+            self.diffusion_config.save_pretrained(staged)
+            if final.exists():  # the same step saved again: the new save replaces it
+                shutil.rmtree(final)
+            staged.rename(final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        if self.args.world_size > 1:
+            torch.distributed.barrier()
+
+    def _finish_evaluation(self, metrics: dict, nll, kind: str) -> dict:
+        """Append (step, tokens seen, NLL) to validation_curve.csv, log, and run the callbacks."""
+        metrics["eval_nll"] = round(nll.nats_per_token, 5)
+        metrics["eval_ppl"] = round(nll.perplexity_bound, 3)
+        if self.is_world_process_zero():
+            path = Path(self.level_eval["report_dir"]) / CURVE_CSV
+            new = not path.exists()
+            with path.open("a") as f:
+                if new:
+                    f.write("step,tokens_seen,nll,stderr,perplexity,kind\n")
+                step = self.state.global_step
+                f.write(f"{step},{step * self.tokens_per_step},{nll.nats_per_token:.5f},{nll.stderr:.5f},"
+                        f"{nll.perplexity_bound:.3f},{kind}\n")
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class DiffusionTrainer(_ProjectTrainer):
+    """Trainer with the diffusion loss and a deterministic per-mask-level evaluation plus the NELBO."""
+
+    def __init__(self, *args, loss_weighting: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_weighting = loss_weighting
+        self.model_accepts_loss_kwargs = False  # our loss is already a mean; let Trainer scale it
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = diffusion_loss(model, inputs, self.loss_weighting)
+        return (loss, None) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        cfg = self.level_eval
+        batch = self.args.per_device_eval_batch_size
+        model = self.evaluation_model()
+        results = per_level_loss(model, cfg["blocks"], cfg["collator"], batch_size=batch)
+        bound = nelbo(model, cfg["blocks"], cfg["collator"], samples_per_block=2, batch_size=batch)
+        metrics = {f"{metric_key_prefix}_loss": sum(r.loss for r in results) / len(results)}
+        metrics.update({f"{metric_key_prefix}_loss@{r.mask_rate:.1f}": round(r.loss, 4) for r in results})
+        if self.is_world_process_zero():
+            out = Path(cfg["report_dir"])
+            append_level_csv(out / LEVEL_CSV, self.state.global_step, results)
+            plot_level_curves(out / LEVEL_CSV, out / LEVEL_PNG, cfg["references"], cfg.get("title", ""))
+            print(format_level_table(results, cfg["references"], f"\nvalidation loss at each mask level, step {self.state.global_step}:"), flush=True)
+            print(f"NELBO {bound.nats_per_token:.4f} ± {bound.stderr:.4f} nats/token (perplexity <= {bound.perplexity_bound:.1f})", flush=True)
+        self.level_results[self.state.global_step] = results
+        return self._finish_evaluation(metrics, bound, "nelbo")
+
+
+class CausalTrainer(_ProjectTrainer):
+    """The AR baseline: Trainer's own causal-LM loss, evaluated as exact NLL on the tokens the NELBO scores."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        cfg = self.level_eval
+        nll = causal_nll(self.evaluation_model(), cfg["blocks"], cfg["scored"],
+                         batch_size=self.args.per_device_eval_batch_size)
+        if self.is_world_process_zero():
+            print(f"\nvalidation NLL, step {self.state.global_step}: {nll.nats_per_token:.4f} ± {nll.stderr:.4f} "
+                  f"nats/token (perplexity {nll.perplexity_bound:.1f})", flush=True)
+        return self._finish_evaluation({f"{metric_key_prefix}_loss": nll.nats_per_token}, nll, "exact")
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def cpu_has_bf16_matmul() -> bool:
+    """True on CPUs with AMX bf16 tiles (Sapphire Rapids and later): there, bf16 autocast trains about
+    1.2-1.4x faster than fp32 (benchmarks/train_throughput.py); without them bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags
+
+
+def _precision_flags(precision: str) -> dict:
+    """Mixed precision keeps fp32 master weights; ``auto`` picks bf16 wherever the hardware runs it fast."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return {"bf16": torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16_matmul()}
+    if precision == "bf16":
+        return {"bf16": True}
+    if precision == "fp16":
+        if not cuda:
+            raise UsageError("--precision 'fp16' needs a CUDA device; on the CPU use fp32 or bf16.")
+        return {"fp16": True}
+    return {}
+
+
+def training_arguments(args: TrainArgs, work_dir: Path) -> TrainingArguments:
+    """The Trainer settings of a run (also used by benchmarks/train_throughput.py, so it measures these)."""
+    return TrainingArguments(
+        output_dir=str(work_dir), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=max(args.batch_size, 32),
+        num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup, lr_scheduler_type="cosine", max_grad_norm=1.0,
+        eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.eval_steps,
+        save_total_limit=args.save_total_limit, logging_steps=args.logging_steps, logging_first_step=True,
+        seed=args.seed, data_seed=args.seed, dataloader_num_workers=args.num_workers, report_to="none",
+        remove_unused_columns=False, dataloader_drop_last=True, torch_compile=args.compile,
+        ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(),
+        # the final model is the validation-best checkpoint (NELBO, or the AR baseline's exact NLL): an AR
+        # model overfits a small corpus within a few epochs, so only best points compare fairly
+        load_best_model_at_end=True, metric_for_best_model="nll", greater_is_better=False,
+        **_precision_flags(args.precision),
+    )
