@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: install scorer pretrained mpnet-wiki demo test test-fast figures clean
+.PHONY: install scorer pretrained mpnet-wiki demo lint test test-fast figures clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ mpnet-wiki: pretrained
 # (offline, a few minutes on 2 CPU cores); it ends by printing where the results are.
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m textdiffusion.cli.demo --output-dir $(DEMO_DIR)
+
+# The architecture and style checks CI runs before the tests: imports only go down the layers (.importlinter:
+# cli > serving | experiments > pipelines > models > core > config > schedules | errors) and ruff's rules
+# (pyproject.toml). A few seconds.
+lint: install
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
 
 # Tests run one file per worker on every core (pytest-xdist), one thread each: two 2-thread jobs on 2 cores
 # run several times slower than one after the other.

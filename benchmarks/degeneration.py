@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from textdiffusion.core.data import load_corpus
-from textdiffusion.errors import UsageError
-from textdiffusion.pipelines.generation import DiffusionGenerator
 from textdiffusion.core.metrics import diversity
+from textdiffusion.errors import UsageError
 from textdiffusion.models.quality import diffusion_continuations, prompts_from_documents
+from textdiffusion.pipelines.generation import DiffusionGenerator
 
 # Every row spells out order temperature and repetition penalty, so that it does not change when the
 # defaults of `textdiffusion generate` (the row with an empty dict) do.

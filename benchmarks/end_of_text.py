@@ -26,11 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from textdiffusion.models.bundled import resolve_checkpoint
 from textdiffusion.core.data import load_corpus, pack
 from textdiffusion.core.evaluation import end_of_text_at_document_ends
-from textdiffusion.pipelines.generation import DiffusionGenerator
 from textdiffusion.core.sampler import continuation
+from textdiffusion.models.bundled import resolve_checkpoint
+from textdiffusion.pipelines.generation import DiffusionGenerator
 
 BEFORE_REV = "d41eb5a"  # the last commit whose wiki-small never saw end-of-text as a target
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "diffusion_config.json")
@@ -122,7 +122,7 @@ def main() -> None:
     lines = ["# End-of-text", "", f"`{meta['command']}` on {meta['machine']}, torch {meta['torch']}.", "",
              "| model | p(EOS) at document ends | EOS is the argmax | samples stopping before the limit | "
              "median length (tokens) | model calls (batch) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, r in results.items():
+    for r in results.values():
         med = sorted(r["lengths"])[len(r["lengths"]) // 2]
         lines.append(f"| {r['checkpoint']} | {r['eos_probability_at_document_ends']:.3g} | "
                      f"{r['eos_argmax_rate_at_document_ends']:.1%} of {r['document_ends']} | "

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from original_sampler import generate_original  # noqa: E402
 
 from textdiffusion.config import DiffusionConfig
-from textdiffusion.pipelines.generation import DiffusionGenerator
 from textdiffusion.core.metrics import diversity
 from textdiffusion.models.quality import PromptSet, diffusion_continuations, prompts_from_documents
+from textdiffusion.pipelines.generation import DiffusionGenerator
 
 
 def load(args):

@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation_speed import best_of, timed  # noqa: E402
 
 from textdiffusion.core.detokenize import decode_text
-from textdiffusion.pipelines.generation import DiffusionGenerator
 from textdiffusion.core.metrics import distinct_n, repetition_rate
 from textdiffusion.models.quality import PromptSet, diffusion_continuations
+from textdiffusion.pipelines.generation import DiffusionGenerator
 
 WORD = re.compile(r"\w+|[^\w\s]")
 

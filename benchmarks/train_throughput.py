@@ -38,8 +38,8 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 
 from textdiffusion.core.collator import collator_from_config
 from textdiffusion.core.data import BlockDataset, load_corpus, pack
-from textdiffusion.models.presets import PRESETS, build_preset_model, preset_tokenizer
 from textdiffusion.core.denoiser import MaskedDiffusionLM
+from textdiffusion.models.presets import PRESETS, build_preset_model, preset_tokenizer
 from textdiffusion.pipelines.trainers import DiffusionTrainer, training_arguments
 from textdiffusion.pipelines.training_args import TrainArgs
 

@@ -8,13 +8,20 @@ import sys
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-from textdiffusion.models.adapt import AttentionAnnealCallback, CausalDiffusionLM, choose_special_tokens
 from textdiffusion.cli.main import main
 from textdiffusion.config import DiffusionConfig
 from textdiffusion.errors import UsageError
+from textdiffusion.models.adapt import AttentionAnnealCallback, CausalDiffusionLM, choose_special_tokens
 from textdiffusion.pipelines.training_args import TrainArgs
 
 L = 12

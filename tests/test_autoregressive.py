@@ -72,9 +72,9 @@ def test_eval_reports_exact_nll_on_the_same_tokens_as_a_direct_computation(ar_ru
 
 
 def test_matched_size(tokenizer):
+    from textdiffusion.core.denoiser import count_parameters
     from textdiffusion.models.autoregressive import build_ar_model
     from textdiffusion.models.presets import build_preset_model
-    from textdiffusion.core.denoiser import count_parameters
 
     ar, mdm = build_ar_model("tiny", tokenizer, 128), build_preset_model("tiny", tokenizer, 128)
     assert abs(count_parameters(ar) - count_parameters(mdm)) / count_parameters(mdm) < 0.15

@@ -93,9 +93,9 @@ def test_pretrained_comparison_measures_both_tokenizers_in_words(tmp_path):
     """wiki-small (cased BPE) beside a lowercase WordPiece MPNet: each gets as many masks as it needs for the
     same number of words, and diversity is counted on words, so the rows compare."""
     import torch
+    from mpnet_helpers import wordpiece_tokenizer
     from transformers import MPNetConfig, MPNetForMaskedLM
 
-    from mpnet_helpers import wordpiece_tokenizer
     from textdiffusion.core.data import load_corpus
 
     tokenizer = wordpiece_tokenizer(load_corpus("wiki-vital").train[:300])

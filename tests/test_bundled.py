@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from textdiffusion.models import bundled
 from textdiffusion.cli.main import main
+from textdiffusion.models import bundled
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,8 +101,8 @@ def test_demo_runs_in_its_short_mode(tmp_path, capsys):
 def test_a_built_ready_model_says_how_to_build_it_then_loads_by_name(tmp_path, monkeypatch, tokenizer, capsys):
     """mpnet-wiki is too large to ship: its short name points into the cache, where `make mpnet-wiki` exports it."""
     from textdiffusion.config import DiffusionConfig
-    from textdiffusion.pipelines.generation import DiffusionGenerator
     from textdiffusion.models.presets import build_preset_model
+    from textdiffusion.pipelines.generation import DiffusionGenerator
 
     monkeypatch.setenv("TEXTDIFFUSION_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)

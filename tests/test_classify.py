@@ -9,14 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from textdiffusion.pipelines.classification import classification_metrics, expected_calibration_error, load_scorer, macro_f1
 from textdiffusion.cli.main import main
-from textdiffusion.core.collator import collator_from_config
 from textdiffusion.config import ConfigError, DiffusionConfig
+from textdiffusion.core.collator import collator_from_config
 from textdiffusion.core.data import load_corpus
-from textdiffusion.errors import UsageError
 from textdiffusion.core.labels import LABEL_POSITION, add_label_tokens, label_token, pack_labelled
+from textdiffusion.errors import UsageError
 from textdiffusion.models.presets import build_preset_model, train_bpe_tokenizer
+from textdiffusion.pipelines.classification import (
+    classification_metrics,
+    expected_calibration_error,
+    load_scorer,
+    macro_f1,
+)
 from textdiffusion.pipelines.training_args import TrainArgs
 
 ALPHA = "ka lo mi ne sa ti wu pe".split()

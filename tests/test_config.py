@@ -5,10 +5,9 @@ import os
 
 import pytest
 
-from textdiffusion.models import bundled
 from textdiffusion.cli.main import main
-from textdiffusion.config import CONFIG_NAME, ConfigError, CorruptionConfig, DiffusionConfig
-from textdiffusion.config import SamplerConfig
+from textdiffusion.config import CONFIG_NAME, ConfigError, CorruptionConfig, DiffusionConfig, SamplerConfig
+from textdiffusion.models import bundled
 
 LEGACY = {"cls_token_id": 0, "loss_weighting": "none", "mask_per": "example", "mask_probs": [0.5, 1.0],
           "mask_token_id": 4, "max_length": 128, "objective": "diffusion", "prefix_length": 5,
@@ -68,8 +67,8 @@ def test_each_corruption_setting_is_checked_in_one_place(kwargs, name):
 
 def test_generate_takes_its_defaults_from_the_checkpoint_and_flags_win(tmp_path, tokenizer, capsys, monkeypatch):
     """The saved generation settings are the defaults; a flag given on the command line overrides only itself."""
-    from textdiffusion.pipelines.generation import DiffusionGenerator
     from textdiffusion.models.presets import build_preset_model
+    from textdiffusion.pipelines.generation import DiffusionGenerator
 
     build_preset_model("micro", tokenizer, 32).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from textdiffusion.cli.main import main
 from textdiffusion.cli.deploy import PROJECT, Remote, project_files
+from textdiffusion.cli.main import main
 
 SSHD = "/usr/sbin/sshd"
 MICRO = ["--preset", "micro", "--max-length", "64", "--batch-size", "8",

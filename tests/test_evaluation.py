@@ -82,8 +82,8 @@ def test_ar_and_diffusion_evaluations_score_the_same_tokens(tokenizer, blocks, p
     """The AR baseline's exact NLL (`scored_positions`) and the NELBO (the evaluation collator's maskable set)
     must count the same tokens, or their per-token numbers would not compare: padded blocks, separators and
     the protected prefix included."""
-    from textdiffusion.core.collator import collator_from_config
     from textdiffusion.config import CorruptionConfig
+    from textdiffusion.core.collator import collator_from_config
     from textdiffusion.core.evaluation import scored_positions
 
     padded = blocks.clone()

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mpnet_helpers import save_headless_mpnet
+
 from textdiffusion.models import bundled
 
 ROOT = Path(__file__).resolve().parents[1]

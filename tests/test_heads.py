@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from mpnet_helpers import save_headless_mpnet
-from textdiffusion.models.bundled import resolve_checkpoint
+
 from textdiffusion.cli.main import main
 from textdiffusion.core.collator import collator_for_tokenizer
 from textdiffusion.core.data import pack, unigram_cross_entropy
-from textdiffusion.errors import UsageError
 from textdiffusion.core.evaluation import per_level_loss
+from textdiffusion.errors import UsageError
+from textdiffusion.models.bundled import resolve_checkpoint
 from textdiffusion.models.heads import build_head, head_transform, warm_up_head
 from textdiffusion.models.loading import keep_first_layers, load_masked_lm
 
@@ -45,8 +45,9 @@ def test_missing_head_is_detected_from_the_load_report(headless):
 def test_a_dropped_head_loads_quietly_and_other_missing_weights_are_named(headless, tmp_path, capfd, caplog):
     fresh(headless)
     assert "LOAD REPORT" not in capfd.readouterr().err  # the head is built by train, not a page of MISSING rows
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     broken = tmp_path / "broken"
     shutil.copytree(headless, broken)

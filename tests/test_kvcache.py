@@ -9,18 +9,26 @@ largest entropy-bounded prefix; bad input is refused by name.
 import pytest
 import torch
 
-from textdiffusion.errors import UsageError
-from textdiffusion.pipelines.generation import DiffusionGenerator
-from textdiffusion.models.kvcache import DenoisingKVCache, cache_support
-from textdiffusion.core.sampler import DenoisingSampler, DenoisingState, entropy_bounded
 from textdiffusion.config import SamplerConfig
+from textdiffusion.core.sampler import DenoisingSampler, DenoisingState, entropy_bounded
+from textdiffusion.errors import UsageError
+from textdiffusion.models.kvcache import DenoisingKVCache, cache_support
+from textdiffusion.pipelines.generation import DiffusionGenerator
 
 V = 120
 
 
 def tiny(kind: str, init: float = 0.02):
-    from transformers import (BertConfig, BertForMaskedLM, MPNetConfig, MPNetForMaskedLM, ModernBertConfig,
-                              ModernBertForMaskedLM, RobertaConfig, RobertaForMaskedLM)
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        ModernBertConfig,
+        ModernBertForMaskedLM,
+        MPNetConfig,
+        MPNetForMaskedLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
 
     torch.manual_seed(0)
     size = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48,

@@ -8,8 +8,8 @@ run on a version that does.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

@@ -8,11 +8,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from mpnet_helpers import save_headless_mpnet
-from textdiffusion.models import bundled, pretrained
+
 from textdiffusion.cli.main import main
 from textdiffusion.errors import UsageError
+from textdiffusion.models import bundled, pretrained
 
 
 @pytest.fixture

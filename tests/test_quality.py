@@ -2,8 +2,8 @@
 
 import torch
 
-from textdiffusion.pipelines.generation import DiffusionGenerator
 from textdiffusion.models.quality import PromptSet, diffusion_continuations
+from textdiffusion.pipelines.generation import DiffusionGenerator
 
 
 def test_fixed_length_continuations_never_contain_end_of_text():

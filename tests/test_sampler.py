@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from textdiffusion.pipelines.generation import DiffusionGenerator
-from textdiffusion.core.sampler import DenoisingSampler, DenoisingState
 from textdiffusion.config import SamplerConfig
+from textdiffusion.core.sampler import DenoisingSampler, DenoisingState
+from textdiffusion.pipelines.generation import DiffusionGenerator
 from textdiffusion.schedules import get_schedule
 
 MASK = 4

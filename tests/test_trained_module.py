@@ -3,14 +3,13 @@ the module, checkpoints save the model inside in its own format, and evaluation 
 
 import torch
 from safetensors.torch import load_file
+from test_objective import V, tiny_model
 
 from textdiffusion.core.collator import DiffusionCollator
-from textdiffusion.core.evaluation import per_level_loss
 from textdiffusion.core.denoiser import MaskedDiffusionLM, TrainedModule, masked_logits
+from textdiffusion.core.evaluation import per_level_loss
 from textdiffusion.pipelines.trainers import DiffusionTrainer, training_arguments
 from textdiffusion.pipelines.training_args import TrainArgs
-
-from test_objective import V, tiny_model
 
 
 class Blocks(torch.utils.data.Dataset):

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from mpnet_helpers import wordpiece_tokenizer
+
 from textdiffusion.cli.main import main
 from textdiffusion.core.detokenize import decode_text, is_wordpiece, text_units, tidy_wordpiece
 
@@ -63,9 +63,10 @@ def test_eval_reports_nats_per_word_and_bits_per_byte(tmp_path, capsys):
 def test_generator_output_of_a_wordpiece_model_reads_like_text(tmp_path, wiki):
     """The decode path of generate/serve (DiffusionGenerator.decode): no "india ' s" in a sample."""
     from mpnet_helpers import save_headless_mpnet
+
     from textdiffusion.errors import UsageError
-    from textdiffusion.pipelines.generation import DiffusionGenerator
     from textdiffusion.models.loading import load_masked_lm
+    from textdiffusion.pipelines.generation import DiffusionGenerator
 
     path = str(save_headless_mpnet(tmp_path / "m", wiki.train[:200] + [SENTENCE] * 5))
     with pytest.raises(UsageError, match="without a trained MLM head"):  # a random head would only make noise

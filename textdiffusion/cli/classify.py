@@ -58,10 +58,15 @@ class ClassifyArgs:
 def run_classify(args: ClassifyArgs) -> dict:
     import numpy as np
 
-    from textdiffusion.pipelines.classification import check_texts, classification_metrics, format_probabilities, load_scorer
     from textdiffusion.core.data import load_corpus
-    from textdiffusion.pipelines.generation import resolve_device
     from textdiffusion.core.labels import check_labels
+    from textdiffusion.pipelines.classification import (
+        check_texts,
+        classification_metrics,
+        format_probabilities,
+        load_scorer,
+    )
+    from textdiffusion.pipelines.generation import resolve_device
 
     device = resolve_device(args.device)
     scorer = load_scorer(args.checkpoint, device)

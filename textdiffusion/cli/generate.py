@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from textdiffusion.errors import UsageError, require_writable
 from textdiffusion.config import SamplerConfig
+from textdiffusion.errors import UsageError, require_writable
 
 
 @dataclass

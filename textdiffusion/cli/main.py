@@ -61,8 +61,8 @@ def _parse(dataclass_type, argv: list[str], prog: str):
 
 
 def _train(argv: list[str]) -> int:
-    from textdiffusion.pipelines.training_args import TrainArgs
     from textdiffusion.pipelines.training import run_training
+    from textdiffusion.pipelines.training_args import TrainArgs
 
     run_training(_parse(TrainArgs, argv, "textdiffusion train"))
     return 0

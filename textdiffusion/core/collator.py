@@ -43,8 +43,8 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import get_worker_info
 
-from textdiffusion.errors import UsageError
 from textdiffusion.config import DEFAULT_MASK_PROBS, CorruptionConfig
+from textdiffusion.errors import UsageError
 from textdiffusion.schedules import get_schedule
 
 IGNORE_INDEX = -100

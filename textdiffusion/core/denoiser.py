@@ -6,10 +6,13 @@ module Trainer wraps, ``masked_logits`` the one function the loss, the sampler's
 and ``position_limit`` how long a sequence a model's positions cover."""
 
 from __future__ import annotations
+
 from typing import Callable
-from textdiffusion.errors import UsageError
-from torch import nn
+
 import torch
+from torch import nn
+
+from textdiffusion.errors import UsageError
 
 # models whose learned position table starts after padding_idx + 1 (RoBERTa's convention)
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "mpnet")

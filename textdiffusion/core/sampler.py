@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from textdiffusion.schedules import get_schedule
 from textdiffusion.config import SamplerConfig
+from textdiffusion.schedules import get_schedule
 
 _NEG_INF = float("-inf")
 

@@ -43,8 +43,8 @@ def _cpu() -> float:
 
 
 def _train_generative(args, dataset: str, column: str, objective: str, fraction: float, work: Path) -> tuple[Path, float]:
-    from textdiffusion.pipelines.training_args import TrainArgs
     from textdiffusion.pipelines.training import run_training
+    from textdiffusion.pipelines.training_args import TrainArgs
 
     out = work / f"{objective}-{int(fraction * 100)}"
     t0 = _cpu()
@@ -66,10 +66,10 @@ def _evaluate(probabilities: np.ndarray, truth: np.ndarray, labels: list[str], p
 
 def _guidance(args, checkpoint: Path, discriminative, labels: list[str], out: Path, name: str) -> list[dict]:
     """Share of label-guided samples the discriminative model assigns to the label asked for, per cfg scale."""
-    from textdiffusion.models.discriminative import predict_proba
-    from textdiffusion.pipelines.generation import DiffusionGenerator
     from textdiffusion.core.labels import label_token
     from textdiffusion.core.metrics import distinct_n
+    from textdiffusion.models.discriminative import predict_proba
+    from textdiffusion.pipelines.generation import DiffusionGenerator
 
     gen = DiffusionGenerator.from_pretrained(str(checkpoint), device="cpu")
     suppress = [label_token(c) for c in labels]
@@ -130,11 +130,12 @@ def _table(rows: list[dict]) -> str:
 
 
 def run_classify(args, out: Path) -> dict:
-    from textdiffusion.pipelines.classification import load_scorer, unigram_bayes
-    from textdiffusion.core.data import load_corpus
-    from textdiffusion.models.discriminative import predict_proba, train_sequence_classifier
-    from textdiffusion.core.labels import kept_labels
     from transformers import AutoTokenizer
+
+    from textdiffusion.core.data import load_corpus
+    from textdiffusion.core.labels import kept_labels
+    from textdiffusion.models.discriminative import predict_proba, train_sequence_classifier
+    from textdiffusion.pipelines.classification import load_scorer, unigram_bayes
 
     specs = []
     for spec in args.datasets:

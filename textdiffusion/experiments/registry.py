@@ -86,10 +86,10 @@ class Context:
     """What a generation experiment needs, loaded once: generator, prompts, scorer, reference row."""
 
     def __init__(self, args: ExperimentArgs):
-        from textdiffusion.models.bundled import resolve_checkpoint
         from textdiffusion.core.data import load_corpus
-        from textdiffusion.pipelines.generation import DiffusionGenerator, resolve_device, resolve_dtype
+        from textdiffusion.models.bundled import resolve_checkpoint
         from textdiffusion.models.quality import Scorer, prompts_from_documents, reference_row
+        from textdiffusion.pipelines.generation import DiffusionGenerator, resolve_device, resolve_dtype
 
         self.args = args
         self.device = resolve_device(args.device)
@@ -237,8 +237,8 @@ def run_steps(args, out):
 
 def run_levels(args, out):
     """Per-level loss over training: a table (steps x levels), the curves, and whether every level improved."""
-    from textdiffusion.models.bundled import resolve_checkpoint
     from textdiffusion.core.reporting import plot_level_curves, read_level_csv
+    from textdiffusion.models.bundled import resolve_checkpoint
 
     run = Path(args.run_dir or resolve_checkpoint(args.checkpoint))
     csv_path = run / "per_level_loss.csv"
@@ -271,10 +271,10 @@ def run_masking_viz(args, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from textdiffusion.models.bundled import resolve_checkpoint
+    from textdiffusion.config import DiffusionConfig
     from textdiffusion.core.collator import DiffusionCollator, collator_for_tokenizer, collator_from_config
     from textdiffusion.core.data import load_corpus, pack
-    from textdiffusion.config import DiffusionConfig
+    from textdiffusion.models.bundled import resolve_checkpoint
     from textdiffusion.schedules import SCHEDULES, get_schedule
 
     checkpoint = resolve_checkpoint(args.checkpoint)

@@ -37,8 +37,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.modeling_outputs import MaskedLMOutput
 
-from textdiffusion.errors import UsageError
 from textdiffusion.core.denoiser import MaskedDiffusionLM
+from textdiffusion.errors import UsageError
 from textdiffusion.models.presets import TOKENIZER_FILES
 
 logger = logging.getLogger("textdiffusion")

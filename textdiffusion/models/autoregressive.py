@@ -20,8 +20,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from textdiffusion.errors import UsageError
 from textdiffusion.core.evaluation import BoundResult
+from textdiffusion.errors import UsageError
 
 OBJECTIVES = ("diffusion", "ar")
 

@@ -71,7 +71,7 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def newest_good_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint that passes ``checkpoint_problem``; a warning for each newer one skipped."""
-    for step, folder in reversed(checkpoints(run_dir)):
+    for _step, folder in reversed(checkpoints(run_dir)):
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder

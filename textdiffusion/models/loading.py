@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from textdiffusion.errors import UsageError
 from textdiffusion.core.denoiser import MaskedDiffusionLM
+from textdiffusion.errors import UsageError
 from textdiffusion.models.presets import TOKENIZER_FILES
 
 logger = logging.getLogger(__name__)

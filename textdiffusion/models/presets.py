@@ -11,12 +11,14 @@ the global layers above it build longer-range context. ``benchmarks/preset_plate
 """
 
 from __future__ import annotations
-from pathlib import Path
-from textdiffusion.errors import UsageError
-from dataclasses import dataclass
+
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from textdiffusion.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

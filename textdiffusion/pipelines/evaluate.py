@@ -13,8 +13,8 @@ given (a folder that already holds an evaluation is refused unless --overwrite).
 from __future__ import annotations
 
 import json
-from functools import partial
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -50,10 +50,10 @@ class EvalArgs:
 def _load(args: EvalArgs, loader):
     """(tokenizer, model on its device, the checkpoint's training settings, block length, validation blocks):
     the same split and packing as training, whichever objective the checkpoint has."""
-    from textdiffusion.core.data import load_corpus, pack
-    from textdiffusion.pipelines.generation import resolve_device
     from textdiffusion.config import DiffusionConfig
+    from textdiffusion.core.data import load_corpus, pack
     from textdiffusion.core.denoiser import check_position_limit
+    from textdiffusion.pipelines.generation import resolve_device
 
     device = resolve_device(args.device)  # checked before the (slow) corpus and model loads
     config = DiffusionConfig.from_pretrained(args.checkpoint)  # a model from elsewhere: the foreign-model defaults
@@ -74,9 +74,9 @@ def _load(args: EvalArgs, loader):
 
 def run_causal_eval(args: EvalArgs) -> dict:
     """Exact NLL of an autoregressive checkpoint on the tokens a diffusion evaluation would score."""
-    from textdiffusion.models.autoregressive import causal_nll, load_causal_lm
     from textdiffusion.core.detokenize import text_units
     from textdiffusion.core.evaluation import scored_positions
+    from textdiffusion.models.autoregressive import causal_nll, load_causal_lm
 
     tokenizer, model, config, max_length, blocks = _load(args, lambda path, config: load_causal_lm(path))
     prefix = config.prefix_length
@@ -138,8 +138,8 @@ def run_diffusion_eval(args: EvalArgs) -> dict:
     from textdiffusion.core.data import unigram_entropy
     from textdiffusion.core.detokenize import text_units
     from textdiffusion.core.evaluation import nelbo, per_level_loss
-    from textdiffusion.models.loading import denoiser_for, load_diffusion_model
     from textdiffusion.core.reporting import format_level_table
+    from textdiffusion.models.loading import denoiser_for, load_diffusion_model
 
     tokenizer, model, config, max_length, blocks = _load(args, partial(load_diffusion_model, flag="--checkpoint"))
     model = denoiser_for(model, config)  # a causal LM adapted to diffusion: shifted logits, full attention

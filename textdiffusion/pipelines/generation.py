@@ -21,13 +21,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from textdiffusion.config import DiffusionConfig
-from textdiffusion.core.detokenize import decode_text
-from textdiffusion.errors import UsageError
+from textdiffusion.config import DiffusionConfig, SamplerConfig
 from textdiffusion.core.denoiser import check_position_limit, masked_logits
-from textdiffusion.models.loading import denoiser_for, load_diffusion_model
+from textdiffusion.core.detokenize import decode_text
 from textdiffusion.core.sampler import DenoisingSampler, DenoisingState, continuation
-from textdiffusion.config import SamplerConfig
+from textdiffusion.errors import UsageError
+from textdiffusion.models.loading import denoiser_for, load_diffusion_model
 
 MASK_SPAN = re.compile(r"<mask(?::(\d+))?>")
 

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import Trainer, TrainingArguments
 
-from textdiffusion.models.autoregressive import causal_nll
-from textdiffusion.models.checkpoints import staging_folder
 from textdiffusion.config import DiffusionConfig
-from textdiffusion.errors import UsageError
-from textdiffusion.core.evaluation import nelbo, per_level_loss
 from textdiffusion.core.denoiser import TrainedModule
+from textdiffusion.core.evaluation import nelbo, per_level_loss
 from textdiffusion.core.loss import diffusion_loss
 from textdiffusion.core.reporting import append_level_csv, format_level_table, plot_level_curves
+from textdiffusion.errors import UsageError
+from textdiffusion.models.autoregressive import causal_nll
+from textdiffusion.models.checkpoints import staging_folder
 
 if TYPE_CHECKING:
     from textdiffusion.pipelines.training_args import TrainArgs

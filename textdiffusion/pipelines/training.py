@@ -22,20 +22,25 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from textdiffusion.models.checkpoints import newest_good_checkpoint, remove_partial_saves, trainer_state
-from textdiffusion.core.collator import collator_from_config
 from textdiffusion.config import CorruptionConfig, DiffusionConfig
-from textdiffusion.core.data import BlockDataset, boundary_ids, load_corpus, pack, unigram_cross_entropy, unigram_entropy
-from textdiffusion.errors import UsageError
+from textdiffusion.core.collator import collator_from_config
+from textdiffusion.core.data import (
+    BlockDataset,
+    boundary_ids,
+    load_corpus,
+    pack,
+    unigram_cross_entropy,
+    unigram_entropy,
+)
+from textdiffusion.core.denoiser import count_parameters
 from textdiffusion.core.evaluation import scored_positions
 from textdiffusion.core.labels import add_label_tokens
+from textdiffusion.errors import UsageError
+from textdiffusion.models.checkpoints import newest_good_checkpoint, remove_partial_saves, trainer_state
 from textdiffusion.models.presets import PRESETS, preset_tokenizer
-from textdiffusion.core.denoiser import count_parameters
 from textdiffusion.pipelines.objectives import OBJECTIVES, adapted_objective
 from textdiffusion.pipelines.trainers import CURVE_CSV, LEVEL_CSV, training_arguments
-from textdiffusion.pipelines.training_args import RUN_ARGS_NAME
-from textdiffusion.pipelines.training_args import RUN_IDENTITY
-from textdiffusion.pipelines.training_args import TrainArgs
+from textdiffusion.pipelines.training_args import RUN_ARGS_NAME, RUN_IDENTITY, TrainArgs
 
 logger = logging.getLogger("textdiffusion")
 

@@ -2,15 +2,13 @@
 the model to start from, the data, and the optimisation, validated in one place."""
 
 from __future__ import annotations
-from textdiffusion.config import CorruptionConfig
-from textdiffusion.config import OBJECTIVES_WHAT
-from textdiffusion.config import OBJECTIVE_NAMES
+
+from dataclasses import dataclass, field
 from typing import Optional
-from textdiffusion.models.presets import PRESETS
-from textdiffusion.models.presets import PRESET_ARCHITECTURES
+
+from textdiffusion.config import OBJECTIVE_NAMES, OBJECTIVES_WHAT, CorruptionConfig
 from textdiffusion.errors import UsageError
-from dataclasses import dataclass
-from dataclasses import field
+from textdiffusion.models.presets import PRESET_ARCHITECTURES, PRESETS
 
 RUN_ARGS_NAME = "run_args.json"
 

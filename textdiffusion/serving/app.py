@@ -22,10 +22,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from textdiffusion.config import SamplerConfig
 from textdiffusion.core.detokenize import decode_text
 from textdiffusion.errors import UsageError
 from textdiffusion.pipelines.generation import MASK_SPAN
-from textdiffusion.config import SamplerConfig
 from textdiffusion.serving.engine import Engine, Job, JobSpec, QueueFull, default_max_length, model_positions
 from textdiffusion.serving.metrics import ServerMetrics
 from textdiffusion.serving.schemas import CompletionRequest, GenerateRequest

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from textdiffusion.errors import UsageError
-from textdiffusion.pipelines.generation import DiffusionGenerator
+from textdiffusion.config import SamplerConfig
 from textdiffusion.core.denoiser import masked_logits, position_limit
 from textdiffusion.core.sampler import DenoisingSampler, DenoisingState
-from textdiffusion.config import SamplerConfig
+from textdiffusion.errors import UsageError
+from textdiffusion.pipelines.generation import DiffusionGenerator
 
 
 def default_max_length(generator: DiffusionGenerator) -> int:
