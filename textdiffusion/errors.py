@@ -3,7 +3,14 @@ that refuses an unwritable output path before any work is done."""
 
 
 class UsageError(ValueError):
-    """Bad input from the user: the message names the argument and the value, and says what to do."""
+    """Bad input from the user: the message names the argument and the value, and says what to do.
+
+    ``field`` and ``value`` carry the same two as data (the setting's Python name, e.g. ``block_length``),
+    so a caller that words errors its own way — the server's JSON answer — needs no parsing of the text."""
+
+    def __init__(self, message: str, *, field: str | None = None, value=None):
+        super().__init__(message)
+        self.field, self.value = field, value
 
 
 def require_writable(flag: str, path: str | None, directory: bool = False) -> None:

@@ -104,6 +104,33 @@ class DenoisingKVCache:
             self.partial_rows += len(rows)
         return self.head(self._final_norm(hidden[positions]))  # [n, V]
 
+    # -- rows that join and leave (the server's batch, driven by pipelines.denoising.DenoisingRun) ---------------
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the rows ``keep`` ([r] long, in their new order): a request that leaves takes its rows'
+        keys/values with it; the others keep theirs, so no remaining row recomputes anything."""
+        if not self.keys:
+            return
+        self.keys = [k.index_select(0, keep) for k in self.keys]
+        self.values = [v.index_select(0, keep) for v in self.values]
+        self.block_start = self.block_start.index_select(0, keep)
+
+    def add_rows(self, n: int, length: int, device) -> None:
+        """Make room for ``n`` new rows at the end (a request that joins) and widen every row to ``length``
+        positions if it is longer. New rows have no block yet, so their first call is a full forward; the
+        rows already there keep their keys/values (the widened positions are padding, never attended to)."""
+        if not self.keys:
+            self._allocate(n, length, device)
+            return
+        l = self.keys[0].shape[2]
+        grow = max(length, l) - l
+        def widen(t: torch.Tensor) -> torch.Tensor:  # [b, h, l, d] -> [b + n, h, l + grow, d]
+            return F.pad(t, (0, 0, 0, grow, 0, 0, 0, n))
+        self.keys = [widen(k) for k in self.keys]
+        self.values = [widen(v) for v in self.values]
+        self.block_start = torch.cat([self.block_start, self.block_start.new_full((n,), -1)])
+        if grow:
+            self._tables = self._position_tables(l + grow, device, self.keys[0].dtype)
+
     def _allocate(self, b: int, l: int, device) -> None:
         cfg = self.base.config
         heads = cfg.num_attention_heads

@@ -15,31 +15,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from textdiffusion.config import DiffusionConfig, SamplerConfig
-from textdiffusion.core.denoiser import check_position_limit, masked_logits
+from textdiffusion.core.denoiser import check_position_limit
 from textdiffusion.core.detokenize import decode_text
-from textdiffusion.core.sampler import DenoisingSampler, DenoisingState, continuation
+from textdiffusion.core.sampler import DenoisingState, continuation
 from textdiffusion.errors import UsageError
 from textdiffusion.models.loading import denoiser_for, load_diffusion_model
+from textdiffusion.pipelines.denoising import DenoisingRun, GenerationOutput
 
 MASK_SPAN = re.compile(r"<mask(?::(\d+))?>")
-
-
-@dataclass
-class GenerationOutput:
-    texts: list[str]
-    nfe: int  # forward passes of the model (model calls), the cost of generation
-    steps: int  # steps of the plan (a step may be skipped without a model call)
-    token_ids: torch.Tensor  # [b, l] final tokens
-    trace: list[torch.Tensor] = field(default_factory=list)  # [b, l] tokens at the start and after each step
-    notes: list[str] = field(default_factory=list)
-    config: SamplerConfig | None = None  # the settings used: the checkpoint's defaults with the call's overrides
 
 
 def available_devices() -> list[str]:
@@ -173,23 +163,6 @@ class DiffusionGenerator:
         return x, editable, attention
 
     # -- the loop ---------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def logits(self, x: torch.Tensor, attention: torch.Tensor, editable: torch.Tensor, cfg_scale: float,
-               positions: torch.Tensor) -> torch.Tensor:
-        """Model logits [n, V] at ``positions`` only (the LM head skips the rest); with classifier-free
-        guidance, combined with an unconditional pass in which the prompt is masked out."""
-        if not cfg_scale:
-            if self._compiled is not None:
-                full = self._compiled(x, attention if not bool(attention.all()) else None)
-                return full[positions].clone()  # copy out: a CUDA graph reuses its output buffer
-            return masked_logits(self.denoiser, x, attention, positions)
-        special = torch.isin(x, torch.tensor([self.cls_id, self.sep_id, self.pad_id], device=x.device))
-        uncond = x.masked_fill(~editable & ~special, self.mask_id)
-        both = masked_logits(self.denoiser, torch.cat([x, uncond]), torch.cat([attention, attention]),
-                             torch.cat([positions, positions]))
-        cond, unc = both.chunk(2)  # rows of the first half of the batch come first in row-major order
-        return unc + (1 + cfg_scale) * (cond - unc)  # LLaDA's form: cfg_scale 0 is the conditional model
-
     def _full_logits(self, x: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
         return self.denoiser(input_ids=x, attention_mask=attention).logits  # [b, l, V]
 
@@ -197,7 +170,7 @@ class DiffusionGenerator:
     def generate(self, prompts: Sequence[str] | str | None = None, *, templates: Sequence[str] | None = None,
                  max_length: int | None = None, seed: int = 0, cfg_scale: float = 0.0,
                  suppress_tokens: Sequence[str] = (), allowed: torch.Tensor | None = None,
-                 stop_at_eos: bool = True, return_trace: bool = False, cache: str = "none", cache_refresh: str = "block",
+                 stop_at_eos: bool = True, return_trace: bool = False, cache: str = "auto", cache_refresh: str = "block",
                  on_step: Callable[[int, DenoisingState], None] | None = None, **sampler_kwargs) -> GenerationOutput:
         """Generate one text per prompt (continuation) or per template (infilling).
 
@@ -221,62 +194,12 @@ class DiffusionGenerator:
         if unknown:
             raise TypeError(f"unknown generation setting(s): {sorted(unknown)}")
         config = dataclasses.replace(self.config.generation, **sampler_kwargs)  # the checkpoint's defaults, overridden
-        notes: list[str] = []
-        kv = self._kv_cache(cache, cache_refresh, config, cfg_scale, notes)
-
-        x, editable, attention = (t.to(self.device) for t in self.build_batch(templates, max_length))
-        sampler = DenoisingSampler(config, self.mask_id, self.suppress_ids(suppress_tokens),
-                                   eos_token_id=self.sep_id if stop_at_eos else None)
-        notes += sampler.set_timesteps(config.steps, editable)
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(templates))]
-        state = DenoisingState(x=x, editable=editable, generators=generators, allowed=allowed)
-        trace = [x.cpu().clone()] if return_trace else []
-        max_iterations = int(editable.sum(1).max()) * 2 + sampler.num_steps  # a hard stop, never reached in practice
-        for _ in range(max_iterations):
-            if sampler.done(state):
-                break
-            if not bool(sampler.plan(state).any()):
-                state = sampler.skip(state)  # nothing to commit: no model call, the trace repeats the state
-                if return_trace:
-                    trace.append(state.x.cpu().clone())
-                continue
-            needed = sampler.needed_positions(state)
-            if kv is not None:
-                logits = kv.logits(state.x, attention, sampler.region(state), needed)
-            else:
-                logits = self.logits(state.x, attention, editable, cfg_scale, needed)
-            state = sampler.step(logits, dataclasses.replace(state, nfe=state.nfe + 1))
-            if return_trace:
-                trace.append(state.x.cpu().clone())
-            if on_step is not None:
-                on_step(state.nfe, state)
-        texts = [self.decode(row, ed, stop_at_eos) for row, ed in zip(state.x.cpu(), editable.cpu())]
-        return GenerationOutput(texts=texts, nfe=state.nfe, steps=sampler.num_steps, token_ids=state.x.cpu(),
-                                trace=trace, notes=notes, config=config)
-
-    def _kv_cache(self, cache: str, refresh: str, config: SamplerConfig, cfg_scale: float, notes: list[str]):
-        """The key/value cache for this call, or None (``cache="none"``, or a notice when it cannot apply)."""
-        from textdiffusion.models.kvcache import CACHE_CHOICES, REFRESH, DenoisingKVCache, cache_support
-
-        if cache not in CACHE_CHOICES:
-            raise UsageError(f"--cache must be one of {CACHE_CHOICES}, got {cache!r}.")
-        if refresh not in REFRESH:
-            raise UsageError(f"cache_refresh must be one of {REFRESH}, got {refresh!r}.")
-        if cache == "none":
-            return None
-        if cache == "auto":  # the dual cache wherever it applies, without a notice where it does not
-            usable = config.block_length is not None and cache_support(self.model) is None and not cfg_scale
-            return DenoisingKVCache(self.model, "dual", refresh) if usable else None
-        if config.block_length is None:
-            raise UsageError(f"--cache {cache} reuses keys/values within a block: it needs --block-length "
-                             "(e.g. --block-length 32), got none.")
-        reason = cache_support(self.model)
-        if reason is None and cfg_scale:
-            reason = "--cache does not combine with --cfg-scale"
-        if reason is not None:
-            notes.append(f"{reason}: generating without the cache.")
-            return None
-        return DenoisingKVCache(self.model, cache, refresh)
+        run = DenoisingRun(self, cache, cache_refresh)  # the same loop the server's engine drives
+        group = run.add(templates, config, seed=seed, cfg_scale=cfg_scale, suppress_tokens=suppress_tokens,
+                        stop_at_eos=stop_at_eos, max_length=max_length, allowed=allowed, return_trace=return_trace,
+                        on_step=on_step)
+        run.run_to_end()
+        return run.result(group)
 
     def suppress_ids(self, tokens: Sequence[str]) -> list[int]:
         """Ids never generated: the given tokens (as strings or ids), plus pad and the block-opening token."""

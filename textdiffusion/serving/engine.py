@@ -1,24 +1,19 @@
 """Step-level continuous batching: every request in flight denoises in the same model calls.
 
-One background thread owns the model. Each active request keeps its own :class:`DenoisingSampler` and
-:class:`DenoisingState` (its own settings, one ``torch.Generator`` per sample). Every tick the requests
-that need a model call at their current step are stacked into one right-padded batch (pad id +
-attention mask, at most ``max_batch`` rows); ONE forward computes the logits at the union of their
-needed positions; the logits [n, V] come back in row-major order, so each request takes its own
-contiguous slice and its sampler steps. New requests join at the next tick, finished or cancelled ones
-leave. Because a row's logits do not depend on the other rows of the batch and each sample draws from
-its own generator, a request's result is the one ``DiffusionGenerator.generate`` gives it alone.
-
-Classifier-free guidance is a request kind of its own: such a request puts twice its rows in the batch
-(the samples, then the same samples with the prompt masked out) and combines the two halves of its slice
-the way ``DiffusionGenerator.logits`` does.
+One background thread owns the model and one :class:`pipelines.denoising.DenoisingRun` — the same loop
+``DiffusionGenerator.generate`` drives to the end. Each request is a group of that run (its own sampler
+settings, one ``torch.Generator`` per sample); every tick the engine admits waiting requests (at most
+``max_batch`` rows in flight), removes cancelled ones, and calls ``run.step()``: one model call for every
+request that needs one, through the key/value cache for requests that generate in blocks (their cached
+keys and values stay put as others join and leave). Because a row's logits do not depend on the other
+rows of the batch and each sample draws from its own generator, a request's result is the one
+``DiffusionGenerator.generate`` gives it alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import itertools
 import threading
 import time
@@ -28,9 +23,10 @@ import numpy as np
 import torch
 
 from textdiffusion.config import SamplerConfig
-from textdiffusion.core.denoiser import masked_logits, position_limit
+from textdiffusion.core.denoiser import position_limit
 from textdiffusion.core.sampler import DenoisingSampler, DenoisingState
 from textdiffusion.errors import UsageError
+from textdiffusion.pipelines.denoising import DenoisingGroup, DenoisingRun
 from textdiffusion.pipelines.generation import DiffusionGenerator
 
 
@@ -63,24 +59,16 @@ class JobSpec:
 
 
 class Job:
-    """One request in flight: its sampler, its state, and a channel of events back to the event loop."""
+    """One request in flight: its group in the run, and a channel of events back to the event loop."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, spec: JobSpec, generator: DiffusionGenerator, loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, spec: JobSpec, group: DenoisingGroup, loop: asyncio.AbstractEventLoop | None):
         self.id = next(self._ids)
         self.spec = spec
-        g = generator
-        x, editable, attention = g.build_batch(spec.templates, spec.max_length)  # [b, l] each, raises UsageError
-        self.attention = attention
-        self.sampler = DenoisingSampler(spec.sampler, g.mask_id, g.suppress_ids(spec.suppress_tokens),
-                                        eos_token_id=g.sep_id if spec.stop_at_eos else None)  # as generate() does
-        self.notes = self.sampler.set_timesteps(spec.sampler.steps, editable)
-        generators = [torch.Generator().manual_seed(spec.seed + i) for i in range(len(spec.templates))]
-        self.state = DenoisingState(x=x, editable=editable, generators=generators)
-        self.confidence = torch.full(x.shape, float("nan"))  # [b, l] model probability of each committed token
-        self.max_iterations = int(editable.sum(1).max()) * 2 + self.sampler.num_steps  # generate()'s hard stop
-        self.iterations = 0
+        self.group = group
+        group.keep_logits = spec.stream  # the stream shows each committed token's probability
+        self.confidence = torch.full(group.state.x.shape, float("nan"))  # [b, l] probability of each committed token
         self.loop = loop
         self.events: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
         self.cancelled = threading.Event()
@@ -90,9 +78,25 @@ class Job:
         self.result: dict | None = None
 
     @property
+    def state(self) -> DenoisingState:
+        return self.group.state
+
+    @property
+    def sampler(self) -> DenoisingSampler:
+        return self.group.sampler
+
+    @property
+    def notes(self) -> list[str]:
+        return self.group.notes
+
+    @property
+    def attention(self) -> torch.Tensor:
+        return self.group.attention
+
+    @property
     def rows(self) -> int:
         """Rows this request occupies in a model call."""
-        return self.state.x.shape[0] * (2 if self.spec.cfg_scale else 1)
+        return self.group.rows
 
     def emit(self, event: dict) -> None:
         if self.loop is not None and not self.loop.is_closed():
@@ -100,19 +104,6 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-    # -- the sampler's side of the loop: the same checks, in the same order, as DiffusionGenerator.generate
-    def advance_to_call(self) -> bool:
-        """Skip steps that commit nothing; True if the request needs a model call now, False if it is done."""
-        sampler, state = self.sampler, self.state
-        while self.iterations < self.max_iterations:
-            if sampler.done(state):
-                return False
-            if bool(sampler.plan(state).any()):
-                return True
-            state = self.state = sampler.skip(state)
-            self.iterations += 1
-        return False
 
 
 def check_limits(max_batch: int, max_queue: int) -> None:
@@ -127,9 +118,11 @@ class Engine:
     """The scheduler: a bounded waiting line, the active set, and the model loop in one thread."""
 
     def __init__(self, generator: DiffusionGenerator, max_batch: int = 32, max_queue: int = 64,
-                 tick_delay: float = 0.0, on_call=None, on_finish=None):
+                 tick_delay: float = 0.0, on_call=None, on_finish=None, cache: str = "auto"):
         check_limits(max_batch, max_queue)
         self.generator = generator
+        self.cache = cache
+        self.run = DenoisingRun(generator, cache)  # the engine thread's own; requests join and leave it
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.tick_delay = tick_delay
@@ -147,7 +140,6 @@ class Engine:
         for i in (generator.cls_id, generator.sep_id, generator.pad_id):
             if i is not None:
                 self.vocab_text[i] = ""  # block markers and end of text are not shown as text
-        self.special = torch.tensor([i for i in (generator.cls_id, generator.sep_id, generator.pad_id) if i is not None])
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -165,7 +157,10 @@ class Engine:
     def submit(self, spec: JobSpec, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         if len(spec.templates) * (2 if spec.cfg_scale else 1) > self.max_batch:
             raise UsageError(f"n={len(spec.templates)} samples need more rows than --max-batch {self.max_batch}.")
-        job = Job(spec, self.generator, loop)  # tokenises and validates outside the lock
+        group = self.run.new_group(spec.templates, spec.sampler, seed=spec.seed, cfg_scale=spec.cfg_scale,
+                                   suppress_tokens=spec.suppress_tokens, stop_at_eos=spec.stop_at_eos,
+                                   max_length=spec.max_length)  # tokenises and validates outside the lock
+        job = Job(spec, group, loop)
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the limit is {self.max_queue}).")
@@ -191,9 +186,10 @@ class Engine:
                 jobs = list(self.active)
             try:
                 self._tick(jobs)
-            except Exception as e:  # never let one bad batch kill the server: fail its requests
+            except Exception as e:  # never let one bad batch kill the server: fail its requests, start a clean run
                 for job in jobs:
                     self._fail(job, f"internal error during generation: {e!r}")
+                self.run = DenoisingRun(self.generator, self.cache)
             if self.tick_delay:
                 time.sleep(self.tick_delay)
 
@@ -206,11 +202,16 @@ class Engine:
                 continue
             job.started = time.perf_counter()
             rows += job.rows
+            self.run.join(job.group)
             self.active.append(job)
             if job.spec.stream:
                 job.emit(self._frame(job, "start"))
 
     def _leave(self, job: Job) -> None:
+        try:
+            self.run.remove(job.group)  # only the engine thread calls this: the run is its own
+        except Exception:  # a run broken by a failed tick is replaced by a clean one right after (see _run)
+            pass
         with self.lock:
             if job in self.active:
                 self.active.remove(job)
@@ -220,66 +221,37 @@ class Engine:
         job.result = {"error": message}
         job.emit({"event": "error", "message": message})
 
-    @torch.inference_mode()
     def _tick(self, jobs: list[Job]) -> None:
-        ready = []
         for job in jobs:
             if job.cancelled.is_set():
-                self._leave(job)  # a client that went away frees its rows now
-            elif job.advance_to_call():
-                ready.append(job)
-            else:
+                self._leave(job)  # a client that went away frees its rows (and its cache rows) now
+        stepped = self.run.step()  # one model call for every request that needs one
+        if stepped:
+            rows = self.run.last_call_rows
+            with self.lock:
+                self.model_calls += 1
+                self.request_steps += len(stepped)
+            if self.on_call is not None:
+                self.on_call(rows, len(stepped))
+            by_group = {job.group.id: job for job in jobs}
+            for group in stepped:
+                job = by_group[group.id]
+                job.max_rows_seen = max(job.max_rows_seen, rows)
+                if job.spec.stream:
+                    self._stream_step(job)
+        for job in jobs:
+            if job.group.done and job.result is None and not job.cancelled.is_set():
                 self._finish(job)
-        if not ready:
-            return
-        g = self.generator
-        xs, atts, needed = [], [], []
-        for job in ready:  # rows of each request, in order; a CFG request adds its unconditional copy
-            st = job.state
-            need = job.sampler.needed_positions(st)  # [b, l]
-            xs.append(st.x)
-            atts.append(job.attention)
-            needed.append(need)
-            if job.spec.cfg_scale:
-                keep = ~st.editable & ~torch.isin(st.x, self.special)
-                xs.append(st.x.masked_fill(keep, g.mask_id))  # the prompt masked out
-                atts.append(job.attention)
-                needed.append(need)
-        length = max(x.shape[1] for x in xs)
-        x = torch.cat([_pad(t, length, g.pad_id) for t in xs]).to(g.device)  # [B, L]
-        attention = torch.cat([_pad(t, length, 0) for t in atts]).to(g.device)  # [B, L]
-        positions = torch.cat([_pad(t, length, False) for t in needed]).to(g.device)  # [B, L]
-        logits = masked_logits(g.denoiser, x, attention, positions)  # [n, V] row-major over the batch
-        rows = x.shape[0]
-        with self.lock:
-            self.model_calls += 1
-            self.request_steps += len(ready)
-        if self.on_call is not None:
-            self.on_call(rows, len(ready))
-        counts = [int(n.sum()) for n in needed]
-        pieces = list(torch.split(logits, counts))
-        for job in ready:
-            own = pieces.pop(0)
-            if job.spec.cfg_scale:
-                unc = pieces.pop(0)
-                own = unc + (1 + job.spec.cfg_scale) * (own - unc)  # as DiffusionGenerator.logits
-            job.max_rows_seen = max(job.max_rows_seen, rows)
-            self._step(job, own.to(job.state.x.device))
 
-    def _step(self, job: Job, logits: torch.Tensor) -> None:
+    def _stream_step(self, job: Job) -> None:
+        """The step's frame: every position, and the model's probability of each newly committed token."""
+        needed, before, logits = job.group.last
         st, mask_id = job.state, self.generator.mask_id
-        needed = job.sampler.needed_positions(st)  # [b, l]
-        before = st.x
-        st = job.state = job.sampler.step(logits, dataclasses.replace(st, nfe=st.nfe + 1))
-        job.iterations += 1
-        if not job.spec.stream:
-            return  # nobody watches the steps: no confidence, no frame
-        # confidence of the newly committed tokens: the model's probability of the token now at the position
         new = needed & (st.x != mask_id) & (st.x != before)  # [b, l]
         probs = logits.float().softmax(-1)  # [n, V] at the needed positions, row-major
         p_at = probs.gather(-1, st.x[needed][:, None]).squeeze(-1)  # [n]
         conf = torch.full(st.x.shape, float("nan"))
-        conf[needed] = p_at.cpu()
+        conf[needed.cpu()] = p_at.cpu()
         job.confidence = torch.where(new.cpu(), conf, job.confidence)
         job.confidence[(st.x == mask_id).cpu()] = float("nan")  # re-masked tokens lose their confidence
         job.emit(self._frame(job, "step"))
@@ -319,11 +291,3 @@ class Engine:
                 "num_steps": job.sampler.num_steps, "masked": int(masked.sum()),
                 "elapsed": round(time.perf_counter() - (job.started or job.submitted), 4), "rows": rows}
 
-
-def _pad(t: torch.Tensor, length: int, value) -> torch.Tensor:
-    """Right-pad [b, l] to [b, length]."""
-    if t.shape[1] == length:
-        return t
-    out = torch.full((t.shape[0], length), value, dtype=t.dtype)
-    out[:, : t.shape[1]] = t
-    return out
