@@ -10,6 +10,12 @@ reports throughput, p50/p99 latency, errors, and the average number of requests 
 from the server's own /metrics (> 1 is the batching at work). Bounded: a run stops sending after
 `--timeout` seconds. The same seed must give the same text whatever the batch: the texts of the runs
 are compared request by request. Results: results.json and README.md in --output.
+
+The library side (``--library``, on by default): the same requests — prompt, seed, ``max_tokens``, the
+checkpoint's defaults — through ``DiffusionGenerator.generate`` in this process, ``--max-batch``'s largest
+value at a time (request i is row i - first of its batch, so its seed is i as in the server), in the same
+run and on the same cores. The server's tokens/s over the library's is how much the HTTP layer, the queue
+and the step-level batching cost; the texts must be the same request by request.
 """
 
 from __future__ import annotations
@@ -88,6 +94,32 @@ async def run_load(url: str, clients: int, requests: int, max_tokens: int, timeo
             "rows_per_model_call": round(rows / calls, 2) if calls else 0.0, "texts": texts}
 
 
+def library_run(checkpoint: str, requests: int, max_tokens: int, batch: int) -> dict:
+    """The same requests through ``generate`` in batches of ``batch``: tokens/s and the continuations' texts."""
+    from textdiffusion.pipelines.generation import DiffusionGenerator
+    from textdiffusion.serving.app import _continuation
+
+    gen = DiffusionGenerator.from_pretrained(checkpoint)
+    gen.generate(templates=[f"Warm up<mask:{max_tokens}>"])
+    texts = {}
+    t0 = time.perf_counter()
+    for first in range(0, requests, batch):
+        ids = range(first, min(first + batch, requests))
+        templates = [f"{PROMPTS[i % len(PROMPTS)]}<mask:{max_tokens}>" for i in ids]
+        out = gen.generate(templates=templates, seed=first)  # row j is seeded first + j = its request's seed
+        _, editable, _ = gen.build_batch(templates)
+        for i, row, ed in zip(ids, out.token_ids, editable):
+            texts[i] = _continuation(gen, row, ed)[0]
+    wall = time.perf_counter() - t0
+    alone = {}  # the server's promise: a request's text is the one `generate` gives it alone
+    for i in range(min(8, requests)):
+        template = f"{PROMPTS[i % len(PROMPTS)]}<mask:{max_tokens}>"
+        out = gen.generate(templates=[template], seed=i)
+        alone[i] = _continuation(gen, out.token_ids[0], gen.build_batch([template])[1][0])[0]
+    return {"batch": batch, "requests": requests, "wall_s": round(wall, 3),
+            "tokens_per_s": round(requests * max_tokens / wall, 1), "texts": texts, "alone": alone}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,7 +146,7 @@ def start_server(checkpoint: str, max_batch: int, max_queue: int, log: Path) -> 
     raise RuntimeError("the server did not start within 180 s")
 
 
-def markdown(results: list[dict], args, machine: str) -> str:
+def markdown(results: list[dict], args, machine: str, library: dict | None = None) -> str:
     lines = [
         "# `textdiffusion serve` under load",
         "",
@@ -136,6 +168,14 @@ def markdown(results: list[dict], args, machine: str) -> str:
                       f"**{results[0]['requests_per_s'] / base['requests_per_s']:.2f}x**."]
         same = results[0]["identical_texts"]
         lines += [f"Same seed, same text across the runs: {same[0]}/{same[1]} requests."]
+    if library is not None:
+        same, alone = library["same_texts_as_server"], library["server_same_as_alone"]
+        lines += ["", f"The library on the same requests (`generate`, {library['batch']} rows a call, same cores): "
+                      f"{library['tokens_per_s']:.0f} tokens/s. **The server (--max-batch {results[0]['max_batch']}) at "
+                      f"{results[0]['tokens_per_s'] / library['tokens_per_s']:.2f}x the library's tokens/s.** "
+                      f"The server's text equals `generate` of that request alone for {alone[0]}/{alone[1]} requests "
+                      f"checked, and the library's batched text for {same[0]}/{same[1]} (a row right-padded into a "
+                      "batch of other lengths can round differently and, sampled, diverge — in the library as well)."]
     return "\n".join(lines) + "\n"
 
 
@@ -148,6 +188,8 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, nargs="+", default=[32, 1])
     p.add_argument("--timeout", type=float, default=240, help="Seconds per run after which no request is sent.")
     p.add_argument("--output", default="benchmarks/results/serve_load")
+    p.add_argument("--library", action=argparse.BooleanOptionalAction, default=True,
+                   help="Also run the same requests through DiffusionGenerator.generate (the server/library ratio).")
     args = p.parse_args()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,8 +214,18 @@ def main() -> None:
     same = sum(len({r["texts"][i] for r in results}) == 1 for i in common)
     for r in results:
         r["identical_texts"] = [same, len(common)]
-    (out / "results.json").write_text(json.dumps({"machine": machine, "args": vars(args), "runs": results}, indent=2) + "\n")
-    (out / "README.md").write_text(markdown(results, args, machine))
+    library = None
+    if args.library:
+        library = library_run(args.checkpoint, args.requests, args.max_tokens, max(args.max_batch))
+        served = results[0]["texts"]
+        library["same_texts_as_server"] = [sum(served.get(i) == text for i, text in library["texts"].items()),
+                                           len(library["texts"])]
+        library["server_same_as_alone"] = [sum(served.get(i) == text for i, text in library["alone"].items()),
+                                           len(library["alone"])]
+        print(json.dumps({k: v for k, v in library.items() if k not in ("texts", "alone")}), flush=True)
+    (out / "results.json").write_text(json.dumps({"machine": machine, "args": vars(args), "runs": results,
+                                                  "library": library}, indent=2) + "\n")
+    (out / "README.md").write_text(markdown(results, args, machine, library))
     (out / "server.log").unlink(missing_ok=True)
     print(markdown(results, args, machine))
 
