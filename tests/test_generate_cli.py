@@ -67,6 +67,7 @@ def test_animate_runs(checkpoint, capsys):
     (["--strategy", "best-first"], "--strategy must be one of"),
     (["--device", "cuda:7"], "--device 'cuda:7' is not available here (available: cpu"),
     (["--dtype", "float8"], "--dtype must be auto or one of"),
+    (["--strategy", "eb", "--remask-fraction", "0.2"], "`remask_fraction` needs a step schedule"),  # not a traceback
 ])
 def test_bad_generate_input(checkpoint, capsys, extra, needle):
     assert main(["generate", "--checkpoint", str(checkpoint), "--hide-steps", *extra]) == 2

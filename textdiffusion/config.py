@@ -47,6 +47,11 @@ class ConfigError(ValueError):
         self.name, self.value, self.rule = name, value, rule
         super().__init__(f"`{name}` {rule}, got {value!r}.")
 
+    @property
+    def field(self) -> str:
+        """The setting's name, as ``UsageError.field`` (the server reports both the same way)."""
+        return self.name
+
     def as_flag_message(self) -> str:
         return f"--{self.name.replace('_', '-')} {self.rule}, got {self.value!r}."
 

@@ -1,9 +1,18 @@
 """The one exception type the command line turns into a one-line error and a non-zero exit, and the check
 that refuses an unwritable output path before any work is done."""
 
+from __future__ import annotations
+
 
 class UsageError(ValueError):
-    """Bad input from the user: the message names the argument and the value, and says what to do."""
+    """Bad input from the user: the message names the argument and the value, and says what to do.
+
+    ``field`` and ``value``, where given, say the same as data (the argument as a Python name, e.g.
+    ``suppress_tokens``), so that the server can name the request's field without reading the message."""
+
+    def __init__(self, message: str, *, field: str | None = None, value=None):
+        super().__init__(message)
+        self.field, self.value = field, value
 
 
 def require_writable(flag: str, path: str | None, directory: bool = False) -> None:

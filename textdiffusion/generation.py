@@ -128,12 +128,12 @@ class DiffusionGenerator:
                 editable += [False] * len(piece)
             n = int(match.group(1) or 1)
             if n < 1:
-                raise UsageError(f"--infill: a span must have at least one position, got {match.group(0)!r}.")
+                raise UsageError(f"--infill: a span must have at least one position, got {match.group(0)!r}.", field="template", value=template)
             ids += [self.mask_id] * n
             editable += [True] * n
             pos = match.end()
         if not any(editable):
-            raise UsageError(f"--infill {template!r} has no masked span: write <mask:N> where text should be generated.")
+            raise UsageError(f"--infill {template!r} has no masked span: write <mask:N> where text should be generated.", field="template", value=template)
         tail = template[pos:]
         if tail:
             piece = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
@@ -146,7 +146,7 @@ class DiffusionGenerator:
         room = max_length - n_prompt - (self.cls_id is not None) - (self.sep_id is not None)
         if room < 1:
             raise UsageError(f"--prefix is {n_prompt} tokens long: it leaves no room to generate within "
-                             f"--max-length {max_length}; raise --max-length or shorten the prompt.")
+                             f"--max-length {max_length}; raise --max-length or shorten the prompt.", field="prompt", value=prompt)
         return f"{prompt}<mask:{room}>"
 
     def build_batch(self, templates: Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,7 +159,7 @@ class DiffusionGenerator:
             if self.sep_id is not None:
                 ids, editable = ids + [self.sep_id], editable + [False]
             if max_length is not None and len(ids) > max_length:
-                raise UsageError(f"the template is {len(ids)} tokens long, more than --max-length {max_length}.")
+                raise UsageError(f"the template is {len(ids)} tokens long, more than --max-length {max_length}.", field="template", value=template)
             rows.append((ids, editable))
         length = max(len(ids) for ids, _ in rows)
         x = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
@@ -289,7 +289,7 @@ class DiffusionGenerator:
             else:
                 pieces = self.tokenizer(t, add_special_tokens=False)["input_ids"]
                 if len(pieces) != 1:
-                    raise UsageError(f"--suppress-tokens {t!r} is not one token of this tokenizer (it is {len(pieces)}).")
+                    raise UsageError(f"--suppress-tokens {t!r} is not one token of this tokenizer (it is {len(pieces)}).", field="suppress_tokens", value=t)
                 ids.add(pieces[0])
         return sorted(ids)
 

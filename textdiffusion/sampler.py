@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from .config import check
+from .errors import UsageError
 from .schedules import SCHEDULES, get_schedule
 
 STRATEGIES = ("remask-random", "confidence", "margin", "entropy", "random", "eb")
@@ -89,12 +90,14 @@ class SamplerConfig:
         check(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {sorted(SCHEDULES)}")
         check(self.eb_gamma > 0, "eb_gamma", self.eb_gamma, "must be > 0 (an entropy budget in nats)")
         if self.strategy == "remask-random" and (self.confidence_threshold is not None or self.remask_fraction):
-            raise ValueError("`strategy` 'remask-random' already re-masks at random; it cannot be combined with "
-                             "`confidence_threshold` or `remask_fraction`.")
+            raise UsageError("`strategy` 'remask-random' already re-masks at random; it cannot be combined with "
+                             "`confidence_threshold` or `remask_fraction`.", field="strategy", value=self.strategy)
         if self.strategy == "eb" and self.remask_fraction:
-            raise ValueError("`remask_fraction` needs a step schedule; it cannot be combined with `strategy` 'eb'.")
+            raise UsageError("`remask_fraction` needs a step schedule; it cannot be combined with `strategy` 'eb'.",
+                             field="remask_fraction", value=self.remask_fraction)
         if self.confidence_threshold is not None and self.remask_fraction:
-            raise ValueError("`remask_fraction` needs a step schedule; it cannot be combined with `confidence_threshold`.")
+            raise UsageError("`remask_fraction` needs a step schedule; it cannot be combined with `confidence_threshold`.",
+                             field="remask_fraction", value=self.remask_fraction)
 
 
 @dataclass

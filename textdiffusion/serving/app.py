@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from ..detokenize import decode_text
+from ..config import ConfigError
 from ..errors import UsageError
 from ..generation import MASK_SPAN
 from ..sampler import SamplerConfig
@@ -164,15 +165,18 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
         return Response(body, media_type=content_type)
 
     # -- generation --------------------------------------------------------------------------------
-    async def submit(spec: JobSpec, field: str) -> Job:
+    async def submit(spec: JobSpec, field: str, text: str) -> Job:
+        """Queue a job built from the request's ``field`` (its text, ``text``)."""
         loop = asyncio.get_running_loop()
         try:
             return await run_in_threadpool(engine.submit, spec, loop)  # tokenising is off the event loop
         except QueueFull as e:
             raise APIError(503, f"the server is busy: {e} Retry shortly.", kind="server_busy",
                            headers={"Retry-After": "1"}) from None
-        except (UsageError, ValueError) as e:
-            raise APIError(422, f"`{field}`: {e}", field, _field_value(spec, field)) from None
+        except UsageError as e:
+            raise _refusal(e, field, text) from None
+        except ValueError as e:  # no field of its own: the job's text is what it was built from
+            raise APIError(422, f"`{field}`: {e}", field, _short(text)) from None
 
     @app.post("/v1/generate")
     async def generate(body: GenerateRequest, request: Request):
@@ -190,7 +194,7 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
             try:
                 templates = [gen.prompt_template(text, max_length)] * body.n
             except UsageError as e:
-                raise APIError(422, f"`prompt`: {e}", "prompt", _short(text)) from None
+                raise _refusal(e, field, text) from None
         spec = JobSpec(templates=templates, sampler=sampler, seed=body.seed, cfg_scale=body.cfg_scale,
                        suppress_tokens=body.suppress_tokens, stop_at_eos=body.stop_at_eos, max_length=max_length,
                        stream=body.stream)
@@ -198,8 +202,8 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
             try:
                 gen.suppress_ids(body.suppress_tokens)
             except UsageError as e:
-                raise APIError(422, f"`suppress_tokens`: {e}", "suppress_tokens", body.suppress_tokens) from None
-        job = await submit(spec, field)
+                raise _refusal(e, "suppress_tokens", body.suppress_tokens) from None  # names the token
+        job = await submit(spec, field, text)
         if body.stream:
             return StreamingResponse(_sse(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -221,7 +225,7 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
         seed = body.seed if body.seed is not None else random.randrange(2 ** 31)
         spec = JobSpec(templates=[f"{body.prompt}<mask:{body.max_tokens}>"] * body.n, sampler=sampler, seed=seed,
                        stream=body.stream)
-        job = await submit(spec, "prompt")
+        job = await submit(spec, "prompt", body.prompt)
         created = int(time.time())
         head = {"id": f"cmpl-{job.id}", "object": "text_completion", "created": created, "model": model_id}
         if body.stream:
@@ -304,12 +308,8 @@ def _sampler_config(gen, kwargs: dict) -> SamplerConfig:
 
     try:
         return dataclasses.replace(gen.config.generation, **kwargs)
-    except ValueError as e:  # a combination the sampler refuses: its message names the field in backticks
-        import re
-
-        names = re.findall(r"`([a-z_]+)`", str(e))
-        field = names[0] if names else None
-        raise APIError(422, str(e), field, kwargs.get(field)) from None
+    except (ConfigError, UsageError) as e:  # a setting out of range, or a combination the sampler refuses
+        raise APIError(422, str(e), e.field, e.value) from None
 
 
 def _check_spans(template: str, positions: int) -> None:
@@ -320,8 +320,12 @@ def _check_spans(template: str, positions: int) -> None:
                        "template", _short(template))
 
 
-def _field_value(spec: JobSpec, field: str):
-    return _short(spec.templates[0]) if field in ("template", "prompt") else None
+def _refusal(e: UsageError, field: str, value: Any) -> APIError:
+    """A 422 naming the field the error carries. An error about the text (or none named) is about the
+    request's ``field``, whose value is ``value``: a prompt reaches the generator as a template."""
+    if e.field not in (None, "template", "prompt"):
+        field, value = e.field, e.value
+    return APIError(422, f"`{field}`: {e}", field, _short(value))
 
 
 def _short(value: Any, limit: int = 200) -> Any:

@@ -163,7 +163,8 @@ class Engine:
     # -- the HTTP side ----------------------------------------------------------------------------
     def submit(self, spec: JobSpec, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         if len(spec.templates) * (2 if spec.cfg_scale else 1) > self.max_batch:
-            raise UsageError(f"n={len(spec.templates)} samples need more rows than --max-batch {self.max_batch}.")
+            raise UsageError(f"n={len(spec.templates)} samples need more rows than --max-batch {self.max_batch}.",
+                             field="n", value=len(spec.templates))
         job = Job(spec, self.generator, loop)  # tokenises and validates outside the lock
         with self.lock:
             if len(self.waiting) >= self.max_queue:
