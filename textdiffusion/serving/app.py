@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from .schemas import CompletionRequest, GenerateRequest
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 8  # a request is an object of scalars and lists of strings: two levels
 
 
 class APIError(Exception):
@@ -46,23 +48,100 @@ class APIError(Exception):
 
 
 def error_response(status: int, message: str, field: str | None = None, value: Any = None,
-                   kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
-    """OpenAI's error shape (message, type, param) plus the offending value."""
-    body = {"error": {"message": message, "type": kind, "param": field, "value": _jsonable(value), "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+                   kind: str = "invalid_request_error", headers: dict | None = None,
+                   details: list | None = None) -> JSONResponse:
+    """OpenAI's error shape (message, type, param) plus the offending value, always encodable: the whole
+    body goes through ``_jsonable``, since message, field and value may all echo what the client sent."""
+    body = {"error": {"message": message, "type": kind, "param": field, "value": value, "code": status}}
+    if details is not None:
+        body["error"]["details"] = details
+    return JSONResponse(_jsonable(body), status_code=status, headers=headers)
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """``value`` as strict UTF-8 JSON can carry it: NaN and the infinities by their names ("NaN",
+    "Infinity", "-Infinity"), text with lone surrogates escaped ("\\ud800"), anything else as its repr. An
+    error that echoes a client's value must never itself fail to encode (a 500 in place of the 4xx)."""
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
         return value
-    except (TypeError, ValueError):
-        return repr(value)
+    except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        pass
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if depth < 8 and isinstance(value, (list, tuple)):
+        return [_jsonable(v, depth + 1) for v in value]
+    if depth < 8 and isinstance(value, dict):
+        return {_jsonable(str(k), depth + 1): _jsonable(v, depth + 1) for k, v in value.items()}
+    return _jsonable(_short(repr(value)), depth + 1)  # a repr escapes surrogates, but a custom one need not
+
+
+def check_json_body(raw: bytes, content_type: str | None) -> None:
+    """Refuse, naming the field, a body that is not strict JSON. Python's ``json`` (which FastAPI parses
+    with) accepts NaN, Infinity, numbers that overflow to infinity (1e999) and lone surrogates ("\\ud800"),
+    none of them JSON's; they would reach the sampler, the tokenizer (a 500) or an error that cannot be
+    encoded (another 500). FastAPI parses the same bytes afterwards, so whatever it sees has passed here."""
+    if content_type is not None and not _is_json(content_type):
+        raise APIError(415, f"the body must be JSON (Content-Type: application/json), got Content-Type "
+                            f"{content_type!r}.", "content-type", content_type)
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))  # strict UTF-8: FastAPI's own decoding lets surrogates pass
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the body is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}).",
+                       "body", None) from None
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the body is not valid JSON: {e.msg} (at character {e.pos}).", "body", None) from None
+    except RecursionError:
+        raise APIError(400, "the body is nested too deeply to parse (a request is a flat JSON object).",
+                       "body", None) from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise APIError(400, f"the body cannot be parsed ({str(e).split(':')[0]}).", "body", None) from None
+    stack = [((), data)]  # (path, value), in document order: the first bad value is the one named
+    while stack:
+        path, value = stack.pop()
+        field = ".".join(map(str, path)) or "body"
+        if len(path) > MAX_JSON_DEPTH:
+            raise APIError(400, f"`{path[0]}` is nested more than {MAX_JSON_DEPTH} levels deep (a request is a flat "
+                                "JSON object).", str(path[0]), None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise APIError(422, f"`{field}` must be a finite number, got {_jsonable(value)}.", field, value)
+        if isinstance(value, str) and (bad := _lone_surrogate(value)) is not None:
+            raise APIError(422, f"`{field}` is not valid Unicode: a lone surrogate ({bad}); send text as "
+                                "UTF-8, and a surrogate escape only as half of a pair.", field, _short(value))
+        if isinstance(value, dict):
+            for key in value:
+                if (bad := _lone_surrogate(key)) is not None:
+                    name = ".".join(map(str, path + (key,)))  # error_response escapes it
+                    raise APIError(422, f"the field name `{name}` is not valid Unicode: a lone surrogate ({bad}).",
+                                   name, None)
+            stack.extend(reversed([(path + (k,), v) for k, v in value.items()]))
+        elif isinstance(value, list):
+            stack.extend(reversed([(path + (i,), v) for i, v in enumerate(value)]))
+
+
+def _is_json(content_type: str) -> bool:
+    """The media types FastAPI parses as JSON: application/json and application/*+json."""
+    kind = content_type.split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """Where ``text`` fails to be UTF-8 (``\\ud800 at character 3``), or None when it is valid Unicode."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return f"\\u{ord(text[e.start]):04x} at character {e.start}"
 
 
 class BodyLimit:
     """ASGI middleware: a body over ``limit`` bytes is a 413 before anything parses it (declared length or
-    counted, for chunked bodies); a body within the limit is read once and replayed to the app."""
+    counted, for chunked bodies); a body within the limit is read once, checked to be strict JSON
+    (``check_json_body``: every POST route here takes JSON) and replayed to the app."""
 
     def __init__(self, app, limit: int = MAX_BODY_BYTES):
         self.app, self.limit = app, limit
@@ -86,6 +165,12 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        if body:  # an empty body is FastAPI's to refuse (a missing body is a 422 naming it)
+            content_type = dict(scope["headers"]).get(b"content-type")
+            try:
+                check_json_body(body, None if content_type is None else content_type.decode("latin-1"))
+            except APIError as e:
+                return await error_response(e.status, e.message, e.field, e.value)(scope, receive, send)
 
         async def replay():
             nonlocal replayed
@@ -130,10 +215,7 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
         message = f"`{field}`: {first.get('msg')}" + ("" if first.get("type") == "missing" else f", got {_short(value)}")
         details = [{"field": ".".join(str(p) for p in d.get("loc", ()) if p != "body"), "message": d.get("msg"),
                     "value": _jsonable(d.get("input"))} for d in e.errors()]
-        response = error_response(422, message + ".", field, value)
-        body = json.loads(response.body)
-        body["error"]["details"] = details
-        return JSONResponse(body, status_code=422)
+        return error_response(422, message + ".", field, value, details=details)
 
     @app.middleware("http")
     async def _count(request: Request, call_next):

@@ -21,7 +21,7 @@ Schedule = Literal[tuple(sorted(SCHEDULES))]  # type: ignore[valid-type]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # NaN and Infinity are not JSON
 
 
 def _not_blank(value: Optional[str]) -> Optional[str]:
