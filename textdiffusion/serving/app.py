@@ -27,6 +27,7 @@ from ..detokenize import decode_text
 from ..config import ConfigError
 from ..errors import UsageError
 from ..generation import MASK_SPAN
+from ..labels import check_guidance
 from ..sampler import SamplerConfig
 from .engine import Engine, Job, JobSpec, QueueFull, default_max_length, model_positions
 from .metrics import ServerMetrics
@@ -277,6 +278,10 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
                 templates = [gen.prompt_template(text, max_length)] * body.n
             except UsageError as e:
                 raise _refusal(e, field, text) from None
+        try:
+            check_guidance(body.cfg_scale, "`cfg_scale`", templates[:1], gen.config.labels)  # as generate's CLI
+        except UsageError as e:
+            raise APIError(422, str(e), e.field, e.value) from None
         spec = JobSpec(templates=templates, sampler=sampler, seed=body.seed, cfg_scale=body.cfg_scale,
                        suppress_tokens=body.suppress_tokens, stop_at_eos=body.stop_at_eos, max_length=max_length,
                        stream=body.stream)
