@@ -84,9 +84,10 @@ def check_json_body(raw: bytes, content_type: str | None) -> None:
     with) accepts NaN, Infinity, numbers that overflow to infinity (1e999) and lone surrogates ("\\ud800"),
     none of them JSON's; they would reach the sampler, the tokenizer (a 500) or an error that cannot be
     encoded (another 500). FastAPI parses the same bytes afterwards, so whatever it sees has passed here."""
-    if content_type is not None and not _is_json(content_type):
-        raise APIError(415, f"the body must be JSON (Content-Type: application/json), got Content-Type "
-                            f"{content_type!r}.", "content-type", content_type)
+    if content_type is None or not _is_json(content_type):  # none: FastAPI reads it as JSON in some versions only
+        got = "none" if content_type is None else repr(content_type)
+        raise APIError(415, f"the body must be JSON (Content-Type: application/json), got Content-Type {got}.",
+                       "content-type", content_type)
     try:
         data = json.loads(raw.decode("utf-8-sig"))  # strict UTF-8: FastAPI's own decoding lets surrogates pass
     except UnicodeDecodeError as e:
