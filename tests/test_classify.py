@@ -256,7 +256,7 @@ def test_unigram_bayes_separates_the_toy_languages(toy_file):
 
 def test_guidance_contrasts_with_the_label_masked_out(untrained, monkeypatch):
     """--cfg-scale runs a second pass whose only change is the label token replaced by the mask."""
-    import textdiffusion.pipelines.generation as generation
+    import textdiffusion.pipelines.denoising as generation  # the run makes the model calls
     from textdiffusion.pipelines.generation import DiffusionGenerator
 
     calls = []

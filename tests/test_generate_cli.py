@@ -67,11 +67,39 @@ def test_animate_runs(checkpoint, capsys):
     (["--strategy", "best-first"], "--strategy must be one of"),
     (["--device", "cuda:7"], "--device 'cuda:7' is not available here (available: cpu"),
     (["--dtype", "float8"], "--dtype must be auto or one of"),
+    (["--strategy", "eb", "--remask-fraction", "0.2"], "`remask_fraction` needs a step schedule"),  # not a traceback
+    (["--cfg-scale", "-5"], "--cfg-scale must be a finite number >= 0 (0: off), got -5.0"),
+    (["--cfg-scale", "nan", "--prefix", "A"], "--cfg-scale must be a finite number >= 0 (0: off), got nan"),
+    (["--cfg-scale", "2"], "--cfg-scale 2 cannot apply: the model has no labels"),  # no prompt: nothing to guide by
+    (["--cfg-scale", "2", "--infill", "<mask:4>"], "--cfg-scale 2 cannot apply: the model has no labels"),
+    (["--label", "Emma", "--prefix", "A"], "was not trained with labels"),
+    (["--label", "Emma", "--cfg-scale", "2"], "was not trained with labels"),
 ])
 def test_bad_generate_input(checkpoint, capsys, extra, needle):
     assert main(["generate", "--checkpoint", str(checkpoint), "--hide-steps", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_negative_cfg_scale_is_refused_before_the_checkpoint_is_read(tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path / "missing"), "--cfg-scale", "-5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "textdiffusion generate: error: --cfg-scale must be a finite number >= 0 (0: off), got -5.0.", err
+
+
+def test_cfg_scale_guides_by_the_prompt_on_a_model_without_labels(checkpoint, capsys):
+    """The unconditional pass masks the prompt out (LLaDA's form): with a prompt, guidance applies unlabelled."""
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prefix", "The river", "--cfg-scale", "2",
+                 "--hide-steps", "--steps", "2"]) == 0
+    assert "[sample 0] The river" in capsys.readouterr().out
+
+
+def test_cfg_scale_on_the_autoregressive_baseline_is_refused_not_ignored():
+    from textdiffusion.errors import UsageError
+    from textdiffusion.cli.generate import GenerateArgs, run_causal_generate
+
+    with pytest.raises(UsageError, match=r"--cfg-scale 2 needs a masked \(diffusion\) model"):
+        run_causal_generate(GenerateArgs(checkpoint="ar-run", prefix="A", cfg_scale=2.0), "cpu", None)
 
 
 def test_checkpoint_that_is_not_a_language_model(tmp_path, tokenizer, capsys):

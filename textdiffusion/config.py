@@ -52,6 +52,11 @@ class ConfigError(ValueError):
         self.name, self.value, self.rule = name, value, rule
         super().__init__(f"`{name}` {rule}, got {value!r}.")
 
+    @property
+    def field(self) -> str:
+        """The setting's name, as ``UsageError.field`` (the server reports both the same way)."""
+        return self.name
+
     def as_flag_message(self) -> str:
         return f"--{self.name.replace('_', '-')} {self.rule}, got {self.value!r}."
 
@@ -268,9 +273,11 @@ class SamplerConfig:
         check(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {sorted(SCHEDULES)}")
         check(self.eb_gamma > 0, "eb_gamma", self.eb_gamma, "must be > 0 (an entropy budget in nats)")
         if self.strategy == "remask-random" and (self.confidence_threshold is not None or self.remask_fraction):
-            raise ValueError("`strategy` 'remask-random' already re-masks at random; it cannot be combined with "
-                             "`confidence_threshold` or `remask_fraction`.")
+            raise UsageError("`strategy` 'remask-random' already re-masks at random; it cannot be combined with "
+                             "`confidence_threshold` or `remask_fraction`.", field="strategy", value=self.strategy)
         if self.strategy == "eb" and self.remask_fraction:
-            raise ValueError("`remask_fraction` needs a step schedule; it cannot be combined with `strategy` 'eb'.")
+            raise UsageError("`remask_fraction` needs a step schedule; it cannot be combined with `strategy` 'eb'.",
+                             field="remask_fraction", value=self.remask_fraction)
         if self.confidence_threshold is not None and self.remask_fraction:
-            raise ValueError("`remask_fraction` needs a step schedule; it cannot be combined with `confidence_threshold`.")
+            raise UsageError("`remask_fraction` needs a step schedule; it cannot be combined with `confidence_threshold`.",
+                             field="remask_fraction", value=self.remask_fraction)

@@ -1,12 +1,14 @@
 """The one exception type the command line turns into a one-line error and a non-zero exit, and the check
 that refuses an unwritable output path before any work is done."""
 
+from __future__ import annotations
+
 
 class UsageError(ValueError):
     """Bad input from the user: the message names the argument and the value, and says what to do.
 
-    ``field`` and ``value`` carry the same two as data (the setting's Python name, e.g. ``block_length``),
-    so a caller that words errors its own way — the server's JSON answer — needs no parsing of the text."""
+    ``field`` and ``value``, where given, say the same as data (the argument as a Python name, e.g.
+    ``suppress_tokens``), so that the server can name the request's field without reading the message."""
 
     def __init__(self, message: str, *, field: str | None = None, value=None):
         super().__init__(message)

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             part.unlink()
 
     minutes = (time.perf_counter() - t0) / 60
-    readme = [DEMO_TITLE, "", f"Ran `python -m textdiffusion.demo{' --quick' if args.quick else ''}` in "
+    readme = [DEMO_TITLE, "", f"Ran `python -m textdiffusion.cli.demo{' --quick' if args.quick else ''}` in "
               f"{minutes:.1f} minutes.", "", "## Per-level loss on Austen validation text", "", table, "",
               "![before and after](before_after.png)", "", "## Samples", "", "From `wiki-small`:", ""]
     readme += [f"- {json.loads(line)['text']}" for line in (out / "wiki_samples.jsonl").read_text().splitlines()]

@@ -39,7 +39,8 @@ class GenerateArgs(SamplerConfig):
                 "what follows), dual (recompute the block only; ModernBERT and the BERT family), auto (dual wherever "
                 "it applies, else none: the fastest setting at the AR baseline's quality, benchmarks/generation_speed.py)."})
     suppress_tokens: list[str] = field(default_factory=list, metadata={"help": "Tokens never to generate."})
-    cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance scale (0: off)."})
+    cfg_scale: float = field(default=0.0, metadata={
+        "help": "Classifier-free guidance scale (0: off): guides by the prompt and --label, so it needs one of them."})
     label: Optional[str] = field(default=None, metadata={
         "help": "Write text of this class (a model trained with --label-column): the label is the prompt's first "
                 "token; with --cfg-scale s the unconditional pass masks it (and any --prefix) out."})
@@ -68,6 +69,9 @@ class GenerateArgs(SamplerConfig):
             raise UsageError(f"--step-delay must be >= 0, got {self.step_delay}.")
         if self.max_length < 0:
             raise UsageError(f"--max-length must be >= 0, got {self.max_length}.")
+        from textdiffusion.core.labels import check_guidance
+
+        check_guidance(self.cfg_scale, "--cfg-scale")  # the sign now; whether it can apply once the model is known
         require_writable("--trace-out", self.trace_out)  # before the model is loaded, not after the work
         require_writable("--output", self.output)
         from textdiffusion.models.kvcache import CACHE_CHOICES
@@ -99,6 +103,9 @@ def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
 
     if args.infill is not None:
         raise UsageError(f"--infill needs a masked (diffusion) model; {args.checkpoint!r} is autoregressive.")
+    if args.cfg_scale:
+        raise UsageError(f"--cfg-scale {args.cfg_scale:g} needs a masked (diffusion) model; {args.checkpoint!r} is "
+                         "autoregressive and has no guidance.")
     generator = CausalGenerator.from_pretrained(args.checkpoint, device, dtype)
     prompt = labelled_prompt(args, generator.config)
     max_length = args.max_length or generator.config.max_length
@@ -150,6 +157,9 @@ def run_diffusion_generate(args: GenerateArgs, device, dtype) -> list[str]:
         args.suppress_tokens = list(args.suppress_tokens) + [label_token(c) for c in generator.config.labels or []]
     templates = [labelled_prompt(args, generator.config, args.infill)] * n if args.infill is not None else None
     prompts = None if templates else [labelled_prompt(args, generator.config)] * n
+    from textdiffusion.core.labels import check_guidance
+
+    check_guidance(args.cfg_scale, "--cfg-scale", templates or prompts, generator.config.labels)
     show = not args.hide_steps and not args.animate
 
     def on_step(nfe, state):

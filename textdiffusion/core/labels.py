@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from textdiffusion.core.templates import MASK_SPAN
 from textdiffusion.errors import UsageError
 
 LABEL_POSITION = 1  # after the block-opening token
@@ -69,6 +70,32 @@ def check_labels(known: Sequence[str] | None, asked: Sequence[str], flag: str, c
     unknown = sorted(set(asked) - set(known))
     if unknown:
         raise UsageError(f"{flag} {unknown[0]!r} is a label the model never saw (its labels: {list(known)}).")
+
+
+def check_guidance(scale: float, flag: str, texts: Sequence[str] | None = None,
+                   labels: Sequence[str] | None = None) -> None:
+    """Refuse classifier-free guidance that cannot apply (``generate --cfg-scale``, the server's ``cfg_scale``).
+
+    Guidance contrasts the model given its condition (the label token and any prompt or template text)
+    with the model given the same block with the condition masked out (LLaDA's form, ``unc + (1 + s)(cond
+    - unc)``). A negative or non-finite scale has no meaning there. With no condition at all (no label and
+    no text around the masked spans: a model trained without labels, asked for text from nothing) the two
+    passes are the same block, so a nonzero scale would change nothing and only double the cost.
+    ``texts``: the prompts or templates as given to the generator (None: check the scale alone, before a
+    model is loaded); ``labels``: the checkpoint's (``DiffusionConfig.labels``), for the message.
+    """
+    import math
+
+    field = flag.strip("-`").replace("-", "_")  # --cfg-scale or `cfg_scale`: cfg_scale
+    if not math.isfinite(scale) or scale < 0:
+        raise UsageError(f"{flag} must be a finite number >= 0 (0: off), got {scale!r}.", field=field, value=scale)
+    if not scale or texts is None:
+        return
+    if not any(MASK_SPAN.sub("", t).strip() for t in texts):
+        why = "the model has no labels (trained without --label-column)" if not labels else "no label was given"
+        raise UsageError(f"{flag} {scale:g} cannot apply: {why} and there is no prompt text, so there is nothing to "
+                         f"guide by (the unconditional pass would be the same block); give a prompt"
+                         f"{' or a label' if labels else ''}, or leave {flag} at 0.", field=field, value=scale)
 
 
 def pack_labelled(docs: Sequence[str], label_ids: Sequence[int | None], tokenizer, block_length: int,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,11 +24,10 @@ from textdiffusion.config import DiffusionConfig, SamplerConfig
 from textdiffusion.core.denoiser import check_position_limit
 from textdiffusion.core.detokenize import decode_text
 from textdiffusion.core.sampler import DenoisingState, continuation
+from textdiffusion.core.templates import MASK_SPAN
 from textdiffusion.errors import UsageError
 from textdiffusion.models.loading import denoiser_for, load_diffusion_model
 from textdiffusion.pipelines.denoising import DenoisingRun, GenerationOutput
-
-MASK_SPAN = re.compile(r"<mask(?::(\d+))?>")
 
 
 def available_devices() -> list[str]:
@@ -119,12 +117,12 @@ class DiffusionGenerator:
                 editable += [False] * len(piece)
             n = int(match.group(1) or 1)
             if n < 1:
-                raise UsageError(f"--infill: a span must have at least one position, got {match.group(0)!r}.")
+                raise UsageError(f"--infill: a span must have at least one position, got {match.group(0)!r}.", field="template", value=template)
             ids += [self.mask_id] * n
             editable += [True] * n
             pos = match.end()
         if not any(editable):
-            raise UsageError(f"--infill {template!r} has no masked span: write <mask:N> where text should be generated.")
+            raise UsageError(f"--infill {template!r} has no masked span: write <mask:N> where text should be generated.", field="template", value=template)
         tail = template[pos:]
         if tail:
             piece = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
@@ -137,7 +135,7 @@ class DiffusionGenerator:
         room = max_length - n_prompt - (self.cls_id is not None) - (self.sep_id is not None)
         if room < 1:
             raise UsageError(f"--prefix is {n_prompt} tokens long: it leaves no room to generate within "
-                             f"--max-length {max_length}; raise --max-length or shorten the prompt.")
+                             f"--max-length {max_length}; raise --max-length or shorten the prompt.", field="prompt", value=prompt)
         return f"{prompt}<mask:{room}>"
 
     def build_batch(self, templates: Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,7 +148,7 @@ class DiffusionGenerator:
             if self.sep_id is not None:
                 ids, editable = ids + [self.sep_id], editable + [False]
             if max_length is not None and len(ids) > max_length:
-                raise UsageError(f"the template is {len(ids)} tokens long, more than --max-length {max_length}.")
+                raise UsageError(f"the template is {len(ids)} tokens long, more than --max-length {max_length}.", field="template", value=template)
             rows.append((ids, editable))
         length = max(len(ids) for ids, _ in rows)
         x = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
@@ -213,7 +211,7 @@ class DiffusionGenerator:
             else:
                 pieces = self.tokenizer(t, add_special_tokens=False)["input_ids"]
                 if len(pieces) != 1:
-                    raise UsageError(f"--suppress-tokens {t!r} is not one token of this tokenizer (it is {len(pieces)}).")
+                    raise UsageError(f"--suppress-tokens {t!r} is not one token of this tokenizer (it is {len(pieces)}).", field="suppress_tokens", value=t)
                 ids.add(pieces[0])
         return sorted(ids)
 

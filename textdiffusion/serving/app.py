@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -22,16 +23,18 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from textdiffusion.config import SamplerConfig
+from textdiffusion.config import ConfigError, SamplerConfig
 from textdiffusion.core.detokenize import decode_text
+from textdiffusion.core.labels import check_guidance
+from textdiffusion.core.templates import MASK_SPAN
 from textdiffusion.errors import UsageError
-from textdiffusion.pipelines.generation import MASK_SPAN
 from textdiffusion.serving.engine import Engine, Job, JobSpec, QueueFull, default_max_length, model_positions
 from textdiffusion.serving.metrics import ServerMetrics
 from textdiffusion.serving.schemas import CompletionRequest, GenerateRequest
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 8  # a request is an object of scalars and lists of strings: two levels
 
 
 class APIError(Exception):
@@ -45,23 +48,101 @@ class APIError(Exception):
 
 
 def error_response(status: int, message: str, field: str | None = None, value: Any = None,
-                   kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
-    """OpenAI's error shape (message, type, param) plus the offending value."""
-    body = {"error": {"message": message, "type": kind, "param": field, "value": _jsonable(value), "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+                   kind: str = "invalid_request_error", headers: dict | None = None,
+                   details: list | None = None) -> JSONResponse:
+    """OpenAI's error shape (message, type, param) plus the offending value, always encodable: the whole
+    body goes through ``_jsonable``, since message, field and value may all echo what the client sent."""
+    body = {"error": {"message": message, "type": kind, "param": field, "value": value, "code": status}}
+    if details is not None:
+        body["error"]["details"] = details
+    return JSONResponse(_jsonable(body), status_code=status, headers=headers)
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """``value`` as strict UTF-8 JSON can carry it: NaN and the infinities by their names ("NaN",
+    "Infinity", "-Infinity"), text with lone surrogates escaped ("\\ud800"), anything else as its repr. An
+    error that echoes a client's value must never itself fail to encode (a 500 in place of the 4xx)."""
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
         return value
-    except (TypeError, ValueError):
-        return repr(value)
+    except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        pass
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if depth < 8 and isinstance(value, (list, tuple)):
+        return [_jsonable(v, depth + 1) for v in value]
+    if depth < 8 and isinstance(value, dict):
+        return {_jsonable(str(k), depth + 1): _jsonable(v, depth + 1) for k, v in value.items()}
+    return _jsonable(_short(repr(value)), depth + 1)  # a repr escapes surrogates, but a custom one need not
+
+
+def check_json_body(raw: bytes, content_type: str | None) -> None:
+    """Refuse, naming the field, a body that is not strict JSON. Python's ``json`` (which FastAPI parses
+    with) accepts NaN, Infinity, numbers that overflow to infinity (1e999) and lone surrogates ("\\ud800"),
+    none of them JSON's; they would reach the sampler, the tokenizer (a 500) or an error that cannot be
+    encoded (another 500). FastAPI parses the same bytes afterwards, so whatever it sees has passed here."""
+    if content_type is None or not _is_json(content_type):  # none: FastAPI reads it as JSON in some versions only
+        got = "none" if content_type is None else repr(content_type)
+        raise APIError(415, f"the body must be JSON (Content-Type: application/json), got Content-Type {got}.",
+                       "content-type", content_type)
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))  # strict UTF-8: FastAPI's own decoding lets surrogates pass
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the body is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}).",
+                       "body", None) from None
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the body is not valid JSON: {e.msg} (at character {e.pos}).", "body", None) from None
+    except RecursionError:
+        raise APIError(400, "the body is nested too deeply to parse (a request is a flat JSON object).",
+                       "body", None) from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise APIError(400, f"the body cannot be parsed ({str(e).split(':')[0]}).", "body", None) from None
+    stack = [((), data)]  # (path, value), in document order: the first bad value is the one named
+    while stack:
+        path, value = stack.pop()
+        field = ".".join(map(str, path)) or "body"
+        if len(path) > MAX_JSON_DEPTH:
+            raise APIError(400, f"`{path[0]}` is nested more than {MAX_JSON_DEPTH} levels deep (a request is a flat "
+                                "JSON object).", str(path[0]), None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise APIError(422, f"`{field}` must be a finite number, got {_jsonable(value)}.", field, value)
+        if isinstance(value, str) and (bad := _lone_surrogate(value)) is not None:
+            raise APIError(422, f"`{field}` is not valid Unicode: a lone surrogate ({bad}); send text as "
+                                "UTF-8, and a surrogate escape only as half of a pair.", field, _short(value))
+        if isinstance(value, dict):
+            for key in value:
+                if (bad := _lone_surrogate(key)) is not None:
+                    name = ".".join(map(str, path + (key,)))  # error_response escapes it
+                    raise APIError(422, f"the field name `{name}` is not valid Unicode: a lone surrogate ({bad}).",
+                                   name, None)
+            stack.extend(reversed([(path + (k,), v) for k, v in value.items()]))
+        elif isinstance(value, list):
+            stack.extend(reversed([(path + (i,), v) for i, v in enumerate(value)]))
+
+
+def _is_json(content_type: str) -> bool:
+    """The media types FastAPI parses as JSON: application/json and application/*+json."""
+    kind = content_type.split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """Where ``text`` fails to be UTF-8 (``\\ud800 at character 3``), or None when it is valid Unicode."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return f"\\u{ord(text[e.start]):04x} at character {e.start}"
 
 
 class BodyLimit:
     """ASGI middleware: a body over ``limit`` bytes is a 413 before anything parses it (declared length or
-    counted, for chunked bodies); a body within the limit is read once and replayed to the app."""
+    counted, for chunked bodies); a body within the limit is read once, checked to be strict JSON
+    (``check_json_body``: every POST route here takes JSON) and replayed to the app."""
 
     def __init__(self, app, limit: int = MAX_BODY_BYTES):
         self.app, self.limit = app, limit
@@ -85,6 +166,12 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        if body:  # an empty body is FastAPI's to refuse (a missing body is a 422 naming it)
+            content_type = dict(scope["headers"]).get(b"content-type")
+            try:
+                check_json_body(body, None if content_type is None else content_type.decode("latin-1"))
+            except APIError as e:
+                return await error_response(e.status, e.message, e.field, e.value)(scope, receive, send)
 
         async def replay():
             nonlocal replayed
@@ -129,10 +216,7 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
         message = f"`{field}`: {first.get('msg')}" + ("" if first.get("type") == "missing" else f", got {_short(value)}")
         details = [{"field": ".".join(str(p) for p in d.get("loc", ()) if p != "body"), "message": d.get("msg"),
                     "value": _jsonable(d.get("input"))} for d in e.errors()]
-        response = error_response(422, message + ".", field, value)
-        body = json.loads(response.body)
-        body["error"]["details"] = details
-        return JSONResponse(body, status_code=422)
+        return error_response(422, message + ".", field, value, details=details)
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
@@ -164,15 +248,18 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
         return Response(body, media_type=content_type)
 
     # -- generation --------------------------------------------------------------------------------
-    async def submit(spec: JobSpec, field: str) -> Job:
+    async def submit(spec: JobSpec, field: str, text: str) -> Job:
+        """Queue a job built from the request's ``field`` (its text, ``text``)."""
         loop = asyncio.get_running_loop()
         try:
             return await run_in_threadpool(engine.submit, spec, loop)  # tokenising is off the event loop
         except QueueFull as e:
             raise APIError(503, f"the server is busy: {e} Retry shortly.", kind="server_busy",
                            headers={"Retry-After": "1"}) from None
-        except (UsageError, ValueError) as e:
-            raise APIError(422, f"`{field}`: {e}", field, _field_value(spec, field)) from None
+        except UsageError as e:
+            raise _refusal(e, field, text) from None
+        except ValueError as e:  # no field of its own: the job's text is what it was built from
+            raise APIError(422, f"`{field}`: {e}", field, _short(text)) from None
 
     @app.post("/v1/generate")
     async def generate(body: GenerateRequest, request: Request):
@@ -190,7 +277,11 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
             try:
                 templates = [gen.prompt_template(text, max_length)] * body.n
             except UsageError as e:
-                raise APIError(422, f"`prompt`: {e}", "prompt", _short(text)) from None
+                raise _refusal(e, field, text) from None
+        try:
+            check_guidance(body.cfg_scale, "`cfg_scale`", templates[:1], gen.config.labels)  # as generate's CLI
+        except UsageError as e:
+            raise APIError(422, str(e), e.field, e.value) from None
         spec = JobSpec(templates=templates, sampler=sampler, seed=body.seed, cfg_scale=body.cfg_scale,
                        suppress_tokens=body.suppress_tokens, stop_at_eos=body.stop_at_eos, max_length=max_length,
                        stream=body.stream)
@@ -198,8 +289,8 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
             try:
                 gen.suppress_ids(body.suppress_tokens)
             except UsageError as e:
-                raise APIError(422, f"`suppress_tokens`: {e}", "suppress_tokens", body.suppress_tokens) from None
-        job = await submit(spec, field)
+                raise _refusal(e, "suppress_tokens", body.suppress_tokens) from None  # names the token
+        job = await submit(spec, field, text)
         if body.stream:
             return StreamingResponse(_sse(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -221,7 +312,7 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
         seed = body.seed if body.seed is not None else random.randrange(2 ** 31)
         spec = JobSpec(templates=[f"{body.prompt}<mask:{body.max_tokens}>"] * body.n, sampler=sampler, seed=seed,
                        stream=body.stream)
-        job = await submit(spec, "prompt")
+        job = await submit(spec, "prompt", body.prompt)
         created = int(time.time())
         head = {"id": f"cmpl-{job.id}", "object": "text_completion", "created": created, "model": model_id}
         if body.stream:
@@ -304,12 +395,8 @@ def _sampler_config(gen, kwargs: dict) -> SamplerConfig:
 
     try:
         return dataclasses.replace(gen.config.generation, **kwargs)
-    except ValueError as e:  # a combination the sampler refuses: its message names the field in backticks
-        import re
-
-        names = re.findall(r"`([a-z_]+)`", str(e))
-        field = names[0] if names else None
-        raise APIError(422, str(e), field, kwargs.get(field)) from None
+    except (ConfigError, UsageError) as e:  # a setting out of range, or a combination the sampler refuses
+        raise APIError(422, str(e), e.field, e.value) from None
 
 
 def _check_spans(template: str, positions: int) -> None:
@@ -320,8 +407,12 @@ def _check_spans(template: str, positions: int) -> None:
                        "template", _short(template))
 
 
-def _field_value(spec: JobSpec, field: str):
-    return _short(spec.templates[0]) if field in ("template", "prompt") else None
+def _refusal(e: UsageError, field: str, value: Any) -> APIError:
+    """A 422 naming the field the error carries. An error about the text (or none named) is about the
+    request's ``field``, whose value is ``value``: a prompt reaches the generator as a template."""
+    if e.field not in (None, "template", "prompt"):
+        field, value = e.field, e.value
+    return APIError(422, f"`{field}`: {e}", field, _short(value))
 
 
 def _short(value: Any, limit: int = 200) -> Any:

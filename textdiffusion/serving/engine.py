@@ -156,7 +156,8 @@ class Engine:
     # -- the HTTP side ----------------------------------------------------------------------------
     def submit(self, spec: JobSpec, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         if len(spec.templates) * (2 if spec.cfg_scale else 1) > self.max_batch:
-            raise UsageError(f"n={len(spec.templates)} samples need more rows than --max-batch {self.max_batch}.")
+            raise UsageError(f"n={len(spec.templates)} samples need more rows than --max-batch {self.max_batch}.",
+                             field="n", value=len(spec.templates))
         group = self.run.new_group(spec.templates, spec.sampler, seed=spec.seed, cfg_scale=spec.cfg_scale,
                                    suppress_tokens=spec.suppress_tokens, stop_at_eos=spec.stop_at_eos,
                                    max_length=spec.max_length)  # tokenises and validates outside the lock

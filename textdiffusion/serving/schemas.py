@@ -21,7 +21,7 @@ Schedule = Literal[tuple(sorted(SCHEDULES))]  # type: ignore[valid-type]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # NaN and Infinity are not JSON
 
 
 def _not_blank(value: Optional[str]) -> Optional[str]:
@@ -51,7 +51,8 @@ class GenerateRequest(_Strict):
     order_temperature: float = Field(_DEFAULTS["order_temperature"], ge=0, le=100)
     repetition_penalty: float = Field(_DEFAULTS["repetition_penalty"], ge=1, le=100)
     eb_gamma: float = Field(_DEFAULTS["eb_gamma"], gt=0, le=1000, description="Entropy budget of strategy 'eb' (nats).")
-    cfg_scale: float = Field(0.0, ge=0, le=100, description="Classifier-free guidance (doubles the request's rows).")
+    cfg_scale: float = Field(0.0, ge=0, le=100, description="Classifier-free guidance by the prompt or the template's "
+                             "text (doubles the request's rows).")
     suppress_tokens: list[str] = Field(default_factory=list, max_length=256)
     stop_at_eos: bool = True
     stream: bool = Field(False, description="Server-sent events: every step's tokens, masks and confidence.")
