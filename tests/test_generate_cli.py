@@ -95,8 +95,8 @@ def test_cfg_scale_guides_by_the_prompt_on_a_model_without_labels(checkpoint, ca
 
 
 def test_cfg_scale_on_the_autoregressive_baseline_is_refused_not_ignored():
-    from textdiffusion.errors import UsageError
     from textdiffusion.cli.generate import GenerateArgs, run_causal_generate
+    from textdiffusion.errors import UsageError
 
     with pytest.raises(UsageError, match=r"--cfg-scale 2 needs a masked \(diffusion\) model"):
         run_causal_generate(GenerateArgs(checkpoint="ar-run", prefix="A", cfg_scale=2.0), "cpu", None)
