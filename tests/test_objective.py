@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from textdiffusion.core.architectures import masked_lm_head
 from textdiffusion.core.collator import DiffusionCollator
-from textdiffusion.core.denoiser import masked_lm_head
 from textdiffusion.core.loss import diffusion_loss
 
 V = 300

@@ -7,15 +7,11 @@ and ``position_limit`` how long a sequence a model's positions cover."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
+from textdiffusion.core.architectures import architecture, masked_lm_head
 from textdiffusion.errors import UsageError
-
-# models whose learned position table starts after padding_idx + 1 (RoBERTa's convention)
-OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "mpnet")
 
 
 def position_limit(config) -> int | None:
@@ -23,7 +19,8 @@ def position_limit(config) -> int | None:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is None:
         return None
-    return limit - 2 if config.model_type in OFFSET_POSITIONS else limit
+    arch = architecture(config)
+    return limit - (arch.position_offset if arch is not None else 0)
 
 
 def check_position_limit(model, max_length: int, flag: str = "--max-length") -> None:
@@ -35,27 +32,6 @@ def check_position_limit(model, max_length: int, flag: str = "--max-length") -> 
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# -- the LM head on masked positions only -----------------------------------------------------------
-def masked_lm_head(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The function hidden states -> vocabulary logits for architectures whose head we know.
-
-    With it, training runs the backbone on every position but the (vocabulary-sized, expensive) head
-    only on the masked ones: the same loss, far less work at low mask rates. ``None`` means unknown
-    architecture; the caller then falls back to the model's full forward. A plain function, not the
-    head module, so that a wrapper holding it does not register the head's weights a second time.
-    """
-    kind = model.config.model_type
-    if kind in ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "mpnet"):
-        return lambda h: model.lm_head(h)
-    if kind == "bert":
-        return lambda h: model.cls(h)
-    if kind == "modernbert":
-        return lambda h: model.decoder(model.head(h))
-    if kind == "distilbert":
-        return lambda h: model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(h))))
-    return None
 
 
 class TrainedModule(nn.Module):

@@ -26,23 +26,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textdiffusion.core.architectures import ARCHITECTURES, architecture
+
 logger = logging.getLogger(__name__)
 
-# model type -> (prefix of the head's weights, transform: model -> (hidden -> pre-decoder hidden), its parts)
-_ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "mpnet")
 
 
 def _head_parts(model) -> tuple[str, nn.Linear, nn.LayerNorm, nn.Linear]:
     """(weight-name prefix, dense, layer norm, decoder) of the MLM head of a supported architecture."""
-    kind = model.config.model_type
-    if kind in _ROBERTA_LIKE:
+    layout = _layout(model)
+    if layout == "lm_head":
         head = model.lm_head
         return "lm_head.", head.dense, head.layer_norm, head.decoder
-    if kind == "bert":
+    if layout == "cls":
         transform = model.cls.predictions.transform
         return "cls.", transform.dense, transform.LayerNorm, model.cls.predictions.decoder
-    raise NotImplementedError(f"building an MLM head for model type {kind!r} is not supported "
-                              f"(supported: {', '.join(_ROBERTA_LIKE + ('bert',))}).")
+    supported = sorted(k for k, a in ARCHITECTURES.items() if a.head_layout)
+    raise NotImplementedError(f"building an MLM head for model type {model.config.model_type!r} is not supported "
+                              f"(supported: {', '.join(supported)}).")
+
+
+def _layout(model) -> str | None:
+    arch = architecture(model)
+    return arch.head_layout if arch is not None else None
 
 
 def supports_head_building(model) -> bool:
@@ -63,8 +69,7 @@ def missing_head_keys(model, missing_keys) -> list[str]:
 
 def head_transform(model, hidden: torch.Tensor) -> torch.Tensor:
     """The head up to the decoder: dense -> activation -> layer norm (what the decoder then multiplies)."""
-    kind = model.config.model_type
-    if kind in _ROBERTA_LIKE:
+    if _layout(model) == "lm_head":
         head = model.lm_head
         return head.layer_norm(F.gelu(head.dense(hidden)))
     return model.cls.predictions.transform(hidden)
@@ -163,8 +168,8 @@ def warm_up_head(model, blocks: torch.Tensor, collator, steps: int, batch_size: 
                  seed: int = 0, log_every: int = 0) -> list[float]:
     """Fit the head alone for ``steps`` steps on training batches (the encoder frozen: no gradients through
     it); returns the loss of each step. The collator is the run's own, so the mask rates are training's."""
+    from textdiffusion.core.architectures import masked_lm_head
     from textdiffusion.core.collator import IGNORE_INDEX
-    from textdiffusion.core.denoiser import masked_lm_head
 
     head = masked_lm_head(model)
     params = head_parameters(model)

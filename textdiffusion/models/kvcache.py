@@ -26,21 +26,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from textdiffusion.core.denoiser import masked_lm_head
+from textdiffusion.core.architectures import architecture, masked_lm_head
 
 CACHE_MODES = ("none", "prefix", "dual")
 # what `generate --cache` accepts: "auto" is dual wherever it applies (blocks, a supported architecture, no
 # guidance) and none elsewhere, silently; benchmarks/generation_speed.py is why dual is the choice
 CACHE_CHOICES = ("auto",) + CACHE_MODES
 REFRESH = ("block", "step")
-_BERT_LIKE = ("bert", "roberta", "mpnet")
 
 
 def cache_support(model) -> str | None:
     """None when ``model`` can use the cache, otherwise why not (one line)."""
     config = model.config
     kind = config.model_type
-    if kind not in ("modernbert",) + _BERT_LIKE:
+    arch = architecture(model)
+    if arch is None or arch.kv_cache is None:
         return f"--cache needs ModernBERT, BERT, RoBERTa or MPNet; {kind!r} is not supported"
     if masked_lm_head(model) is None:
         return f"--cache: no known masked-LM head for {kind!r}"
