@@ -87,3 +87,26 @@ def test_generate_takes_its_defaults_from_the_checkpoint_and_flags_win(tmp_path,
     assert (resolved.steps, resolved.strategy, resolved.top_k) == (3, "margin", 9)
     assert seen["max_length"] is None  # -> the checkpoint's 20
     assert "3 planned steps" in capsys.readouterr().out
+
+
+def test_sampler_ranges_are_declared_once_and_the_server_schema_follows_them():
+    """SamplerConfig.RANGES is the one declaration: a value just outside a bound is refused by the sampler's own
+    check and by the server's request schema alike."""
+    pydantic = pytest.importorskip("pydantic")
+    from textdiffusion.config import ConfigError, SamplerConfig
+    from textdiffusion.serving.schemas import GenerateRequest
+
+    outside = {"gt": lambda b: b, "ge": lambda b: b - 1, "lt": lambda b: b, "le": lambda b: b + 1}
+    checked = 0
+    for name, spec in SamplerConfig.RANGES.items():
+        for kind, bound in spec.items():
+            if kind not in outside:
+                continue
+            value = outside[kind](bound)
+            value = float(value) if isinstance(SamplerConfig.__dataclass_fields__[name].default, float) else value
+            with pytest.raises(ConfigError, match=f"`{name}`"):
+                SamplerConfig(**{name: value})
+            with pytest.raises(pydantic.ValidationError, match=name):
+                GenerateRequest(prompt="x", **{name: value})
+            checked += 1
+    assert checked >= 12

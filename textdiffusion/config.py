@@ -24,7 +24,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from textdiffusion.errors import UsageError
 from textdiffusion.schedules import SCHEDULES
@@ -64,6 +64,43 @@ class ConfigError(ValueError):
 def check(ok: bool, name: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(name, value, rule)
+
+
+BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def range_rule(metadata) -> str | None:
+    """The rule a ``RANGES`` entry declares (``choices``, ``gt``/``ge``/``lt``/``le``, an optional ``hint``), worded
+    as the errors word it: "must be >= 1", "must be in (0, 1]", "must be one of (...)"."""
+    if "choices" in metadata:
+        return f"must be one of {metadata['choices']}"
+    low = next(((k, metadata[k]) for k in ("gt", "ge") if k in metadata), None)
+    high = next(((k, metadata[k]) for k in ("lt", "le") if k in metadata), None)
+    if low and high:
+        rule = f"must be in {'(' if low[0] == 'gt' else '['}{low[1]}, {high[1]}{')' if high[0] == 'lt' else ']'}"
+    elif low or high:
+        kind, bound = low or high
+        rule = f"must be {BOUNDS[kind]} {bound}"
+    else:
+        return None
+    return f"{rule} ({metadata['hint']})" if "hint" in metadata else rule
+
+
+def within(value, metadata) -> bool:
+    if "choices" in metadata:
+        return value in metadata["choices"]
+    import operator
+
+    ops = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
+    return all(ops[k](value, metadata[k]) for k in ops if k in metadata)
+
+
+def check_ranges(obj) -> None:
+    """Check the fields of a settings dataclass against its ``RANGES`` table (None: unset, allowed)."""
+    for name, spec in type(obj).RANGES.items():
+        value = getattr(obj, name)
+        if value is not None:
+            check(within(value, spec), name, value, range_rule(spec))
 
 
 @dataclass
@@ -257,21 +294,27 @@ class SamplerConfig:
     eb_gamma: float = field(default=16.0, metadata={
         "help": "--strategy eb: entropy budget (nats, > 0) of the tokens committed in one step; larger = fewer calls."})
 
+    # Each setting's range, declared once: checked here (check_ranges), and the server's request schema
+    # (serving/schemas.py) takes its bounds from this table. A ClassVar, not field metadata: HfArgumentParser
+    # hands metadata to argparse.
+    RANGES: ClassVar[dict[str, dict]] = {
+        "steps": {"ge": 1},
+        "schedule": {"choices": tuple(sorted(SCHEDULES))},
+        "strategy": {"choices": STRATEGIES},
+        "sampling": {"choices": SAMPLINGS},
+        "temperature": {"gt": 0, "hint": "use --sampling greedy for argmax"},
+        "top_k": {"ge": 1},
+        "top_p": {"gt": 0, "le": 1},
+        "confidence_threshold": {"gt": 0, "le": 1},
+        "remask_fraction": {"ge": 0, "lt": 1},
+        "block_length": {"ge": 1},
+        "order_temperature": {"ge": 0},
+        "repetition_penalty": {"ge": 1},
+        "eb_gamma": {"gt": 0, "hint": "an entropy budget in nats"},
+    }
+
     def __post_init__(self) -> None:
-        check(self.steps >= 1, "steps", self.steps, "must be >= 1")
-        check(self.strategy in STRATEGIES, "strategy", self.strategy, f"must be one of {STRATEGIES}")
-        check(self.sampling in SAMPLINGS, "sampling", self.sampling, f"must be one of {SAMPLINGS}")
-        check(self.temperature > 0, "temperature", self.temperature, "must be > 0 (use --sampling greedy for argmax)")
-        check(self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
-        check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        check(self.confidence_threshold is None or 0 < self.confidence_threshold <= 1, "confidence_threshold",
-              self.confidence_threshold, "must be in (0, 1]")
-        check(0 <= self.remask_fraction < 1, "remask_fraction", self.remask_fraction, "must be in [0, 1)")
-        check(self.block_length is None or self.block_length >= 1, "block_length", self.block_length, "must be >= 1")
-        check(self.order_temperature >= 0, "order_temperature", self.order_temperature, "must be >= 0")
-        check(self.repetition_penalty >= 1, "repetition_penalty", self.repetition_penalty, "must be >= 1")
-        check(self.schedule in SCHEDULES, "schedule", self.schedule, f"must be one of {sorted(SCHEDULES)}")
-        check(self.eb_gamma > 0, "eb_gamma", self.eb_gamma, "must be > 0 (an entropy budget in nats)")
+        check_ranges(self)  # each field's range, declared once in its metadata (the server's schema reads it too)
         if self.strategy == "remask-random" and (self.confidence_threshold is not None or self.remask_fraction):
             raise UsageError("`strategy` 'remask-random' already re-masks at random; it cannot be combined with "
                              "`confidence_threshold` or `remask_fraction`.", field="strategy", value=self.strategy)

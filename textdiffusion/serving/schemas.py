@@ -8,16 +8,26 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from textdiffusion.config import SAMPLINGS, STRATEGIES, SamplerConfig
-from textdiffusion.schedules import SCHEDULES
+from textdiffusion.config import SamplerConfig
 
 _DEFAULTS = {f.name: f.default for f in fields(SamplerConfig)}  # the sampler's defaults, not typed twice
 MAX_STEPS = 1024
 MAX_SAMPLES = 32
+# The server's own caps on top of the sampler's ranges: bounds on the work one request may ask for
+SERVER_CAPS = {"steps": {"le": MAX_STEPS}, "temperature": {"le": 100}, "order_temperature": {"le": 100},
+               "repetition_penalty": {"le": 100}, "eb_gamma": {"le": 1000}}
 
-Strategy = Literal[STRATEGIES]  # type: ignore[valid-type]  # the sampler's own lists, not typed twice
-Sampling = Literal[SAMPLINGS]  # type: ignore[valid-type]
-Schedule = Literal[tuple(sorted(SCHEDULES))]  # type: ignore[valid-type]
+
+def _sampler_field(name: str, **extra):
+    """A request field for sampler setting ``name``: the checkpoint-independent default and the range of
+    ``SamplerConfig.RANGES`` (declared once, in config.py), tightened by the server's cap where it has one."""
+    bounds = {k: v for k, v in SamplerConfig.RANGES[name].items() if k in ("gt", "ge", "lt", "le")}
+    bounds.update(SERVER_CAPS.get(name, {}))
+    return Field(_DEFAULTS[name], **bounds, **extra)
+
+Strategy = Literal[SamplerConfig.RANGES["strategy"]["choices"]]  # type: ignore[valid-type]  # the sampler's own lists
+Sampling = Literal[SamplerConfig.RANGES["sampling"]["choices"]]  # type: ignore[valid-type]
+Schedule = Literal[SamplerConfig.RANGES["schedule"]["choices"]]  # type: ignore[valid-type]
 
 
 class _Strict(BaseModel):
@@ -38,19 +48,19 @@ class GenerateRequest(_Strict):
     max_length: Optional[int] = Field(None, ge=4, description="Tokens per sample, prompt included (default: the checkpoint's).")
     n: int = Field(1, ge=1, le=MAX_SAMPLES, description="Samples; sample i uses seed + i.")
     seed: int = Field(0, ge=0, lt=2 ** 63 - MAX_SAMPLES)
-    steps: int = Field(_DEFAULTS["steps"], ge=1, le=MAX_STEPS)
+    steps: int = _sampler_field("steps")
     schedule: Schedule = _DEFAULTS["schedule"]
     strategy: Strategy = _DEFAULTS["strategy"]
     sampling: Sampling = _DEFAULTS["sampling"]
-    temperature: float = Field(_DEFAULTS["temperature"], gt=0, le=100)
-    top_k: int = Field(_DEFAULTS["top_k"], ge=1)
-    top_p: float = Field(_DEFAULTS["top_p"], gt=0, le=1)
-    confidence_threshold: Optional[float] = Field(_DEFAULTS["confidence_threshold"], gt=0, le=1)
-    remask_fraction: float = Field(_DEFAULTS["remask_fraction"], ge=0, lt=1)
-    block_length: Optional[int] = Field(_DEFAULTS["block_length"], ge=1)
-    order_temperature: float = Field(_DEFAULTS["order_temperature"], ge=0, le=100)
-    repetition_penalty: float = Field(_DEFAULTS["repetition_penalty"], ge=1, le=100)
-    eb_gamma: float = Field(_DEFAULTS["eb_gamma"], gt=0, le=1000, description="Entropy budget of strategy 'eb' (nats).")
+    temperature: float = _sampler_field("temperature")
+    top_k: int = _sampler_field("top_k")
+    top_p: float = _sampler_field("top_p")
+    confidence_threshold: Optional[float] = _sampler_field("confidence_threshold")
+    remask_fraction: float = _sampler_field("remask_fraction")
+    block_length: Optional[int] = _sampler_field("block_length")
+    order_temperature: float = _sampler_field("order_temperature")
+    repetition_penalty: float = _sampler_field("repetition_penalty")
+    eb_gamma: float = _sampler_field("eb_gamma", description="Entropy budget of strategy 'eb' (nats).")
     cfg_scale: float = Field(0.0, ge=0, le=100, description="Classifier-free guidance by the prompt or the template's "
                              "text (doubles the request's rows).")
     suppress_tokens: list[str] = Field(default_factory=list, max_length=256)
