@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from textdiffusion.config import DiffusionConfig
 from textdiffusion.core.denoiser import MaskedDiffusionLM
 from textdiffusion.errors import UsageError
 from textdiffusion.models.presets import TOKENIZER_FILES
@@ -120,3 +122,38 @@ def load_diffusion_model(name_or_path: str, config=None, dtype: torch.dtype | No
 
         return load_adapted(name_or_path, dtype=dtype, flag=flag)
     return load_masked_lm(name_or_path, dtype=dtype, flag=flag)
+
+
+@dataclass
+class OpenedCheckpoint:
+    """A diffusion checkpoint, opened: the model as saved, its tokenizer and settings, and the denoiser it was
+    trained as (masked-positions logits; shifted logits for a causal LM adapted to diffusion)."""
+
+    path: str
+    tokenizer: object
+    model: nn.Module
+    config: DiffusionConfig
+    denoiser: MaskedDiffusionLM
+
+
+def open_checkpoint(name_or_path: str, dtype: torch.dtype | None = None, missing_head: str = "refuse") -> OpenedCheckpoint:
+    """The one way a diffusion checkpoint is opened: a short name (``wiki-small``, a built or fetched model), a
+    directory of this project (its ``diffusion_config.json`` says how it was trained, an adapted causal LM
+    included) or any masked LM from elsewhere (the foreign-model defaults).
+
+    ``missing_head``: what to do with an encoder saved without its MLM head (mpnet-base as fetched):
+    ``"refuse"`` — its text would be noise (generation); ``"keep"`` — the caller builds one from its data
+    (``models.heads.build_head``: evaluation and training do), ``model.missing_head_keys`` lists it.
+    """
+    from textdiffusion.models.bundled import resolve_checkpoint
+
+    if missing_head not in ("refuse", "keep"):
+        raise ValueError(f"`missing_head` must be 'refuse' or 'keep', got {missing_head!r}.")
+    path = resolve_checkpoint(name_or_path)
+    config = DiffusionConfig.from_pretrained(path)  # a model from elsewhere: the foreign-model defaults
+    tokenizer, model = load_diffusion_model(path, config, dtype=dtype, flag="--checkpoint")
+    if missing_head == "refuse" and getattr(model, "missing_head_keys", None):
+        raise UsageError(f"--checkpoint {path!r} is an encoder without a trained MLM head (such as mpnet-base as "
+                         "fetched); fine-tune it first, e.g. `textdiffusion train --config recipes/mpnet-wiki.yaml`, "
+                         "and generate from that run.", field="checkpoint", value=path)
+    return OpenedCheckpoint(path, tokenizer, model, config, denoiser_for(model, config))

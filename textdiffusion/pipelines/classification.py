@@ -143,10 +143,11 @@ def load_scorer(checkpoint: str, device: torch.device | str = "cpu") -> LabelSco
         from textdiffusion.models.autoregressive import load_causal_lm
 
         tokenizer, model = load_causal_lm(path)
-    else:
-        from textdiffusion.models.loading import load_masked_lm
+    else:  # the denoiser it was trained as: an adapted causal LM scores with its shifted logits
+        from textdiffusion.models.loading import open_checkpoint
 
-        tokenizer, model = load_masked_lm(path, flag="--checkpoint")
+        opened = open_checkpoint(path)
+        tokenizer, model = opened.tokenizer, opened.denoiser
     return LabelScorer(model.to(device), tokenizer, config, checkpoint)
 
 

@@ -26,7 +26,7 @@ from textdiffusion.core.detokenize import decode_text
 from textdiffusion.core.sampler import DenoisingState, continuation
 from textdiffusion.core.templates import MASK_SPAN
 from textdiffusion.errors import UsageError
-from textdiffusion.models.loading import denoiser_for, load_diffusion_model
+from textdiffusion.models.loading import denoiser_for, open_checkpoint
 from textdiffusion.pipelines.denoising import DenoisingRun, GenerationOutput
 
 
@@ -94,16 +94,8 @@ class DiffusionGenerator:
     def from_pretrained(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None,
                         compile: bool = False) -> "DiffusionGenerator":
         """Load a checkpoint of this project, or any masked LM directory / hub id (default settings then)."""
-        from textdiffusion.models.bundled import resolve_checkpoint
-
-        path = resolve_checkpoint(path)
-        config = DiffusionConfig.from_pretrained(path)
-        tokenizer, model = load_diffusion_model(path, config, dtype=dtype, flag="--checkpoint")
-        if getattr(model, "missing_head_keys", None):  # its head would be random: the text would be noise
-            raise UsageError(f"--checkpoint {path!r} is an encoder without a trained MLM head (such as mpnet-base as "
-                             "fetched); fine-tune it first, e.g. `textdiffusion train --config recipes/mpnet-wiki.yaml`, "
-                             "and generate from that run.")
-        return cls(model, tokenizer, config, device, dtype, compile)
+        opened = open_checkpoint(path, dtype=dtype)  # an encoder without its head is refused: its text would be noise
+        return cls(opened.model, opened.tokenizer, opened.config, device, dtype, compile)
 
     # -- templates --------------------------------------------------------------------------------
     def encode_template(self, template: str) -> tuple[list[int], list[bool]]:
