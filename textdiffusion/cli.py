@@ -18,6 +18,7 @@ from .errors import UsageError
 
 COMMANDS = {
     "train": "train a masked LM as a text diffusion model",
+    "distill": "distil a diffusion checkpoint to take half the steps per round (SDTT): 32 -> 16 -> 8",
     "generate": "generate text from a checkpoint by iterative denoising",
     "eval": "per-mask-level loss and the NELBO likelihood bound of a checkpoint",
     "classify": "label probabilities of a text (or accuracy on a labelled split) from a model trained with --label-column",
@@ -64,6 +65,13 @@ def _train(argv: list[str]) -> int:
     from .train_cli import TrainArgs, run_training
 
     run_training(_parse(TrainArgs, argv, "textdiffusion train"))
+    return 0
+
+
+def _distill(argv: list[str]) -> int:
+    from .distill_cli import DistillArgs, run_distill
+
+    run_distill(_parse(DistillArgs, argv, "textdiffusion distill"))
     return 0
 
 
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<10} {what}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "generate": _generate, "eval": _eval, "experiment": _experiment, "serve": _serve,
+    handlers = {"train": _train, "distill": _distill, "generate": _generate, "eval": _eval, "experiment": _experiment, "serve": _serve,
                 "deploy": _deploy, "classify": _classify, "fetch-model": _fetch_model}
     if command not in handlers:
         print(f"textdiffusion: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
