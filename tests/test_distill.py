@@ -228,19 +228,52 @@ def test_each_round_halves_the_steps_and_makes_the_student_the_teacher(distilled
     assert "4 model calls (NFE)" in capsys.readouterr().out
 
 
-def test_resume_mid_round_gives_the_uninterrupted_weights(distilled, colours, tmp_path):
+def test_resume_mid_round_gives_the_uninterrupted_weights(distilled, colours, tmp_path, capsys):
     crashed = tmp_path / "run"
     shutil.copytree(distilled, crashed)
     for p in crashed.iterdir():  # as if killed after checkpoint-6, mid-way through round 2
         if p.name not in ("run_args.json", "validation_curve.csv", "distill_rounds.csv") and not p.name.startswith("checkpoint-") \
                 or p.name == "checkpoint-8":
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+    capsys.readouterr()
     assert distill(colours, crashed, "--resume") == 0
+    assert f"resuming from {crashed / 'checkpoint-6'} (step 6)" in capsys.readouterr().out
     for name in ("model.safetensors", "checkpoint-8/model.safetensors", "checkpoint-8/teacher.safetensors",
                  "checkpoint-8/ema.safetensors"):
         assert tensors(crashed / name).keys() == tensors(distilled / name).keys()
         assert same_weights(tensors(crashed / name), tensors(distilled / name)), name
     assert (crashed / "distill_rounds.csv").read_text() == (distilled / "distill_rounds.csv").read_text()
+
+
+class FakeScorer:
+    """Gen PPL in the order the gate asks for it: the bar (teacher at --start-steps), then per round the student and the
+    undistilled teacher at the halved count."""
+
+    name = "fake"
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def perplexity(self, prompts, continuations):
+        return self.values.pop(0)
+
+
+def test_a_round_that_fails_the_quality_gate_stops_and_keeps_the_previous_model(colours, tmp_path, monkeypatch, capsys):
+    from textdiffusion.quality import Scorer
+
+    scorer = FakeScorer([10.0, 10.5, 12.0, 30.0, 40.0])  # round 1 holds (10.5 <= 11), round 2 does not (30 > 11)
+    monkeypatch.setattr(Scorer, "load", classmethod(lambda cls, spec, device="cpu": scorer))
+    out = tmp_path / "run"
+    assert distill(colours, out, "--start-steps", "32", "--rounds", "3", "--steps-per-round", "2", "--gate-prompts", "4",
+                   "--gate-tolerance", "0.1") == 0
+    printed = capsys.readouterr().out
+    assert "gen PPL 10.5" in printed and "quality NOT held: stopping" in printed and not scorer.values
+    rounds = [line.split(",") for line in (out / "distill_rounds.csv").read_text().splitlines()[1:]]
+    assert [r[-1] for r in rounds] == ["True", "False"]
+    assert not (out / "checkpoint-6").exists()  # round 3 never ran
+    assert DiffusionConfig.from_pretrained(out).generation.steps == 16  # round 1's student (32 -> 16), not round 2's
+    assert same_weights(tensors(out / "model.safetensors"), tensors(out / "checkpoint-2" / "teacher.safetensors"))
+    assert not same_weights(tensors(out / "model.safetensors"), tensors(out / "checkpoint-4" / "ema.safetensors"))
 
 
 def test_bad_input_is_one_line_with_exit_status_2(colours, tmp_path, capsys):

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import json
 import shutil
+import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -96,6 +97,21 @@ class DistillArgs(TrainArgs):
             super().__post_init__()
         finally:
             self.max_length = 0 if teacher_length else self.max_length
+
+
+def _hide_from_help(cls, names) -> None:
+    """Leave the inherited flags ``distill`` refuses out of its --help (they still parse, to be refused in one
+    line): the fields are replaced in this class only, TrainArgs keeps its own."""
+    import argparse
+
+    for name in names:
+        inherited = cls.__dataclass_fields__[name]
+        hidden = copy.copy(inherited)
+        hidden.metadata = types.MappingProxyType({**inherited.metadata, "help": argparse.SUPPRESS})
+        cls.__dataclass_fields__[name] = hidden
+
+
+_hide_from_help(DistillArgs, NOT_FOR_DISTILL)
 
 
 def distill_training_arguments(args: DistillArgs, work_dir: Path):
