@@ -36,6 +36,16 @@ committed it) keeps the first step's.
 current block). SDTT takes every masked position; with blocks the later blocks are masked too but no step of
 this block reads them, so their targets would teach nothing the sampler uses. Divergences: reverse KL
 KL(student || teacher) (SDTT's default, mode-seeking), forward KL, total variation; the mean over positions.
+
+**Rounds** (``DistillTrainer``): at a round's end the *judged* model — the EMA of the student's weights when
+one is kept, else the student — is evaluated (held-out divergence, NELBO), sampled at the halved step count by
+the quality gate, and, if kept, copied into the teacher. (SDTT's default copies the raw student and evaluates
+the EMA; here the model that was judged is the one kept and taught from, so nothing unjudged is kept.) A round
+that fails the gate stops the run; the teacher, i.e. the previous round's model, is the result.
+
+The step counts assume the layout of the examples: ``max_length`` tokens, the teacher's protected prefix as
+the prompt, so a fixed number of blocks; a `generate` prompt much longer or shorter can change the number of
+blocks (the sampler then notes that the steps do not divide).
 """
 
 from __future__ import annotations

@@ -144,7 +144,6 @@ def teacher_config(path: str, flag: str = "--teacher"):
 def sampler_settings(config, pairs: list[str]):
     """The teacher's saved generation settings with the --generation overrides, checked by SamplerConfig."""
     from .bundled import parse_settings
-
     from .sampler import SamplerConfig
 
     overrides = parse_settings(pairs)
@@ -224,8 +223,7 @@ def run_distill(args: DistillArgs) -> Path:
     from .checkpoints import newest_good_checkpoint, remove_partial_saves, trainer_state
     from .collator import collator_from_config
     from .data import BlockDataset, load_corpus, pack
-    from .distill import (ROUNDS_CSV, STATE_NAME, DistillPlan, DistillTrainer, Layout, RoundState, check_step_plan,
-                          stack_blocks)
+    from .distill import ROUNDS_CSV, STATE_NAME, DistillPlan, DistillTrainer, Layout, RoundState, check_step_plan, stack_blocks
     from .modeling import check_position_limit, denoiser_for, load_diffusion_model
     from .train import CURVE_CSV
     from .train_cli import _replace_dir, _truncate_csv, check_output_dir
@@ -282,7 +280,10 @@ def run_distill(args: DistillArgs) -> Path:
               f"{len(train_blocks):,} train / {len(val_blocks):,} validation blocks", flush=True)
 
     student = copy.deepcopy(teacher)  # SDTT: the student starts as the teacher
-    wrap = lambda model: denoiser_for(model, config).train(model.training)  # noqa: E731 (the mode of the model inside)
+
+    def wrap(model):  # a denoiser around a model, in the mode of the model inside
+        return denoiser_for(model, config).train(model.training)
+
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     cls = cls if cls is not None else tokenizer.bos_token_id
     sep = sep if sep is not None else tokenizer.eos_token_id
