@@ -274,6 +274,12 @@ def test_a_round_that_fails_the_quality_gate_stops_and_keeps_the_previous_model(
     assert DiffusionConfig.from_pretrained(out).generation.steps == 16  # round 1's student (32 -> 16), not round 2's
     assert same_weights(tensors(out / "model.safetensors"), tensors(out / "checkpoint-2" / "teacher.safetensors"))
     assert not same_weights(tensors(out / "model.safetensors"), tensors(out / "checkpoint-4" / "ema.safetensors"))
+    kept = tensors(out / "model.safetensors")
+    (out / "model.safetensors").unlink()  # cut off after the stop's checkpoint, before the result was written
+    assert distill(colours, out, "--start-steps", "32", "--rounds", "3", "--steps-per-round", "2", "--gate-prompts", "4",
+                   "--gate-tolerance", "0.1", "--resume") == 0
+    assert same_weights(tensors(out / "model.safetensors"), kept) and not (out / "checkpoint-6").exists()
+    assert DiffusionConfig.from_pretrained(out).generation.steps == 16
 
 
 def test_bad_input_is_one_line_with_exit_status_2(colours, tmp_path, capsys):

@@ -240,7 +240,7 @@ def run_distill(args: DistillArgs) -> Path:
     check_step_plan(start_steps, args.rounds, layout)
     final_dir = Path(args.output_dir)
     work_dir = check_output_dir(args)
-    resume_from, resumed_step = None, 0
+    resume_from, resumed_step, stopped = None, 0, False
     if args.resume:
         _check_same_distillation(args, work_dir)
         remove_partial_saves(work_dir)
@@ -250,12 +250,14 @@ def run_distill(args: DistillArgs) -> Path:
                              "start again with --overwrite.")
         resumed_step = int(trainer_state(resume_from)["global_step"])
         saved = RoundState.load(resume_from) if (resume_from / STATE_NAME).exists() else RoundState()
-        over = resumed_step >= args.max_steps or saved.stopped
-        if over and (work_dir / "model.safetensors").exists():
+        stopped = saved.stopped
+        if (resumed_step >= args.max_steps or stopped) and (work_dir / "model.safetensors").exists():
             print(f"--resume: the distillation in {args.output_dir} already finished (step {resumed_step}, "
                   f"{saved.teacher_steps} steps); nothing to do.", flush=True)
             return final_dir
     training_args = distill_training_arguments(args, work_dir)
+    if stopped:  # a failed gate ended it, and it was cut off before the result was written: no more steps
+        training_args = dataclasses.replace(training_args, max_steps=resumed_step)
     is_main = training_args.process_index == 0
     if is_main and work_dir != final_dir and work_dir.exists():
         shutil.rmtree(work_dir)  # the staging dir of an earlier --overwrite run that failed
