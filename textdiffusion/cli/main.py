@@ -57,6 +57,13 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _distill(argv: list[str]) -> int:
+    from textdiffusion.pipelines.distill_run import DistillArgs, run_distill
+
+    run_distill(_parse(DistillArgs, argv, "textdiffusion distill"))
+    return 0
+
+
 def _generate(argv: list[str]) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -134,6 +141,7 @@ def _fetch_model(argv: list[str]) -> int:
 # `textdiffusion --help` loads none of torch or transformers.
 COMMANDS = {
     "train": ("train a masked LM as a text diffusion model", _train),
+    "distill": ("distil a diffusion checkpoint to take half the steps per round (SDTT): 32 -> 16 -> 8", _distill),
     "generate": ("generate text from a checkpoint by iterative denoising", _generate),
     "eval": ("per-mask-level loss and the NELBO likelihood bound of a checkpoint", _eval),
     "classify": ("label probabilities of a text (or accuracy on a labelled split) from a model trained with "
