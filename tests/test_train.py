@@ -120,8 +120,8 @@ def test_overwrite_replaces_the_run_only_after_success(tmp_path, small_jsonl):
     (["--mask-probs", "0", "0.5"], "--mask-probs"),
     (["--mask-probs", "1.5"], "1.5"),
     (["--prefix-length", "64"], "--prefix-length must be smaller than max_length (64), got 64"),
-    (["--epochs", "-1"], "--epochs must be a positive integer, got -1"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--epochs", "-1"], "--num-train-epochs (--epochs) must be > 0, got -1"),
+    (["--batch-size", "0"], "--per-device-train-batch-size (--batch-size) must be a positive integer, got 0"),
     (["--preset", "huge"], "--preset must be one of"),
     (["--time-sampling", "sideways"], "sideways"),
 ])
@@ -133,7 +133,7 @@ def test_bad_train_flags_exit_2_and_write_nothing(tmp_path, small_jsonl, capsys,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("--epochs", "1.5"), ("--batch-size", "x"), ("--epochs", "two")])
+@pytest.mark.parametrize("flag, value", [("--max-steps", "1.5"), ("--batch-size", "x"), ("--epochs", "two")])
 def test_non_integer_counts_are_rejected_by_the_parser(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as e:
         main(["train", "--output-dir", str(tmp_path / "out"), flag, value])

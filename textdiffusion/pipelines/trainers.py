@@ -12,12 +12,13 @@ exact NLL there, so the two curves compare directly), the best checkpoint by tha
 final model, tokens/s in the logs, the diffusion settings saved beside every checkpoint, and guards that
 keep a failed or mistaken run from overwriting an earlier one.
 
-The command's flags and the run itself are in train_cli.py, beside the other subcommands' CLIs.
+The command's settings are ``training_args.TrainArgs`` (a ``TrainingArguments``); the run is training.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import time
@@ -25,14 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from textdiffusion.config import DiffusionConfig
 from textdiffusion.core.denoiser import TrainedModule
 from textdiffusion.core.evaluation import nelbo, per_level_loss
 from textdiffusion.core.loss import diffusion_loss
 from textdiffusion.core.reporting import append_level_csv, format_level_table, plot_level_curves
-from textdiffusion.errors import UsageError
 from textdiffusion.models.autoregressive import causal_nll
 from textdiffusion.models.checkpoints import staging_folder
 
@@ -201,44 +201,8 @@ class CausalTrainer(_ProjectTrainer):
         return self._finish_evaluation({f"{metric_key_prefix}_loss": nll.nats_per_token}, nll, "exact")
 
 
-# -- the run ----------------------------------------------------------------------------------------
-def cpu_has_bf16_matmul() -> bool:
-    """True on CPUs with AMX bf16 tiles (Sapphire Rapids and later): there, bf16 autocast trains about
-    1.2-1.4x faster than fp32 (benchmarks/train_throughput.py); without them bf16 is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags
-
-
-def _precision_flags(precision: str) -> dict:
-    """Mixed precision keeps fp32 master weights; ``auto`` picks bf16 wherever the hardware runs it fast."""
-    cuda = torch.cuda.is_available()
-    if precision == "auto":
-        return {"bf16": torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16_matmul()}
-    if precision == "bf16":
-        return {"bf16": True}
-    if precision == "fp16":
-        if not cuda:
-            raise UsageError("--precision 'fp16' needs a CUDA device; on the CPU use fp32 or bf16.")
-        return {"fp16": True}
-    return {}
-
-
-def training_arguments(args: TrainArgs, work_dir: Path) -> TrainingArguments:
-    """The Trainer settings of a run (also used by benchmarks/train_throughput.py, so it measures these)."""
-    return TrainingArguments(
-        output_dir=str(work_dir), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=max(args.batch_size, 32),
-        num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup, lr_scheduler_type="cosine", max_grad_norm=1.0,
-        eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.eval_steps,
-        save_total_limit=args.save_total_limit, logging_steps=args.logging_steps, logging_first_step=True,
-        seed=args.seed, data_seed=args.seed, dataloader_num_workers=args.num_workers, report_to="none",
-        remove_unused_columns=False, dataloader_drop_last=True, torch_compile=args.compile,
-        ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(),
-        # the final model is the validation-best checkpoint (NELBO, or the AR baseline's exact NLL): an AR
-        # model overfits a small corpus within a few epochs, so only best points compare fairly
-        load_best_model_at_end=True, metric_for_best_model="nll", greater_is_better=False,
-        **_precision_flags(args.precision),
-    )
+# -- the run ---------------------------------------------------------------------------------------
+def training_arguments(args: TrainArgs, work_dir: Path) -> TrainArgs:
+    """The Trainer settings of a run: ``args`` itself (it is a TrainingArguments), writing into ``work_dir``
+    (the staging folder of an --overwrite run). Also used by benchmarks/train_throughput.py."""
+    return args if Path(args.output_dir) == Path(work_dir) else dataclasses.replace(args, output_dir=str(work_dir))
