@@ -18,6 +18,7 @@ The command's settings are ``training_args.TrainArgs`` (a ``TrainingArguments``)
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import shutil
@@ -79,7 +80,8 @@ class _ProjectTrainer(Trainer):
     @contextlib.contextmanager
     def _hugging_face_model(self):
         """Within it, ``self.model`` is the Hugging Face model inside the trained module, for Trainer's own
-        saving and loading: checkpoints keep the model's format (no ``model.`` prefix, config.json beside)."""
+        saving: checkpoints keep the model's format (no ``model.`` prefix, config.json beside). Loading needs
+        no such switch: ``TrainedModule.load_state_dict`` takes that format."""
         trained = self.model
         if isinstance(trained, TrainedModule):
             self.model = trained.model
@@ -88,48 +90,40 @@ class _ProjectTrainer(Trainer):
         finally:
             self.model = trained
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if state_dict is not None and isinstance(self.model, TrainedModule):  # gathered from the wrapper (FSDP)
-            state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()}
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the Hugging Face model inside (every checkpoint and the final model come through here)."""
         with self._hugging_face_model():
-            super()._save(output_dir, state_dict)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        with self._hugging_face_model():
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _load_best_model(self) -> None:
-        with self._hugging_face_model():
-            super()._load_best_model()
-
-    def _issue_warnings_after_load(self, load_result) -> None:
-        """Tied weights (the decoder is the input embedding) are not saved twice, so they are 'missing' from
-        every checkpoint by design: say nothing about those, warn about anything else."""
-        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
-        load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
-        super()._issue_warnings_after_load(load_result)
+            super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's save, made crash-safe: everything is written into ``.checkpoint-N.partial/`` (with the
-        diffusion config), and renamed to ``checkpoint-N`` only when complete (see checkpoints.py)."""
+        diffusion config), and renamed to ``checkpoint-N`` only when complete (see checkpoints.py).
+
+        Why this private override remains: no public hook runs before a checkpoint's first file is written
+        (``on_save`` comes after the last), so only here can the write be pointed aside. It is pointed by a
+        copy of the arguments whose ``output_dir`` is the staging folder (nothing of Trainer's is patched),
+        with pushing off: the Hub gets the checkpoint from its final place, after the rename."""
+        from transformers.trainer import TRAINING_ARGS_NAME
         from transformers.trainer_utils import rotate_checkpoints
 
-        run_dir = Path(self._get_output_dir(trial=trial))
+        run_dir = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
         final = run_dir / name
         staging_root = staging_folder(final)
         staged = staging_root / name
-        self._get_output_dir = lambda trial=None: str(staging_root)  # Trainer writes into staging_root/checkpoint-N
+        args, self.args = self.args, copy.copy(self.args)
+        self.args.output_dir, self.args.push_to_hub = str(staging_root), False
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            del self._get_output_dir
+            self.args = args
         if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
             self.state.best_model_checkpoint = str(final)
         if self.args.world_size > 1:
             torch.distributed.barrier()  # every rank's RNG state is in the staged folder
         if self.args.should_save:
             self.state.save_to_json(str(staged / "trainer_state.json"))  # with the final path of the best checkpoint
+            torch.save(self.args, staged / TRAINING_ARGS_NAME)  # the real output dir, not the staging one
             self.diffusion_config.save_pretrained(staged)
             if final.exists():  # the same step saved again: the new save replaces it
                 shutil.rmtree(final)
@@ -137,6 +131,8 @@ class _ProjectTrainer(Trainer):
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            if self.args.push_to_hub:  # what Trainer would have pushed (per --hub_strategy), from the final folder
+                self._push_from_checkpoint(str(final))
         if self.args.world_size > 1:
             torch.distributed.barrier()
 
