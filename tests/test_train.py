@@ -114,6 +114,23 @@ def test_overwrite_replaces_the_run_only_after_success(tmp_path, small_jsonl):
     assert json.loads((tmp_path / "run" / "run_args.json").read_text())["seed"] == 3
 
 
+def test_standard_trainer_flags_reach_the_trainer(tmp_path, small_jsonl):
+    """--gradient_accumulation_steps doubles the tokens of a step (validation_curve.csv counts them);
+    --lr_scheduler_type and --warmup set the schedule the Trainer runs."""
+    assert train(tmp_path, small_jsonl, "--max-steps", "4", "--eval-steps", "2", "--logging-steps", "1",
+                 "--gradient_accumulation_steps", "2", "--lr_scheduler_type", "constant", "--warmup", "0",
+                 "--learning-rate", "1e-3", "--hub_token", "secret") == 0
+    run = tmp_path / "run"
+    with (run / "validation_curve.csv").open() as f:
+        assert [(int(r["step"]), int(r["tokens_seen"])) for r in csv.DictReader(f)] == [
+            (0, 0), (2, 2 * 8 * 2 * 64), (4, 4 * 8 * 2 * 64)]  # steps x batch x accumulation x block
+    state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
+    assert {round(log["learning_rate"], 9) for log in state["log_history"] if "learning_rate" in log} == {1e-3}
+    recorded = json.loads((run / "run_args.json").read_text())
+    assert (recorded["gradient_accumulation_steps"], recorded["lr_scheduler_type"]) == (2, "constant")
+    assert recorded["hub_token"] == "<HUB_TOKEN>"  # the run's record keeps no credentials
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--dataset", "no-such-corpus-xyz"], "--dataset 'no-such-corpus-xyz'"),
     (["--dataset", "/nonexistent/file.jsonl"], "no such file"),

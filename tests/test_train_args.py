@@ -9,6 +9,7 @@ import yaml
 from transformers import TrainingArguments
 
 from textdiffusion.cli.main import _parse, main
+from textdiffusion.pipelines.trainers import batches_before
 from textdiffusion.pipelines.training_args import ALIASES, TrainArgs
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -151,3 +152,9 @@ def test_help_lists_the_project_flags_the_aliases_and_the_common_trainer_flags(c
     assert "--adam_beta1" in capsys.readouterr().out
     assert len(short.splitlines()) < 300
 
+
+def test_batches_before_a_step_counts_accumulation_and_epoch_ends():
+    assert [batches_before(s, 10, 1) for s in (0, 3, 10, 13)] == [0, 3, 10, 13]  # one batch a step
+    # 5 batches an epoch, 2 a step: steps of 2, 2, 1 batches per epoch
+    assert [batches_before(s, 5, 2) for s in range(7)] == [0, 2, 4, 5, 7, 9, 10]
+    assert batches_before(4, 5, 2, skips_data=False) == 5  # --ignore_data_skip: the epoch is replayed

@@ -21,13 +21,14 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from textdiffusion.config import DiffusionConfig
 from textdiffusion.core.denoiser import TrainedModule
@@ -48,6 +49,30 @@ LEVEL_PNG = "per_level_loss.png"
 CURVE_CSV = "validation_curve.csv"
 
 # -- the Trainers -----------------------------------------------------------------------------------
+def batches_before(step: int, batches_per_epoch: int, accumulation: int, skips_data: bool = True) -> int:
+    """How many training batches an uninterrupted run has collated before optimiser step ``step``: an epoch
+    is ceil(batches / accumulation) steps (the last one takes the remainder), and a resumed epoch skips its
+    trained batches without collating them (unless --ignore_data_skip)."""
+    updates_per_epoch = max(math.ceil(batches_per_epoch / accumulation), 1)
+    epochs, in_epoch = divmod(step, updates_per_epoch)
+    return epochs * batches_per_epoch + (min(in_epoch * accumulation, batches_per_epoch) if skips_data else 0)
+
+
+class ResumedMaskStream(TrainerCallback):
+    """A resumed run continues the collator's random stream where the uninterrupted run was: batch j's masks
+    depend only on (seed, j), so kill -9 + --resume gives the same weights. Counted in batches, not steps:
+    with --gradient_accumulation_steps a step takes several."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if state.global_step and train_dataloader is not None:
+            offset = batches_before(state.global_step, len(train_dataloader), args.gradient_accumulation_steps,
+                                    skips_data=not args.ignore_data_skip)
+            self.collator.reseed(self.collator.seed, batch_offset=offset)
+
+
 class _ProjectTrainer(Trainer):
     """What both objectives share: tokens/s in the logs, and the validation NLL (bound) vs tokens seen."""
 
@@ -59,6 +84,8 @@ class _ProjectTrainer(Trainer):
         self.tokens_per_step = tokens_per_step
         self.level_results: dict[int, list] = {}  # step -> per-level results (diffusion only)
         self._throughput_mark = None
+        if hasattr(self.data_collator, "reseed"):  # the diffusion collator (the AR baseline's draws nothing)
+            self.add_callback(ResumedMaskStream(self.data_collator))
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         now, step = time.perf_counter(), self.state.global_step

@@ -167,6 +167,12 @@ def _prepare_head(args: TrainArgs, model, tokenizer, train_blocks, corruption, d
                   f"{time.perf_counter() - started:.1f} s", flush=True)
 
 
+def tokens_per_step(training_args, max_length: int) -> int:
+    """Tokens one optimiser step trains on: blocks per device x accumulated batches x devices x block length."""
+    return (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+            * training_args.world_size * max_length)
+
+
 def resume_point(args: TrainArgs, run_dir: Path) -> Path:
     """The checkpoint --resume continues from: the newest complete one ("last"), or the checkpoint-N of
     this run that --resume_from_checkpoint names."""
@@ -283,13 +289,11 @@ def run_training(args: TrainArgs) -> Path:
                   "scored": scored_positions(val_eval, tokenizer, corruption.prefix_length)}
     common = dict(model=trained, args=training_args, train_dataset=BlockDataset(train_blocks),
                   eval_dataset=BlockDataset(val_eval), processing_class=tokenizer, diffusion_config=config,
-                  tokens_per_step=batch * args.max_length * training_args.world_size, level_eval=level_eval)
+                  tokens_per_step=tokens_per_step(training_args, args.max_length), level_eval=level_eval)
     trainer = objective.trainer(tokenizer, collator, args.loss_weighting, **common)
     if resume_from is None:
         trainer.evaluate()  # step 0: the "before" row every level must improve on
-    else:
-        # the masks of batch j depend only on (seed, j): continue the uninterrupted run's stream exactly
-        collator.reseed(collator.seed, batch_offset=resumed_step)
+    else:  # the mask stream continues where it was (trainers.ResumedMaskStream)
         if is_main:  # drop rows an interrupted run logged after its last complete checkpoint
             for name in (LEVEL_CSV, CURVE_CSV):
                 _truncate_csv(work_dir / name, resumed_step)
