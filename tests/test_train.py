@@ -131,6 +131,13 @@ def test_standard_trainer_flags_reach_the_trainer(tmp_path, small_jsonl):
     assert recorded["hub_token"] == "<HUB_TOKEN>"  # the run's record keeps no credentials
 
 
+@pytest.mark.slow
+def test_report_to_tensorboard_writes_event_files(tmp_path, small_jsonl):
+    pytest.importorskip("tensorboard")
+    assert train(tmp_path, small_jsonl, "--max-steps", "2", "--eval-steps", "2", "--report_to", "tensorboard") == 0
+    assert list((tmp_path / "run").glob("runs/*/events.out.tfevents.*"))
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--dataset", "no-such-corpus-xyz"], "--dataset 'no-such-corpus-xyz'"),
     (["--dataset", "/nonexistent/file.jsonl"], "no such file"),

@@ -86,6 +86,13 @@ class _ProjectTrainer(Trainer):
         self._throughput_mark = None
         if hasattr(self.data_collator, "reseed"):  # the diffusion collator (the AR baseline's draws nothing)
             self.add_callback(ResumedMaskStream(self.data_collator))
+        from transformers.integrations import TensorBoardCallback
+        from transformers.integrations.integration_utils import default_logdir
+
+        for callback in self.callback_handler.callbacks:  # --report_to tensorboard: our step-0 evaluation logs
+            # before on_train_begin, where the callback picks its folder; without one it writes into ./runs
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = str(Path(self.args.output_dir) / default_logdir())
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         now, step = time.perf_counter(), self.state.global_step
