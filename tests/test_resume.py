@@ -4,6 +4,7 @@ damaged last checkpoint is skipped with a warning; resuming a finished run chang
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +54,22 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, sm
     assert (crash / "per_level_loss.csv").read_text() == (tmp_path / "ref" / "per_level_loss.csv").read_text()
     assert (crash / "validation_curve.csv").read_text() == (tmp_path / "ref" / "validation_curve.csv").read_text()
     assert not list(crash.glob(".checkpoint-*"))  # no half-written save left behind
+
+
+@pytest.mark.slow
+def test_resume_with_gradient_accumulation_across_an_epoch_end_gives_the_same_weights(tmp_path, small_jsonl):
+    """A step takes two batches, and the epoch's 27 batches end in a one-batch step (step 14): the resumed
+    mask stream starts at the batch the uninterrupted run was at (29 before step 16), not at the step."""
+    run = tmp_path / "run"
+    base = ["train", "--dataset", str(small_jsonl), "--output-dir", str(run), *FAST, "--batch-size", "32",
+            "--gradient_accumulation_steps", "2", "--max-steps", "20", "--eval-steps", "5"]
+    assert main(base) == 0
+    assert json.loads((run / "checkpoint-20" / "trainer_state.json").read_text())["epoch"] > 1  # it crossed one
+    uninterrupted = digest(run / "checkpoint-20" / "model.safetensors")
+    shutil.rmtree(run / "checkpoint-20")  # as if killed after checkpoint-15
+    (run / "model.safetensors").unlink()
+    assert main(base + ["--resume"]) == 0
+    assert digest(run / "checkpoint-20" / "model.safetensors") == uninterrupted
 
 
 def test_checkpoints_are_renamed_into_place_complete(tmp_path, small_jsonl):

@@ -114,14 +114,38 @@ def test_overwrite_replaces_the_run_only_after_success(tmp_path, small_jsonl):
     assert json.loads((tmp_path / "run" / "run_args.json").read_text())["seed"] == 3
 
 
+def test_standard_trainer_flags_reach_the_trainer(tmp_path, small_jsonl):
+    """--gradient_accumulation_steps doubles the tokens of a step (validation_curve.csv counts them);
+    --lr_scheduler_type and --warmup set the schedule the Trainer runs."""
+    assert train(tmp_path, small_jsonl, "--max-steps", "4", "--eval-steps", "2", "--logging-steps", "1",
+                 "--gradient_accumulation_steps", "2", "--lr_scheduler_type", "constant", "--warmup", "0",
+                 "--learning-rate", "1e-3", "--hub_token", "secret") == 0
+    run = tmp_path / "run"
+    with (run / "validation_curve.csv").open() as f:
+        assert [(int(r["step"]), int(r["tokens_seen"])) for r in csv.DictReader(f)] == [
+            (0, 0), (2, 2 * 8 * 2 * 64), (4, 4 * 8 * 2 * 64)]  # steps x batch x accumulation x block
+    state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
+    assert {round(log["learning_rate"], 9) for log in state["log_history"] if "learning_rate" in log} == {1e-3}
+    recorded = json.loads((run / "run_args.json").read_text())
+    assert (recorded["gradient_accumulation_steps"], recorded["lr_scheduler_type"]) == (2, "constant")
+    assert recorded["hub_token"] == "<HUB_TOKEN>"  # the run's record keeps no credentials
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_writes_event_files(tmp_path, small_jsonl):
+    pytest.importorskip("tensorboard")
+    assert train(tmp_path, small_jsonl, "--max-steps", "2", "--eval-steps", "2", "--report_to", "tensorboard") == 0
+    assert list((tmp_path / "run").glob("runs/*/events.out.tfevents.*"))
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--dataset", "no-such-corpus-xyz"], "--dataset 'no-such-corpus-xyz'"),
     (["--dataset", "/nonexistent/file.jsonl"], "no such file"),
     (["--mask-probs", "0", "0.5"], "--mask-probs"),
     (["--mask-probs", "1.5"], "1.5"),
     (["--prefix-length", "64"], "--prefix-length must be smaller than max_length (64), got 64"),
-    (["--epochs", "-1"], "--epochs must be a positive integer, got -1"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--epochs", "-1"], "--num-train-epochs (--epochs) must be > 0, got -1"),
+    (["--batch-size", "0"], "--per-device-train-batch-size (--batch-size) must be a positive integer, got 0"),
     (["--preset", "huge"], "--preset must be one of"),
     (["--time-sampling", "sideways"], "sideways"),
 ])
@@ -133,7 +157,7 @@ def test_bad_train_flags_exit_2_and_write_nothing(tmp_path, small_jsonl, capsys,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("--epochs", "1.5"), ("--batch-size", "x"), ("--epochs", "two")])
+@pytest.mark.parametrize("flag, value", [("--max-steps", "1.5"), ("--batch-size", "x"), ("--epochs", "two")])
 def test_non_integer_counts_are_rejected_by_the_parser(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as e:
         main(["train", "--output-dir", str(tmp_path / "out"), flag, value])

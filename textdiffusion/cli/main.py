@@ -11,23 +11,32 @@ import json
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from textdiffusion.config import ConfigError
 from textdiffusion.errors import UsageError
 
 
-def _parse(dataclass_type, argv: list[str], prog: str):
+def _parse(dataclass_type, argv: list[str], prog: str, layout=None):
     """Parse ``argv`` into ``dataclass_type``; ``--config`` supplies defaults from a file (flags still win).
 
     The result's ``explicit`` attribute names the fields the user set (by flag or in the file): a reader
-    that has defaults of its own (a checkpoint's generation settings) overrides only those.
+    that has defaults of its own (a checkpoint's generation settings) overrides only those. ``layout``
+    arranges ``--help``. A dataclass with old names for some fields (``TrainArgs.resolve_aliases``) has
+    them renamed in the file, and a setting given both ways, in the file or as flags, refused.
     """
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_type, prog=prog)
     parser.add_argument("--config", default=None, help="JSON or YAML file of defaults for these flags.")
+    if layout:
+        layout(parser)
     known, _ = parser.parse_known_args(argv)
+    aliases = getattr(dataclass_type, "resolve_aliases", None)
+    given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    if aliases:
+        aliases(dict.fromkeys(flag[2:].replace("-", "_") for flag in given), prog, as_flags=True)
     from_file: dict = {}
     if known.config:
         path = Path(known.config)
@@ -39,21 +48,72 @@ def _parse(dataclass_type, argv: list[str], prog: str):
             from_file = yaml.safe_load(path.read_text()) or {}
         else:
             from_file = json.loads(path.read_text())
+        if aliases:
+            from_file = aliases(from_file, f"--config {known.config!r}")
         unknown = sorted(set(from_file) - {a.dest for a in parser._actions})
         if unknown:
             raise UsageError(f"--config {known.config!r}: unknown setting(s) {unknown}.")
         parser.set_defaults(**from_file)
     (args,) = parser.parse_args_into_dataclasses(argv, look_for_args_file=False, return_remaining_strings=False)[:1]
-    given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
     args.explicit = frozenset(set(from_file) | {a.dest for a in parser._actions if given & set(a.option_strings)})
     return args
+
+
+# TrainingArguments flags `train --help` shows besides the project's (--help-all shows every one)
+COMMON_TRAINER_FLAGS = ("gradient_accumulation_steps", "bf16", "fp16", "max_grad_norm", "save_strategy",
+                        "logging_strategy", "run_name", "push_to_hub", "hub_model_id", "hub_strategy",
+                        "activation_checkpointing", "ignore_data_skip")
+
+
+def _train_help(parser, everything: bool) -> None:
+    """`train --help` in three groups: the project's flags, the TrainingArguments flags this project gives
+    other defaults, and the common other ones (all of them with --help-all)."""
+    import argparse
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    from textdiffusion.pipelines.training_args import ALIASES, TrainArgs, as_flag
+
+    standard = {f.name: f for f in fields(TrainingArguments)}
+    ours = {f.name: f for f in fields(TrainArgs)}
+    renamed = "\n".join(f"  {as_flag(old):<14} = --{new}" for old, new in ALIASES.items())
+    parser.usage = f"{parser.prog} [--config FILE] [flags]   (--help-all: every TrainingArguments flag)"
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        "Train a masked LM as a text diffusion model. Every transformers.TrainingArguments flag works, with\n"
+        "--dashes or --under_scores; Transformers documents them (https://huggingface.co/docs/transformers/\n"
+        "main_classes/trainer#transformers.TrainingArguments). This command's older names still work, as\n"
+        f"flags and as recipe keys (--config):\n{renamed}\n"
+        "  --precision    auto|fp32|bf16|fp16, sets --bf16/--fp16")
+    groups = {
+        "project": parser.add_argument_group("textdiffusion train"),
+        "defaults": parser.add_argument_group("transformers.TrainingArguments, with this project's defaults"),
+        "standard": parser.add_argument_group(
+            "transformers.TrainingArguments", None if everything else "The common ones; --help-all lists all."),
+    }
+    for action in list(parser._optionals._group_actions):
+        if action.dest in ("help", "config"):
+            continue
+        if action.dest not in standard:
+            kind = "project"
+        elif ours[action.dest] is not standard[action.dest]:
+            kind = "defaults"
+        else:
+            kind = "standard"
+            if not everything and action.dest not in COMMON_TRAINER_FLAGS:
+                action.help = argparse.SUPPRESS
+        parser._optionals._group_actions.remove(action)
+        groups[kind]._group_actions.append(action)
 
 
 def _train(argv: list[str]) -> int:
     from textdiffusion.pipelines.training import run_training
     from textdiffusion.pipelines.training_args import TrainArgs
 
-    run_training(_parse(TrainArgs, argv, "textdiffusion train"))
+    everything = "--help-all" in argv
+    argv = ["--help" if token == "--help-all" else token for token in argv]
+    run_training(_parse(TrainArgs, argv, "textdiffusion train", layout=partial(_train_help, everything=everything)))
     return 0
 
 

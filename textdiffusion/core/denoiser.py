@@ -59,6 +59,26 @@ class TrainedModule(nn.Module):
         """The same module around the same weights, without whatever wrapped this instance's forward."""
         return type(self)(self.model)
 
+    # Read by Trainer when a load reports missing keys (a Hugging Face model's attribute): none to ignore
+    _keys_to_ignore_on_save = None
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also take the model inside's own format, the one checkpoints hold (they save the Hugging Face
+        model, not this wrapper): Trainer loads a checkpoint into the module it trains, to resume and for
+        the best model at the end. Weights tied to another (the decoder is the input embedding) are saved
+        once, so they are not reported missing."""
+        inner = self.model.state_dict().keys()
+        ours = sum(key in inner for key in state_dict)
+        if not ours or ours < sum(f"model.{key}" in state_dict for key in inner):  # this wrapper's format
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = self.model.load_state_dict(state_dict, strict=False, assign=assign)
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        result.missing_keys[:] = [key for key in result.missing_keys if key not in tied]
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise RuntimeError(f"loading {type(self.model).__name__}: missing keys {result.missing_keys}, "
+                               f"unexpected keys {result.unexpected_keys}")
+        return result
+
 
 class MaskedDiffusionLM(TrainedModule):
     """A masked LM as the denoiser: ``denoiser(input_ids, attention_mask, masked_positions=mask)`` returns

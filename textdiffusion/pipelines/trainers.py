@@ -12,27 +12,29 @@ exact NLL there, so the two curves compare directly), the best checkpoint by tha
 final model, tokens/s in the logs, the diffusion settings saved beside every checkpoint, and guards that
 keep a failed or mistaken run from overwriting an earlier one.
 
-The command's flags and the run itself are in train_cli.py, beside the other subcommands' CLIs.
+The command's settings are ``training_args.TrainArgs`` (a ``TrainingArguments``); the run is training.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from textdiffusion.config import DiffusionConfig
 from textdiffusion.core.denoiser import TrainedModule
 from textdiffusion.core.evaluation import nelbo, per_level_loss
 from textdiffusion.core.loss import diffusion_loss
 from textdiffusion.core.reporting import append_level_csv, format_level_table, plot_level_curves
-from textdiffusion.errors import UsageError
 from textdiffusion.models.autoregressive import causal_nll
 from textdiffusion.models.checkpoints import staging_folder
 
@@ -47,6 +49,30 @@ LEVEL_PNG = "per_level_loss.png"
 CURVE_CSV = "validation_curve.csv"
 
 # -- the Trainers -----------------------------------------------------------------------------------
+def batches_before(step: int, batches_per_epoch: int, accumulation: int, skips_data: bool = True) -> int:
+    """How many training batches an uninterrupted run has collated before optimiser step ``step``: an epoch
+    is ceil(batches / accumulation) steps (the last one takes the remainder), and a resumed epoch skips its
+    trained batches without collating them (unless --ignore_data_skip)."""
+    updates_per_epoch = max(math.ceil(batches_per_epoch / accumulation), 1)
+    epochs, in_epoch = divmod(step, updates_per_epoch)
+    return epochs * batches_per_epoch + (min(in_epoch * accumulation, batches_per_epoch) if skips_data else 0)
+
+
+class ResumedMaskStream(TrainerCallback):
+    """A resumed run continues the collator's random stream where the uninterrupted run was: batch j's masks
+    depend only on (seed, j), so kill -9 + --resume gives the same weights. Counted in batches, not steps:
+    with --gradient_accumulation_steps a step takes several."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if state.global_step and train_dataloader is not None:
+            offset = batches_before(state.global_step, len(train_dataloader), args.gradient_accumulation_steps,
+                                    skips_data=not args.ignore_data_skip)
+            self.collator.reseed(self.collator.seed, batch_offset=offset)
+
+
 class _ProjectTrainer(Trainer):
     """What both objectives share: tokens/s in the logs, and the validation NLL (bound) vs tokens seen."""
 
@@ -58,6 +84,15 @@ class _ProjectTrainer(Trainer):
         self.tokens_per_step = tokens_per_step
         self.level_results: dict[int, list] = {}  # step -> per-level results (diffusion only)
         self._throughput_mark = None
+        if hasattr(self.data_collator, "reseed"):  # the diffusion collator (the AR baseline's draws nothing)
+            self.add_callback(ResumedMaskStream(self.data_collator))
+        from transformers.integrations import TensorBoardCallback
+        from transformers.integrations.integration_utils import default_logdir
+
+        for callback in self.callback_handler.callbacks:  # --report_to tensorboard: our step-0 evaluation logs
+            # before on_train_begin, where the callback picks its folder; without one it writes into ./runs
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = str(Path(self.args.output_dir) / default_logdir())
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         now, step = time.perf_counter(), self.state.global_step
@@ -79,7 +114,8 @@ class _ProjectTrainer(Trainer):
     @contextlib.contextmanager
     def _hugging_face_model(self):
         """Within it, ``self.model`` is the Hugging Face model inside the trained module, for Trainer's own
-        saving and loading: checkpoints keep the model's format (no ``model.`` prefix, config.json beside)."""
+        saving: checkpoints keep the model's format (no ``model.`` prefix, config.json beside). Loading needs
+        no such switch: ``TrainedModule.load_state_dict`` takes that format."""
         trained = self.model
         if isinstance(trained, TrainedModule):
             self.model = trained.model
@@ -88,48 +124,40 @@ class _ProjectTrainer(Trainer):
         finally:
             self.model = trained
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if state_dict is not None and isinstance(self.model, TrainedModule):  # gathered from the wrapper (FSDP)
-            state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()}
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the Hugging Face model inside (every checkpoint and the final model come through here)."""
         with self._hugging_face_model():
-            super()._save(output_dir, state_dict)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        with self._hugging_face_model():
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _load_best_model(self) -> None:
-        with self._hugging_face_model():
-            super()._load_best_model()
-
-    def _issue_warnings_after_load(self, load_result) -> None:
-        """Tied weights (the decoder is the input embedding) are not saved twice, so they are 'missing' from
-        every checkpoint by design: say nothing about those, warn about anything else."""
-        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
-        load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
-        super()._issue_warnings_after_load(load_result)
+            super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's save, made crash-safe: everything is written into ``.checkpoint-N.partial/`` (with the
-        diffusion config), and renamed to ``checkpoint-N`` only when complete (see checkpoints.py)."""
+        diffusion config), and renamed to ``checkpoint-N`` only when complete (see checkpoints.py).
+
+        Why this private override remains: no public hook runs before a checkpoint's first file is written
+        (``on_save`` comes after the last), so only here can the write be pointed aside. It is pointed by a
+        copy of the arguments whose ``output_dir`` is the staging folder (nothing of Trainer's is patched),
+        with pushing off: the Hub gets the checkpoint from its final place, after the rename."""
+        from transformers.trainer import TRAINING_ARGS_NAME
         from transformers.trainer_utils import rotate_checkpoints
 
-        run_dir = Path(self._get_output_dir(trial=trial))
+        run_dir = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
         final = run_dir / name
         staging_root = staging_folder(final)
         staged = staging_root / name
-        self._get_output_dir = lambda trial=None: str(staging_root)  # Trainer writes into staging_root/checkpoint-N
+        args, self.args = self.args, copy.copy(self.args)
+        self.args.output_dir, self.args.push_to_hub = str(staging_root), False
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            del self._get_output_dir
+            self.args = args
         if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
             self.state.best_model_checkpoint = str(final)
         if self.args.world_size > 1:
             torch.distributed.barrier()  # every rank's RNG state is in the staged folder
         if self.args.should_save:
             self.state.save_to_json(str(staged / "trainer_state.json"))  # with the final path of the best checkpoint
+            torch.save(self.args, staged / TRAINING_ARGS_NAME)  # the real output dir, not the staging one
             self.diffusion_config.save_pretrained(staged)
             if final.exists():  # the same step saved again: the new save replaces it
                 shutil.rmtree(final)
@@ -137,6 +165,8 @@ class _ProjectTrainer(Trainer):
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            if self.args.push_to_hub:  # what Trainer would have pushed (per --hub_strategy), from the final folder
+                self._push_from_checkpoint(str(final))
         if self.args.world_size > 1:
             torch.distributed.barrier()
 
@@ -201,44 +231,8 @@ class CausalTrainer(_ProjectTrainer):
         return self._finish_evaluation({f"{metric_key_prefix}_loss": nll.nats_per_token}, nll, "exact")
 
 
-# -- the run ----------------------------------------------------------------------------------------
-def cpu_has_bf16_matmul() -> bool:
-    """True on CPUs with AMX bf16 tiles (Sapphire Rapids and later): there, bf16 autocast trains about
-    1.2-1.4x faster than fp32 (benchmarks/train_throughput.py); without them bf16 is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags
-
-
-def _precision_flags(precision: str) -> dict:
-    """Mixed precision keeps fp32 master weights; ``auto`` picks bf16 wherever the hardware runs it fast."""
-    cuda = torch.cuda.is_available()
-    if precision == "auto":
-        return {"bf16": torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16_matmul()}
-    if precision == "bf16":
-        return {"bf16": True}
-    if precision == "fp16":
-        if not cuda:
-            raise UsageError("--precision 'fp16' needs a CUDA device; on the CPU use fp32 or bf16.")
-        return {"fp16": True}
-    return {}
-
-
-def training_arguments(args: TrainArgs, work_dir: Path) -> TrainingArguments:
-    """The Trainer settings of a run (also used by benchmarks/train_throughput.py, so it measures these)."""
-    return TrainingArguments(
-        output_dir=str(work_dir), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=max(args.batch_size, 32),
-        num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup, lr_scheduler_type="cosine", max_grad_norm=1.0,
-        eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.eval_steps,
-        save_total_limit=args.save_total_limit, logging_steps=args.logging_steps, logging_first_step=True,
-        seed=args.seed, data_seed=args.seed, dataloader_num_workers=args.num_workers, report_to="none",
-        remove_unused_columns=False, dataloader_drop_last=True, torch_compile=args.compile,
-        ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(),
-        # the final model is the validation-best checkpoint (NELBO, or the AR baseline's exact NLL): an AR
-        # model overfits a small corpus within a few epochs, so only best points compare fairly
-        load_best_model_at_end=True, metric_for_best_model="nll", greater_is_better=False,
-        **_precision_flags(args.precision),
-    )
+# -- the run ---------------------------------------------------------------------------------------
+def training_arguments(args: TrainArgs, work_dir: Path) -> TrainArgs:
+    """The Trainer settings of a run: ``args`` itself (it is a TrainingArguments), writing into ``work_dir``
+    (the staging folder of an --overwrite run). Also used by benchmarks/train_throughput.py."""
+    return args if Path(args.output_dir) == Path(work_dir) else dataclasses.replace(args, output_dir=str(work_dir))

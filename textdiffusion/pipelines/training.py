@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -36,7 +36,13 @@ from textdiffusion.core.denoiser import count_parameters
 from textdiffusion.core.evaluation import scored_positions
 from textdiffusion.core.labels import add_label_tokens
 from textdiffusion.errors import UsageError
-from textdiffusion.models.checkpoints import newest_good_checkpoint, remove_partial_saves, trainer_state
+from textdiffusion.models.checkpoints import (
+    CHECKPOINT,
+    checkpoint_problem,
+    newest_good_checkpoint,
+    remove_partial_saves,
+    trainer_state,
+)
 from textdiffusion.models.presets import PRESETS, preset_tokenizer
 from textdiffusion.pipelines.objectives import OBJECTIVES, adapted_objective
 from textdiffusion.pipelines.trainers import CURVE_CSV, LEVEL_CSV, training_arguments
@@ -71,7 +77,7 @@ def check_output_dir(args: TrainArgs) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {args.output_dir!r} exists and is not a directory.")
     occupied = out.exists() and any(out.iterdir())
-    if args.resume:
+    if args.resume_from_checkpoint:
         if not occupied or not _has_checkpoint(out):
             raise UsageError(f"--resume: --output-dir {args.output_dir!r} holds no checkpoint to continue from.")
         saved = json.loads((out / RUN_ARGS_NAME).read_text()) if (out / RUN_ARGS_NAME).exists() else {}
@@ -152,7 +158,8 @@ def _prepare_head(args: TrainArgs, model, tokenizer, train_blocks, corruption, d
     if args.head_warmup:
         warm_collator = collator_from_config(tokenizer, corruption, seed=args.seed + 1)  # the run's mask stream untouched
         started = time.perf_counter()
-        losses = warm_up_head(model, train_blocks, warm_collator, args.head_warmup, args.batch_size, seed=args.seed,
+        losses = warm_up_head(model, train_blocks, warm_collator, args.head_warmup, args.per_device_train_batch_size,
+                              seed=args.seed,
                               log_every=max(1, args.head_warmup // 5) if is_main else 0)
         if is_main:
             print(f"head warm-up: {args.head_warmup} steps with the encoder frozen, masked loss "
@@ -160,17 +167,41 @@ def _prepare_head(args: TrainArgs, model, tokenizer, train_blocks, corruption, d
                   f"{time.perf_counter() - started:.1f} s", flush=True)
 
 
+def tokens_per_step(training_args, max_length: int) -> int:
+    """Tokens one optimiser step trains on: blocks per device x accumulated batches x devices x block length."""
+    return (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+            * training_args.world_size * max_length)
+
+
+def resume_point(args: TrainArgs, run_dir: Path) -> Path:
+    """The checkpoint --resume continues from: the newest complete one ("last"), or the checkpoint-N of
+    this run that --resume_from_checkpoint names."""
+    if args.resume_from_checkpoint == "last":
+        found = newest_good_checkpoint(run_dir)
+        if found is None:
+            raise UsageError(f"--resume: no checkpoint in --output-dir {args.output_dir!r} is complete and readable; "
+                             "start again with --overwrite.")
+        return found
+    given = Path(args.resume_from_checkpoint)
+    if not given.is_absolute() and len(given.parts) == 1:  # a bare checkpoint-N: of this run
+        given = run_dir / given
+    if given.resolve().parent != run_dir.resolve() or not CHECKPOINT.match(given.name):
+        raise UsageError(f"--resume-from-checkpoint {args.resume_from_checkpoint!r} is not a checkpoint-N folder of "
+                         f"--output-dir {args.output_dir!r}; give one of its checkpoints, or 'last'.")
+    problem = checkpoint_problem(given) if given.is_dir() else "no such folder"
+    if problem:
+        raise UsageError(f"--resume-from-checkpoint {args.resume_from_checkpoint!r} cannot be used: {problem}.")
+    return run_dir / given.name
+
+
 def run_training(args: TrainArgs) -> Path:
     """Train as ``args`` says; returns the output dir holding the final model."""
     final_dir = Path(args.output_dir)
     work_dir = check_output_dir(args)  # validated before anything is written
     resume_from, resumed_step = None, 0
-    if args.resume:
+    if args.resume_from_checkpoint:
         remove_partial_saves(work_dir)
-        resume_from = newest_good_checkpoint(work_dir)  # still before anything is written
-        if resume_from is None:
-            raise UsageError(f"--resume: no checkpoint in --output-dir {args.output_dir!r} is complete and readable; "
-                             "start again with --overwrite.")
+        resume_from = resume_point(args, work_dir)  # still before anything is written
         state = trainer_state(resume_from)
         resumed_step = int(state["global_step"])
         target = args.max_steps if args.max_steps > 0 else int(state.get("max_steps", 0))
@@ -211,7 +242,7 @@ def run_training(args: TrainArgs) -> Path:
     trained = objective.prepare(tokenizer, model)  # the module Trainer/Accelerate wrap (diffusion: the denoiser)
     corruption = args.corruption()
     collator = collator_from_config(tokenizer, corruption, seed=args.seed + 7919 * training_args.process_index,
-                                    gather_buckets=8 if args.compile else 0)
+                                    gather_buckets=8 if args.torch_compile else 0)
 
     if label_set:
         train_blocks, val_blocks = labelled_blocks(args, corpus, tokenizer, corruption)
@@ -219,9 +250,10 @@ def run_training(args: TrainArgs) -> Path:
         train_blocks = pack(corpus.train, tokenizer, args.max_length, doc_end_fraction=corruption.doc_end_fraction,
                             seed=args.seed)
         val_blocks = pack(corpus.validation, tokenizer, args.max_length, keep_remainder=True)
-    if len(train_blocks) < args.batch_size * training_args.world_size:
+    batch = args.per_device_train_batch_size
+    if len(train_blocks) < batch * training_args.world_size:
         raise UsageError(f"--dataset {args.dataset!r} gives {len(train_blocks)} training block(s) of "
-                         f"{args.max_length} tokens: fewer than one batch (--batch-size {args.batch_size}).")
+                         f"{args.max_length} tokens: fewer than one batch (--batch-size {batch}).")
     val_eval = val_blocks[: args.eval_blocks]
     cls, sep = boundary_ids(tokenizer)
     special = list(tokenizer.all_special_ids)
@@ -245,7 +277,7 @@ def run_training(args: TrainArgs) -> Path:
                              label_column=args.label_column if label_set else None)
     if is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
-        (work_dir / RUN_ARGS_NAME).write_text(json.dumps(asdict(args), indent=2) + "\n")
+        (work_dir / RUN_ARGS_NAME).write_text(json.dumps(args.to_dict(), indent=2) + "\n")  # tokens redacted
         (work_dir / "references.json").write_text(json.dumps(references, indent=2) + "\n")
 
     # validation scores the tokens it always scored (end-of-text is conditioned on, not scored), so numbers
@@ -257,13 +289,11 @@ def run_training(args: TrainArgs) -> Path:
                   "scored": scored_positions(val_eval, tokenizer, corruption.prefix_length)}
     common = dict(model=trained, args=training_args, train_dataset=BlockDataset(train_blocks),
                   eval_dataset=BlockDataset(val_eval), processing_class=tokenizer, diffusion_config=config,
-                  tokens_per_step=args.batch_size * args.max_length * training_args.world_size, level_eval=level_eval)
+                  tokens_per_step=tokens_per_step(training_args, args.max_length), level_eval=level_eval)
     trainer = objective.trainer(tokenizer, collator, args.loss_weighting, **common)
     if resume_from is None:
         trainer.evaluate()  # step 0: the "before" row every level must improve on
-    else:
-        # the masks of batch j depend only on (seed, j): continue the uninterrupted run's stream exactly
-        collator.reseed(collator.seed, batch_offset=resumed_step)
+    else:  # the mask stream continues where it was (trainers.ResumedMaskStream)
         if is_main:  # drop rows an interrupted run logged after its last complete checkpoint
             for name in (LEVEL_CSV, CURVE_CSV):
                 _truncate_csv(work_dir / name, resumed_step)
@@ -274,6 +304,8 @@ def run_training(args: TrainArgs) -> Path:
         config.save_pretrained(work_dir)
     if training_args.world_size > 1:
         torch.distributed.barrier()
+    if args.push_to_hub:  # the final model with its diffusion config and reports (Trainer pushes from rank 0)
+        trainer.push_to_hub()
     if is_main and work_dir != final_dir:
         _replace_dir(work_dir, final_dir)
     if is_main:

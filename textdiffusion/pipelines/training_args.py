@@ -1,10 +1,30 @@
 """The settings of a training run (``textdiffusion train``'s flags): the corruption (``CorruptionConfig``),
-the model to start from, the data, and the optimisation, validated in one place."""
+the model to start from, the data, and every ``transformers.TrainingArguments`` field, validated in one place.
+
+Design: one dataclass, ``TrainArgs(CorruptionConfig, TrainingArguments)``, not a project dataclass parsed
+beside ``TrainingArguments`` (``HfArgumentParser((ProjectArgs, TrainingArguments))``). With one object the
+run stays ``run_training(args)``, the Trainer takes ``args`` itself (no hand-written mapping of fields that
+drifts from Transformers), a recipe stays one flat YAML namespace, and checks that span both halves (the
+batch against the data, ``--precision`` against ``--bf16``) live in one ``__post_init__``. The price:
+constructing one runs ``TrainingArguments.__post_init__`` (it sets up the device, as every HF script does).
+
+So every standard flag works and is documented by Transformers (``--gradient_accumulation_steps``,
+``--report_to``, ``--push_to_hub``, ``--lr_scheduler_type``, ...). Fields whose default differs from
+Transformers' are redeclared below with this project's default (the evaluation schedule, best checkpoint
+as the final model, no trackers unless asked). The names this command had before it took
+``TrainingArguments`` whole stay as aliases: ``ALIASES`` is the one table, read by the flags (field
+metadata), the recipes (``--config``) and Python (``TrainArgs(batch_size=8)``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SchedulerType
 
 from textdiffusion.config import OBJECTIVE_NAMES, OBJECTIVES_WHAT, CorruptionConfig
 from textdiffusion.errors import UsageError
@@ -21,11 +41,84 @@ RUN_IDENTITY = ("objective", "adapt_from_causal", "model_name", "keep_layers", "
 # What --quick-test means: a CPU-sized run of the whole pipeline (about 10 minutes on 2 cores with --preset tiny).
 QUICK_TEST = {"max_steps": 1500, "eval_steps": 300, "eval_blocks": 128, "logging_steps": 50}
 
+# This command's names for TrainingArguments fields, from before it took them whole: flags (--batch-size),
+# recipe keys (batch_size: 32) and Python keywords (TrainArgs(batch_size=32)). Names the two share
+# (learning_rate, max_steps, eval_steps, seed, output_dir, ...) need no entry; --precision stays a flag of
+# its own (its 'auto' has no TrainingArguments equivalent) and sets --bf16/--fp16.
+ALIASES = {
+    "batch_size": "per_device_train_batch_size",
+    "epochs": "num_train_epochs",
+    "warmup": "warmup_steps",
+    "num_workers": "dataloader_num_workers",
+    "compile": "torch_compile",
+    "resume": "resume_from_checkpoint",  # --resume alone: "last"
+}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def as_flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _alias_flags(name: str) -> list[str]:
+    """The option strings of ``name``'s aliases, both spellings (``--batch-size``, ``--batch_size``)."""
+    return [spelling for old, new in ALIASES.items() if new == name
+            for spelling in dict.fromkeys((as_flag(old), f"--{old}"))]
+
+
+def flag_name(name: str) -> str:
+    """How an error names a setting: its flag, with the alias users may have typed (``--num-train-epochs (--epochs)``)."""
+    old = [as_flag(o) for o, new in ALIASES.items() if new == name]
+    return f"{as_flag(name)} ({old[0]})" if old else as_flag(name)
+
+
+def resolve_aliases(settings: Mapping[str, Any], source: str = "TrainArgs", as_flags: bool = False) -> dict:
+    """``settings`` with every alias renamed to its TrainingArguments field; a setting given both ways is
+    an error (which one wins would be a guess). ``source`` and ``as_flags`` shape the message."""
+    out = dict(settings)
+    for old, new in ALIASES.items():
+        if old in out:
+            if new in out:
+                a, b = (as_flag(old), as_flag(new)) if as_flags else (old, new)
+                raise UsageError(f"{source}: {a} and {b} are the same setting ({new}); give only one of them.")
+            out[new] = out.pop(old)
+    return out
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """True on CPUs with AMX bf16 tiles (Sapphire Rapids and later): there, bf16 autocast trains about
+    1.2-1.4x faster than fp32 (benchmarks/train_throughput.py); without them bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags
+
+
+def _precision_flags(precision: str) -> dict:
+    """Mixed precision keeps fp32 master weights; ``auto`` picks bf16 wherever the hardware runs it fast."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return {"bf16": torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16_matmul()}
+    if precision in ("bf16", "fp16"):
+        return {precision: True}
+    return {}
+
+
+def _resume_value(value: Any) -> Optional[str]:
+    """--resume (or resume: true in a recipe) means the newest good checkpoint: "last"."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("", "false", "no", "0")):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() in ("true", "yes", "1", "last")):
+        return "last"
+    return str(value)
+
 
 @dataclass
-class TrainArgs(CorruptionConfig):
-    """The flags of `textdiffusion train`: the corruption settings (inherited from CorruptionConfig, validated
-    there) and the run's own."""
+class _TrainFields(CorruptionConfig, TrainingArguments):
+    """The fields and checks of ``TrainArgs`` (which adds the aliases to the constructor)."""
 
     # what to train
     objective: str = field(default="diffusion", metadata={
@@ -70,72 +163,137 @@ class TrainArgs(CorruptionConfig):
         "help": "With --label-column: the share of labelled documents trained with the label masked anyway, so "
                 "the model also learns p(text) (the unconditional pass of --cfg-scale guidance)."})
     max_length: int = field(default=128, metadata={"help": "Tokens per packed training block."})
-    # optimisation
-    epochs: int = field(default=3, metadata={"help": "Passes over the training blocks (ignored when --max-steps > 0)."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps (-1: use --epochs)."})
-    batch_size: int = field(default=16, metadata={"help": "Blocks per device per step."})
-    learning_rate: Optional[float] = field(default=None, metadata={
-        "help": "Peak learning rate (default: 5e-5 to fine-tune, 2e-3 for a preset)."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    warmup: float = field(default=0.05, metadata={"help": "Warm-up: a fraction of the steps (< 1) or a step count."})
-    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and masks."})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU or CPU (AMX) that runs it fast, else fp32), fp32, bf16, fp16."})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (GPU)."})
-    num_workers: int = field(default=0, metadata={"help": "Dataloader worker processes."})
-    # evaluation, logging, checkpoints
-    eval_steps: int = field(default=500, metadata={"help": "Evaluate every N steps (loss at each mask level)."})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 autocast on a GPU or CPU (AMX) that runs it fast, else fp32), fp32, bf16, fp16; "
+                "sets --bf16/--fp16 (which also work alone)."})
     eval_blocks: int = field(default=256, metadata={"help": "Validation blocks used by each evaluation."})
-    logging_steps: int = field(default=50, metadata={"help": "Log loss and tokens/s every N steps."})
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept in the output dir."})
-    output_dir: str = field(default="runs/textdiffusion", metadata={"help": "Where checkpoints, tables and plots go."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a run already in --output-dir (only once the new run succeeds)."})
-    resume: bool = field(default=False, metadata={"help": "Continue the run in --output-dir from its last checkpoint."})
     quick_test: bool = field(default=False, metadata={
         "help": "A short CPU-sized run: 1,500 steps, evaluations every 300 steps on 128 validation blocks."})
 
+    # -- TrainingArguments fields with this project's defaults (and help where ours says more) --------------
+    output_dir: str = field(default="runs/textdiffusion", metadata={"help": "Where checkpoints, tables and plots go."})
+    per_device_train_batch_size: int = field(default=16, metadata={
+        "help": "Blocks per device per step.", "aliases": _alias_flags("per_device_train_batch_size")})
+    per_device_eval_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "Blocks per device per evaluation batch (default: the training batch, at least 32)."})
+    num_train_epochs: float = field(default=3.0, metadata={
+        "help": "Passes over the training blocks (ignored when --max-steps > 0).",
+        "aliases": _alias_flags("num_train_epochs")})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps (-1: use --epochs)."})
+    learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "Peak learning rate (default: 5e-5 to fine-tune, 2e-3 for a preset)."})
+    lr_scheduler_type: Union[SchedulerType, str] = field(default="cosine", metadata={
+        "help": "The learning-rate schedule after warm-up (transformers' SchedulerType)."})
+    warmup_steps: float = field(default=0.05, metadata={
+        "help": "Warm-up: a fraction of the steps (< 1) or a step count.", "aliases": _alias_flags("warmup_steps")})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order and masks."})
+    eval_strategy: Union[IntervalStrategy, str] = field(default="steps", metadata={
+        "help": "When to evaluate (loss at each mask level, the NELBO): steps, epoch or no."})
+    eval_steps: Optional[float] = field(default=500, metadata={"help": "Evaluate every N steps (loss at each mask level)."})
+    save_steps: Optional[float] = field(default=None, metadata={
+        "help": "Save a checkpoint every N steps (default: at every evaluation)."})
+    save_total_limit: Optional[int] = field(default=2, metadata={
+        "help": "Checkpoints kept in the output dir (the best one always among them)."})
+    logging_steps: float = field(default=50, metadata={"help": "Log loss and tokens/s every N steps."})
+    logging_first_step: bool = field(default=True, metadata={"help": "Log the first step too."})
+    report_to: Union[None, str, list[str]] = field(default="none", metadata={
+        "help": "Where to send the logs besides the console: none (default), tensorboard, wandb, ... or all."})
+    # the final model is the validation-best checkpoint (NELBO, or the AR baseline's exact NLL): an AR
+    # model overfits a small corpus within a few epochs, so only best points compare fairly
+    load_best_model_at_end: bool = field(default=True, metadata={
+        "help": "The final model is the validation-best checkpoint (by --metric-for-best-model)."})
+    metric_for_best_model: Optional[str] = field(default="nll", metadata={
+        "help": "nll: the validation NELBO (the AR baseline: its exact NLL), in nats/token."})
+    greater_is_better: Optional[bool] = field(default=False, metadata={"help": "Whether a higher metric is better."})
+    dataloader_num_workers: int = field(default=0, metadata={
+        "help": "Dataloader worker processes.", "aliases": _alias_flags("dataloader_num_workers")})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Every training batch is full."})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Left off: the collators need every column of a block."})
+    ddp_find_unused_parameters: Optional[bool] = field(default=False, metadata={
+        "help": "DDP's find_unused_parameters (off: every parameter gets a gradient)."})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "torch.compile the model (GPU).", "aliases": _alias_flags("torch_compile")})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "Continue the run in --output-dir: from its newest complete checkpoint (--resume, or 'last'), "
+                "or from one of its checkpoint-N folders.",
+        "aliases": _alias_flags("resume_from_checkpoint"), "nargs": "?", "const": "last"})
+
     def __post_init__(self) -> None:
-        super().__post_init__()  # the corruption settings
+        CorruptionConfig.__post_init__(self)
+        self.resume_from_checkpoint = _resume_value(self.resume_from_checkpoint)
         if self.quick_test:
             self.max_steps = self.max_steps if self.max_steps > 0 else QUICK_TEST["max_steps"]
-            self.eval_steps = min(self.eval_steps, QUICK_TEST["eval_steps"])
+            self.eval_steps = min(self.eval_steps or QUICK_TEST["eval_steps"], QUICK_TEST["eval_steps"])
             self.eval_blocks = min(self.eval_blocks, QUICK_TEST["eval_blocks"])
             self.logging_steps = min(self.logging_steps, QUICK_TEST["logging_steps"])
         checks = [
-            (self.epochs >= 1, "--epochs", self.epochs, "must be a positive integer"),
-            (self.batch_size >= 1, "--batch-size", self.batch_size, "must be a positive integer"),
-            (self.max_steps == -1 or self.max_steps >= 1, "--max-steps", self.max_steps, "must be -1 or >= 1"),
-            (self.max_length >= 8, "--max-length", self.max_length, "must be >= 8"),
-            (self.objective in OBJECTIVE_NAMES, "--objective", self.objective, f"must be one of {OBJECTIVE_NAMES}"),
-            (self.preset is None or self.preset in PRESETS, "--preset", self.preset, f"must be one of {sorted(PRESETS)}"),
-            (self.architecture in PRESET_ARCHITECTURES, "--architecture", self.architecture, f"must be one of {PRESET_ARCHITECTURES}"),
-            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision", self.precision, "must be auto, fp32, bf16 or fp16"),
-            (self.eval_steps >= 1, "--eval-steps", self.eval_steps, "must be >= 1"),
-            (self.eval_blocks >= 1, "--eval-blocks", self.eval_blocks, "must be >= 1"),
-            (self.vocab_size == 0 or self.vocab_size >= 300, "--vocab-size", self.vocab_size, "must be 0 (preset default) or >= 300"),
-            (self.learning_rate is None or self.learning_rate > 0, "--learning-rate", self.learning_rate, "must be > 0"),
-            (not (self.resume and self.overwrite), "--resume", self.resume, "cannot be combined with --overwrite"),
-            (0.0 <= self.dropout < 1.0, "--dropout", self.dropout, "must be in [0, 1)"),
-            (self.attention_anneal_steps is None or self.attention_anneal_steps >= 0, "--attention-anneal-steps",
-             self.attention_anneal_steps, "must be >= 0 (0: full attention from the start)"),
-            (self.attention_anneal_steps is None or self.adapt_from_causal, "--attention-anneal-steps",
-             self.attention_anneal_steps, "applies only with --adapt-from-causal"),
-            (not (self.adapt_from_causal and self.preset), "--adapt-from-causal", self.adapt_from_causal,
+            (self.num_train_epochs > 0, "num_train_epochs", "must be > 0"),
+            (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be a positive integer"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be a positive integer"),
+            (self.max_steps == -1 or self.max_steps >= 1, "max_steps", "must be -1 or >= 1"),
+            (self.max_length >= 8, "max_length", "must be >= 8"),
+            (self.objective in OBJECTIVE_NAMES, "objective", f"must be one of {OBJECTIVE_NAMES}"),
+            (self.preset is None or self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}"),
+            (self.architecture in PRESET_ARCHITECTURES, "architecture", f"must be one of {PRESET_ARCHITECTURES}"),
+            (self.precision in PRECISIONS, "precision", "must be auto, fp32, bf16 or fp16"),
+            (self.eval_steps is None or self.eval_steps > 0, "eval_steps", "must be > 0"),
+            (self.eval_blocks >= 1, "eval_blocks", "must be >= 1"),
+            (self.vocab_size == 0 or self.vocab_size >= 300, "vocab_size", "must be 0 (preset default) or >= 300"),
+            (self.learning_rate is None or self.learning_rate > 0, "learning_rate", "must be > 0"),
+            (not (self.resume_from_checkpoint and self.overwrite), "resume_from_checkpoint",
+             "cannot be combined with --overwrite"),
+            (0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)"),
+            (self.attention_anneal_steps is None or self.attention_anneal_steps >= 0, "attention_anneal_steps",
+             "must be >= 0 (0: full attention from the start)"),
+            (self.attention_anneal_steps is None or self.adapt_from_causal, "attention_anneal_steps",
+             "applies only with --adapt-from-causal"),
+            (not (self.adapt_from_causal and self.preset), "adapt_from_causal",
              f"adapts the causal LM given by --model-name; it cannot start from --preset {self.preset!r}"),
-            (not (self.adapt_from_causal and self.objective != "diffusion"), "--adapt-from-causal",
-             self.adapt_from_causal, f"trains a diffusion model; it cannot be combined with --objective {self.objective!r}"),
-            (0.0 < self.label_fraction <= 1.0, "--label-fraction", self.label_fraction, "must be in (0, 1]"),
-            (0.0 <= self.label_dropout < 1.0, "--label-dropout", self.label_dropout, "must be in [0, 1)"),
-            (self.head_init in ("built", "random"), "--head-init", self.head_init, "must be built or random"),
-            (self.head_warmup >= 0, "--head-warmup", self.head_warmup, "must be >= 0"),
-            (self.keep_layers >= 0, "--keep-layers", self.keep_layers, "must be >= 0 (0: keep all)"),
-            (not (self.preset and self.keep_layers), "--keep-layers", self.keep_layers, "applies to --model-name, not to --preset"),
+            (not (self.adapt_from_causal and self.objective != "diffusion"), "adapt_from_causal",
+             f"trains a diffusion model; it cannot be combined with --objective {self.objective!r}"),
+            (0.0 < self.label_fraction <= 1.0, "label_fraction", "must be in (0, 1]"),
+            (0.0 <= self.label_dropout < 1.0, "label_dropout", "must be in [0, 1)"),
+            (self.head_init in ("built", "random"), "head_init", "must be built or random"),
+            (self.head_warmup >= 0, "head_warmup", "must be >= 0"),
+            (self.keep_layers >= 0, "keep_layers", "must be >= 0 (0: keep all)"),
+            (not (self.preset and self.keep_layers), "keep_layers", "applies to --model-name, not to --preset"),
         ]
-        for ok, flag, value, rule in checks:
+        for ok, name, rule in checks:
             if not ok:
-                raise UsageError(f"{flag} {rule}, got {value!r}.")
+                raise UsageError(f"{flag_name(name)} {rule}, got {getattr(self, name)!r}.")
         self.check_block(self.max_length)
+        self._project_defaults()
+        try:
+            TrainingArguments.__post_init__(self)
+        except ValueError as e:  # Transformers' own checks (they name the flag): one line, exit 2, as ours
+            raise UsageError(" ".join(str(e).split())) from e
+
+    def _project_defaults(self) -> None:
+        """Defaults that depend on other settings, and --precision as TrainingArguments' --bf16/--fp16."""
+        import torch
+
         if self.learning_rate is None:
             self.learning_rate = 2e-3 if self.preset else 5e-5
+        if self.per_device_eval_batch_size is None:
+            self.per_device_eval_batch_size = max(self.per_device_train_batch_size, 32)
+        if self.save_steps is None:  # a checkpoint at every evaluation: the best one is then always on disk
+            self.save_steps = self.eval_steps if self.eval_steps is not None else 500
+        if self.data_seed is None:
+            self.data_seed = self.seed
+        if not torch.cuda.is_available():
+            self.use_cpu = True
+        chosen = "bf16" if self.bf16 else "fp16" if self.fp16 else None
+        if chosen and self.precision not in ("auto", chosen):
+            raise UsageError(f"--precision {self.precision!r} conflicts with --{chosen}; give only one of them.")
+        if chosen is None:
+            flags = _precision_flags(self.precision)
+            self.bf16, self.fp16 = flags.get("bf16", False), flags.get("fp16", False)
+        self.precision = "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"  # what runs, for the record
+        if self.fp16 and not torch.cuda.is_available():
+            raise UsageError("--precision 'fp16' needs a CUDA device; on the CPU use fp32 or bf16.")
 
     def corruption(self) -> CorruptionConfig:
         """The corruption settings of this run, with end-of-text padding only where it applies."""
@@ -151,3 +309,14 @@ class TrainArgs(CorruptionConfig):
             if corruption.learn_eos and self.objective == "diffusion":
                 corruption.doc_end_fraction = 1.0
         return corruption
+
+
+class TrainArgs(_TrainFields):
+    """The flags of `textdiffusion train`: the corruption settings (inherited from CorruptionConfig, validated
+    there), every ``transformers.TrainingArguments`` field, and the run's own. The constructor also takes
+    the names in ``ALIASES`` (``TrainArgs(batch_size=8, epochs=1)``), as the flags and recipes do."""
+
+    resolve_aliases = staticmethod(resolve_aliases)  # for the command line's --config and flags
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**resolve_aliases(settings))
