@@ -32,7 +32,7 @@ DISTILL_IDENTITY = ("teacher", "rounds", "steps_per_round", "start_steps", "dive
 # them from --teacher and from --rounds x --steps-per-round, so giving one is a mistake worth a clear error
 NOT_FOR_DISTILL = ("objective", "model_name", "preset", "architecture", "adapt_from_causal", "attention_anneal_steps",
                    "keep_layers", "head_init", "head_warmup", "vocab_size", "dropout", "label_column", "label_fraction",
-                   "label_dropout", "epochs", "max_steps", "quick_test", "time_sampling", "mask_probs", "mask_per",
+                   "label_dropout", "num_train_epochs", "max_steps", "quick_test", "time_sampling", "mask_probs", "mask_per",
                    "schedule", "t_min", "loss_weighting", "prefix_length", "random_prefix_max", "learn_eos",
                    "doc_end_fraction")
 
@@ -70,6 +70,8 @@ class DistillArgs(TrainArgs):
         train_defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
                           for f in fields(TrainArgs)}
         for name in NOT_FOR_DISTILL:
+            if name == "max_steps":
+                continue  # set below from the rounds; a --max-steps the user gave is refused in run_distill
             if getattr(self, name) != train_defaults[name]:
                 hint = " (the sampler's schedule is --generation schedule=NAME)" if name == "schedule" else ""
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)!r} does not apply to `distill`: the "
@@ -223,7 +225,7 @@ def run_distill(args: DistillArgs) -> Path:
     from textdiffusion.core.data import BlockDataset, load_corpus, pack
     from textdiffusion.core.denoiser import check_position_limit
     from textdiffusion.models.bundled import resolve_checkpoint
-    from textdiffusion.models.checkpoints import newest_good_checkpoint, remove_partial_saves, trainer_state
+    from textdiffusion.models.checkpoints import remove_partial_saves, trainer_state
     from textdiffusion.models.loading import denoiser_for, load_diffusion_model
     from textdiffusion.pipelines.distillation import (
         ROUNDS_CSV,
@@ -236,7 +238,7 @@ def run_distill(args: DistillArgs) -> Path:
         stack_blocks,
     )
     from textdiffusion.pipelines.trainers import CURVE_CSV
-    from textdiffusion.pipelines.training import _replace_dir, _truncate_csv, check_output_dir
+    from textdiffusion.pipelines.training import _replace_dir, _truncate_csv, check_output_dir, resume_point
 
     # everything that can be refused is refused before anything is written or trained
     teacher_path = resolve_checkpoint(args.teacher, "--teacher")
@@ -248,16 +250,16 @@ def run_distill(args: DistillArgs) -> Path:
     if layout.editable < 1:
         raise UsageError(f"--max-length {max_length} leaves nothing to generate after the {layout.prompt_length}-token prompt.")
     check_step_plan(start_steps, args.rounds, layout)
+    if "max_steps" in getattr(args, "explicit", ()):
+        raise UsageError(f"--max-steps {args.max_steps!r} does not apply to `distill`: the length is --rounds x "
+                         "--steps-per-round.", field="max_steps", value=args.max_steps)
     final_dir = Path(args.output_dir)
     work_dir = check_output_dir(args)
     resume_from, resumed_step, stopped = None, 0, False
-    if args.resume:
+    if args.resume_from_checkpoint:
         _check_same_distillation(args, work_dir)
         remove_partial_saves(work_dir)
-        resume_from = newest_good_checkpoint(work_dir)
-        if resume_from is None:
-            raise UsageError(f"--resume: no checkpoint in --output-dir {args.output_dir!r} is complete and readable; "
-                             "start again with --overwrite.")
+        resume_from = resume_point(args, work_dir)  # the newest good checkpoint, or the one named
         resumed_step = int(trainer_state(resume_from)["global_step"])
         saved = RoundState.load(resume_from) if (resume_from / STATE_NAME).exists() else RoundState()
         stopped = saved.stopped
@@ -267,7 +269,7 @@ def run_distill(args: DistillArgs) -> Path:
             return final_dir
     training_args = distill_training_arguments(args, work_dir)
     if stopped:  # a failed gate ended it, and it was cut off before the result was written: no more steps
-        training_args = dataclasses.replace(training_args, max_steps=resumed_step)
+        training_args.max_steps = resumed_step  # set, not replace(): __post_init__ would set it from the rounds again
     is_main = training_args.process_index == 0
     if is_main and work_dir != final_dir and work_dir.exists():
         shutil.rmtree(work_dir)  # the staging dir of an earlier --overwrite run that failed
@@ -281,9 +283,9 @@ def run_distill(args: DistillArgs) -> Path:
     train_blocks = pack(corpus.train, tokenizer, max_length, seed=args.seed)
     val_blocks = pack(corpus.validation, tokenizer, max_length, keep_remainder=True)[: args.eval_blocks]
     check_tokens(torch.cat([train_blocks, val_blocks]), tokenizer, teacher, args)
-    if len(train_blocks) < args.batch_size * training_args.world_size:
+    if len(train_blocks) < args.per_device_train_batch_size * training_args.world_size:
         raise UsageError(f"--dataset {args.dataset!r} gives {len(train_blocks)} training block(s) of {max_length} "
-                         f"tokens: fewer than one batch (--batch-size {args.batch_size}).")
+                         f"tokens: fewer than one batch (--batch-size {args.per_device_train_batch_size}).")
     if is_main:
         steps = [start_steps // 2 ** r for r in range(args.rounds + 1)]
         print(f"distill: {args.teacher} ({teacher.config.model_type}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M "
@@ -311,7 +313,7 @@ def run_distill(args: DistillArgs) -> Path:
     trainer = DistillTrainer(
         model=denoiser_for(student, config), args=training_args, train_dataset=BlockDataset(train_blocks),
         eval_dataset=BlockDataset(val_blocks), data_collator=stack_blocks, processing_class=tokenizer, diffusion_config=config, level_eval=level_eval,
-        tokens_per_step=args.batch_size * max_length * training_args.world_size, teacher=wrap(teacher), plan=plan,
+        tokens_per_step=args.per_device_train_batch_size * max_length * training_args.world_size, teacher=wrap(teacher), plan=plan,
         rounds=args.rounds, steps_per_round=args.steps_per_round, start_steps=start_steps,
         divergence_kind=args.divergence, ema_decay=args.ema, gate=gate, wrap=wrap)
     if resume_from is None:
