@@ -135,8 +135,8 @@ def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
 def run_generate(args: GenerateArgs) -> list[str]:
     """Generate from a checkpoint as its objective says: denoising for a diffusion model, left to right for a
     causal one (``GENERATORS``, below)."""
-    from textdiffusion.models.autoregressive import checkpoint_objective
     from textdiffusion.models.bundled import resolve_checkpoint
+    from textdiffusion.models.checkpoints import checkpoint_objective
     from textdiffusion.pipelines.generation import resolve_device, resolve_dtype
 
     args.checkpoint = resolve_checkpoint(args.checkpoint)

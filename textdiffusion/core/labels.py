@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from textdiffusion.core.data import boundary_ids
 from textdiffusion.core.templates import MASK_SPAN
 from textdiffusion.errors import UsageError
 
@@ -107,8 +108,6 @@ def pack_labelled(docs: Sequence[str], label_ids: Sequence[int | None], tokenize
     opens with its label. The tail of a block is end-of-text (``pad_with_eos``) or padding. Returns the
     blocks [n, block_length] and the index of the document each block came from [n].
     """
-    from textdiffusion.core.data import boundary_ids
-
     cls, sep = boundary_ids(tokenizer)
     if cls is None or sep is None:
         raise UsageError("labelled training needs a tokenizer with a block-opening and an end-of-text token.")

@@ -32,7 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
+from textdiffusion.core.data import load_corpus
+from textdiffusion.core.labels import kept_labels, label_token
+from textdiffusion.core.metrics import distinct_n
 from textdiffusion.errors import UsageError
+from textdiffusion.models.discriminative import predict_proba, train_sequence_classifier
+from textdiffusion.pipelines.classification import classification_metrics, load_scorer, plot_confusion, unigram_bayes
+from textdiffusion.pipelines.generation import DiffusionGenerator
+from textdiffusion.pipelines.training import run_training
+from textdiffusion.pipelines.training_args import TrainArgs
 
 FRACTIONS = (1.0, 0.1)
 DISCRIMINATIVE_LR = 2e-3  # the preset default; the classifier head trains well with it (the generative models take --learning-rate)
@@ -43,9 +51,6 @@ def _cpu() -> float:
 
 
 def _train_generative(args, dataset: str, column: str, objective: str, fraction: float, work: Path) -> tuple[Path, float]:
-    from textdiffusion.pipelines.training import run_training
-    from textdiffusion.pipelines.training_args import TrainArgs
-
     out = work / f"{objective}-{int(fraction * 100)}"
     t0 = _cpu()
     run_training(TrainArgs(objective=objective, preset=args.preset, dataset=dataset, label_column=column,
@@ -57,8 +62,6 @@ def _train_generative(args, dataset: str, column: str, objective: str, fraction:
 
 
 def _evaluate(probabilities: np.ndarray, truth: np.ndarray, labels: list[str], path: Path, title: str) -> dict:
-    from textdiffusion.pipelines.classification import classification_metrics, plot_confusion
-
     metrics = classification_metrics(probabilities, truth)
     plot_confusion(np.array(metrics["confusion"]), labels, path, title)
     return metrics
@@ -66,11 +69,6 @@ def _evaluate(probabilities: np.ndarray, truth: np.ndarray, labels: list[str], p
 
 def _guidance(args, checkpoint: Path, discriminative, labels: list[str], out: Path, name: str) -> list[dict]:
     """Share of label-guided samples the discriminative model assigns to the label asked for, per cfg scale."""
-    from textdiffusion.core.labels import label_token
-    from textdiffusion.core.metrics import distinct_n
-    from textdiffusion.models.discriminative import predict_proba
-    from textdiffusion.pipelines.generation import DiffusionGenerator
-
     gen = DiffusionGenerator.from_pretrained(str(checkpoint), device="cpu")
     suppress = [label_token(c) for c in labels]
     templates = [f"{label_token(c)}<mask:{args.new_tokens}>" for c in labels for _ in range(args.guidance_samples)]
@@ -132,10 +130,6 @@ def _table(rows: list[dict]) -> str:
 def run_classify(args, out: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from textdiffusion.core.data import load_corpus
-    from textdiffusion.core.labels import kept_labels
-    from textdiffusion.models.discriminative import predict_proba, train_sequence_classifier
-    from textdiffusion.pipelines.classification import load_scorer, unigram_bayes
 
     specs = []
     for spec in args.datasets:

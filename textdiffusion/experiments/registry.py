@@ -27,7 +27,23 @@ from typing import Optional
 
 import torch
 
+from textdiffusion.config import DiffusionConfig
+from textdiffusion.core.collator import DiffusionCollator, collator_for_tokenizer, collator_from_config
+from textdiffusion.core.data import load_corpus, pack
+from textdiffusion.core.reporting import plot_level_curves, read_level_csv
 from textdiffusion.errors import UsageError
+from textdiffusion.experiments.classify import run_classify as run
+from textdiffusion.models.bundled import resolve_checkpoint
+from textdiffusion.models.quality import (
+    Scorer,
+    diffusion_continuations,
+    prompts_from_documents,
+    quality_row,
+    quality_table,
+    reference_row,
+)
+from textdiffusion.pipelines.generation import DiffusionGenerator, resolve_device, resolve_dtype
+from textdiffusion.schedules import SCHEDULES, get_schedule
 
 EXPERIMENTS = {
     "masking-viz": "what the model sees at 10%...100% corruption, the collator's mask-rate distribution, prefix "
@@ -86,11 +102,6 @@ class Context:
     """What a generation experiment needs, loaded once: generator, prompts, scorer, reference row."""
 
     def __init__(self, args: ExperimentArgs):
-        from textdiffusion.core.data import load_corpus
-        from textdiffusion.models.bundled import resolve_checkpoint
-        from textdiffusion.models.quality import Scorer, prompts_from_documents, reference_row
-        from textdiffusion.pipelines.generation import DiffusionGenerator, resolve_device, resolve_dtype
-
         self.args = args
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
@@ -103,8 +114,6 @@ class Context:
         self.reference = reference_row(self.prompts, self.generator.tokenizer, self.scorer)
 
     def row(self, name: str, **sampler) -> dict:
-        from textdiffusion.models.quality import diffusion_continuations, quality_row
-
         out = diffusion_continuations(self.generator, self.prompts, self.args.new_tokens, seed=self.args.seed, **sampler)
         row = quality_row(name, self.prompts, out.new_ids, self.generator.tokenizer, self.scorer, out.texts, out.nfe)
         print(f"  {name}: NFE {row['nfe']}, gen PPL {row['gen_ppl']:.1f}, distinct-2 {row['distinct-2']:.3f}", flush=True)
@@ -118,8 +127,6 @@ def _meta(args: ExperimentArgs, name: str) -> dict:
 
 
 def _quality_report(ctx: Context, title: str, rows: list[dict]) -> str:
-    from textdiffusion.models.quality import quality_table
-
     a = ctx.args
     lines = [f"# {title}", "", f"Checkpoint `{a.checkpoint}`; {a.num_prompts} prompts of {a.prompt_tokens} tokens from "
              f"`{a.dataset}` validation, {a.new_tokens} new tokens each; gen PPL scored by `{a.scorer}`; "
@@ -163,8 +170,6 @@ def _sweep(args: ExperimentArgs, out: Path, name: str, title: str, settings: dic
 
 
 def run_schedules(args, out):
-    from textdiffusion.schedules import SCHEDULES
-
     names = [s for s in ("linear", "cosine", "exponential") if s in SCHEDULES]
     return _sweep(args, out, "schedules", "Unmasking schedules", {s: {"schedule": s} for s in names})
 
@@ -237,9 +242,6 @@ def run_steps(args, out):
 
 def run_levels(args, out):
     """Per-level loss over training: a table (steps x levels), the curves, and whether every level improved."""
-    from textdiffusion.core.reporting import plot_level_curves, read_level_csv
-    from textdiffusion.models.bundled import resolve_checkpoint
-
     run = Path(args.run_dir or resolve_checkpoint(args.checkpoint))
     csv_path = run / "per_level_loss.csv"
     if not csv_path.exists():
@@ -271,11 +273,6 @@ def run_masking_viz(args, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from textdiffusion.config import DiffusionConfig
-    from textdiffusion.core.collator import DiffusionCollator, collator_for_tokenizer, collator_from_config
-    from textdiffusion.core.data import load_corpus, pack
-    from textdiffusion.models.bundled import resolve_checkpoint
-    from textdiffusion.schedules import SCHEDULES, get_schedule
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     from transformers import AutoTokenizer
@@ -345,8 +342,6 @@ def run_masking_viz(args, out):
 
 
 def run_classify(args, out):
-    from textdiffusion.experiments.classify import run_classify as run
-
     return run(args, out)
 
 

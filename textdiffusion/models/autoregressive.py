@@ -12,7 +12,6 @@ preset's intermediate size: the same weights per layer.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -20,8 +19,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from textdiffusion.config import DiffusionConfig
 from textdiffusion.core.evaluation import BoundResult
 from textdiffusion.errors import UsageError
+from textdiffusion.models.bundled import resolve_checkpoint
+from textdiffusion.models.presets import PRESETS
 
 OBJECTIVES = ("diffusion", "ar")
 
@@ -30,7 +32,6 @@ def build_ar_model(preset: str, tokenizer, max_length: int, dropout: float = 0.0
     """A randomly initialised GPT-2 with the preset's width, depth, heads and weights per layer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from textdiffusion.models.presets import PRESETS
 
     p = PRESETS[preset]
     config = GPT2Config(
@@ -46,6 +47,8 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None):
     """(tokenizer, model) of a causal LM directory or hub id, with an actionable error when it fails."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+
+    name_or_path = resolve_checkpoint(name_or_path)  # a ready model's short name (wiki-small-ar)
     local = Path(name_or_path).expanduser()
     if local.exists() and not (local / "config.json").exists():
         raise UsageError(f"--checkpoint {name_or_path!r} is a local path but holds no config.json.")
@@ -61,29 +64,6 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None):
                          f"({str(e).splitlines()[0][:160]}); pass a local directory saved by "
                          "`textdiffusion train --objective ar`.") from None
     return tokenizer, model
-
-
-def is_causal_checkpoint(path: str) -> bool:
-    """True for a directory holding a causal LM (our AR baseline or any *ForCausalLM save) that was not
-    adapted to diffusion (train --adapt-from-causal: its weights are a causal LM's, but it denoises)."""
-    config = Path(path) / "config.json"
-    if not config.exists():
-        return False
-    from textdiffusion.config import DiffusionConfig
-
-    settings = DiffusionConfig.from_pretrained(path)
-    if settings.objective == "ar":
-        return True
-    if settings.adapted_from_causal:
-        return False
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
-
-def checkpoint_objective(path: str) -> str:
-    """``"ar"`` or ``"diffusion"``: the objective a checkpoint directory was trained with (a causal LM from
-    elsewhere counts as ar; one adapted with --adapt-from-causal is diffusion, and its readers rebuild the
-    adapted wrapper)."""
-    return "ar" if Path(path).exists() and is_causal_checkpoint(path) else "diffusion"
 
 
 @torch.inference_mode()
@@ -112,8 +92,6 @@ class CausalGenerator:
     """Continuations from the AR baseline with Transformers' KV-cached ``generate``."""
 
     def __init__(self, model, tokenizer, device: torch.device, config=None):
-        from textdiffusion.config import DiffusionConfig
-
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = device
@@ -122,8 +100,6 @@ class CausalGenerator:
 
     @classmethod
     def from_pretrained(cls, path: str, device: torch.device, dtype: torch.dtype | None = None) -> "CausalGenerator":
-        from textdiffusion.config import DiffusionConfig
-
         tokenizer, model = load_causal_lm(path, dtype=dtype)
         return cls(model, tokenizer, device, DiffusionConfig.from_pretrained(path) if Path(path).is_dir() else None)
 

@@ -15,10 +15,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from textdiffusion.config import DiffusionConfig
 from textdiffusion.errors import UsageError
+from textdiffusion.models.checkpoints import checkpoint_objective
+from textdiffusion.models.pretrained import PRETRAINED, cache_root, require_fetched
 
 MODELS_DIR = Path(__file__).resolve().parent  # the shipped models are folders beside this module
-BUNDLED = {"wiki-small": "recipes/wiki-small.yaml"}
+BUNDLED = {"wiki-small": "recipes/wiki-small.yaml",
+           "wiki-small-ar": "recipes/wiki-small-ar.yaml"}  # the same-size AR baseline: a fresh clone can compare
 BUILT = {"mpnet-wiki": "recipes/mpnet-wiki.yaml"}  # built locally by `make <name>`, found in the cache
 
 
@@ -27,8 +31,6 @@ def bundled_path(name: str) -> Path:
 
 
 def built_path(name: str) -> Path:
-    from textdiffusion.models.pretrained import cache_root
-
     return cache_root() / "models" / name
 
 
@@ -39,8 +41,6 @@ def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
     A local directory of the same name wins, so ``runs/wiki-small`` style paths are never shadowed. A
     pretrained encoder's short name (``mpnet-base``, see pretrained.py) resolves to its cache folder.
     """
-    from textdiffusion.models.pretrained import PRETRAINED, require_fetched
-
     if name_or_path in PRETRAINED and not Path(name_or_path).exists():
         return str(require_fetched(name_or_path, flag))
     if name_or_path not in BUNDLED and name_or_path not in BUILT or Path(name_or_path).exists():
@@ -84,17 +84,21 @@ def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: fl
     import shutil
 
     import torch
-    from transformers import AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
 
     run = Path(run_dir)
     if not (run / "model.safetensors").exists():
         raise UsageError(f"--run {run_dir!r} holds no model.safetensors: pass the output dir of a finished run.")
+    # the AR baseline is a causal LM; an adapted causal LM is saved as one too (its diffusion_config says so)
+
+    causal = checkpoint_objective(str(run)) == "ar" or DiffusionConfig.from_pretrained(run).adapted_from_causal
     dest = dest or bundled_path(name)
     staging = dest.with_name(dest.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    model = AutoModelForMaskedLM.from_pretrained(run, dtype=torch.float32)
+    model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_pretrained(run, dtype=torch.float32)
     model.to(torch.float16).save_pretrained(staging, safe_serialization=True)
     for f in RUN_FILES:
         if (run / f).exists():
@@ -105,8 +109,6 @@ def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: fl
             shutil.copy2(card, staging / "README.md")
             break
     if generation:
-        from textdiffusion.config import DiffusionConfig
-
         config = DiffusionConfig.from_pretrained(staging)
         try:  # replace() runs the sampler's own checks of the values
             config.generation = dataclasses.replace(config.generation, **generation)

@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+from textdiffusion.config import DiffusionConfig
 from textdiffusion.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -102,3 +103,26 @@ def require_loadable_weights(directory: str | Path, flag: str = "--checkpoint") 
         problem = check_weights_file(weights)
         if problem:
             raise UsageError(f"{flag} {str(directory)!r}: the weights file {weights} cannot be used: {problem}.")
+
+
+# -- what a checkpoint is ----------------------------------------------------------------------------
+def is_causal_checkpoint(path: str) -> bool:
+    """True for a directory holding a causal LM (our AR baseline or any *ForCausalLM save) that was not
+    adapted to diffusion (train --adapt-from-causal: its weights are a causal LM's, but it denoises)."""
+    config = Path(path) / "config.json"
+    if not config.exists():
+        return False
+    settings = DiffusionConfig.from_pretrained(path)
+    if settings.objective == "ar":
+        return True
+    if settings.adapted_from_causal:
+        return False
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
+
+
+def checkpoint_objective(path: str) -> str:
+    """``"ar"`` or ``"diffusion"``: the objective a checkpoint directory was trained with (a causal LM from
+    elsewhere counts as ar; one adapted with --adapt-from-causal is diffusion, and its readers rebuild the
+    adapted wrapper)."""
+    return "ar" if Path(path).exists() and is_causal_checkpoint(path) else "diffusion"

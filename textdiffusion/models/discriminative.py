@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from textdiffusion.errors import UsageError
+from textdiffusion.models.presets import build_preset_model
 
 
 def build_sequence_classifier(tokenizer, preset: str, num_labels: int, max_length: int, init_from: str | None = None):
@@ -28,7 +29,6 @@ def build_sequence_classifier(tokenizer, preset: str, num_labels: int, max_lengt
 
     if init_from is not None:
         return AutoModelForSequenceClassification.from_pretrained(init_from, num_labels=num_labels)
-    from textdiffusion.models.presets import build_preset_model
 
     config = build_preset_model(preset, tokenizer, max_length).config  # the denoiser's exact configuration
     config.num_labels = num_labels

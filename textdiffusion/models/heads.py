@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textdiffusion.core.architectures import ARCHITECTURES, architecture
+from textdiffusion.core.architectures import ARCHITECTURES, architecture, masked_lm_head
+from textdiffusion.core.collator import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +169,6 @@ def warm_up_head(model, blocks: torch.Tensor, collator, steps: int, batch_size: 
                  seed: int = 0, log_every: int = 0) -> list[float]:
     """Fit the head alone for ``steps`` steps on training batches (the encoder frozen: no gradients through
     it); returns the loss of each step. The collator is the run's own, so the mask rates are training's."""
-    from textdiffusion.core.architectures import masked_lm_head
-    from textdiffusion.core.collator import IGNORE_INDEX
-
     head = masked_lm_head(model)
     params = head_parameters(model)
     tied = _head_parts(model)[3].weight  # the input embeddings: the encoder's, frozen here

@@ -16,6 +16,8 @@ from torch import nn
 from textdiffusion.config import DiffusionConfig
 from textdiffusion.core.denoiser import MaskedDiffusionLM
 from textdiffusion.errors import UsageError
+from textdiffusion.models.bundled import resolve_checkpoint
+from textdiffusion.models.heads import missing_head_keys
 from textdiffusion.models.presets import TOKENIZER_FILES
 
 logger = logging.getLogger(__name__)
@@ -53,7 +55,6 @@ def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None, flag: st
     except ValueError as e:
         raise UsageError(f"{flag} {name_or_path!r} is not a masked language model "
                          f"({str(e).splitlines()[0][:160]}).") from None
-    from textdiffusion.models.heads import missing_head_keys
 
     # an encoder shipped without its MLM head (all-mpnet-base-v2) loads with a random one: training builds
     # a useful head in its place (heads.build_head) when this list is not empty
@@ -145,8 +146,6 @@ def open_checkpoint(name_or_path: str, dtype: torch.dtype | None = None, missing
     ``"refuse"`` — its text would be noise (generation); ``"keep"`` — the caller builds one from its data
     (``models.heads.build_head``: evaluation and training do), ``model.missing_head_keys`` lists it.
     """
-    from textdiffusion.models.bundled import resolve_checkpoint
-
     if missing_head not in ("refuse", "keep"):
         raise ValueError(f"`missing_head` must be 'refuse' or 'keep', got {missing_head!r}.")
     path = resolve_checkpoint(name_or_path)

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from textdiffusion.core.detokenize import decode_text
 from textdiffusion.core.metrics import diversity
 from textdiffusion.errors import UsageError
 
@@ -172,8 +173,6 @@ class Scorer:
 def quality_row(name: str, prompts: PromptSet, new_ids: Sequence[Sequence[int]], tokenizer, scorer: Scorer | None,
                 texts: Sequence[str] | None = None, nfe: int | str = "") -> dict:
     """One row of a quality table: gen PPL beside diversity, prefix adherence and cost."""
-    from textdiffusion.core.detokenize import decode_text
-
     continuations = [decode_text(tokenizer, ids) for ids in new_ids]  # scored as a reader sees it
     row = {"setting": name, "nfe": nfe}
     row["gen_ppl"] = scorer.perplexity(prompts.prompts, continuations) if scorer else float("nan")

@@ -31,6 +31,8 @@ from textdiffusion.config import DiffusionConfig
 from textdiffusion.core.evaluation import draw_masks, masked_ce_sums
 from textdiffusion.core.labels import LABEL_POSITION, LABEL_PREFIX_LENGTH, check_labels, label_token_ids, pack_labelled
 from textdiffusion.errors import UsageError
+from textdiffusion.models.bundled import resolve_checkpoint
+from textdiffusion.pipelines.objectives import objective_of_checkpoint
 
 
 @dataclass
@@ -133,9 +135,6 @@ class LabelScorer:
 
 def load_scorer(checkpoint: str, device: torch.device | str = "cpu") -> LabelScorer:
     """A :class:`LabelScorer` for a diffusion or AR checkpoint trained with ``--label-column``."""
-    from textdiffusion.models.bundled import resolve_checkpoint
-    from textdiffusion.pipelines.objectives import objective_of_checkpoint
-
     path = resolve_checkpoint(checkpoint)
     config = DiffusionConfig.from_pretrained(path)
     check_labels(config.labels, [], "--checkpoint", checkpoint)  # before the (slow) model load

@@ -24,7 +24,29 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
+from textdiffusion.config import DiffusionConfig, SamplerConfig
+from textdiffusion.core.collator import collator_from_config
+from textdiffusion.core.data import BlockDataset, load_corpus, pack
+from textdiffusion.core.denoiser import check_position_limit
 from textdiffusion.errors import UsageError
+from textdiffusion.models.bundled import parse_settings, resolve_checkpoint
+from textdiffusion.models.checkpoints import remove_partial_saves, trainer_state
+from textdiffusion.models.loading import denoiser_for, load_diffusion_model
+from textdiffusion.models.quality import Scorer, prompts_from_documents
+from textdiffusion.pipelines.distillation import (
+    ROUNDS_CSV,
+    STATE_NAME,
+    DistillPlan,
+    DistillTrainer,
+    Layout,
+    QualityGate,
+    RoundState,
+    check_step_plan,
+    stack_blocks,
+)
+from textdiffusion.pipelines.objectives import objective_of_checkpoint
+from textdiffusion.pipelines.trainers import CURVE_CSV, training_arguments
+from textdiffusion.pipelines.training import _replace_dir, _truncate_csv, check_output_dir, resume_point
 from textdiffusion.pipelines.training_args import RUN_ARGS_NAME, TrainArgs
 
 DISTILL_IDENTITY = ("teacher", "rounds", "steps_per_round", "start_steps", "divergence", "ema", "generation")
@@ -119,8 +141,6 @@ _hide_from_help(DistillArgs, NOT_FOR_DISTILL)
 def distill_training_arguments(args: DistillArgs, work_dir: Path):
     """`train`'s Trainer settings, with SDTT's schedule (constant after warm-up) and no best-checkpoint
     selection (each round has its own teacher: the numbers of different rounds do not compare)."""
-    from textdiffusion.pipelines.trainers import training_arguments
-
     return dataclasses.replace(training_arguments(args, work_dir), lr_scheduler_type="constant_with_warmup",
                                load_best_model_at_end=False, metric_for_best_model=None)
 
@@ -128,9 +148,6 @@ def distill_training_arguments(args: DistillArgs, work_dir: Path):
 # -- checks on the teacher and the data ---------------------------------------------------------------
 def teacher_config(path: str, flag: str = "--teacher"):
     """The DiffusionConfig of a diffusion checkpoint; a one-line error for anything else."""
-    from textdiffusion.config import DiffusionConfig
-    from textdiffusion.pipelines.objectives import objective_of_checkpoint
-
     if not Path(path).is_dir():
         raise UsageError(f"{flag} {path!r} is not a checkpoint directory nor a ready model's short name (wiki-small).")
     if objective_of_checkpoint(path).name == "ar":
@@ -145,9 +162,6 @@ def teacher_config(path: str, flag: str = "--teacher"):
 
 def sampler_settings(config, pairs: list[str]):
     """The teacher's saved generation settings with the --generation overrides, checked by SamplerConfig."""
-    from textdiffusion.config import SamplerConfig
-    from textdiffusion.models.bundled import parse_settings
-
     overrides = parse_settings(pairs)
     unknown = sorted(set(overrides) - {f.name for f in fields(SamplerConfig)})
     if unknown:
@@ -195,9 +209,6 @@ def _check_same_distillation(args: DistillArgs, out: Path) -> None:
 
 def quality_gate(args: DistillArgs, tokenizer, config, sampler_config, corpus, layout, device):
     """The round's quality gate, or None (with a printed note) when it is off or no scorer is installed."""
-    from textdiffusion.models.quality import Scorer, prompts_from_documents
-    from textdiffusion.pipelines.distillation import QualityGate
-
     if args.no_quality_gate:
         print("quality gate: off (--no-quality-gate): every round is kept", flush=True)
         return None
@@ -221,25 +232,6 @@ def quality_gate(args: DistillArgs, tokenizer, config, sampler_config, corpus, l
 # -- the run ------------------------------------------------------------------------------------------
 def run_distill(args: DistillArgs) -> Path:
     """Distil as ``args`` says; returns the output dir holding the distilled model."""
-    from textdiffusion.core.collator import collator_from_config
-    from textdiffusion.core.data import BlockDataset, load_corpus, pack
-    from textdiffusion.core.denoiser import check_position_limit
-    from textdiffusion.models.bundled import resolve_checkpoint
-    from textdiffusion.models.checkpoints import remove_partial_saves, trainer_state
-    from textdiffusion.models.loading import denoiser_for, load_diffusion_model
-    from textdiffusion.pipelines.distillation import (
-        ROUNDS_CSV,
-        STATE_NAME,
-        DistillPlan,
-        DistillTrainer,
-        Layout,
-        RoundState,
-        check_step_plan,
-        stack_blocks,
-    )
-    from textdiffusion.pipelines.trainers import CURVE_CSV
-    from textdiffusion.pipelines.training import _replace_dir, _truncate_csv, check_output_dir, resume_point
-
     # everything that can be refused is refused before anything is written or trained
     teacher_path = resolve_checkpoint(args.teacher, "--teacher")
     config = teacher_config(teacher_path)

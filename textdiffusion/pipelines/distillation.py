@@ -66,6 +66,8 @@ from textdiffusion.core.denoiser import masked_logits
 from textdiffusion.core.evaluation import nelbo
 from textdiffusion.core.sampler import DenoisingSampler, DenoisingState
 from textdiffusion.errors import UsageError
+from textdiffusion.models.quality import diffusion_continuations, quality_row
+from textdiffusion.pipelines.generation import DiffusionGenerator
 from textdiffusion.pipelines.trainers import _ProjectTrainer
 
 DIVERGENCES = ("reverse-kl", "forward-kl", "tvd")
@@ -332,9 +334,6 @@ class QualityGate:
 
     def measure(self, model, steps: int) -> dict:
         """A quality row (gen PPL, distinct-2, ...) of ``model`` (a Hugging Face masked LM) at ``steps`` steps."""
-        from textdiffusion.models.quality import diffusion_continuations, quality_row
-        from textdiffusion.pipelines.generation import DiffusionGenerator
-
         was_training = model.training
         try:
             generator = DiffusionGenerator(model, self.tokenizer, self.config, self.device)

@@ -18,7 +18,19 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
+from textdiffusion.config import DiffusionConfig
+from textdiffusion.core.collator import collator_from_config
+from textdiffusion.core.data import load_corpus, pack, unigram_entropy
+from textdiffusion.core.denoiser import check_position_limit
+from textdiffusion.core.detokenize import text_units
+from textdiffusion.core.evaluation import nelbo, per_level_loss, scored_positions
+from textdiffusion.core.reporting import format_level_table
 from textdiffusion.errors import UsageError, require_writable
+from textdiffusion.models.autoregressive import causal_nll, load_causal_lm
+from textdiffusion.models.bundled import resolve_checkpoint
+from textdiffusion.models.checkpoints import checkpoint_objective
+from textdiffusion.models.loading import denoiser_for, load_diffusion_model
+from textdiffusion.pipelines.generation import resolve_device
 
 
 @dataclass
@@ -50,11 +62,6 @@ class EvalArgs:
 def _load(args: EvalArgs, loader):
     """(tokenizer, model on its device, the checkpoint's training settings, block length, validation blocks):
     the same split and packing as training, whichever objective the checkpoint has."""
-    from textdiffusion.config import DiffusionConfig
-    from textdiffusion.core.data import load_corpus, pack
-    from textdiffusion.core.denoiser import check_position_limit
-    from textdiffusion.pipelines.generation import resolve_device
-
     device = resolve_device(args.device)  # checked before the (slow) corpus and model loads
     config = DiffusionConfig.from_pretrained(args.checkpoint)  # a model from elsewhere: the foreign-model defaults
     tokenizer, model = loader(args.checkpoint, config)  # checks the weights file first
@@ -74,10 +81,6 @@ def _load(args: EvalArgs, loader):
 
 def run_causal_eval(args: EvalArgs) -> dict:
     """Exact NLL of an autoregressive checkpoint on the tokens a diffusion evaluation would score."""
-    from textdiffusion.core.detokenize import text_units
-    from textdiffusion.core.evaluation import scored_positions
-    from textdiffusion.models.autoregressive import causal_nll, load_causal_lm
-
     tokenizer, model, config, max_length, blocks = _load(args, lambda path, config: load_causal_lm(path))
     prefix = config.prefix_length
     scored = scored_positions(blocks, tokenizer, prefix)
@@ -123,9 +126,6 @@ def _write(args: EvalArgs, report: str, result: dict) -> None:
 def run_eval(args: EvalArgs) -> dict:
     """Evaluate a checkpoint as its objective says: the NELBO bound of a diffusion model, the exact NLL of a
     causal one (``EVALUATORS``, below)."""
-    from textdiffusion.models.autoregressive import checkpoint_objective
-    from textdiffusion.models.bundled import resolve_checkpoint
-
     args.checkpoint = resolve_checkpoint(args.checkpoint)
     return EVALUATORS[checkpoint_objective(args.checkpoint)](args)
 
@@ -134,12 +134,6 @@ def run_diffusion_eval(args: EvalArgs) -> dict:
     """Per-level loss and the NELBO of a masked diffusion checkpoint."""
     import torch
 
-    from textdiffusion.core.collator import collator_from_config
-    from textdiffusion.core.data import unigram_entropy
-    from textdiffusion.core.detokenize import text_units
-    from textdiffusion.core.evaluation import nelbo, per_level_loss
-    from textdiffusion.core.reporting import format_level_table
-    from textdiffusion.models.loading import denoiser_for, load_diffusion_model
 
     tokenizer, model, config, max_length, blocks = _load(args, partial(load_diffusion_model, flag="--checkpoint"))
     model = denoiser_for(model, config)  # a causal LM adapted to diffusion: shifted logits, full attention

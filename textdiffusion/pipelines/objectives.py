@@ -15,7 +15,20 @@ from functools import partial
 from typing import Callable
 
 from textdiffusion.config import OBJECTIVES_WHAT
-from textdiffusion.models.autoregressive import checkpoint_objective
+from textdiffusion.core.denoiser import MaskedDiffusionLM, TrainedModule
+from textdiffusion.errors import UsageError
+from textdiffusion.models.adapt import (
+    AttentionAnnealCallback,
+    CausalDiffusionLM,
+    choose_special_tokens,
+    load_causal_for_adaptation,
+)
+from textdiffusion.models.autoregressive import build_ar_model, load_causal_lm
+from textdiffusion.models.bundled import resolve_checkpoint
+from textdiffusion.models.checkpoints import checkpoint_objective
+from textdiffusion.models.loading import load_masked_lm
+from textdiffusion.models.presets import build_preset_model
+from textdiffusion.pipelines.trainers import CausalTrainer, DiffusionTrainer
 
 
 @dataclass(frozen=True)
@@ -32,47 +45,33 @@ class Objective:
 
 # -- diffusion ---------------------------------------------------------------------------------------
 def _build_masked(preset, tokenizer, max_length, dropout, architecture):
-    from textdiffusion.models.presets import build_preset_model
-
     return build_preset_model(preset, tokenizer, max_length, dropout, architecture)
 
 
 def _load_masked(name_or_path):
-    from textdiffusion.models.bundled import resolve_checkpoint
-    from textdiffusion.models.loading import load_masked_lm
-
     return load_masked_lm(resolve_checkpoint(name_or_path, "--model-name"))  # a bundled or fetched name fine-tunes it
 
 
 def _prepare_masked(tokenizer, model):
-    from textdiffusion.core.denoiser import MaskedDiffusionLM
-
     return MaskedDiffusionLM(model)  # the LM head at masked positions only; Trainer wraps this module
 
 
 def _diffusion_trainer(tokenizer, collator, loss_weighting, **kwargs):
-    from textdiffusion.pipelines.trainers import DiffusionTrainer
-
     return DiffusionTrainer(data_collator=collator, loss_weighting=loss_weighting, **kwargs)
 
 
 # -- the autoregressive baseline ---------------------------------------------------------------------
 def _build_causal(preset, tokenizer, max_length, dropout, architecture):
-    from textdiffusion.models.autoregressive import build_ar_model
-
     return build_ar_model(preset, tokenizer, max_length, dropout)
 
 
 def _load_causal(name_or_path):
-    from textdiffusion.models.autoregressive import load_causal_lm
-
     return load_causal_lm(name_or_path)
 
 
 def _prepare_causal(tokenizer, model):
     if tokenizer.mask_token_id is None:  # the AR baseline never masks; the shared collator still wants the id
         tokenizer.add_special_tokens({"mask_token": "<mask>"})
-    from textdiffusion.core.denoiser import TrainedModule
 
     return TrainedModule(model)  # Trainer's causal-LM loss, through a module evaluation can bypass
 
@@ -80,35 +79,26 @@ def _prepare_causal(tokenizer, model):
 def _causal_trainer(tokenizer, collator, loss_weighting, **kwargs):
     from transformers import DataCollatorForLanguageModeling
 
-    from textdiffusion.pipelines.trainers import CausalTrainer
 
     return CausalTrainer(data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), **kwargs)
 
 
 # -- a causal LM adapted to diffusion (train --adapt-from-causal) --------------------------------------
 def _no_preset(preset, tokenizer, max_length, dropout, architecture):
-    from textdiffusion.errors import UsageError
-
     raise UsageError("--adapt-from-causal adapts the causal LM given by --model-name; it cannot start from --preset.")
 
 
 def _load_adapted(name_or_path):
-    from textdiffusion.models.adapt import load_causal_for_adaptation
-
     return load_causal_for_adaptation(name_or_path)
 
 
 def _prepare_adapted(tokenizer, model, anneal_steps):
-    from textdiffusion.models.adapt import CausalDiffusionLM, choose_special_tokens
-
     for note in choose_special_tokens(tokenizer, model):  # the tokenizer has no mask token (nor its own padding)
         print(note, flush=True)
     return CausalDiffusionLM(model, anneal_steps)  # shifted logits, attention annealed causal -> full
 
 
 def _adapted_trainer(tokenizer, collator, loss_weighting, **kwargs):
-    from textdiffusion.models.adapt import AttentionAnnealCallback
-
     trainer = _diffusion_trainer(tokenizer, collator, loss_weighting, **kwargs)
     trainer.add_callback(AttentionAnnealCallback(kwargs["model"]))  # the step the attention anneals with
     return trainer

@@ -34,7 +34,7 @@ from textdiffusion.core.data import (
 )
 from textdiffusion.core.denoiser import count_parameters
 from textdiffusion.core.evaluation import scored_positions
-from textdiffusion.core.labels import add_label_tokens
+from textdiffusion.core.labels import add_label_tokens, dropped_labels, kept_labels, label_token_ids, pack_labelled
 from textdiffusion.errors import UsageError
 from textdiffusion.models.checkpoints import (
     CHECKPOINT,
@@ -43,6 +43,7 @@ from textdiffusion.models.checkpoints import (
     remove_partial_saves,
     trainer_state,
 )
+from textdiffusion.models.heads import build_head, supports_head_building, warm_up_head
 from textdiffusion.models.presets import PRESETS, preset_tokenizer
 from textdiffusion.pipelines.objectives import OBJECTIVES, adapted_objective
 from textdiffusion.pipelines.trainers import CURVE_CSV, LEVEL_CSV, training_arguments
@@ -123,8 +124,6 @@ def labelled_blocks(args: TrainArgs, corpus, tokenizer, corruption: CorruptionCo
     """Training and validation blocks of a labelled corpus, one document per block (labels.py). Training
     withholds the labels outside --label-fraction and --label-dropout of the rest (the mask token stands in);
     validation keeps every label."""
-    from textdiffusion.core.labels import dropped_labels, kept_labels, label_token_ids, pack_labelled
-
     to_id = dict(zip(corpus.label_set, label_token_ids(tokenizer, corpus.label_set)))
     n = len(corpus.train)
     withheld = ~kept_labels(n, args.label_fraction, args.seed) | dropped_labels(n, args.label_dropout, args.seed)
@@ -138,8 +137,6 @@ def labelled_blocks(args: TrainArgs, corpus, tokenizer, corruption: CorruptionCo
     return train, val
 def _prepare_head(args: TrainArgs, model, tokenizer, train_blocks, corruption, device, is_main: bool) -> None:
     """Build the MLM head of an encoder shipped without one, and warm it up with the encoder frozen."""
-    from textdiffusion.models.heads import build_head, supports_head_building, warm_up_head
-
     missing = getattr(model, "missing_head_keys", [])
     if args.head_warmup and not supports_head_building(model):
         raise UsageError(f"--head-warmup {args.head_warmup}: not supported for a {model.config.model_type!r} model.")
