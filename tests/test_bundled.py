@@ -128,3 +128,19 @@ def test_a_built_ready_model_says_how_to_build_it_then_loads_by_name(tmp_path, m
     card.write_text("an older card")
     assert bundled.main(["--run", str(run), "--name", "mpnet-wiki", "--into-cache"]) == 0  # re-export: it is replaced
     assert card.read_text() == (bundled.MODELS_DIR / "mpnet-wiki" / "README.md").read_text()
+
+
+def test_the_ar_baseline_ships_and_loads_by_its_short_name():
+    """wiki-small-ar: a causal LM on wiki-small's tokenizer, found by name by every reader of causal checkpoints."""
+    from textdiffusion.models.autoregressive import load_causal_lm
+    from textdiffusion.models.bundled import resolve_checkpoint
+    from textdiffusion.models.checkpoints import checkpoint_objective
+    from textdiffusion.pipelines.objectives import objective_of_checkpoint
+
+    path = resolve_checkpoint("wiki-small-ar")
+    assert checkpoint_objective(path) == "ar" and objective_of_checkpoint(path).name == "ar"
+    tokenizer, model = load_causal_lm("wiki-small-ar")
+    assert model.config.model_type == "gpt2" and model.config.n_positions >= 128
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(resolve_checkpoint("wiki-small")).get_vocab() == tokenizer.get_vocab()
