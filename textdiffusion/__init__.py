@@ -14,3 +14,19 @@ The package in layers; a module imports only from its own layer or the ones belo
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["DiffusionGenerator", "DenoisingRun"]
+
+
+def __getattr__(name: str):
+    """``from textdiffusion import DiffusionGenerator``: the entry points, imported on first use so that
+    ``import textdiffusion`` (and ``textdiffusion --help``) stays light."""
+    if name == "DiffusionGenerator":
+        from textdiffusion.pipelines.generation import DiffusionGenerator
+
+        return DiffusionGenerator
+    if name == "DenoisingRun":
+        from textdiffusion.pipelines.denoising import DenoisingRun
+
+        return DenoisingRun
+    raise AttributeError(f"module 'textdiffusion' has no attribute {name!r}")
