@@ -151,7 +151,7 @@ def markdown(results: list[dict], args, machine: str, library: dict | None = Non
         "# `textdiffusion serve` under load",
         "",
         f"`{' '.join(['python', 'benchmarks/serve_load.py'] + sys.argv[1:])}` — {args.clients} concurrent clients on "
-        f"loopback, {args.requests} completions per run ({args.max_tokens} tokens, the server's default 16 steps, checkpoint "
+        f"loopback, {args.requests} completions per run ({args.max_tokens} tokens, the checkpoint's saved generation settings, checkpoint "
         f"`{args.checkpoint}`), on {machine}.",
         "",
         "| --max-batch | completed | errors | requests/s | tokens/s | p50 latency (s) | p99 latency (s) "

@@ -100,6 +100,7 @@ class CausalGenerator:
 
     @classmethod
     def from_pretrained(cls, path: str, device: torch.device, dtype: torch.dtype | None = None) -> "CausalGenerator":
+        path = resolve_checkpoint(path)  # a ready model's short name (wiki-small-ar)
         tokenizer, model = load_causal_lm(path, dtype=dtype)
         return cls(model, tokenizer, device, DiffusionConfig.from_pretrained(path) if Path(path).is_dir() else None)
 
