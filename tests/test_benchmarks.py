@@ -44,6 +44,16 @@ def saved_checkpoint(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
+def test_distillation_table_runs(tmp_path):
+    """benchmarks/distill.py --quick: teacher, student and AR rows on the same prompts, a table and a plot."""
+    run("benchmarks/distill.py", "--quick", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["teacher", "student", "ar"]
+    assert all(r["tps_b1"] > 0 and 0 < r["distinct-2"] <= 1 for r in rows)
+    assert (tmp_path / "frontier.png").stat().st_size > 0 and "| AR (wiki-small-ar)" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.slow
 def test_degeneration_benchmark_runs(tmp_path, saved_checkpoint):
     run("benchmarks/degeneration.py", "--checkpoint", str(saved_checkpoint), "--num-prompts", "3",
         "--new-tokens", "8", "--steps", "4", "--out", str(tmp_path / "deg"))
