@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -64,6 +65,7 @@ class DenoisingSampler:
         self.suppress = torch.tensor(sorted({int(i) for i in suppress_token_ids} | {mask_token_id}), dtype=torch.long)
         self.num_steps = config.steps
         self.steps_per_block = config.steps
+        self.rule = commit_rule(config)
         self.keep_masked = torch.zeros(0, dtype=torch.float64)  # [steps_per_block], set by set_timesteps
         self.tail: torch.Tensor | None = None  # [b, l] each row's continuation, set by set_timesteps
 
@@ -216,7 +218,7 @@ class DenoisingSampler:
     def step(self, logits: torch.Tensor, state: DenoisingState) -> DenoisingState:
         """The next state: commit (and maybe re-mask) tokens given the model's logits for ``state.x``, either dense
         [b, l, V], or [n, V] at ``needed_positions(state)`` in row-major order."""
-        cfg, mask_id = self.config, self.mask_token_id
+        mask_id = self.mask_token_id
         x = state.x.clone()
         region = self.region(state)  # [b, l] computed once per step, passed to everything below
         masked = (x == mask_id) & region  # [b, l]
@@ -237,37 +239,9 @@ class DenoisingSampler:
         proposal = x.clone()
         proposal[fill] = tokens
 
-        if cfg.strategy == "remask-random":
-            # Original sampler: everything is filled, then a random subset of the region is masked again.
-            keep_masked = self._target_masked(state, region)  # [b]
-            rank = _rank_descending(uniforms[:, 1].float().masked_fill(~region, -1.0))  # random order
-            remask = region & (rank < keep_masked[:, None])
-            x = proposal.masked_fill(remask, mask_id)
-        else:
-            score = torch.full(x.shape, _NEG_INF, device=x.device)
-            score[fill] = self.scores(processed, p, uniforms[:, 1][fill])
-            p_full = torch.zeros(x.shape, device=x.device)
-            p_full[fill] = p
-            if cfg.strategy == "eb":
-                entropy = torch.zeros(x.shape, device=x.device)
-                entropy[fill] = -_neg_entropy(processed)
-                commit = masked & entropy_bounded(score, entropy, masked, cfg.eb_gamma)
-                if cfg.confidence_threshold is not None:
-                    commit |= masked & (p_full >= cfg.confidence_threshold)
-            elif cfg.confidence_threshold is not None:
-                best = _rank_descending(score) == 0
-                commit = masked & ((p_full >= cfg.confidence_threshold) | best)
-            else:
-                extra = self._remask_count(state, k, masked, region)  # [b] committed tokens to re-open
-                commit = masked & (_rank_descending(score) < (k + extra)[:, None])
-                if bool(extra.any()):
-                    older = (x != mask_id) & region  # committed before this step
-                    log_p = torch.full(x.shape, _NEG_INF, device=x.device)
-                    log_p[older] = at(older).float().log_softmax(-1).gather(-1, x[older][:, None]).squeeze(-1)
-                    worst = _rank_descending((-log_p).masked_fill(~older, _NEG_INF))  # least likely first
-                    x = x.masked_fill(older & (worst < extra[:, None]), mask_id)
-            x = torch.where(commit, proposal, x)
-
+        step = StepContext(state=state, x=x, region=region, masked=masked, fill=fill, proposal=proposal,
+                           processed=processed, p=p, uniforms=uniforms, k=k, at=at)
+        x = self.rule.commit(self, step)  # which sampled tokens stay: one rule class per unmasking rule
         if self.eos_token_id is not None:
             x = self.fill_after_eos(x, self.tail)
         return dataclasses.replace(state, x=x, step_index=state.step_index + 1)  # the given state is left as it was
@@ -289,6 +263,105 @@ class DenoisingSampler:
         committed = ((state.x != self.mask_token_id) & region).sum(1)
         extra = torch.floor(self.config.remask_fraction * self.keep_masked[j] * committed).long()
         return torch.minimum(extra, masked.sum(1) - k).clamp_min(0)
+
+
+@dataclass
+class StepContext:
+    """What one step has computed before deciding what to commit (all [b, l] unless noted)."""
+
+    state: DenoisingState
+    x: torch.Tensor  # the tokens before this step
+    region: torch.Tensor  # the current block of each row
+    masked: torch.Tensor  # masked positions of the region
+    fill: torch.Tensor  # the positions sampled this step
+    proposal: torch.Tensor  # x with a sampled token at every filled position
+    processed: torch.Tensor  # [n, V] processed logits at the filled positions
+    p: torch.Tensor  # [n] probability of each sampled token
+    uniforms: torch.Tensor  # [b, 2, l] this step's uniforms (sampling, order)
+    k: torch.Tensor  # [b] tokens the step plan commits
+    at: Callable[[torch.Tensor], torch.Tensor]  # logits [m, V] at a subset of the needed positions
+
+
+class CommitRule:
+    """An unmasking rule: which of the step's sampled tokens are committed (and which committed ones re-open).
+    ``commit`` returns the next tokens [b, l]."""
+
+    def commit(self, sampler: "DenoisingSampler", step: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def ranked(sampler: "DenoisingSampler", step: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score, p) as [b, l] over the filled positions (-inf / 0 elsewhere): the strategy's order."""
+        x = step.x
+        score = torch.full(x.shape, _NEG_INF, device=x.device)
+        score[step.fill] = sampler.scores(step.processed, step.p, step.uniforms[:, 1][step.fill])
+        p_full = torch.zeros(x.shape, device=x.device)
+        p_full[step.fill] = step.p
+        return score, p_full
+
+
+class RemaskRandom(CommitRule):
+    """The original sampler: fill every masked position, then mask a random subset of the region again."""
+
+    def commit(self, sampler, step):
+        keep_masked = sampler._target_masked(step.state, step.region)  # [b]
+        rank = _rank_descending(step.uniforms[:, 1].float().masked_fill(~step.region, -1.0))  # random order
+        remask = step.region & (rank < keep_masked[:, None])
+        return step.proposal.masked_fill(remask, sampler.mask_token_id)
+
+
+class Scheduled(CommitRule):
+    """The step plan's k best by the strategy's score; with ``remask_fraction`` (ReMDM) also re-open the least
+    likely committed tokens of the block."""
+
+    def commit(self, sampler, step):
+        score, _ = self.ranked(sampler, step)
+        x, mask_id = step.x, sampler.mask_token_id
+        extra = sampler._remask_count(step.state, step.k, step.masked, step.region)  # [b] tokens to re-open
+        commit = step.masked & (_rank_descending(score) < (step.k + extra)[:, None])
+        if bool(extra.any()):
+            older = (x != mask_id) & step.region  # committed before this step
+            log_p = torch.full(x.shape, _NEG_INF, device=x.device)
+            log_p[older] = step.at(older).float().log_softmax(-1).gather(-1, x[older][:, None]).squeeze(-1)
+            worst = _rank_descending((-log_p).masked_fill(~older, _NEG_INF))  # least likely first
+            x = x.masked_fill(older & (worst < extra[:, None]), mask_id)
+        return torch.where(commit, step.proposal, x)
+
+
+class Threshold(CommitRule):
+    """Every token at least ``confidence_threshold`` likely, and the best one (steps become adaptive)."""
+
+    def commit(self, sampler, step):
+        score, p_full = self.ranked(sampler, step)
+        best = _rank_descending(score) == 0
+        commit = step.masked & ((p_full >= sampler.config.confidence_threshold) | best)
+        return torch.where(commit, step.proposal, step.x)
+
+
+class EntropyBounded(CommitRule):
+    """EB-sampler: the longest prefix of the order whose entropy budget stays within ``eb_gamma`` (and, with a
+    threshold, every token above it)."""
+
+    def commit(self, sampler, step):
+        score, p_full = self.ranked(sampler, step)
+        cfg, x = sampler.config, step.x
+        entropy = torch.zeros(x.shape, device=x.device)
+        entropy[step.fill] = -_neg_entropy(step.processed)
+        commit = step.masked & entropy_bounded(score, entropy, step.masked, cfg.eb_gamma)
+        if cfg.confidence_threshold is not None:
+            commit |= step.masked & (p_full >= cfg.confidence_threshold)
+        return torch.where(commit, step.proposal, x)
+
+
+def commit_rule(config: SamplerConfig) -> CommitRule:
+    """The unmasking rule a configuration asks for (the strategy names the order; these rules the commit)."""
+    if config.strategy == "remask-random":
+        return RemaskRandom()
+    if config.strategy == "eb":
+        return EntropyBounded()
+    if config.confidence_threshold is not None:
+        return Threshold()
+    return Scheduled()
 
 
 def continuation(editable: torch.Tensor) -> torch.Tensor:
