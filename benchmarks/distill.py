@@ -6,7 +6,7 @@
 For every model and step count, on the same prompts and seeds (the first ``--num-prompts`` validation documents
 of wiki-vital long enough, ``--prompt-tokens`` of prompt and ``--new-tokens`` generated): gen PPL under the
 offline SmolLM2 scorer with a bootstrap 95 % interval over prompts, distinct-2, token entropy, and tokens/s at
-batch 1 and 16 (best of ``--repeats`` after a warm-up, the thread count of the process). The teacher runs with
+batch 1 and 16 (``generation_speed.timed``: best of ``--repeats`` after a warm-up, process CPU time at one thread). The teacher runs with
 the student's settings (the teacher's saved generation defaults at each step count), so a difference is the
 distillation's, not the tuning's; the AR model gets its own sampling penalty swept. Results: README.md,
 results.json and frontier.png in ``--out``.
@@ -20,40 +20,26 @@ import math
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from generation_speed import subset, timed  # one timing rule for every speed table: CPU time at one thread
 
 from textdiffusion.core.data import load_corpus
 from textdiffusion.core.detokenize import decode_text
 from textdiffusion.core.metrics import diversity
 from textdiffusion.models.autoregressive import CausalGenerator
 from textdiffusion.models.quality import (
-    PromptSet,
     Scorer,
     causal_continuations,
     diffusion_continuations,
     prompts_from_documents,
 )
 from textdiffusion.pipelines.generation import DiffusionGenerator
-
-
-@torch.inference_mode()
-def per_prompt_nll(scorer: Scorer, prompts: list[str], continuations: list[str]) -> list[tuple[float, int]]:
-    """(NLL sum, tokens) of each continuation given its prompt: what the pooled gen PPL and its bootstrap need."""
-    out = []
-    for p, c in zip(prompts, continuations):
-        p_ids = scorer.tokenizer(p, add_special_tokens=False)["input_ids"] or [scorer.tokenizer.bos_token_id or 0]
-        c_ids = scorer.tokenizer(c, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([p_ids + c_ids])
-        logits = scorer.model(input_ids=ids).logits[0, len(p_ids) - 1:-1].float()  # predicts the continuation
-        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(c_ids), reduction="sum")
-        out.append((float(nll), len(c_ids)))
-    return out
 
 
 def bootstrap_ppl(parts: list[tuple[float, int]], draws: int = 1000, seed: int = 0) -> tuple[float, float, float]:
@@ -67,26 +53,11 @@ def bootstrap_ppl(parts: list[tuple[float, int]], draws: int = 1000, seed: int =
     return math.exp(float(nll.sum() / tok.sum())), lo, hi
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def subset(prompts: PromptSet, n: int) -> PromptSet:
-    return PromptSet(prompts.prompts[:n], prompts.prompt_ids[:n], prompts.references[:n])
-
-
 def row_for(name, new_ids, texts, prompts, tokenizer, scorer, nfe, speed) -> dict:
     row = {"model": name, "nfe": nfe, **diversity(new_ids), **speed}
     if scorer is not None:
         continuations = [decode_text(tokenizer, ids) for ids in new_ids]
-        row["gen_ppl"], row["ppl_lo"], row["ppl_hi"] = bootstrap_ppl(per_prompt_nll(scorer, prompts.prompts,
-                                                                                    continuations))
+        row["gen_ppl"], row["ppl_lo"], row["ppl_hi"] = bootstrap_ppl(scorer.nlls(prompts.prompts, continuations))
     else:
         row["gen_ppl"] = row["ppl_lo"] = row["ppl_hi"] = float("nan")
     row["example"] = texts[0].replace("\n", " ")[:160]

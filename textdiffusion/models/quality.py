@@ -140,12 +140,13 @@ class Scorer:
                              "such as 'smollm2'.")
 
     @torch.inference_mode()
-    def perplexity(self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8) -> float:
-        """exp(total NLL / total tokens) of ``continuations`` given ``prompts``, pooled over the set."""
+    def nlls(self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8) -> list[tuple[float, int]]:
+        """(NLL sum in nats, tokens) of each continuation given its prompt: gen PPL pools them, a bootstrap
+        resamples them."""
         self.check_encodable(list(prompts) + list(continuations))
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        total, count = 0.0, 0
+        out = []
         for start in range(0, len(prompts), batch_size):
             rows = []
             for p, c in zip(prompts[start:start + batch_size], continuations[start:start + batch_size]):
@@ -164,10 +165,15 @@ class Scorer:
                 attention[i, : len(p) + len(c)] = 1
             logits = self.model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits[:, :-1].float()
             target = labels[:, 1:].to(device)
-            nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum")
-            total += float(nll)
-            count += int((target != -100).sum())
-        return math.exp(total / count) if count else float("nan")
+            nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")  # [b, w-1]
+            out += [(float(s), int(n)) for s, n in zip(nll.sum(1).tolist(), (target != -100).sum(1).tolist())]
+        return out
+
+    def perplexity(self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8) -> float:
+        """exp(total NLL / total tokens) of ``continuations`` given ``prompts``, pooled over the set."""
+        parts = self.nlls(prompts, continuations, batch_size)
+        count = sum(n for _, n in parts)
+        return math.exp(sum(s for s, _ in parts) / count) if count else float("nan")
 
 
 def quality_row(name: str, prompts: PromptSet, new_ids: Sequence[Sequence[int]], tokenizer, scorer: Scorer | None,
