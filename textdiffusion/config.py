@@ -20,6 +20,7 @@ nothing protected but the special tokens (``prefix_length`` 0).
 from __future__ import annotations
 
 import json
+import operator
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -86,13 +87,13 @@ def range_rule(metadata) -> str | None:
     return f"{rule} ({metadata['hint']})" if "hint" in metadata else rule
 
 
+_COMPARE = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
+
+
 def within(value, metadata) -> bool:
     if "choices" in metadata:
         return value in metadata["choices"]
-    import operator
-
-    ops = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
-    return all(ops[k](value, metadata[k]) for k in ops if k in metadata)
+    return all(compare(value, metadata[k]) for k, compare in _COMPARE.items() if k in metadata)
 
 
 def check_ranges(obj) -> None:

@@ -56,9 +56,10 @@ class DenoisingGroup:
 
     _ids = itertools.count(1)
 
-    def __init__(self, g, templates: Sequence[str], config: SamplerConfig, *, seed: int,
-                 cfg_scale: float, suppress_tokens: Sequence[str], stop_at_eos: bool, max_length: int | None,
-                 allowed: torch.Tensor | None, return_trace: bool, on_step: Callable | None):
+    def __init__(self, g, templates: Sequence[str], config: SamplerConfig, *, seed: int = 0, cfg_scale: float = 0.0,
+                 suppress_tokens: Sequence[str] = (), stop_at_eos: bool = True, max_length: int | None = None,
+                 allowed: torch.Tensor | None = None, return_trace: bool = False,
+                 on_step: Callable[[int, DenoisingState], None] | None = None):
         self.id = next(self._ids)
         self.config, self.cfg_scale, self.stop_at_eos, self.on_step = config, cfg_scale, stop_at_eos, on_step
         x, editable, attention = (t.to(g.device) for t in g.build_batch(templates, max_length))  # [b, l] each
@@ -154,23 +155,16 @@ class DenoisingRun:
         self.last_call_rows = 0
 
     # -- joining and leaving -------------------------------------------------------------------------------
-    def add(self, templates: Sequence[str], config: SamplerConfig, *, seed: int = 0, cfg_scale: float = 0.0,
-            suppress_tokens: Sequence[str] = (), stop_at_eos: bool = True, max_length: int | None = None,
-            allowed: torch.Tensor | None = None, return_trace: bool = False,
-            on_step: Callable[[int, DenoisingState], None] | None = None) -> DenoisingGroup:
+    def add(self, templates: Sequence[str], config: SamplerConfig, **kwargs) -> DenoisingGroup:
         """Start denoising ``templates`` (one row each) with ``config``: ``new_group`` then ``join``."""
-        return self.join(self.new_group(templates, config, seed=seed, cfg_scale=cfg_scale,
-                                        suppress_tokens=suppress_tokens, stop_at_eos=stop_at_eos,
-                                        max_length=max_length, allowed=allowed, return_trace=return_trace,
-                                        on_step=on_step))
+        return self.join(self.new_group(templates, config, **kwargs))
 
     def new_group(self, templates: Sequence[str], config: SamplerConfig, **kwargs) -> DenoisingGroup:
         """A group, validated and tokenised, not yet in the run: the server builds it on a request's own thread
         (a bad request fails there) and the engine's thread joins it between steps. ``kwargs``: those of
-        ``add``."""
-        defaults = dict(seed=0, cfg_scale=0.0, suppress_tokens=(), stop_at_eos=True, max_length=None, allowed=None,
-                        return_trace=False, on_step=None)
-        group = DenoisingGroup(self.g, templates, config, **{**defaults, **kwargs})
+        :class:`DenoisingGroup` (seed, cfg_scale, suppress_tokens, stop_at_eos, max_length, allowed,
+        return_trace, on_step)."""
+        group = DenoisingGroup(self.g, templates, config, **kwargs)
         reason = self._cache_refusal(config)
         if reason is not None and self.cache not in ("none", "auto"):
             group.notes.append(f"{reason}: generating without the cache.")
