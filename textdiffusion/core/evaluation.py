@@ -141,7 +141,37 @@ def masked_ce_sums(model, ids: torch.Tensor, masked: torch.Tensor, mask_token_id
     return ce_sum
 
 
+def weighted_mean(per_block: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
+    """Token-weighted mean of per-block values (nats/token) and its standard error: that of a ratio
+    estimator (the weighted mean), not of the plain mean over blocks."""
+    per_block, weights = per_block.double(), weights.double()
+    mean = float((per_block * weights).sum() / weights.sum())
+    n = per_block.shape[0]
+    if n < 2:
+        return mean, float("nan")
+    return mean, float(math.sqrt(n / (n - 1) * float((weights ** 2 * (per_block - mean) ** 2).sum())) / weights.sum())
+
+
 @torch.inference_mode()
+def nelbo_per_block(model, blocks: torch.Tensor, collator: DiffusionCollator, estimator: str = "exact-k",
+                    samples_per_block: int = 4, batch_size: int = 32, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n] float64 NELBO per scored token of each block, [n] scored tokens per block): ``nelbo`` before
+    pooling, for comparisons paired block by block (benchmarks that score two models on the same blocks)."""
+    if estimator not in ("exact-k", "continuous"):
+        raise ValueError(f"`estimator` must be 'exact-k' or 'continuous', got {estimator!r}.")
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    n, S = blocks.shape[0], samples_per_block
+    maskable_all = collator.maskable(blocks, torch.full((n,), collator.prefix_length))  # [n, l]
+    draws = draw_masks(maskable_all, S, estimator, g)
+    ids = blocks.repeat_interleave(S, 0)  # [n*S, l]: the S samples of block i are rows i*S .. i*S+S-1
+    ce_sum = masked_ce_sums(model, ids, draws.masked, collator.mask_token_id, batch_size)  # [n*S]
+    model.train(was_training)
+    contribution = ce_sum * draws.scale  # [n*S] a draw of NELBO / L per row
+    return contribution.view(n, S).mean(1), maskable_all.sum(1).double()
+
+
 def nelbo(model, blocks: torch.Tensor, collator: DiffusionCollator, estimator: str = "exact-k",
           samples_per_block: int = 4, batch_size: int = 32, seed: int = 1234) -> BoundResult:
     """Upper bound on the negative log-likelihood per token of ``blocks`` under the masked diffusion model.
@@ -161,25 +191,8 @@ def nelbo(model, blocks: torch.Tensor, collator: DiffusionCollator, estimator: s
     ``batch_size`` rows. The result is the token-weighted mean over blocks (each block's samples averaged
     first); its standard error is that of the weighted mean (a ratio estimator), not of the plain mean.
     """
-    if estimator not in ("exact-k", "continuous"):
-        raise ValueError(f"`estimator` must be 'exact-k' or 'continuous', got {estimator!r}.")
-    was_training = model.training
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    n, S = blocks.shape[0], samples_per_block
-    maskable_all = collator.maskable(blocks, torch.full((n,), collator.prefix_length))  # [n, l]
-    draws = draw_masks(maskable_all, S, estimator, g)
-    ids = blocks.repeat_interleave(S, 0)  # [n*S, l]: the S samples of block i are rows i*S .. i*S+S-1
-    ce_sum = masked_ce_sums(model, ids, draws.masked, collator.mask_token_id, batch_size)  # [n*S]
-    model.train(was_training)
-    contribution = ce_sum * draws.scale  # [n*S] a draw of NELBO / L per row
-    per_block = contribution.view(n, S).mean(1)  # [n]
-    weights = maskable_all.sum(1).double()  # [n] tokens scored per block
-    mean = float((per_block * weights).sum() / weights.sum())  # per token over the whole set
-    if n > 1:  # standard error of the weighted (ratio) mean
-        stderr = float(math.sqrt(n / (n - 1) * float((weights ** 2 * (per_block - mean) ** 2).sum())) / weights.sum())
-    else:
-        stderr = float("nan")
+    per_block, weights = nelbo_per_block(model, blocks, collator, estimator, samples_per_block, batch_size, seed)
+    mean, stderr = weighted_mean(per_block, weights)
     return BoundResult(mean, stderr, int(weights.sum()), estimator)
 
 

@@ -7,10 +7,12 @@
     textdiffusion experiment steps       --checkpoint wiki-small --ar-checkpoint runs/ar   # quality vs NFE
     textdiffusion experiment levels      --run-dir runs/wiki-small  # every mask level over training
     textdiffusion experiment classify    --output-dir benchmarks/results/classify   # generative vs discriminative classifiers
+    textdiffusion experiment repeated-data --output-dir benchmarks/results/repeated_data  # diffusion vs AR, many epochs
 
 Each writes ``results.md`` (a Markdown table), ``results.json`` and a PNG into ``--output-dir``
 (default ``results/experiments/NAME``). The folder is built beside its final place and moved there
-only when complete, so a failed run never leaves a folder that looks finished.
+only when complete, so a failed run never leaves a folder that looks finished. The long experiments
+(``RESUMABLE``) keep that staging folder when they fail or are interrupted, and the same command resumes it.
 """
 
 from __future__ import annotations
@@ -55,7 +57,11 @@ EXPERIMENTS = {
     "levels": "per-mask-level validation loss over training, from a run's per_level_loss.csv",
     "classify": "generative classifiers (diffusion NELBO, AR likelihood) vs a discriminative baseline on Austen book "
                 "and wiki topic, all and 10% of the labels, and label-guided generation (trains its own models)",
+    "repeated-data": "diffusion vs the same-size AR model on U unique tokens seen for many epochs: validation curves, "
+                     "each side's best on a test split, who wins at each budget (trains its own models; resumable)",
 }
+# experiments whose staging folder survives a failure and is resumed by the same command (hours of training)
+RESUMABLE = {"repeated-data"}
 
 
 @dataclass
@@ -79,7 +85,8 @@ class ExperimentArgs:
     # `classify` trains its own models (classify_experiment.py)
     datasets: list[str] = field(default_factory=lambda: ["austen:book", "wiki-vital:topic"], metadata={
         "help": "classify: corpus:label_column pairs."})
-    preset: str = field(default="micro", metadata={"help": "classify: the preset of every model it trains."})
+    preset: Optional[str] = field(default=None, metadata={
+        "help": "classify, repeated-data: the preset of every model it trains (default: micro; repeated-data: mini)."})
     train_steps: int = field(default=600, metadata={"help": "classify: optimiser steps of every model."})
     batch_size: int = field(default=16, metadata={"help": "classify: blocks (documents) per step."})
     max_length: int = field(default=128, metadata={"help": "classify: tokens per block."})
@@ -89,8 +96,38 @@ class ExperimentArgs:
     cfg_scales: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0], metadata={
         "help": "classify: guidance scales of the label-guided samples (empty: no guidance part)."})
     guidance_samples: int = field(default=8, metadata={"help": "classify: guided samples per label and scale."})
+    # `repeated-data` (repeated_data.py): --preset, --batch-size, --max-length, --nelbo-samples are shared
+    budgets: list[int] = field(default_factory=lambda: [25_000, 100_000], metadata={
+        "help": "repeated-data: unique training tokens per budget (each a prefix of one shuffled packing)."})
+    epochs: int = field(default=150, metadata={"help": "repeated-data: the diffusion runs' horizon in epochs."})
+    learning_rates: list[float] = field(default_factory=lambda: [1e-3, 3e-3], metadata={
+        "help": "repeated-data: peak learning rates of the diffusion side."})
+    weight_decay: float = field(default=0.1, metadata={"help": "repeated-data: the diffusion side's weight decay."})
+    ar_epochs: list[int] = field(default_factory=lambda: [12, 36], metadata={
+        "help": "repeated-data: the AR runs' horizons in epochs (a cosine ending near AR's best is its best case)."})
+    ar_learning_rates: list[float] = field(default_factory=lambda: [1e-3, 3e-3], metadata={
+        "help": "repeated-data: peak learning rates of the AR side."})
+    ar_dropout: list[float] = field(default_factory=lambda: [0.1, 0.3], metadata={"help": "repeated-data: AR dropout values."})
+    ar_weight_decay: list[float] = field(default_factory=lambda: [0.1], metadata={
+        "help": "repeated-data: AR weight decay values."})
+    ar_input_noise: list[float] = field(default_factory=lambda: [0.0], metadata={
+        "help": "repeated-data: AR input-token noise values (share of inputs replaced by random tokens)."})
+    patience: int = field(default=10, metadata={"help": "repeated-data: evaluations without a new best before a run stops."})
+    evals: int = field(default=40, metadata={"help": "repeated-data: evaluations per run after the first epochs."})
+    workers: int = field(default=1, metadata={
+        "help": "repeated-data: runs trained at once, one process and one core each (runs are independent)."})
+    validation_blocks: int = field(default=64, metadata={"help": "repeated-data: validation blocks (model selection)."})
+    vocab_size: int = field(default=1024, metadata={"help": "repeated-data: the tokenizer's vocabulary (trained once)."})
+    quick: bool = field(default=False, metadata={
+        "help": "repeated-data: a seconds-long run of the whole pipeline (micro preset, one small budget, a few epochs)."})
 
     def __post_init__(self) -> None:
+        if self.quick:  # repeated-data's smoke run: every stage, seconds on a CPU
+            self.preset = self.preset or "micro"
+            self.budgets, self.epochs, self.ar_epochs = [8192], 3, [2]
+            self.learning_rates, self.ar_learning_rates = [3e-3], [3e-3]
+            self.validation_blocks, self.nelbo_samples, self.evals, self.vocab_size = 8, 1, 3, 512
+            self.num_prompts, self.new_tokens, self.scorer = 2, 8, "none"
         for name in ("num_prompts", "prompt_tokens", "new_tokens", "steps", "train_steps", "batch_size", "eval_texts",
                      "nelbo_samples", "guidance_samples"):
             if getattr(self, name) < 1:
@@ -342,11 +379,20 @@ def run_masking_viz(args, out):
 
 
 def run_classify(args, out):
+    args.preset = args.preset or "micro"
     return run(args, out)
 
 
+def run_repeated_data(args, out):
+    from textdiffusion.experiments.repeated_data import run_repeated_data as run_it
+
+    args.preset = args.preset or "mini"
+    return run_it(args, out)
+
+
 RUNNERS = {"masking-viz": run_masking_viz, "schedules": run_schedules, "sampling": run_sampling,
-           "temperature": run_temperature, "steps": run_steps, "levels": run_levels, "classify": run_classify}
+           "temperature": run_temperature, "steps": run_steps, "levels": run_levels, "classify": run_classify,
+           "repeated-data": run_repeated_data}
 
 
 def run_experiment(name: str, args: ExperimentArgs) -> Path:
@@ -357,14 +403,20 @@ def run_experiment(name: str, args: ExperimentArgs) -> Path:
     if final.exists() and any(final.iterdir()) and not args.overwrite:
         raise UsageError(f"--output-dir {str(final)!r} already holds results; pass --overwrite or choose another.")
     staging = final.with_name(final.name + ".partial")
-    if staging.exists():
+    if staging.exists() and name in RESUMABLE:
+        print(f"resuming the unfinished experiment in {staging}/", flush=True)
+    elif staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging.mkdir(parents=True, exist_ok=True)
     try:
         result = RUNNERS[name](args, staging)
         (staging / "results.json").write_text(json.dumps({"meta": _meta(args, name), **result}, indent=2, default=str) + "\n")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if name in RESUMABLE:
+            print(f"the experiment stopped; what it finished is kept in {staging}/ and the same command resumes it",
+                  file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     if final.exists():
         shutil.rmtree(final)

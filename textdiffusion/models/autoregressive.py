@@ -67,9 +67,10 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None):
 
 
 @torch.inference_mode()
-def causal_nll(model, blocks: torch.Tensor, scored: torch.Tensor, batch_size: int = 32) -> BoundResult:
-    """Exact NLL per scored token (nats) of ``blocks`` [n, l]; ``scored`` [n, l] bool says which tokens
-    count (position 0 never does: nothing predicts it). The standard error is over blocks."""
+def causal_nll_per_block(model, blocks: torch.Tensor, scored: torch.Tensor,
+                         batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n] float64 exact NLL per scored token of each block, [n] scored tokens per block) of ``blocks``
+    [n, l]; ``scored`` [n, l] bool says which tokens count (position 0 never does: nothing predicts it)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -82,10 +83,16 @@ def causal_nll(model, blocks: torch.Tensor, scored: torch.Tensor, batch_size: in
         per_block_sum[start:start + batch_size] = (ce * keep).sum(1).double().cpu()
     model.train(was_training)
     counts = scored[:, 1:].sum(1).double()
+    return per_block_sum / counts.clamp_min(1), counts
+
+
+def causal_nll(model, blocks: torch.Tensor, scored: torch.Tensor, batch_size: int = 32) -> BoundResult:
+    """Exact NLL per scored token (nats) of ``blocks`` [n, l] over the ``scored`` tokens. The standard error
+    is over blocks."""
+    per_block, counts = causal_nll_per_block(model, blocks, scored, batch_size)
     total = float(counts.sum())
-    per_block = per_block_sum / counts.clamp_min(1)
     stderr = float(per_block.std() / math.sqrt(len(per_block))) if len(per_block) > 1 else float("nan")
-    return BoundResult(float(per_block_sum.sum()) / max(total, 1.0), stderr, int(total), "exact (autoregressive)")
+    return BoundResult(float((per_block * counts).sum()) / max(total, 1.0), stderr, int(total), "exact (autoregressive)")
 
 
 class CausalGenerator:

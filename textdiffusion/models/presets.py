@@ -46,6 +46,9 @@ PRESETS = {
     # "micro" exists for tests and smoke runs: two layers, seconds per hundred steps on a CPU.
     "micro": Preset(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=1024,
                     local_layers=1),
+    # "mini": the data-constrained experiment's size (experiment repeated-data), ~0.8M parameters at vocab 1024
+    "mini": Preset(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, vocab_size=1024,
+                   local_layers=2),
     "tiny": Preset(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, vocab_size=4096,
                    local_layers=2),
     "small": Preset(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=768, vocab_size=16384,
