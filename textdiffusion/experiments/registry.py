@@ -108,7 +108,7 @@ class ExperimentArgs:
     ar_learning_rates: list[float] = field(default_factory=lambda: [1e-3, 3e-3], metadata={
         "help": "repeated-data: peak learning rates of the AR side."})
     ar_dropout: list[float] = field(default_factory=lambda: [0.1, 0.3], metadata={"help": "repeated-data: AR dropout values."})
-    ar_weight_decay: list[float] = field(default_factory=lambda: [0.1], metadata={
+    ar_weight_decay: list[float] = field(default_factory=lambda: [0.1, 1.0], metadata={
         "help": "repeated-data: AR weight decay values."})
     ar_input_noise: list[float] = field(default_factory=lambda: [0.0], metadata={
         "help": "repeated-data: AR input-token noise values (share of inputs replaced by random tokens)."})

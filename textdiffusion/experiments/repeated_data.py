@@ -51,10 +51,11 @@ from textdiffusion.pipelines.objectives import OBJECTIVES
 SIDES = ("diffusion", "ar")
 PREFIX = 1  # position 0 is given to both sides (nothing predicts it autoregressively); all later tokens are scored
 ARGS_FILE = "experiment_args.json"
-# what makes two invocations the same experiment (a resumed folder must match these)
-IDENTITY = ("dataset", "text_column", "preset", "vocab_size", "max_length", "batch_size", "budgets", "epochs",
-            "ar_epochs", "learning_rates", "ar_learning_rates", "ar_dropout", "weight_decay", "ar_weight_decay",
-            "ar_input_noise", "patience", "evals", "validation_blocks", "nelbo_samples", "seed")
+# what gives every run of a folder its meaning: a resumed folder must match these. The grid itself (budgets,
+# rates, horizons, regularisers) may change between invocations: a run's folder name says which point it is,
+# so a larger grid reuses the runs it shares with a smaller one
+IDENTITY = ("dataset", "text_column", "preset", "vocab_size", "max_length", "batch_size", "patience", "evals",
+            "validation_blocks", "nelbo_samples", "seed")
 
 
 @dataclass(frozen=True)
@@ -422,8 +423,9 @@ def train_grid(runs: list[Run], data: Data, args, out: Path) -> list[dict]:
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     cores, lock = manager.list(allowed[: args.workers] if len(allowed) >= args.workers else []), manager.Lock()
     cost = {run: run.budget * run.epochs * (1.5 if run.side == "ar" else 1.0) for run in runs}
+    order = sorted(runs, key=lambda r: (r.budget, -cost[r]))  # the smallest budget completes first, longest runs first
     with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_pin_worker, initargs=(cores, lock)) as pool:
-        futures = {run: pool.submit(_train_in_worker, run, args, out) for run in sorted(runs, key=lambda r: -cost[r])}
+        futures = {run: pool.submit(_train_in_worker, run, args, out) for run in order}
         return [futures[run].result() for run in runs]
 
 
