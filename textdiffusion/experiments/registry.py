@@ -126,6 +126,7 @@ class ExperimentArgs:
             self.preset = self.preset or "micro"
             self.budgets, self.epochs, self.ar_epochs = [8192], 3, [2]
             self.learning_rates, self.ar_learning_rates = [3e-3], [3e-3]
+            self.ar_dropout, self.ar_weight_decay, self.ar_input_noise = [0.1], [0.1], [0.0]
             self.validation_blocks, self.nelbo_samples, self.evals, self.vocab_size = 8, 1, 3, 512
             self.num_prompts, self.new_tokens, self.scorer = 2, 8, "none"
         for name in ("num_prompts", "prompt_tokens", "new_tokens", "steps", "train_steps", "batch_size", "eval_texts",
@@ -403,6 +404,7 @@ def run_experiment(name: str, args: ExperimentArgs) -> Path:
     if final.exists() and any(final.iterdir()) and not args.overwrite:
         raise UsageError(f"--output-dir {str(final)!r} already holds results; pass --overwrite or choose another.")
     staging = final.with_name(final.name + ".partial")
+    fresh = not staging.exists()
     if staging.exists() and name in RESUMABLE:
         print(f"resuming the unfinished experiment in {staging}/", flush=True)
     elif staging.exists():
@@ -411,8 +413,8 @@ def run_experiment(name: str, args: ExperimentArgs) -> Path:
     try:
         result = RUNNERS[name](args, staging)
         (staging / "results.json").write_text(json.dumps({"meta": _meta(args, name), **result}, indent=2, default=str) + "\n")
-    except BaseException:
-        if name in RESUMABLE:
+    except BaseException as error:
+        if name in RESUMABLE and not (fresh and isinstance(error, UsageError)):  # bad input leaves nothing behind
             print(f"the experiment stopped; what it finished is kept in {staging}/ and the same command resumes it",
                   file=sys.stderr, flush=True)
         else:

@@ -187,6 +187,9 @@ def _atomic_save(obj, path: Path) -> None:
 def _save_best(side: Side, run_dir: Path, epoch: int, max_length: int) -> str:
     """The best model so far as a loadable checkpoint folder ``best-EPOCH``; older ones go once the state
     file points at the new one (see ``train_run``)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per evaluation would bury the curve
     folder = run_dir / f"best-{epoch}"
     if folder.exists():
         shutil.rmtree(folder)
@@ -248,7 +251,7 @@ def train_run(run: Run, data: Data, args, run_dir: Path) -> dict:
         tokens = epoch * steps_per_epoch * args.batch_size * args.max_length
         state["curve"].append({"epoch": epoch, "tokens": tokens, "flops": 6 * params * tokens,
                                "validation": result.nats_per_token, "stderr": result.stderr,
-                               "train_loss": float(loss)})
+                               "train_loss": loss.item()})
         stale = state["best_dir"]
         if state["best"] is None or result.nats_per_token < state["best"]["validation"]:
             state["best"] = {"epoch": epoch, "validation": result.nats_per_token, "stderr": result.stderr}
