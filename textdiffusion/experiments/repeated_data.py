@@ -148,10 +148,12 @@ class Side:
     """What differs between the two sides: the model, its loss and its validation number."""
 
     def __init__(self, run: Run, tokenizer, args):
-        self.run, self.tokenizer = run, tokenizer
+        from textdiffusion.pipelines.generation import resolve_device
+
+        self.run, self.tokenizer, self.device = run, tokenizer, resolve_device(args.device)
         objective = OBJECTIVES[run.side]
         self.model = objective.build(args.preset, tokenizer, args.max_length, run.dropout, "modernbert")
-        self.trained = objective.prepare(tokenizer, self.model)
+        self.trained = objective.prepare(tokenizer, self.model).to(self.device)
         self.collator = collator_for_tokenizer(tokenizer, **_collator_settings(args.seed))
         self.eval_collator = collator_for_tokenizer(tokenizer, **_collator_settings(args.seed))
 
@@ -159,12 +161,13 @@ class Side:
         if self.run.side == "diffusion":
             from textdiffusion.core.loss import diffusion_loss
 
-            return diffusion_loss(self.trained, self.collator(blocks), "elbo")
+            batch = {k: v.to(self.device) for k, v in self.collator(blocks).items()}
+            return diffusion_loss(self.trained, batch, "elbo")
         inputs = blocks
         if self.run.input_noise:  # Gao et al. 2025: noised inputs are much of what makes diffusion data-efficient
             noise = torch.rand(blocks.shape) < self.run.input_noise
             inputs = torch.where(noise, torch.randint_like(blocks, len(self.tokenizer)), blocks)
-        return self.model(input_ids=inputs, labels=blocks).loss
+        return self.model(input_ids=inputs.to(self.device), labels=blocks.to(self.device)).loss
 
     def evaluate(self, blocks: torch.Tensor, samples: int) -> BoundResult:
         if self.run.side == "diffusion":
@@ -220,8 +223,8 @@ def train_run(run: Run, data: Data, args, run_dir: Path) -> dict:
     params = sum(p.numel() for p in side.model.parameters())
     state = {"epoch": 0, "curve": [], "best": None, "best_dir": None, "since_best": 0, "train_s": 0.0, "eval_s": 0.0}
     if (run_dir / "state.pt").exists():
-        saved = torch.load(run_dir / "state.pt", weights_only=False)
-        side.model.load_state_dict(saved["model"])
+        saved = torch.load(run_dir / "state.pt", weights_only=False, map_location=side.device)
+        side.model.load_state_dict(saved["model"])  # the model is on its device already: the state follows it
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         state = saved["state"]
@@ -338,18 +341,19 @@ def test_estimate(record: dict, folder: Path, data: Data, args) -> dict:
     from textdiffusion.core.evaluation import nelbo_per_block
     from textdiffusion.models.autoregressive import causal_nll_per_block, load_causal_lm
     from textdiffusion.models.loading import denoiser_for, load_diffusion_model
+    from textdiffusion.pipelines.generation import resolve_device
 
     checkpoint = folder / record["name"] / record["best_dir"]
-    blocks = data.test
+    blocks, device = data.test, resolve_device(args.device)
     if record["run"]["side"] == "diffusion":
         config = DiffusionConfig.from_pretrained(checkpoint)
         tokenizer, model = load_diffusion_model(str(checkpoint), config)
         collator = collator_for_tokenizer(tokenizer, **_collator_settings(args.seed))
-        per_block, weights = nelbo_per_block(denoiser_for(model, config), blocks, collator,
+        per_block, weights = nelbo_per_block(denoiser_for(model, config).to(device), blocks, collator,
                                              samples_per_block=max(8, args.nelbo_samples), seed=4321)
     else:
         tokenizer, model = load_causal_lm(str(checkpoint))
-        per_block, weights = causal_nll_per_block(model, blocks, scored_positions(blocks, tokenizer, PREFIX))
+        per_block, weights = causal_nll_per_block(model.to(device), blocks, scored_positions(blocks, tokenizer, PREFIX))
     mean, stderr = weighted_mean(per_block, weights)
     return {"test": mean, "test_stderr": stderr, "per_block": per_block.tolist(), "weights": weights.tolist()}
 
@@ -374,9 +378,10 @@ def generation_rows(bests: dict, folder: Path, data: Data, args) -> list[dict]:
         quality_row,
         reference_row,
     )
-    from textdiffusion.pipelines.generation import DiffusionGenerator
+    from textdiffusion.pipelines.generation import DiffusionGenerator, resolve_device
 
-    scorer = None if args.scorer == "none" else Scorer.load(args.scorer, "cpu")
+    device = resolve_device(args.device)
+    scorer = None if args.scorer == "none" else Scorer.load(args.scorer, device)
     docs = [data.tokenizer.decode(b, skip_special_tokens=True) for b in data.test]
     prompts = prompts_from_documents(docs, data.tokenizer, args.num_prompts, args.prompt_tokens, args.new_tokens,
                                      args.dataset)
@@ -385,10 +390,10 @@ def generation_rows(bests: dict, folder: Path, data: Data, args) -> list[dict]:
         checkpoint = str(folder / record["name"] / record["best_dir"])
         label = f"U={budget:,}: {side} (best, epoch {record['best']['epoch']})"
         if side == "diffusion":
-            gen = DiffusionGenerator.from_pretrained(checkpoint, device="cpu")
+            gen = DiffusionGenerator.from_pretrained(checkpoint, device=str(device))
             out = diffusion_continuations(gen, prompts, args.new_tokens, seed=args.seed, steps=args.new_tokens)
         else:
-            gen = CausalGenerator.from_pretrained(checkpoint, torch.device("cpu"))
+            gen = CausalGenerator.from_pretrained(checkpoint, device)
             out = causal_continuations(gen, prompts, args.new_tokens, seed=args.seed)
         rows.append({**quality_row(label, prompts, out.new_ids, data.tokenizer, scorer, out.texts, out.nfe),
                      "budget": budget, "side": side})
