@@ -184,6 +184,8 @@ class CausalDiffusionLM(MaskedDiffusionLM):
     attention is always full.
     """
 
+    shifted_logits = True  # read by models/kvcache.py, whose cached forward reproduces the shift
+
     def __init__(self, model, anneal_steps: int | None = 0):
         super().__init__(model)
         self._head = lambda h: model.get_output_embeddings()(h)  # a function: the head is not registered twice
