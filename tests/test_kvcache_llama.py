@@ -5,7 +5,7 @@ Invariants: a fresh cache gives the denoiser's own logits, the block's first pos
 comes from the state just before the block, which the cached step must recompute); refreshed at every step
 the cached forward is the uncached one and generation gives the uncached samples; per-block refresh runs
 and fills every position; rows join and leave the cache as for the other families; a bare causal LM is
-refused; the exported checkpoint keeps the shift and the special tokens.
+refused; the exported checkpoint keeps the shift and the special tokens; bad input is one line.
 """
 
 import dataclasses
@@ -15,7 +15,9 @@ import torch
 from test_adapt import causal_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from textdiffusion.cli.main import main
 from textdiffusion.config import DiffusionConfig
+from textdiffusion.errors import UsageError
 from textdiffusion.models.adapt import CausalDiffusionLM, choose_special_tokens
 from textdiffusion.models.kvcache import DenoisingKVCache, cache_support
 from textdiffusion.pipelines.denoising import DenoisingRun
@@ -190,7 +192,7 @@ def test_rows_join_and_leave_without_recomputing_the_others(generator):
     assert run.kv.full_rows == a_full + b_full + 1  # and c's one block start before it left
 
 
-# -- the exported checkpoint ------------------------------------------------------------------------------
+# -- the exported checkpoint and bad input ------------------------------------------------------------------
 def test_the_export_keeps_the_shift_and_the_special_tokens(adapted, tmp_path):
     from textdiffusion.models.bundled import export_bundled
 
@@ -213,3 +215,35 @@ def test_the_export_keeps_the_shift_and_the_special_tokens(adapted, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(exported.denoiser(input_ids=ids).logits,
                                    CausalDiffusionLM(rounded).eval()(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_causal_lm_without_the_adaptation_flag_is_a_one_line_error(adapted, tmp_path, capsys):
+    tokenizer, model = adapted
+    model.save_pretrained(tmp_path / "causal")
+    tokenizer.save_pretrained(tmp_path / "causal")
+    capsys.readouterr()  # the save's progress bar
+    for name in (str(tmp_path / "causal"), "smollm2"):
+        assert main(["train", "--model-name", name, "--output-dir", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is a causal LM" in err and "add --adapt-from-causal" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UsageError, match=r"LlamaForCausalLM\), not a masked LM: .*adapted_from_causal") as e:
+        DiffusionGenerator.from_pretrained(str(tmp_path / "causal"))  # the Python API: no AR fallback here
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_gguf_that_is_not_a_llama_is_refused_from_its_header(tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = tmp_path / "tiny-gemma.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    code = main(["train", "--adapt-from-causal", "--model-name", str(path), "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "Llama family" in err and "a GGUF of 'gemma3'" in err and str(path) in err
