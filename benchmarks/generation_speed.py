@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--compile", action="store_true", help="also time uncached rows with torch.compile (CUDA graphs on GPU)")
     ap.add_argument("--no-original", action="store_true", help="skip the original loop (slow at many steps)")
-    ap.add_argument("--scorer", default="smollm2", help="gen-PPL scorer ('none' to skip)")
+    ap.add_argument("--scorer", default="smollm2", help="gen-PPL scorer: smollm2, gemma3, a causal LM ('none' to skip)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     ap.add_argument("--out", default="benchmarks/results/generation_speed")
     args = ap.parse_args()

@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (0: no timing)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--scorer", default="smollm2", help="gen-PPL scorer ('none' to skip)")
+    ap.add_argument("--scorer", default="smollm2", help="gen-PPL scorer: smollm2, gemma3, a causal LM ('none' to skip)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, no scorer, no eval: for the test suite")
     ap.add_argument("--out", default="benchmarks/results/pretrained_compare")
     args = ap.parse_args()

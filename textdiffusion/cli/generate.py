@@ -36,7 +36,7 @@ class GenerateArgs(SamplerConfig):
     num_samples: int = field(default=1, metadata={"help": "Samples to generate (one batch)."})
     cache: str = field(default="auto", metadata={
         "help": "Reuse keys/values within a block (needs --block-length): none, prefix (recompute the block and "
-                "what follows), dual (recompute the block only; ModernBERT and the BERT family), auto (dual wherever "
+                "what follows), dual (recompute the block only; ModernBERT, the BERT family and an adapted Llama), auto (dual wherever "
                 "it applies, else none: the fastest setting at the AR baseline's quality, benchmarks/generation_speed.py)."})
     suppress_tokens: list[str] = field(default_factory=list, metadata={"help": "Tokens never to generate."})
     cfg_scale: float = field(default=0.0, metadata={

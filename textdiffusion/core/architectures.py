@@ -1,4 +1,5 @@
-"""One table of the masked-LM families this project knows, by Hugging Face ``model_type``.
+"""One table of the model families this project knows, by Hugging Face ``model_type``: masked LMs, and the
+decoder-only families a causal LM adapted to diffusion comes from (``models/adapt.py``).
 
 Everything that differs between them is a column here, so adding a family is one row: where its MLM head
 is (the denoiser calls it on masked positions only), whether its learned position table starts after the
@@ -21,7 +22,7 @@ class Architecture:
     head: Callable  # model -> (hidden [.., d] -> logits [.., V]): the MLM head, called on masked positions only
     position_offset: int = 0  # positions the learned table reserves before the first token (RoBERTa: 2)
     head_layout: str | None = None  # the rebuildable head's layout (models/heads.py): "lm_head" | "cls"
-    kv_cache: str | None = None  # the cached forward (models/kvcache.py): "modernbert" | "post-ln"
+    kv_cache: str | None = None  # the cached forward (models/kvcache.py): "modernbert" | "post-ln" | "llama"
 
 
 def _lm_head(model):
@@ -29,6 +30,8 @@ def _lm_head(model):
 
 
 _ROBERTA = Architecture(head=_lm_head, position_offset=2, head_layout="lm_head")  # RoBERTa's relatives: no cache yet
+# a decoder-only LM (pre-norm, rotary, grouped-query attention); its cache serves it adapted to diffusion only
+_LLAMA = Architecture(head=_lm_head, kv_cache="llama")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "roberta": Architecture(head=_lm_head, position_offset=2, head_layout="lm_head", kv_cache="post-ln"),
@@ -41,6 +44,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "modernbert": Architecture(head=lambda model: (lambda h: model.decoder(model.head(h))), kv_cache="modernbert"),
     "distilbert": Architecture(head=lambda model: (lambda h: model.vocab_projector(model.vocab_layer_norm(
         model.activation(model.vocab_transform(h)))))),
+    "llama": _LLAMA,
 }
 
 

@@ -85,6 +85,8 @@ class MaskedDiffusionLM(TrainedModule):
     logits [n, vocab] at the masked positions only (without ``masked_positions``/``masked_index`` it
     returns the model's full output)."""
 
+    shifted_logits = False  # True where the logit at position i is read from the hidden state at i - 1
+
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self._head = masked_lm_head(model)

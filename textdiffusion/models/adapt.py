@@ -71,6 +71,29 @@ def _gguf_source(name_or_path: str, flag: str) -> tuple[str, str | None]:
     return name_or_path, None
 
 
+def gguf_architecture(path: str | Path) -> str | None:
+    """The architecture a GGUF file's header names (``general.architecture``: "llama", "qwen2", "gemma3", ...),
+    read without its tensors; None when the gguf package is missing (transformers then says so itself) or
+    the header cannot be read."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def _check_gguf(where: str, gguf: str, name_or_path: str, flag: str) -> None:
+    """Refuse a GGUF of another family from its header, before its (dequantised) weights are read."""
+    arch = gguf_architecture(Path(where) / gguf)
+    if arch is not None and arch not in SUPPORTED_CAUSAL:
+        raise UsageError(f"--adapt-from-causal needs a causal LM of the Llama family ({', '.join(SUPPORTED_CAUSAL)}); "
+                         f"{flag} {name_or_path!r} is a GGUF of {arch!r} (its general.architecture).")
+
+
 def _check_causal_config(name_or_path: str, flag: str) -> None:
     """Refuse a model that is not a supported decoder-only LM, before its weights are read."""
     from transformers import AutoConfig
@@ -119,6 +142,8 @@ def load_causal_for_adaptation(name_or_path: str, dtype: torch.dtype | None = No
                 raise UsageError(f"{flag} {name_or_path!r} holds a model but no tokenizer files: save the tokenizer "
                                  "beside it (tokenizer.save_pretrained).")
         _check_causal_config(where, flag)
+    else:
+        _check_gguf(where, gguf, name_or_path, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kwargs)
@@ -183,6 +208,8 @@ class CausalDiffusionLM(MaskedDiffusionLM):
     attention; otherwise the training step is set (``set_step``) by :class:`AttentionAnnealCallback`. In eval mode
     attention is always full.
     """
+
+    shifted_logits = True  # read by models/kvcache.py, whose cached forward reproduces the shift
 
     def __init__(self, model, anneal_steps: int | None = 0):
         super().__init__(model)

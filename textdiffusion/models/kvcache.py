@@ -16,9 +16,20 @@ full forward and the result equals the uncached model. Rows of a batch move thro
 their own pace: each call runs the rows that start a block as one full sub-batch and the rest as one
 partial sub-batch; finished rows cost nothing.
 
-Supported: ModernBERT (local sliding-window and global layers, rotary, pre-norm, GLU) and the post-LN
+Supported: ModernBERT (local sliding-window and global layers, rotary, pre-norm, GLU), the post-LN
 BERT family (BERT, RoBERTa and DistilRoBERTa-shaped RoBERTa configs, MPNet with its relative position
-bias). Anything else falls back to the uncached path with a one-line notice.
+bias) and the Llama family adapted to diffusion (``models/adapt.py``: RMSNorm pre-norm, rotary, grouped-query
+attention, SwiGLU; full attention and shifted logits). Anything else falls back to the uncached path with a
+one-line notice.
+
+**Shifted logits** (a causal LM adapted to diffusion): the logit at position i is read from the hidden
+state at i - 1 (position 0 from its own). A block's first position therefore needs the state of the
+position just *before* the block, which lies in the cached prefix. So a cached step's queries start one
+position early: ``[start - 1, end)`` in dual mode, ``[start - 1, row end)`` in prefix mode; that extra
+query also refreshes its own keys/values (its token is committed, but its deeper layers now see the block's
+new tokens). The logits are then read at ``positions - 1``. Give the cache the denoiser
+(``CausalDiffusionLM``), not the bare causal LM: the wrapper is what says the logits are shifted, and a
+Llama without it (a plain causal LM) is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from textdiffusion.core.architectures import architecture, masked_lm_head
+from textdiffusion.core.denoiser import TrainedModule
 
 CACHE_MODES = ("none", "prefix", "dual")
 # what `generate --cache` accepts: "auto" is dual wherever it applies (blocks, a supported architecture, no
@@ -35,18 +47,32 @@ CACHE_CHOICES = ("auto",) + CACHE_MODES
 REFRESH = ("block", "step")
 
 
+def _unwrap(model) -> tuple:
+    """(the Hugging Face model, whether its logits are shifted) of a model or of a denoiser around one."""
+    if isinstance(model, TrainedModule):
+        return model.model, bool(getattr(model, "shifted_logits", False))
+    return model, False
+
+
 def cache_support(model) -> str | None:
-    """None when ``model`` can use the cache, otherwise why not (one line)."""
-    config = model.config
+    """None when ``model`` (a Hugging Face model, or the denoiser around it) can use the cache, otherwise why
+    not (one line)."""
+    inner, shifted = _unwrap(model)
+    config = inner.config
     kind = config.model_type
-    arch = architecture(model)
+    arch = architecture(inner)
     if arch is None or arch.kv_cache is None:
-        return f"--cache needs ModernBERT, BERT, RoBERTa or MPNet; {kind!r} is not supported"
-    if masked_lm_head(model) is None:
+        return f"--cache needs ModernBERT, BERT, RoBERTa, MPNet or an adapted Llama; {kind!r} is not supported"
+    if masked_lm_head(inner) is None:
         return f"--cache: no known masked-LM head for {kind!r}"
     if kind in ("bert", "roberta") and (getattr(config, "is_decoder", False) or
                                         getattr(config, "position_embedding_type", "absolute") != "absolute"):
         return f"--cache: {kind!r} with relative positions or as a decoder is not supported"
+    if arch.kv_cache == "llama" and not shifted:
+        return (f"--cache: a {kind!r} causal LM denoises only adapted to diffusion (train --adapt-from-causal; "
+                "pass its CausalDiffusionLM, whose logits are shifted), not as a plain causal LM")
+    if getattr(model, "attention_ratio", 1.0) != 1.0:
+        return "--cache needs full attention; this denoiser is still annealing from causal attention (train mode)"
     return None
 
 
@@ -61,11 +87,13 @@ class DenoisingKVCache:
         reason = cache_support(model)
         if reason:
             raise ValueError(reason)
-        self.model, self.mode, self.refresh = model, mode, refresh
-        self.kind = model.config.model_type
-        self.base = model.base_model
-        self.head = masked_lm_head(model)
-        self.keys: list[torch.Tensor] = []  # per layer [b, h, l, d]
+        self.mode, self.refresh = mode, refresh
+        self.model, self.shifted = _unwrap(model)  # shifted: the logit at i is read from the state at i - 1
+        self.kind = self.model.config.model_type
+        self.family = architecture(self.model).kv_cache  # "modernbert" | "post-ln" | "llama"
+        self.base = self.model.base_model
+        self.head = masked_lm_head(self.model)
+        self.keys: list[torch.Tensor] = []  # per layer [b, h, l, d] (h: the key/value heads)
         self.values: list[torch.Tensor] = []
         self.block_start: torch.Tensor | None = None  # [b] first position of the block each row's cache is for
         self.full_rows = self.partial_rows = 0  # rows run through each path (a cost counter for tests)
@@ -96,13 +124,16 @@ class DenoisingKVCache:
         if bool(reuse.any()):
             rows = reuse.nonzero().squeeze(1)
             last = key_ok[rows].sum(1) if self.mode == "prefix" else end[rows]  # [r] queries end here
-            first = start[rows]
+            first = (start[rows] - int(self.shifted)).clamp_min(0)  # shifted: the state just before the block too
             n_q = int((last - first).max())
             qpos = first[:, None] + torch.arange(n_q, device=x.device)  # [r, n_q]
             valid = qpos < last[:, None]  # [r, n_q] slots beyond a row's window are padding
             self._forward(x, key_ok, rows, qpos.clamp_max(l - 1), valid, hidden)
             self.partial_rows += len(rows)
-        return self.head(self._final_norm(hidden[positions]))  # [n, V]
+        if not self.shifted:
+            return self.head(self._final_norm(hidden[positions]))  # [n, V]
+        row, col = positions.nonzero(as_tuple=True)  # [n] each, row-major like hidden[positions]
+        return self.head(self._final_norm(hidden[row, (col - 1).clamp_min(0)]))  # [n, V]: position i reads i - 1
 
     # -- rows that join and leave (the server's batch, driven by pipelines.denoising.DenoisingRun) ---------------
     def keep_rows(self, keep: torch.Tensor) -> None:
@@ -133,8 +164,10 @@ class DenoisingKVCache:
 
     def _allocate(self, b: int, l: int, device) -> None:
         cfg = self.base.config
-        heads = cfg.num_attention_heads
-        shape = (b, heads, l, cfg.hidden_size // heads)
+        if self.family == "llama":  # grouped-query attention: the cache holds the key/value heads only
+            shape = (b, cfg.num_key_value_heads, l, self._layers()[0].self_attn.head_dim)
+        else:
+            shape = (b, cfg.num_attention_heads, l, cfg.hidden_size // cfg.num_attention_heads)
         dtype = next(self.model.parameters()).dtype
         n = cfg.num_hidden_layers
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
@@ -150,6 +183,8 @@ class DenoisingKVCache:
         r = rows[:, None].expand_as(qpos)  # [r, q] batch row of each slot
         if self.kind == "modernbert":  # token embeddings only (positions are rotary): just the query slots
             h = self.base.embeddings(input_ids=x[r, qpos])  # [r, q, d]
+        elif self.family == "llama":  # the same, from the bare embedding table
+            h = self.base.embed_tokens(x[r, qpos])  # [r, q, d]
         else:  # learned positions (RoBERTa's depend on padding): embed whole rows, keep the slots
             h = self.base.embeddings(input_ids=x[rows])  # [r, l, d]
             h = h.gather(1, qpos[..., None].expand(-1, -1, h.shape[-1]))  # [r, q, d]
@@ -194,12 +229,17 @@ class DenoisingKVCache:
         else:
             kc[write[0], :, write[1]] = k.transpose(1, 2)[valid]  # [n_valid, h, d]
             vc[write[0], :, write[1]] = v.transpose(1, 2)[valid]
-        keys, values = (kc, vc) if whole else (kc[rows], vc[rows])  # [r, h, l, d]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [r, h, q, d]
-        return out.transpose(1, 2).flatten(2)  # [r, q, h*d]
+        keys, values = (kc, vc) if whole else (kc[rows], vc[rows])  # [r, kv, l, d]
+        r, heads, n_q, d = q.shape
+        group = heads // keys.shape[1]  # query heads per key/value head (grouped-query attention), else 1
+        if group > 1:  # fold each group's query heads into the query axis: the cached keys/values are not copied
+            q = q.reshape(r, keys.shape[1], group * n_q, d)  # [r, kv, group*q, d]: head h = kv * group + j
+            mask = None if mask is None else mask.repeat(1, 1, group, 1)  # [r, 1, group*q, l]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [r, h, q, d] ([r, kv, group*q, d])
+        return out.reshape(r, heads, n_q, d).transpose(1, 2).flatten(2)  # [r, q, h*d]
 
     def _layers(self):
-        if self.kind == "modernbert":
+        if self.family in ("modernbert", "llama"):
             return self.base.layers
         return self.base.encoder.layer
 
@@ -217,6 +257,17 @@ class DenoisingKVCache:
             out = self._attend(i, q, k, v, rows, write, valid, mask)
             h = h + layer.attn.Wo(out)
             return h + layer.mlp(layer.mlp_norm(h))
+        if self.family == "llama":  # RMSNorm pre-norm, rotary, grouped-query attention, SwiGLU
+            attn = layer.self_attn
+            a = layer.input_layernorm(h)
+            q, k, v = (p(a).view(*h.shape[:2], -1, attn.head_dim).transpose(1, 2)
+                       for p in (attn.q_proj, attn.k_proj, attn.v_proj))  # [r, h, q, d]; k, v [r, kv, q, d]
+            if "rotary" not in masks:
+                masks["rotary"] = self._rotary("rotary", masks["qpos"])
+            q, k = _rotate(q, *masks["rotary"]), _rotate(k, *masks["rotary"])
+            out = self._attend(i, q, k, v, rows, write, valid, masks["full"])
+            h = h + attn.o_proj(out)
+            return h + layer.mlp(layer.post_attention_layernorm(h))
         mpnet = self.kind == "mpnet"
         attn = layer.attention.attn if mpnet else layer.attention.self
         proj = (attn.q, attn.k, attn.v) if mpnet else (attn.query, attn.key, attn.value)
@@ -233,10 +284,17 @@ class DenoisingKVCache:
         return tuple(t[qpos][:, None] for t in self._tables[layer_type])
 
     def _final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        if self.family == "llama":
+            return self.base.norm(h)
         return self.base.final_norm(h) if self.kind == "modernbert" else h
 
     def _position_tables(self, l: int, device, dtype) -> dict:
-        """ModernBERT: rotary cos/sin [l, d] per layer type; MPNet: the relative position bias [1, h, l, l]."""
+        """ModernBERT: rotary cos/sin [l, d] per layer type; Llama: one rotary cos/sin [l, d]; MPNet: the relative
+        position bias [1, h, l, l]."""
+        if self.family == "llama":
+            probe = torch.zeros(1, l, 1, device=device, dtype=dtype)  # the tables come back in this dtype
+            cos, sin = self.base.rotary_emb(probe, torch.arange(l, device=device)[None])  # [1, l, d] each
+            return {"rotary": (cos[0], sin[0])}
         if self.kind == "modernbert":
             probe = torch.zeros(1, l, 1, device=device, dtype=dtype)
             positions = torch.arange(l, device=device)[None]

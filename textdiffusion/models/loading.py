@@ -31,6 +31,7 @@ def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None, flag: st
     """
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+    _refuse_causal(name_or_path, flag)
     local = Path(name_or_path).expanduser()
     if local.exists() and not (local / "config.json").exists():
         raise UsageError(f"{flag} {name_or_path!r} is a local path but holds no config.json: "
@@ -66,6 +67,33 @@ def load_masked_lm(name_or_path: str, dtype: torch.dtype | None = None, flag: st
                        flag, name_or_path, len(other), ", ".join(other[:4]) or "-", len(unused),
                        ", ".join(unused[:4]) or "-")
     return tokenizer, model
+
+
+def _refuse_causal(name_or_path: str, flag: str) -> None:
+    """A causal LM where a masked LM is expected: a one-line error that says how it denoises (adapted with
+    --adapt-from-causal), before any weights are read. A GGUF file or 'smollm2' is always one."""
+    from textdiffusion.models.adapt import SUPPORTED_CAUSAL
+
+    config = Path(name_or_path).expanduser() / "config.json"
+    if name_or_path == "smollm2" or name_or_path.endswith(".gguf"):
+        what = "a causal LM"
+    elif config.is_file():
+        import json
+
+        settings = json.loads(config.read_text())
+        architectures = settings.get("architectures") or []
+        if settings.get("model_type") not in SUPPORTED_CAUSAL and not any(a.endswith("ForCausalLM") for a in architectures):
+            return
+        what = f"a causal LM ({', '.join(architectures) or settings.get('model_type')})"
+    else:
+        return
+    if flag == "--model-name":
+        how = "add --adapt-from-causal to adapt it to diffusion (shifted logits, attention annealed to full)"
+    else:
+        how = ("only a run of `train --adapt-from-causal` denoises with one, and its diffusion_config.json says "
+               "adapted_from_causal: true; this one does not")
+    raise UsageError(f"{flag} {name_or_path!r} is {what}, not a masked LM: {how}.", field=flag.lstrip("-").replace("-", "_"),
+                     value=name_or_path)
 
 
 @contextlib.contextmanager

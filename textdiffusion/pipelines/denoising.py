@@ -148,7 +148,8 @@ class DenoisingRun:
             raise UsageError(f"cache_refresh must be one of {REFRESH}, got {cache_refresh!r}.", field="cache_refresh",
                              value=cache_refresh)
         self.g, self.cache, self.cache_refresh = generator, cache, cache_refresh
-        self.unsupported = cache_support(generator.model)  # None, or why the architecture cannot use the cache
+        # the denoiser, not the bare model: an adapted causal LM's wrapper says its logits are shifted
+        self.unsupported = cache_support(generator.denoiser)  # None, or why the architecture cannot use the cache
         self.groups: list[DenoisingGroup] = []  # in the order they joined; cached ones own the kv rows in that order
         self.kv: DenoisingKVCache | None = None
         self.model_calls = 0
@@ -176,7 +177,7 @@ class DenoisingRun:
         if group.cached:
             if self.kv is None:
                 mode = "dual" if self.cache == "auto" else self.cache
-                self.kv = DenoisingKVCache(self.g.model, mode, self.cache_refresh)
+                self.kv = DenoisingKVCache(self.g.denoiser, mode, self.cache_refresh)
             self.kv.add_rows(group.rows, group.length, self.g.device)
         self.groups.append(group)
         return group

