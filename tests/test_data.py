@@ -106,3 +106,18 @@ def test_document_ends_can_end_their_block_padded_with_end_of_text(wiki, tokeniz
                        pack(docs, tokenizer, 64, doc_end_fraction=0.3, seed=1))
     with pytest.raises(ValueError, match="--doc-end-fraction"):
         pack(docs, tokenizer, 64, doc_end_fraction=1.5)
+
+
+def test_without_labels_drops_a_class_from_both_splits_and_refuses_what_it_cannot_do():
+    from textdiffusion.core.data import Corpus
+
+    corpus = Corpus(["a", "b", "c", "d"], ["e", "f"], "toy", ["x", "y", "z", "x"], ["z", "y"])
+    kept = corpus.without_labels(["z"], "--exclude-labels")
+    assert (kept.train, kept.train_labels, kept.validation, kept.validation_labels) == (
+        ["a", "b", "d"], ["x", "y", "x"], ["f"], ["y"])
+    with pytest.raises(UsageError, match="--exclude-labels 'w' is not a class of 'toy'"):
+        corpus.without_labels(["w"], "--exclude-labels")
+    with pytest.raises(UsageError, match="leaves 1 class"):
+        corpus.without_labels(["x", "y"], "--exclude-labels")
+    with pytest.raises(UsageError, match="needs a labelled corpus"):
+        Corpus(["a"], ["b"], "toy").without_labels(["x"], "--exclude-labels")

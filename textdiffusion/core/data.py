@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -41,6 +42,21 @@ class Corpus:
     def label_set(self) -> list[str]:
         """The distinct labels of both splits, sorted (empty without a label column)."""
         return sorted(set(self.train_labels or []) | set(self.validation_labels or []))
+
+    def without_labels(self, excluded: Sequence[str], flag: str = "exclude_labels") -> "Corpus":
+        """The corpus without the documents of the ``excluded`` classes (a catch-all class such as
+        "Uncategorized" teaches a label nothing); both splits keep their order."""
+        if self.train_labels is None:
+            raise UsageError(f"{flag} needs a labelled corpus (--label-column).")
+        unknown = sorted(set(excluded) - set(self.label_set))
+        if unknown:
+            raise UsageError(f"{flag} {unknown[0]!r} is not a class of {self.source!r} (its classes: {self.label_set}).")
+        keep = set(self.label_set) - set(excluded)
+        if len(keep) < 2:
+            raise UsageError(f"{flag} {list(excluded)!r} leaves {len(keep)} class(es); at least two are needed.")
+        train = [(t, c) for t, c in zip(self.train, self.train_labels) if c in keep]
+        val = [(t, c) for t, c in zip(self.validation, self.validation_labels) if c in keep]
+        return Corpus([t for t, _ in train], [t for t, _ in val], self.source, [c for _, c in train], [c for _, c in val])
 
 
 # -- reading ----------------------------------------------------------------------------------------

@@ -216,6 +216,8 @@ def run_training(args: TrainArgs) -> Path:
 
     objective = adapted_objective(args.attention_anneal_steps) if args.adapt_from_causal else OBJECTIVES[args.objective]
     corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction, label_column=args.label_column)
+    if args.exclude_labels:
+        corpus = corpus.without_labels(args.exclude_labels, "--exclude-labels")
     if args.preset:
         vocab = args.vocab_size or PRESETS[args.preset].vocab_size
         with training_args.main_process_first(desc="tokenizer"):

@@ -35,7 +35,7 @@ RUN_ARGS_NAME = "run_args.json"
 
 # Settings that define "the same run": --resume refuses an output dir trained with other values.
 RUN_IDENTITY = ("objective", "adapt_from_causal", "model_name", "keep_layers", "preset", "architecture", "dataset",
-                "text_column", "max_length", "vocab_size", "seed", "label_column")
+                "text_column", "max_length", "vocab_size", "seed", "label_column", "exclude_labels")
 
 
 # What --quick-test means: a CPU-sized run of the whole pipeline (about 10 minutes on 2 cores with --preset tiny).
@@ -156,6 +156,8 @@ class _TrainFields(CorruptionConfig, TrainingArguments):
         "help": "Class-conditional training: each document becomes '<label> text' with this column's value as a "
                 "protected one-token prefix (one document per block; see labels.py). Then `classify` and "
                 "`generate --label` work on the model."})
+    exclude_labels: list[str] = field(default_factory=list, metadata={
+        "help": "With --label-column: drop the documents of these classes (e.g. Uncategorized) from both splits."})
     label_fraction: float = field(default=1.0, metadata={
         "help": "With --label-column: the share of training documents whose label is used (a label budget); the "
                 "rest train with the label masked, as unlabelled text."})
