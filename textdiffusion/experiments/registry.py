@@ -98,9 +98,10 @@ class ExperimentArgs:
         "help": "classify: guidance scales of the label-guided samples (empty: no guidance part)."})
     guidance_samples: int = field(default=8, metadata={"help": "classify: guided samples per label and scale."})
     # `repeated-data` (repeated_data.py): --preset, --batch-size, --max-length, --nelbo-samples are shared
-    budgets: list[int] = field(default_factory=lambda: [25_000, 100_000], metadata={
+    budgets: list[int] = field(default_factory=lambda: [10_000, 25_000], metadata={
         "help": "repeated-data: unique training tokens per budget (each a prefix of one shuffled packing)."})
-    epochs: int = field(default=150, metadata={"help": "repeated-data: the diffusion runs' horizon in epochs."})
+    epochs: list[int] = field(default_factory=lambda: [150, 600], metadata={
+        "help": "repeated-data: the diffusion runs' horizons in epochs (diffusion keeps improving for hundreds)."})
     learning_rates: list[float] = field(default_factory=lambda: [1e-3, 3e-3], metadata={
         "help": "repeated-data: peak learning rates of the diffusion side."})
     weight_decay: float = field(default=0.1, metadata={"help": "repeated-data: the diffusion side's weight decay."})
@@ -125,7 +126,7 @@ class ExperimentArgs:
     def __post_init__(self) -> None:
         if self.quick:  # repeated-data's smoke run: every stage, seconds on a CPU
             self.preset = self.preset or "micro"
-            self.budgets, self.epochs, self.ar_epochs = [8192], 3, [2]
+            self.budgets, self.epochs, self.ar_epochs = [8192], [3], [2]
             self.learning_rates, self.ar_learning_rates = [3e-3], [3e-3]
             self.ar_dropout, self.ar_weight_decay, self.ar_input_noise = [0.1], [0.1], [0.0]
             self.validation_blocks, self.nelbo_samples, self.evals, self.vocab_size = 8, 1, 3, 512
