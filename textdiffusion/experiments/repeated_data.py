@@ -399,9 +399,22 @@ def generation_rows(bests: dict, folder: Path, data: Data, args) -> list[dict]:
     return rows
 
 
+def _die_with_parent() -> None:
+    """Linux: end this worker when the experiment's process dies (killed, not only interrupted), so no orphan
+    keeps training a run that the next invocation resumes at the same time."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere a killed parent leaves its workers to finish the run they are on
+
+
 def _pin_worker(cores, lock) -> None:
     """Each worker process takes one core of its own and one thread (two 2-thread jobs on 2 cores run several
     times slower than one after the other)."""
+    _die_with_parent()
     with lock:
         core = cores.pop(0) if len(cores) else None
     if core is not None and hasattr(os, "sched_setaffinity"):
