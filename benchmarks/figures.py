@@ -6,7 +6,8 @@ Writes docs/figures/*.png. Three come from `textdiffusion experiment ...` comman
 wiki-small model and committed runs (masking-viz, levels); the denoising trace and the schedules are drawn
 here from the library (DiffusionGenerator, schedules); the frontier and the AR-vs-diffusion curves are
 re-plotted from the committed results of the benchmarks that measured them (`bash benchmarks/experiments.sh`,
-`python benchmarks/ar_vs_diffusion.py`: minutes to hours, a scorer and an AR model, so not rerun here).
+`python benchmarks/ar_vs_diffusion.py`, `bash benchmarks/repeated_data.sh`: minutes to hours, a scorer and
+an AR model, so not rerun here).
 """
 
 from __future__ import annotations
@@ -152,6 +153,26 @@ def ar_vs_diffusion(dest: Path) -> None:
     plt.close(fig)
 
 
+def repeated_data(dest: Path) -> None:
+    """Each side's best run per budget, validation against epochs, from benchmarks/results/repeated_data."""
+    data = json.loads((RESULTS / "repeated_data" / "results.json").read_text())
+    budgets = data["budgets"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5.2 * len(budgets), 3.8), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for side, colour, what in (("ar", "tab:red", "AR (exact NLL)"), ("diffusion", "tab:blue", "diffusion (NELBO bound)")):
+            run = data["best"][f"{budget}:{side}"]
+            ax.plot([p["epoch"] for p in run["curve"]], [p["validation"] for p in run["curve"]], color=colour,
+                    label=f"{what}: best {run['best']['validation']:.3f} at epoch {run['best']['epoch']}")
+        ax.set(xscale="log", xlabel="epochs over the same tokens", ylabel="validation nats / token",
+               title=f"U = {budget:,} unique tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Repeated data, same size (each side's best run)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default=str(ROOT / "docs" / "figures"))
@@ -169,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     schedules(out / "schedules.png")
     frontier(out / "frontier.png")
     ar_vs_diffusion(out / "ar_vs_diffusion.png")
+    repeated_data(out / "repeated_data.png")
     print(f"figures: {', '.join(sorted(p.name for p in out.glob('*.png')))} in {out}/")
     return 0
 

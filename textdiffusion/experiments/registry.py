@@ -105,6 +105,8 @@ class ExperimentArgs:
     learning_rates: list[float] = field(default_factory=lambda: [1e-3, 3e-3], metadata={
         "help": "repeated-data: peak learning rates of the diffusion side."})
     weight_decay: float = field(default=0.1, metadata={"help": "repeated-data: the diffusion side's weight decay."})
+    dropout: list[float] = field(default_factory=lambda: [0.0], metadata={
+        "help": "repeated-data: the diffusion side's dropout values (masking already regularises it)."})
     ar_epochs: list[int] = field(default_factory=lambda: [12, 36], metadata={
         "help": "repeated-data: the AR runs' horizons in epochs (a cosine ending near AR's best is its best case)."})
     ar_learning_rates: list[float] = field(default_factory=lambda: [1e-3, 3e-3], metadata={

@@ -285,15 +285,15 @@ def grid(args) -> list[Run]:
         runs += [Run("ar", budget, lr, epochs, dropout, wd, noise) for lr in args.ar_learning_rates
                  for epochs in args.ar_epochs for dropout in args.ar_dropout for wd in args.ar_weight_decay
                  for noise in args.ar_input_noise]
-        runs += [Run("diffusion", budget, lr, epochs, 0.0, args.weight_decay) for lr in args.learning_rates
-                 for epochs in args.epochs]
+        runs += [Run("diffusion", budget, lr, epochs, dropout, args.weight_decay) for lr in args.learning_rates
+                 for epochs in args.epochs for dropout in args.dropout]
     return runs
 
 
 def check_args(args) -> None:
     """The experiment's own flags, before anything is loaded or trained (one line each)."""
     lists = {"budgets": args.budgets, "epochs": args.epochs, "ar_epochs": args.ar_epochs, "learning_rates": args.learning_rates,
-             "ar_learning_rates": args.ar_learning_rates, "ar_dropout": args.ar_dropout,
+             "ar_learning_rates": args.ar_learning_rates, "dropout": args.dropout, "ar_dropout": args.ar_dropout,
              "ar_weight_decay": args.ar_weight_decay, "ar_input_noise": args.ar_input_noise}
     for name, values in lists.items():
         if not values:
@@ -306,7 +306,7 @@ def check_args(args) -> None:
         for v in getattr(args, name):
             if not v > 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {v}.")
-    for name in ("ar_dropout", "ar_input_noise"):
+    for name in ("dropout", "ar_dropout", "ar_input_noise"):
         for v in getattr(args, name):
             if not 0.0 <= v < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}.")
@@ -484,6 +484,8 @@ def _without_blocks(record: dict) -> dict:
 
 def _describe(run: dict) -> str:
     text = f"lr {run['learning_rate']:g}, horizon {run['epochs']} epochs"
+    if run["side"] == "diffusion" and run["dropout"]:
+        text += f", dropout {run['dropout']:g}"
     if run["side"] == "ar":
         text += f", dropout {run['dropout']:g}, wd {run['weight_decay']:g}"
         text += f", input noise {run['input_noise']:g}" if run["input_noise"] else ""
@@ -509,8 +511,8 @@ def report(args, data: Data, records: list[dict], bests: dict, verdicts: dict, q
         "masks per block on validation, 8 on test); AR by its exact NLL on the same tokens (every token after the "
         "first, special tokens excluded). Each side's best run is chosen on the validation split "
         f"({len(data.validation)} blocks) and reported on the test split ({len(data.test)} blocks, other documents).",
-        f"Grid per budget: diffusion lr {args.learning_rates}, horizons {args.epochs} epochs, weight decay "
-        f"{args.weight_decay}; AR lr {args.ar_learning_rates}, horizons {args.ar_epochs} epochs, dropout "
+        f"Grid per budget: diffusion lr {args.learning_rates}, horizons {args.epochs} epochs, dropout {args.dropout}, "
+        f"weight decay {args.weight_decay}; AR lr {args.ar_learning_rates}, horizons {args.ar_epochs} epochs, dropout "
         f"{args.ar_dropout}, weight decay {args.ar_weight_decay}, input noise {args.ar_input_noise}.",
         f"Compute: {train_s / 3600:.2f} core-hours of training, evaluation {eval_s / max(train_s + eval_s, 1e-9):.1%} "
         "of the total (process CPU time).", "",
