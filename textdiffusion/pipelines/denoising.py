@@ -21,7 +21,10 @@ rows (their first call is a full forward that fills them); a group that leaves t
 one ``index_select`` per layer; the other rows keep their keys and values, so an arrival or a departure
 never recomputes anyone else's cache. Groups that cannot use the cache (no blocks, ``cache="none"``)
 run through the plain masked-positions forward in the same tick. A guided group (``cfg_scale``) brings
-twice its rows — the samples and the same samples with the prompt masked out — to either path.
+twice its rows — the samples and the same samples with the prompt masked out — to either path. A group
+with a guider (``pipelines/guidance.py``: classifier guidance, particles) steers its logits before its
+sampler's step and, with particles, resamples its rows after it; the run then moves the group's cached
+keys/values with its rows (``_reorder_cache``).
 """
 
 from __future__ import annotations
