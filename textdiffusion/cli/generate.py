@@ -3,6 +3,7 @@
     textdiffusion generate --checkpoint wiki-small --prefix "The river" --num-samples 4
     textdiffusion generate --checkpoint wiki-small --infill "The <mask:12> was built in <mask:3>."
     textdiffusion generate --checkpoint wiki-small --prefix "In 1905" --confidence-threshold 0.9 --hide-steps
+    textdiffusion generate --checkpoint wiki-small --label rivers --guide runs/topics-guide --guidance smc
 
 By default each step is printed with its masks visible (the original tool's behaviour; --hide-steps to
 stop it), --animate redraws one live view instead, and --trace-out writes every step as JSON lines.
@@ -44,6 +45,16 @@ class GenerateArgs(SamplerConfig):
     label: Optional[str] = field(default=None, metadata={
         "help": "Write text of this class (a model trained with --label-column): the label is the prompt's first "
                 "token; with --cfg-scale s the unconditional pass masks it (and any --prefix) out."})
+    guidance: Optional[str] = field(default=None, metadata={
+        "help": "How --label steers: cfg (classifier-free, strength --cfg-scale; the default when it is given), "
+                "classifier (first-order classifier guidance by --guide; the default when a guide is given) or smc "
+                "(--particles rows per sample, resampled each step by the guide)."})
+    guide: Optional[str] = field(default=None, metadata={
+        "help": "A guide folder from `textdiffusion train-guide` (same tokenizer as --checkpoint): a classifier of "
+                "noised text; it also steers a model trained without labels."})
+    guidance_scale: float = field(default=2.0, metadata={
+        "help": "Strength of --guidance classifier|smc (0: off; the guide's log-probability is multiplied by it)."})
+    particles: int = field(default=8, metadata={"help": "--guidance smc: partial generations per sample."})
     no_eos_stop: bool = field(default=False, metadata={"help": "Keep text after the first end-of-text token."})
     seed: int = field(default=0, metadata={"help": "Sample i uses seed + i."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, mps or auto."})
@@ -72,6 +83,12 @@ class GenerateArgs(SamplerConfig):
         from textdiffusion.core.labels import check_guidance
 
         check_guidance(self.cfg_scale, "--cfg-scale")  # the sign now; whether it can apply once the model is known
+        from textdiffusion.pipelines.guidance import check_settings
+
+        if self.guidance is None and self.guide is not None:
+            self.guidance = "classifier"  # a guide without a method: the one it exists for
+        check_settings(self.guidance, self.cfg_scale, self.guidance_scale, self.particles, self.guide is not None,
+                       self.label)
         require_writable("--trace-out", self.trace_out)  # before the model is loaded, not after the work
         require_writable("--output", self.output)
         from textdiffusion.models.kvcache import CACHE_CHOICES
@@ -103,8 +120,9 @@ def run_causal_generate(args: GenerateArgs, device, dtype) -> list[str]:
 
     if args.infill is not None:
         raise UsageError(f"--infill needs a masked (diffusion) model; {args.checkpoint!r} is autoregressive.")
-    if args.cfg_scale:
-        raise UsageError(f"--cfg-scale {args.cfg_scale:g} needs a masked (diffusion) model; {args.checkpoint!r} is "
+    if args.cfg_scale or args.guidance:
+        what = f"--cfg-scale {args.cfg_scale:g}" if args.cfg_scale else f"--guidance {args.guidance}"
+        raise UsageError(f"{what} needs a masked (diffusion) model; {args.checkpoint!r} is "
                          "autoregressive and has no guidance.")
     generator = CausalGenerator.from_pretrained(args.checkpoint, device, dtype)
     prompt = labelled_prompt(args, generator.config)
@@ -151,15 +169,10 @@ def run_diffusion_generate(args: GenerateArgs, device, dtype) -> list[str]:
 
     generator = DiffusionGenerator.from_pretrained(args.checkpoint, device=str(device), dtype=dtype, compile=args.compile)
     n = args.num_samples
-    if args.label is not None:
-        from textdiffusion.core.labels import label_token
-
-        args.suppress_tokens = list(args.suppress_tokens) + [label_token(c) for c in generator.config.labels or []]
-    templates = [labelled_prompt(args, generator.config, args.infill)] * n if args.infill is not None else None
-    prompts = None if templates else [labelled_prompt(args, generator.config)] * n
-    from textdiffusion.core.labels import check_guidance
-
-    check_guidance(args.cfg_scale, "--cfg-scale", templates or prompts, generator.config.labels)
+    # the label's token (a labelled model), the guide and their checks: generate() does them once for the library
+    templates = [args.infill] * n if args.infill is not None else None
+    prompts = None if templates else [args.prefix or ""] * n
+    guide = generator.open_guide(args.guide)  # before the run: a foreign tokenizer is refused in one line
     show = not args.hide_steps and not args.animate
 
     def on_step(nfe, state):
@@ -184,7 +197,9 @@ def run_diffusion_generate(args: GenerateArgs, device, dtype) -> list[str]:
         out = generator.generate(prompts, templates=templates, max_length=args.max_length or None, seed=args.seed,
                                  cfg_scale=args.cfg_scale, suppress_tokens=args.suppress_tokens,
                                  stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out), cache=args.cache,
-                                 on_step=on_step if (show or live is not None) else None, **args.sampler_kwargs())
+                                 on_step=on_step if (show or live is not None) else None, label=args.label,
+                                 guidance=args.guidance, guide=guide, guidance_scale=args.guidance_scale,
+                                 particles=args.particles, **args.sampler_kwargs())
     seconds = time.perf_counter() - t0 - paused[0]
     for note in out.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -135,6 +135,16 @@ def _generate(argv: list[str]) -> int:
     return 0
 
 
+def _train_guide(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from textdiffusion.pipelines.guide_training import GuideArgs, run_train_guide
+
+    hf_logging.disable_progress_bar()
+    run_train_guide(_parse(GuideArgs, argv, "textdiffusion train-guide"))
+    return 0
+
+
 def _eval(argv: list[str]) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -203,6 +213,7 @@ COMMANDS = {
     "train": ("train a masked LM as a text diffusion model", _train),
     "distill": ("distil a diffusion checkpoint to take half the steps per round (SDTT): 32 -> 16 -> 8", _distill),
     "generate": ("generate text from a checkpoint by iterative denoising", _generate),
+    "train-guide": ("train the classifier of noised text that steers generate --guidance classifier|smc", _train_guide),
     "eval": ("per-mask-level loss and the NELBO likelihood bound of a checkpoint", _eval),
     "classify": ("label probabilities of a text (or accuracy on a labelled split) from a model trained with "
                  "--label-column", _classify),

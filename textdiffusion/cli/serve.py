@@ -13,6 +13,7 @@ import ipaddress
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from textdiffusion.errors import UsageError
 
@@ -32,6 +33,9 @@ class ServeArgs:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, mps or auto."})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
     log_level: str = field(default="info", metadata={"help": "uvicorn's log level (warning: quieter)."})
+    guide: Optional[str] = field(default=None, metadata={
+        "help": "A guide folder (`textdiffusion train-guide`) for requests with guidance classifier or smc; its "
+                "labels are offered when the checkpoint has none."})
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -63,7 +67,9 @@ def build_app(args: ServeArgs):
     dtype = resolve_dtype(args.dtype, device)
     path = resolve_checkpoint(args.checkpoint)
     generator = DiffusionGenerator.from_pretrained(path, device=str(device), dtype=dtype)
-    engine = Engine(generator, max_batch=args.max_batch, max_queue=args.max_queue, tick_delay=args.step_delay)
+    guide = generator.open_guide(args.guide)  # refused here, in one line, if its tokenizer is not the model's
+    engine = Engine(generator, max_batch=args.max_batch, max_queue=args.max_queue, tick_delay=args.step_delay,
+                    guide=guide)
     app = create_app(engine, model_id=Path(args.checkpoint).name or args.checkpoint)
     engine.start()
     return app, engine

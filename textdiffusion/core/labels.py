@@ -65,12 +65,14 @@ def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
 
 def check_labels(known: Sequence[str] | None, asked: Sequence[str], flag: str, checkpoint: str) -> None:
     """Refuse labels the model never saw (or a model trained without labels)."""
+    field = flag.strip("-`").replace("-", "_")  # --label or `label`: label
     if not known:
         raise UsageError(f"{flag}: checkpoint {checkpoint!r} was not trained with labels "
-                         "(train it with --label-column COL).")
+                         "(train it with --label-column COL).", field=field, value=asked[0] if asked else None)
     unknown = sorted(set(asked) - set(known))
     if unknown:
-        raise UsageError(f"{flag} {unknown[0]!r} is a label the model never saw (its labels: {list(known)}).")
+        raise UsageError(f"{flag} {unknown[0]!r} is a label the model never saw (its labels: {list(known)}).",
+                         field=field, value=unknown[0])
 
 
 def check_guidance(scale: float, flag: str, texts: Sequence[str] | None = None,

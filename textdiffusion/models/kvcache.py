@@ -41,8 +41,8 @@ from textdiffusion.core.architectures import architecture, masked_lm_head
 from textdiffusion.core.denoiser import TrainedModule
 
 CACHE_MODES = ("none", "prefix", "dual")
-# what `generate --cache` accepts: "auto" is dual wherever it applies (blocks, a supported architecture, no
-# guidance) and none elsewhere, silently; benchmarks/generation_speed.py is why dual is the choice
+# what `generate --cache` accepts: "auto" is dual wherever it applies (blocks, a supported architecture; every
+# guidance method included) and none elsewhere, silently; benchmarks/generation_speed.py is why dual is the choice
 CACHE_CHOICES = ("auto",) + CACHE_MODES
 REFRESH = ("block", "step")
 

@@ -21,7 +21,10 @@ rows (their first call is a full forward that fills them); a group that leaves t
 one ``index_select`` per layer; the other rows keep their keys and values, so an arrival or a departure
 never recomputes anyone else's cache. Groups that cannot use the cache (no blocks, ``cache="none"``)
 run through the plain masked-positions forward in the same tick. A guided group (``cfg_scale``) brings
-twice its rows — the samples and the same samples with the prompt masked out — to either path.
+twice its rows — the samples and the same samples with the prompt masked out — to either path. A group
+with a guider (``pipelines/guidance.py``: classifier guidance, particles) steers its logits before its
+sampler's step and, with particles, resamples its rows after it; the run then moves the group's cached
+keys/values with its rows (``_reorder_cache``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from textdiffusion.core.denoiser import masked_logits
 from textdiffusion.core.sampler import DenoisingSampler, DenoisingState
 from textdiffusion.errors import UsageError
 from textdiffusion.models.kvcache import CACHE_CHOICES, REFRESH, DenoisingKVCache, cache_support
+from textdiffusion.pipelines.guidance import Guider
+
+PARTICLE_SEED_STRIDE = 1_000_003  # particle j of a sample draws from the sample's seed + j * this
 
 
 @dataclass
@@ -59,16 +65,24 @@ class DenoisingGroup:
     def __init__(self, g, templates: Sequence[str], config: SamplerConfig, *, seed: int = 0, cfg_scale: float = 0.0,
                  suppress_tokens: Sequence[str] = (), stop_at_eos: bool = True, max_length: int | None = None,
                  allowed: torch.Tensor | None = None, return_trace: bool = False,
-                 on_step: Callable[[int, DenoisingState], None] | None = None):
+                 on_step: Callable[[int, DenoisingState], None] | None = None, guider: Guider | None = None):
         self.id = next(self._ids)
         self.config, self.cfg_scale, self.stop_at_eos, self.on_step = config, cfg_scale, stop_at_eos, on_step
+        self.guider = guider  # classifier guidance or particles (pipelines/guidance.py); cfg is cfg_scale
+        particles = guider.particles if guider is not None else 1
+        templates = [t for t in templates for _ in range(particles)]  # sample i owns rows i*P .. i*P + P-1
         x, editable, attention = (t.to(g.device) for t in g.build_batch(templates, max_length))  # [b, l] each
         self.attention = attention
         self.sampler = DenoisingSampler(config, g.mask_id, g.suppress_ids(suppress_tokens),
                                         eos_token_id=g.sep_id if stop_at_eos else None)
         self.notes: list[str] = self.sampler.set_timesteps(config.steps, editable)
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(templates))]
+        # particle j of sample i draws from seed + i + j * PARTICLE_SEED_STRIDE: particle 0 is the unguided sample's
+        generators = [torch.Generator().manual_seed(seed + r // particles + (r % particles) * PARTICLE_SEED_STRIDE)
+                      for r in range(len(templates))]
         self.state = DenoisingState(x=x, editable=editable, generators=generators, allowed=allowed)
+        self.start_x = x
+        self.ancestors: torch.Tensor | None = None  # [rows] after a resampling step: the row each row continues
+        self.kept: torch.Tensor | None = None  # [samples] when done with particles: the rows that are the samples
         self.max_iterations = int(editable.sum(1).max()) * 2 + self.sampler.num_steps  # a hard stop, never reached
         self.iterations = 0
         self.cached = False  # set by the run: the group's rows live in the run's key/value cache
@@ -105,6 +119,8 @@ class DenoisingGroup:
             self.iterations += 1
             if self.trace is not None:
                 self.trace.append(self.state.x.cpu().clone())
+        if self.guider is not None:
+            self.kept = self.guider.survivors(self)
         self.done = True
         return False
 
@@ -127,14 +143,38 @@ class DenoisingGroup:
             cond, unc = logits.chunk(2)  # the samples' rows come first
             logits = unc + (1 + self.cfg_scale) * (cond - unc)  # LLaDA's form: cfg_scale 0 is the conditional model
         st = self.state
+        if self.guider is not None:
+            logits = self.guider.adjust(self, logits)
         if self.keep_logits:
             self.last = (self.sampler.needed_positions(st), st.x, logits)
         self.state = self.sampler.step(logits, dataclasses.replace(st, nfe=st.nfe + 1))
+        self.ancestors = self.guider.after_step(self) if self.guider is not None else None
+        if self.ancestors is not None:
+            self._reorder(self.ancestors)
         self.iterations += 1
         if self.trace is not None:
             self.trace.append(self.state.x.cpu().clone())
         if self.on_step is not None:
             self.on_step(self.state.nfe, self.state)
+
+
+    def _reorder(self, rows: torch.Tensor) -> None:
+        """Row r continues row ``rows[r]`` (particles resampled): tokens and per-row settings move with it;
+        each row keeps its own generator, so copies of one particle part ways at the next step."""
+        st, index = self.state, rows.to(self.state.x.device)
+        allowed = st.allowed[index] if st.allowed is not None and st.allowed.dim() == 3 else st.allowed
+        self.state = dataclasses.replace(st, x=st.x[index], editable=st.editable[index], allowed=allowed)
+        self.attention = self.attention[index]
+        if self._unconditional is not None:
+            self._unconditional = self._unconditional[index]
+
+    def output(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, editable, attention) of the group's samples: every row, or the kept particle of each sample."""
+        st = self.state
+        if self.kept is None:
+            return st.x, st.editable, self.attention
+        index = self.kept.to(st.x.device)
+        return st.x[index], st.editable[index], self.attention[index]
 
 
 class DenoisingRun:
@@ -164,7 +204,7 @@ class DenoisingRun:
         """A group, validated and tokenised, not yet in the run: the server builds it on a request's own thread
         (a bad request fails there) and the engine's thread joins it between steps. ``kwargs``: those of
         :class:`DenoisingGroup` (seed, cfg_scale, suppress_tokens, stop_at_eos, max_length, allowed,
-        return_trace, on_step)."""
+        return_trace, on_step, guider)."""
         group = DenoisingGroup(self.g, templates, config, **kwargs)
         reason = self._cache_refusal(config)
         if reason is not None and self.cache not in ("none", "auto"):
@@ -229,7 +269,24 @@ class DenoisingRun:
         self.last_call_rows = rows
         for grp in ready:
             grp.apply(logits[grp.id])
+            if grp.ancestors is not None and grp.cached:
+                self._reorder_cache(grp, grp.ancestors)
         return ready
+
+    def _reorder_cache(self, group: DenoisingGroup, rows: torch.Tensor) -> None:
+        """The cached keys/values of ``group``'s rows follow its resampled particles (``rows``: the ancestor of
+        each); every other group's rows stay where they are."""
+        start = 0
+        for other in self.groups:
+            if other is group:
+                break
+            if other.cached:
+                start += other.rows
+        total = sum(other.rows for other in self.groups if other.cached)
+        own = torch.cat([rows, rows + len(rows)]) if group.cfg_scale else rows  # the guided pass's rows follow too
+        index = torch.arange(total)
+        index[start:start + group.rows] = start + own
+        self.kv.keep_rows(index.to(self.g.device))
 
     def _cached_call(self, ready: list[DenoisingGroup]) -> dict[int, torch.Tensor]:
         """Logits of the ready cached groups. Every cached group has rows in the cache; the ones not ready this
@@ -279,8 +336,9 @@ class DenoisingRun:
     # -- results -------------------------------------------------------------------------------------------
     def result(self, group: DenoisingGroup) -> GenerationOutput:
         st = group.state
-        texts = [self.g.decode(row, ed, group.stop_at_eos) for row, ed in zip(st.x.cpu(), st.editable.cpu())]
-        return GenerationOutput(texts=texts, nfe=st.nfe, steps=group.sampler.num_steps, token_ids=st.x.cpu(),
+        x, editable, _ = group.output()
+        texts = [self.g.decode(row, ed, group.stop_at_eos) for row, ed in zip(x.cpu(), editable.cpu())]
+        return GenerationOutput(texts=texts, nfe=st.nfe, steps=group.sampler.num_steps, token_ids=x.cpu(),
                                 trace=group.trace or [], notes=group.notes, config=group.config)
 
     def run_to_end(self) -> None:

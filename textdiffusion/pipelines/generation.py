@@ -16,18 +16,22 @@ import dataclasses
 import json
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from textdiffusion.config import DiffusionConfig, SamplerConfig
 from textdiffusion.core.denoiser import check_position_limit
 from textdiffusion.core.detokenize import decode_text
+from textdiffusion.core.labels import label_token
 from textdiffusion.core.sampler import DenoisingState, continuation
 from textdiffusion.core.templates import MASK_SPAN
 from textdiffusion.errors import UsageError
 from textdiffusion.models.loading import denoiser_for, open_checkpoint
 from textdiffusion.pipelines.denoising import DenoisingRun, GenerationOutput
+
+if TYPE_CHECKING:
+    from textdiffusion.models.guide import NoisyClassifier
 
 
 def available_devices() -> list[str]:
@@ -83,6 +87,7 @@ class DiffusionGenerator:
         self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.sep_id
         self.mask_id = tokenizer.mask_token_id
+        self.name = getattr(tokenizer, "name_or_path", None) or "?"  # the checkpoint, for messages
         # compile=True: one static-shape graph per batch shape (full logits, indexed afterwards); on a GPU with
         # CUDA graphs ("reduce-overhead"), which removes the kernel-launch overhead that dominates batch 1
         self._compiled = None
@@ -95,7 +100,9 @@ class DiffusionGenerator:
                         compile: bool = False) -> "DiffusionGenerator":
         """Load a checkpoint of this project, or any masked LM directory / hub id (default settings then)."""
         opened = open_checkpoint(path, dtype=dtype)  # an encoder without its head is refused: its text would be noise
-        return cls(opened.model, opened.tokenizer, opened.config, device, dtype, compile)
+        generator = cls(opened.model, opened.tokenizer, opened.config, device, dtype, compile)
+        generator.name = path
+        return generator
 
     # -- templates --------------------------------------------------------------------------------
     def encode_template(self, template: str) -> tuple[list[int], list[bool]]:
@@ -161,7 +168,9 @@ class DiffusionGenerator:
                  max_length: int | None = None, seed: int = 0, cfg_scale: float = 0.0,
                  suppress_tokens: Sequence[str] = (), allowed: torch.Tensor | None = None,
                  stop_at_eos: bool = True, return_trace: bool = False, cache: str = "auto", cache_refresh: str = "block",
-                 on_step: Callable[[int, DenoisingState], None] | None = None, **sampler_kwargs) -> GenerationOutput:
+                 on_step: Callable[[int, DenoisingState], None] | None = None, label: str | None = None,
+                 guidance: str | None = None, guide: "NoisyClassifier | str | None" = None, guidance_scale: float = 1.0,
+                 particles: int = 4, **sampler_kwargs) -> GenerationOutput:
         """Generate one text per prompt (continuation) or per template (infilling).
 
         ``seed + i`` seeds sample i, so a sample is the same whatever batch it is in. ``sampler_kwargs``
@@ -169,17 +178,39 @@ class DiffusionGenerator:
         ``allowed``: a bool tensor [l, V] or [b, l, V] of the tokens allowed at each position.
         ``cache``: ``prefix`` or ``dual`` reuse keys/values within a block (needs ``block_length``; see
         :mod:`textdiffusion.models.kvcache`); ``cache_refresh="step"`` recomputes them at every step (exact).
+
+        ``label``: write text of this class. On a model trained with labels its token opens every row; with
+        ``guidance`` ``"classifier"`` or ``"smc"`` a ``guide`` (a :class:`NoisyClassifier` or its folder, from
+        ``train-guide``) steers toward it with strength ``guidance_scale``, on a labelled or an unlabelled model
+        (``smc``: ``particles`` rows per sample); ``"cfg"`` is classifier-free guidance by ``cfg_scale``, the
+        default whenever ``cfg_scale`` > 0 (see :mod:`textdiffusion.pipelines.guidance`).
         """
+        from textdiffusion.core.labels import check_guidance
+        from textdiffusion.pipelines.guidance import check_method, label_prefix, make_guider
+
         if isinstance(prompts, str):
             prompts = [prompts]
         if (prompts is None) == (templates is None):
             raise UsageError("give either prompts or templates.")
+        guide = self.open_guide(guide)
+        if guidance is None and guide is not None:
+            guidance = "classifier"  # a guide given without its method: the one it exists for
+        check_method(guidance, cfg_scale, guide, label, guidance_scale, particles)
+        if guidance == "cfg":
+            guide = None  # classifier-free guidance needs no guide
+        head = label_prefix(self.config.labels, label, guide, self.name)
+        if head:
+            suppress_tokens = list(suppress_tokens) + [label_token(c) for c in self.config.labels]
         max_length = max_length or self.config.max_length
         check_position_limit(self.model, max_length)
         if templates is None:
-            templates = [self.prompt_template(p, max_length) for p in prompts]
+            templates = [self.prompt_template(head + p, max_length) for p in prompts]
+        else:
+            templates = [head + t for t in templates]
         if not templates:
             raise UsageError("nothing to generate: the list of prompts/templates is empty.")
+        check_guidance(cfg_scale, "--cfg-scale", templates, self.config.labels)
+        guider = make_guider(guidance, guide, label, guidance_scale, particles, seed)
         unknown = set(sampler_kwargs) - {f.name for f in fields(SamplerConfig)}
         if unknown:
             raise TypeError(f"unknown generation setting(s): {sorted(unknown)}")
@@ -187,9 +218,21 @@ class DiffusionGenerator:
         run = DenoisingRun(self, cache, cache_refresh)  # the same loop the server's engine drives
         group = run.add(templates, config, seed=seed, cfg_scale=cfg_scale, suppress_tokens=suppress_tokens,
                         stop_at_eos=stop_at_eos, max_length=max_length, allowed=allowed, return_trace=return_trace,
-                        on_step=on_step)
+                        on_step=on_step, guider=guider)
         run.run_to_end()
         return run.result(group)
+
+    def open_guide(self, guide: "NoisyClassifier | str | None") -> "NoisyClassifier | None":
+        """The guide (loaded from its folder if given as one) on this generator's device, checked to share its
+        tokenizer: a guide's gradients are per token id."""
+        if guide is None:
+            return None
+        if isinstance(guide, (str, Path)):
+            from textdiffusion.models.guide import NoisyClassifier
+
+            guide = NoisyClassifier.load(guide, self.device)
+        guide.check_tokenizer(self.tokenizer, self.name)
+        return guide
 
     def suppress_ids(self, tokens: Sequence[str]) -> list[int]:
         """Ids never generated: the given tokens (as strings or ids), plus pad and the block-opening token."""

@@ -25,9 +25,10 @@ from starlette.concurrency import run_in_threadpool
 
 from textdiffusion.config import ConfigError, SamplerConfig
 from textdiffusion.core.detokenize import decode_text
-from textdiffusion.core.labels import check_guidance
+from textdiffusion.core.labels import check_guidance, label_token
 from textdiffusion.core.templates import MASK_SPAN
 from textdiffusion.errors import UsageError
+from textdiffusion.pipelines.guidance import check_method, label_prefix, make_guider
 from textdiffusion.serving.engine import Engine, Job, JobSpec, QueueFull, default_max_length, model_positions
 from textdiffusion.serving.metrics import ServerMetrics
 from textdiffusion.serving.schemas import CompletionRequest, GenerateRequest
@@ -240,7 +241,8 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
             "id": model_id, "object": "model", "created": int(metrics.started), "owned_by": "textdiffusion",
             "max_length": default_max_length(gen), "positions": positions, "max_batch": engine.max_batch,
             "defaults": {f: getattr(gen.config.generation, f) for f in ("steps", "strategy", "sampling", "temperature",
-                                                                  "top_k", "top_p")}}]}
+                                                                  "top_k", "top_p")},
+            "labels": _labels(gen, engine.guide), "guidance": _methods(gen, engine.guide)}]}
 
     @app.get("/metrics")
     async def prometheus():
@@ -279,12 +281,17 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
             except UsageError as e:
                 raise _refusal(e, field, text) from None
         try:
+            guider, head = _guidance(body, engine.guide, gen, model_id)
+            if head:  # the label's token opens the row (a labelled model), never generated again
+                row = head + text if body.template is not None else gen.prompt_template(head + text, max_length)
+                templates = [row] * body.n
             check_guidance(body.cfg_scale, "`cfg_scale`", templates[:1], gen.config.labels)  # as generate's CLI
         except UsageError as e:
             raise APIError(422, str(e), e.field, e.value) from None
+        suppress = list(body.suppress_tokens) + ([label_token(c) for c in gen.config.labels] if head else [])
         spec = JobSpec(templates=templates, sampler=sampler, seed=body.seed, cfg_scale=body.cfg_scale,
-                       suppress_tokens=body.suppress_tokens, stop_at_eos=body.stop_at_eos, max_length=max_length,
-                       stream=body.stream)
+                       suppress_tokens=suppress, stop_at_eos=body.stop_at_eos, max_length=max_length,
+                       stream=body.stream, guider=guider)
         if body.suppress_tokens:
             try:
                 gen.suppress_ids(body.suppress_tokens)
@@ -387,6 +394,30 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
         return [_continuation(gen, row, ed) for row, ed in zip(x, editable)]
 
     return app
+
+
+def _labels(gen, guide) -> list[str]:
+    """The labels a request may ask for: the checkpoint's (its label token), else the guide's."""
+    return list(gen.config.labels or (guide.labels if guide is not None else []))
+
+
+def _methods(gen, guide) -> list[str]:
+    """The guidance methods this server offers for a label."""
+    return (["cfg"] if gen.config.labels else []) + (["classifier", "smc"] if guide is not None else [])
+
+
+def _guidance(body: GenerateRequest, guide, gen, model_id: str):
+    """(guider or None, the label's token text or "") for a request; a UsageError names the field."""
+    guidance = body.guidance
+    if guidance is None and body.label is not None and not gen.config.labels and guide is not None:
+        guidance = "classifier"  # an unlabelled model steers by its guide only
+    check_method(guidance, body.cfg_scale, guide if guidance in ("classifier", "smc") else None, body.label,
+                 body.guidance_scale, body.particles, flag_style="`")
+    if guidance in ("classifier", "smc") and guide is None:  # check_method said so; never reached
+        raise UsageError("`guidance` needs a guide.", field="guidance", value=guidance)
+    steer = guide if guidance in ("classifier", "smc") else None
+    head = label_prefix(gen.config.labels, body.label, steer, model_id, flag="`label`")
+    return make_guider(guidance, steer, body.label, body.guidance_scale, body.particles, body.seed), head
 
 
 def _sampler_config(gen, kwargs: dict) -> SamplerConfig:

@@ -28,6 +28,7 @@ from textdiffusion.core.sampler import DenoisingSampler, DenoisingState
 from textdiffusion.errors import UsageError
 from textdiffusion.pipelines.denoising import DenoisingGroup, DenoisingRun
 from textdiffusion.pipelines.generation import DiffusionGenerator
+from textdiffusion.pipelines.guidance import Guider
 
 
 def default_max_length(generator: DiffusionGenerator) -> int:
@@ -56,6 +57,7 @@ class JobSpec:
     stop_at_eos: bool = True
     max_length: int | None = None
     stream: bool = False  # send every step (tokens, masks, confidence); without it only the result
+    guider: Guider | None = None  # classifier guidance or particles (pipelines/guidance.py)
 
 
 class Job:
@@ -118,9 +120,10 @@ class Engine:
     """The scheduler: a bounded waiting line, the active set, and the model loop in one thread."""
 
     def __init__(self, generator: DiffusionGenerator, max_batch: int = 32, max_queue: int = 64,
-                 tick_delay: float = 0.0, on_call=None, on_finish=None, cache: str = "auto"):
+                 tick_delay: float = 0.0, on_call=None, on_finish=None, cache: str = "auto", guide=None):
         check_limits(max_batch, max_queue)
         self.generator = generator
+        self.guide = guide  # a models.guide.NoisyClassifier for requests with guidance classifier|smc, or None
         self.cache = cache
         self.run = DenoisingRun(generator, cache)  # the engine thread's own; requests join and leave it
         self.max_batch = max_batch
@@ -155,12 +158,14 @@ class Engine:
 
     # -- the HTTP side ----------------------------------------------------------------------------
     def submit(self, spec: JobSpec, loop: asyncio.AbstractEventLoop | None = None) -> Job:
-        if len(spec.templates) * (2 if spec.cfg_scale else 1) > self.max_batch:
-            raise UsageError(f"n={len(spec.templates)} samples need more rows than --max-batch {self.max_batch}.",
+        particles = spec.guider.particles if spec.guider is not None else 1
+        if len(spec.templates) * particles * (2 if spec.cfg_scale else 1) > self.max_batch:
+            raise UsageError(f"n={len(spec.templates)} samples need more rows than --max-batch {self.max_batch}"
+                             f"{f' ({particles} particles each)' if particles > 1 else ''}.",
                              field="n", value=len(spec.templates))
         group = self.run.new_group(spec.templates, spec.sampler, seed=spec.seed, cfg_scale=spec.cfg_scale,
                                    suppress_tokens=spec.suppress_tokens, stop_at_eos=spec.stop_at_eos,
-                                   max_length=spec.max_length)  # tokenises and validates outside the lock
+                                   max_length=spec.max_length, guider=spec.guider)  # tokenises outside the lock
         job = Job(spec, group, loop)
         with self.lock:
             if len(self.waiting) >= self.max_queue:
@@ -248,6 +253,10 @@ class Engine:
         """The step's frame: every position, and the model's probability of each newly committed token."""
         needed, before, logits = job.group.last
         st, mask_id = job.state, self.generator.mask_id
+        if job.group.ancestors is not None:  # particles were resampled: their rows moved after the step
+            index = job.group.ancestors.cpu()
+            needed, before, logits = _moved(needed, before, logits, index)
+            job.confidence = job.confidence[index]
         new = needed & (st.x != mask_id) & (st.x != before)  # [b, l]
         probs = logits.float().softmax(-1)  # [n, V] at the needed positions, row-major
         p_at = probs.gather(-1, st.x[needed][:, None]).squeeze(-1)  # [n]
@@ -273,15 +282,18 @@ class Engine:
 
     @staticmethod
     def state_cpu(job: Job) -> tuple[torch.Tensor, torch.Tensor]:
-        return job.state.x.cpu(), job.state.editable.cpu()
+        """(x, editable) of the job's samples (with particles: every particle until done, then the kept ones)."""
+        x, editable, _ = job.group.output()
+        return x.cpu(), editable.cpu()
 
     def _frame(self, job: Job, kind: str) -> dict:
         """One step as the page and the stream see it: every position's text, masked or not, confidence."""
         x, editable = self.state_cpu(job)
-        keep = job.attention.bool()  # [b, l] no padding in the output
+        keep = job.group.output()[2].cpu().bool()  # [b, l] no padding in the output
         masked = (x == self.generator.mask_id) & editable
         texts = self.vocab_text[x.numpy()]  # [b, l] object array, vectorised lookup
-        conf = job.confidence.numpy().round(4)
+        kept = job.group.kept
+        conf = (job.confidence if kept is None else job.confidence[kept.cpu()]).numpy().round(4)
         rows = []
         for i in range(x.shape[0]):  # per sample (not per token): slice its real positions
             k = keep[i].numpy()
@@ -292,3 +304,13 @@ class Engine:
                 "num_steps": job.sampler.num_steps, "masked": int(masked.sum()),
                 "elapsed": round(time.perf_counter() - (job.started or job.submitted), 4), "rows": rows}
 
+
+
+def _moved(needed: torch.Tensor, before: torch.Tensor, logits: torch.Tensor, index: torch.Tensor):
+    """A step's (needed [b, l], tokens before [b, l], logits [n, V] row-major at needed) after its rows moved:
+    row r now holds what row ``index[r]`` held."""
+    index = index.to(needed.device)
+    starts = torch.zeros(needed.shape[0] + 1, dtype=torch.long, device=needed.device)
+    starts[1:] = needed.sum(1).cumsum(0)
+    order = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1]), device=needed.device) for i in index.tolist()])
+    return needed[index], before[index], logits[order.to(logits.device)]

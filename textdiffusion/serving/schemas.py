@@ -9,6 +9,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from textdiffusion.config import SamplerConfig
+from textdiffusion.pipelines.guidance import GUIDANCE, MAX_PARTICLES
 
 _DEFAULTS = {f.name: f.default for f in fields(SamplerConfig)}  # the sampler's defaults, not typed twice
 MAX_STEPS = 1024
@@ -63,11 +64,17 @@ class GenerateRequest(_Strict):
     eb_gamma: float = _sampler_field("eb_gamma", description="Entropy budget of strategy 'eb' (nats).")
     cfg_scale: float = Field(0.0, ge=0, le=100, description="Classifier-free guidance by the prompt or the template's "
                              "text (doubles the request's rows).")
+    label: Optional[str] = Field(None, max_length=200, description="Write text of this class: one of the labels "
+                                 "GET /v1/models lists (the checkpoint's, or the server's guide's).")
+    guidance: Optional[Literal[GUIDANCE]] = Field(None, description="How `label` steers: cfg (by `cfg_scale`), "  # type: ignore[valid-type]
+                                                  "classifier or smc (by the server's --guide).")
+    guidance_scale: float = Field(2.0, ge=0, le=100, description="Strength of classifier or smc guidance.")
+    particles: int = Field(8, ge=1, le=MAX_PARTICLES, description="smc: partial generations per sample (rows).")
     suppress_tokens: list[str] = Field(default_factory=list, max_length=256)
     stop_at_eos: bool = True
     stream: bool = Field(False, description="Server-sent events: every step's tokens, masks and confidence.")
 
-    _check_prompt = field_validator("prompt", "template")(_not_blank)
+    _check_prompt = field_validator("prompt", "template", "label")(_not_blank)
 
     @model_validator(mode="after")
     def _one_source(self):

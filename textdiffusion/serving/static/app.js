@@ -9,6 +9,12 @@ fetch("/v1/models").then((r) => r.json()).then((m) => {
   const info = m.data[0];
   $("model").textContent = `${info.id} · ${info.positions} positions · batch ≤ ${info.max_batch}`;
   $("max_length").value = Math.min(64, info.max_length);
+  const labels = info.labels || [], methods = info.guidance || [];
+  if (labels.length && methods.length) {  // a label picker only where the checkpoint (or the guide) has labels
+    for (const label of labels) $("label").append(new Option(label, label));
+    for (const method of methods) $("guidance").append(new Option(method, method));
+    $("guidance_controls").hidden = false;
+  }
 }).catch(() => {});
 
 function request() {
@@ -18,6 +24,13 @@ function request() {
                  top_p: +$("top_p").value, max_length: +$("max_length").value };
   if (+$("block_length").value > 0) body.block_length = +$("block_length").value;
   if (/<mask(:\d+)?>/.test(text)) body.template = text; else body.prompt = text;
+  if ($("label").value) {
+    body.label = $("label").value;
+    body.guidance = $("guidance").value;
+    const strength = +$("guidance_scale").value;
+    if (body.guidance === "cfg") body.cfg_scale = strength; else body.guidance_scale = strength;
+    if (body.guidance === "smc") body.particles = +$("particles").value;
+  }
   return body;
 }
 
