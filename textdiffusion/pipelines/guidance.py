@@ -32,7 +32,7 @@ hold the same tokens when they part.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
@@ -40,27 +40,26 @@ from textdiffusion.core.labels import check_labels, label_token
 from textdiffusion.errors import UsageError
 from textdiffusion.models.guide import NoisyClassifier
 
-if TYPE_CHECKING:  # no import at run time: denoising imports this module
-    from textdiffusion.pipelines.denoising import DenoisingGroup
-
 GUIDANCE = ("cfg", "classifier", "smc")
 MAX_PARTICLES = 64
 
 
 class Guider:
-    """What a guided group does around its sampler step. ``particles``: rows per sample."""
+    """What a guided group (a ``pipelines.denoising.DenoisingGroup``, not imported: denoising imports this
+    module, and a type-only import back would be a cycle) does around its sampler step. ``particles``: rows
+    per sample."""
 
     particles = 1
 
-    def adjust(self, group: "DenoisingGroup", logits: torch.Tensor) -> torch.Tensor:
+    def adjust(self, group, logits: torch.Tensor) -> torch.Tensor:
         """The logits [n, V] at the group's needed positions, steered (before the sampler's processing)."""
         return logits
 
-    def after_step(self, group: "DenoisingGroup") -> torch.Tensor | None:
+    def after_step(self, group) -> torch.Tensor | None:
         """After a step with a model call: the rows [rows] each row now continues (its ancestor), or None."""
         return None
 
-    def survivors(self, group: "DenoisingGroup") -> torch.Tensor | None:
+    def survivors(self, group) -> torch.Tensor | None:
         """When the group is done: the rows [samples] that are its samples, or None for all of them."""
         return None
 
