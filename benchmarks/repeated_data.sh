@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/repeated_data.sh          # CPU: preset mini (0.8M), U = 10k and 25k tokens of wiki-vital,
 #                                             # two runs at a time, one core each (about 1 h on 2 cores)
-#   bash benchmarks/repeated_data.sh --gpu    # GPU: preset small (~9M), U = 0.3M / 1M tokens, longer horizons
+#   bash benchmarks/repeated_data.sh --gpu    # GPU: preset small (~10M), U = 0.1M / 0.3M / 1M tokens
 #
 # Interrupted? Run the same command again: finished runs are kept, an unfinished one resumes from its last
 # evaluation. Results: benchmarks/results/repeated_data[-gpu]/results.md, results.json, repeated_data.png and

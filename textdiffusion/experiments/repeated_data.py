@@ -568,8 +568,11 @@ def plot_curves(records: list[dict], bests: dict, args, path: Path) -> None:
                          label=f"{side}: {_describe(r['run'])}" if best else None)
             for row, key in ((0, "epoch"), (1, "flops")):
                 axes[row][col].plot([p[key] for p in r["curve"]], [p["validation"] for p in r["curve"]], **style)
+        shown = [p["validation"] for r in records if r["run"]["budget"] == budget for p in r["curve"]]
+        best_starts = [bests[(budget, side)]["curve"][0]["validation"] for side in SIDES if (budget, side) in bests]
         for row, xlabel in ((0, "epochs over the same U tokens"), (1, "training FLOPs (6·N·D)")):
             ax = axes[row][col]
+            ax.set_ylim(min(shown) - 0.05, max(best_starts) + 0.15)  # an unstable run's spike would flatten the rest
             ax.set_xscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("validation nats/token (diffusion: NELBO bound)")
