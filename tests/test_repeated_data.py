@@ -77,6 +77,12 @@ def test_an_interrupted_run_resumes_to_the_same_curve(corpus, tmp_path, monkeypa
                                                                         abs=1e-5)
     assert (tmp_path / "resumed" / resumed["best_dir"] / "model.safetensors").exists()
     assert not (tmp_path / "resumed" / "state.pt").exists()  # a finished run keeps its curve and best model only
+    assert repeated_data.train_run(run, data, args, tmp_path / "resumed") == resumed  # finished: not trained again
+    import shutil
+
+    shutil.rmtree(tmp_path / "resumed" / resumed["best_dir"])  # a copy without its models (benchmarks/results)
+    again = repeated_data.train_run(run, data, args, tmp_path / "resumed")
+    assert (tmp_path / "resumed" / again["best_dir"]).is_dir() and again["curve"] == resumed["curve"]
 
 
 def test_a_failed_experiment_keeps_finished_runs_and_the_same_command_resumes(corpus, tmp_path, monkeypatch):

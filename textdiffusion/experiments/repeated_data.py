@@ -210,7 +210,12 @@ def train_run(run: Run, data: Data, args, run_dir: Path) -> dict:
     ``state.pt``. Returns the finished run's record (also written to ``done.json``)."""
     done = run_dir / "done.json"
     if done.exists():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        if (run_dir / str(record.get("best_dir"))).is_dir():
+            return record
+        print(f"  {run.name}: finished, but its best model is gone (a copy without models?): training it again",
+              flush=True)
+        done.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     blocks = budget_blocks(data, run.budget, args)
     torch.manual_seed(args.seed)
