@@ -504,8 +504,14 @@ def report(args, data: Data, records: list[dict], bests: dict, verdicts: dict, q
     train_s = sum(r["train_s"] for r in records)
     eval_s = sum(r["eval_s"] for r in records)
     met = [b for b, v in verdicts.items() if v["diffusion_wins"]]
+    import platform
+    import sys
+
+    command = "textdiffusion " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else "(from Python)"
     lines = [
         "# Repeated data: masked diffusion against the same-size AR model", "",
+        f"`{command}` on {platform.machine()} ({platform.processor() or 'cpu'}), {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d')}.", "",
         f"`{args.dataset}`, one byte-level BPE tokenizer ({len(data.tokenizer):,} tokens) for every budget; blocks of "
         f"{args.max_length} tokens, batch {args.batch_size}; preset `{args.preset}` for both sides (diffusion "
         f"{params.get('diffusion', 0) / 1e6:.2f}M parameters, ModernBERT; AR {params.get('ar', 0) / 1e6:.2f}M, GPT-2). "
