@@ -14,6 +14,7 @@ cross-entropy over a [b, C] head, nothing Trainer would add.
 from __future__ import annotations
 
 import math
+import time
 from typing import Sequence
 
 import torch
@@ -53,29 +54,45 @@ def train_sequence_classifier(tokenizer, preset: str, texts: Sequence[str], labe
         raise UsageError(f"label {unknown[0]!r} is not in the label set {list(label_set)!r}.")
     torch.manual_seed(seed)
     model = build_sequence_classifier(tokenizer, preset, len(label_set), max_length, init_from)
-    model.train()
     targets = torch.tensor([index[c] for c in labels])  # [n]
+
+    def inputs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = _encode(tokenizer, [texts[i] for i in rows.tolist()], max_length)
+        return batch["input_ids"], batch["attention_mask"]
+
+    fit_classifier(model, inputs, targets, steps, batch_size, learning_rate, weight_decay,
+                   warmup_steps=max(1, int(warmup * steps)), seed=seed)
+    return model.eval()
+
+
+def fit_classifier(model, inputs, targets: torch.Tensor, steps: int, batch_size: int, learning_rate: float,
+                   weight_decay: float, warmup_steps: int, seed: int, log=None) -> None:
+    """The loop of every sequence classifier here (the discriminative baseline, the guide of noised text):
+    AdamW, linear warm-up then cosine decay, batches of ``batch_size`` rows of ``targets`` [n] in a seeded
+    order reshuffled at each epoch; ``inputs(rows)`` gives (input_ids, attention_mask) of those rows; ``log``
+    (a ``logging.Logger``) hears the loss ten times."""
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    warm = max(1, int(warmup * steps))
+    warm = warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, steps - warm))))))
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(texts), generator=g)
-    position = 0
-    for _ in range(steps):
+    order, position, t0 = torch.randperm(len(targets), generator=g), 0, time.perf_counter()
+    for step in range(steps):
         if position + batch_size > len(order):  # a new epoch, reshuffled
-            order, position = torch.randperm(len(texts), generator=g), 0
-        rows = order[position:position + batch_size].tolist()
+            order, position = torch.randperm(len(targets), generator=g), 0
+        rows = order[position:position + batch_size]
         position += batch_size
-        batch = _encode(tokenizer, [texts[i] for i in rows], max_length)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [b, C]
+        input_ids, attention_mask = inputs(rows)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [b, C]
         loss = F.cross_entropy(logits, targets[rows])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    return model.eval()
+        if log is not None and (step + 1) % max(1, steps // 10) == 0:
+            log.info("step %d/%d  loss %.4f  %.1f s", step + 1, steps, loss.item(), time.perf_counter() - t0)
 
 
 @torch.inference_mode()

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from textdiffusion.config import DiffusionConfig
 from textdiffusion.core.collator import collator_for_tokenizer
@@ -30,7 +28,7 @@ from textdiffusion.core.data import load_corpus
 from textdiffusion.core.labels import LABEL_PREFIX_LENGTH, pack_labelled
 from textdiffusion.errors import UsageError, require_writable
 from textdiffusion.models.bundled import resolve_checkpoint
-from textdiffusion.models.discriminative import build_sequence_classifier
+from textdiffusion.models.discriminative import build_sequence_classifier, fit_classifier
 from textdiffusion.models.guide import GuideInfo, NoisyClassifier, accuracy_table
 from textdiffusion.models.presets import PRESETS
 
@@ -109,29 +107,13 @@ def train_guide(tokenizer, config: DiffusionConfig, texts: Sequence[str], labels
     collator = collator_for_tokenizer(tokenizer, learn_eos=True, time_sampling="uniform", prefix_length=prefix, seed=seed)
     torch.manual_seed(seed)
     model = build_sequence_classifier(tokenizer, preset, len(label_set), max_length)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    warm = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, steps - warm))))))
-    g = torch.Generator().manual_seed(seed)
-    order, position, t0 = torch.randperm(len(blocks), generator=g), 0, time.perf_counter()
     pad = tokenizer.pad_token_id
-    for step in range(steps):
-        if position + batch_size > len(order):  # a new epoch, reshuffled
-            order, position = torch.randperm(len(blocks), generator=g), 0
-        rows = order[position:position + batch_size]
-        position += batch_size
-        x = noised(collator, blocks[rows], None)  # [b, l] a random level per example
-        logits = model(input_ids=x, attention_mask=(blocks[rows] != pad).long()).logits  # [b, C]
-        loss = F.cross_entropy(logits, targets[rows])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % max(1, steps // 10) == 0:
-            logger.info("step %d/%d  loss %.4f  %.1f s", step + 1, steps, loss.item(), time.perf_counter() - t0)
+
+    def inputs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return noised(collator, blocks[rows], None), (blocks[rows] != pad).long()  # a random level per example
+
+    fit_classifier(model, inputs, targets, steps, batch_size, learning_rate, weight_decay=0.01,
+                   warmup_steps=max(1, steps // 20), seed=seed, log=logger)
     info = GuideInfo(labels=list(label_set), label_slot=label_slot, max_length=max_length, checkpoint=checkpoint,
                      preset=preset)
     guide = NoisyClassifier(model.eval(), tokenizer, info, checkpoint)
