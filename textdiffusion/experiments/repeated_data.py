@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from textdiffusion.config import CorruptionConfig, DiffusionConfig
-from textdiffusion.core.collator import collator_for_tokenizer
+from textdiffusion.core.collator import collator_from_config
 from textdiffusion.core.data import load_corpus, pack
 from textdiffusion.core.evaluation import BoundResult, nelbo, scored_positions, weighted_mean
 from textdiffusion.errors import UsageError
@@ -119,7 +119,8 @@ def budget_blocks(data: Data, budget: int, args) -> torch.Tensor:
 def corruption() -> CorruptionConfig:
     """The diffusion side trains on the bound it is judged by: MDLM's continuous-time ELBO weighting, a level
     per example, stratified over the batch."""
-    return CorruptionConfig(time_sampling="stratified", mask_per="example", loss_weighting="elbo", prefix_length=PREFIX)
+    return CorruptionConfig(time_sampling="stratified", mask_per="example", loss_weighting="elbo", prefix_length=PREFIX,
+                            learn_eos=False)  # packed blocks: end-of-text is conditioned on, as AR's scoring leaves it
 
 
 def eval_epochs(epochs: int, evals: int) -> list[int]:
@@ -154,8 +155,8 @@ class Side:
         objective = OBJECTIVES[run.side]
         self.model = objective.build(args.preset, tokenizer, args.max_length, run.dropout, "modernbert")
         self.trained = objective.prepare(tokenizer, self.model).to(self.device)
-        self.collator = collator_for_tokenizer(tokenizer, **_collator_settings(args.seed))
-        self.eval_collator = collator_for_tokenizer(tokenizer, **_collator_settings(args.seed))
+        self.collator = collator_from_config(tokenizer, corruption(), seed=args.seed)
+        self.eval_collator = collator_from_config(tokenizer, corruption(), training=False)
 
     def loss(self, blocks: torch.Tensor) -> torch.Tensor:
         if self.run.side == "diffusion":
@@ -173,12 +174,6 @@ class Side:
         if self.run.side == "diffusion":
             return nelbo(self.trained, blocks, self.eval_collator, "exact-k", samples_per_block=samples, seed=1234)
         return causal_nll(self.model, blocks, scored_positions(blocks, self.tokenizer, PREFIX))
-
-
-def _collator_settings(seed: int) -> dict:
-    c = corruption()
-    return dict(time_sampling=c.time_sampling, mask_per=c.mask_per, loss_weighting=c.loss_weighting,
-                prefix_length=c.prefix_length, seed=seed)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -352,7 +347,7 @@ def test_estimate(record: dict, folder: Path, data: Data, args) -> dict:
     if record["run"]["side"] == "diffusion":
         config = DiffusionConfig.from_pretrained(checkpoint)
         tokenizer, model = load_diffusion_model(str(checkpoint), config)
-        collator = collator_for_tokenizer(tokenizer, **_collator_settings(args.seed))
+        collator = collator_from_config(tokenizer, corruption(), training=False)
         per_block, weights = nelbo_per_block(denoiser_for(model, config).to(device), blocks, collator,
                                              samples_per_block=max(8, args.nelbo_samples), seed=4321)
     else:
