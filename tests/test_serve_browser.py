@@ -15,6 +15,7 @@ import pytest
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("uvicorn")
 
+from test_guidance import toy  # noqa: E402,F401  (the toy model and its guide: rivers vs numbers)
 from test_serve import generator, live_server  # noqa: E402,F401  (the module-scoped model fixture)
 
 CHROMIUM = "/usr/bin/chromium"
@@ -61,5 +62,46 @@ def test_the_page_shows_masks_then_the_final_text(generator, tmp_path):  # noqa:
             page.screenshot(path=str(SCREENSHOT), full_page=True)
             assert SCREENSHOT.stat().st_size > 10_000
             assert all(r.startswith(url) for r in requests), [r for r in requests if not r.startswith(url)]
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("chromium") and not os.path.exists(CHROMIUM),
+                    reason="Debian's chromium is not installed (apt-get install chromium chromium-driver; .ci/run does)")
+def test_the_label_row_steers_a_request(toy):  # noqa: F811
+    """A checkpoint served with a guide: the page offers its labels and methods, and the request it sends carries
+    the label, the method and its strength; the guided run streams to the end."""
+    import json
+
+    from textdiffusion.pipelines.generation import DiffusionGenerator
+
+    data, checkpoint, guide_dir = toy
+    toy_generator = DiffusionGenerator.from_pretrained(checkpoint, device="cpu")
+    guide = toy_generator.open_guide(guide_dir)
+    with live_server(toy_generator, max_batch=16, max_queue=8, guide=guide) as url, playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 720})
+            bodies = []
+            page.on("request", lambda r: bodies.append(r.post_data) if r.url.endswith("/v1/generate") else None)
+            page.goto(url + "/")
+            page.wait_for_selector("#guidance_controls:not([hidden])", timeout=10000)
+            assert page.eval_on_selector_all("#label option", "os => os.map(o => o.value)") == ["", "numbers", "rivers"]
+            assert page.eval_on_selector_all("#guidance option", "os => os.map(o => o.value)") == ["classifier", "smc"]
+            page.fill("#prompt", "the")
+            page.fill("#max_length", "12")
+            page.fill("#steps", "8")
+            page.fill("#frame_ms", "0")
+            page.select_option("#label", "rivers")
+            page.select_option("#guidance", "smc")
+            page.fill("#guidance_scale", "3")
+            page.fill("#particles", "3")
+            page.click("#generate")
+            page.wait_for_selector("#state[data-state='done'], #state[data-state='error']", timeout=60000)
+            assert page.get_attribute("#state", "data-state") == "done", page.inner_text("body")
+            assert page.locator("#text .tok.mask").count() == 0 and page.locator("#text .tok.gen").count() >= 6
+            body = json.loads(bodies[-1])
+            assert (body["label"], body["guidance"], body["guidance_scale"], body["particles"]) == ("rivers", "smc", 3, 3)
         finally:
             browser.close()

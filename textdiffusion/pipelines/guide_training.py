@@ -46,6 +46,9 @@ class GuideArgs:
     dataset: str = field(default="", metadata={"help": "Labelled documents: a bundled corpus, a local file or a hub id."})
     label_column: str = field(default="", metadata={"help": "The column holding each document's label."})
     text_column: str = field(default="text", metadata={"help": "The column holding each document's text."})
+    exclude_labels: list[str] = field(default_factory=list, metadata={
+        "help": "Drop the documents of these classes (e.g. Uncategorized). On a labelled checkpoint the classes it "
+                "was not trained with are dropped anyway: the guide steers toward the checkpoint's labels."})
     output_dir: str = field(default="runs/guide", metadata={"help": "Where the guide is saved."})
     preset: str = field(default="micro", metadata={"help": f"The guide's size: {sorted(PRESETS)} (micro: seconds on a CPU)."})
     steps: int = field(default=600, metadata={"help": "Optimiser steps."})
@@ -152,6 +155,14 @@ def run_train_guide(args: GuideArgs) -> NoisyClassifier:
     if tokenizer.mask_token_id is None:
         raise UsageError(f"--checkpoint {args.checkpoint!r}: its tokenizer has no mask token; a guide reads masked text.")
     corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction, label_column=args.label_column)
+    if args.exclude_labels:
+        corpus = corpus.without_labels(args.exclude_labels, "--exclude-labels")
+    if config.labels:  # the guide of a labelled checkpoint learns exactly its classes
+        foreign = sorted(set(corpus.label_set) - set(config.labels))
+        if foreign:
+            logger.info("leaving out %d class(es) %s: --checkpoint %s was not trained with them", len(foreign), foreign,
+                        args.checkpoint)
+            corpus = corpus.without_labels(foreign, "--checkpoint's labels")
     guide = train_guide(tokenizer, config, corpus.train, corpus.train_labels, corpus.label_set, preset=args.preset,
                         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                         max_length=args.max_length or None, seed=args.seed, checkpoint=args.checkpoint,
