@@ -107,7 +107,7 @@ class ExperimentArgs:
     max_length: int = field(default=128, metadata={"help": "classify: tokens per block."})
     learning_rate: Optional[float] = field(default=None, metadata={
         "help": "classify: peak learning rate of the generative models, and with --start-from of the pretrained "
-                "discriminative one (default 2e-3 from a preset, 5e-4 from --start-from)."})
+                "discriminative one (default 2e-3 from a preset, 1e-3 from --start-from)."})
     eval_texts: int = field(default=240, metadata={"help": "classify: validation documents scored per corpus."})
     nelbo_samples: int = field(default=4, metadata={"help": "classify: NELBO mask draws per text, shared by all labels."})
     cfg_scales: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0], metadata={
