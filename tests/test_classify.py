@@ -169,6 +169,8 @@ def test_metrics():
     m = classification_metrics(p, truth)
     assert m["accuracy"] == 0.75 and m["confusion"] == [[1, 0], [1, 2]]
     assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert m["recall"] == pytest.approx([1.0, 2 / 3])
+    assert classification_metrics(np.array([[0.9, 0.1, 0.0]]), np.array([0]))["recall"] == [1.0, None, None]  # no texts
     assert expected_calibration_error(np.array([[1.0, 0.0]]), np.array([0])) == 0.0
     assert expected_calibration_error(np.array([[1.0, 0.0]]), np.array([1])) == 1.0
     assert macro_f1(np.array([[3, 0], [0, 0]])) == 1.0  # a class never present nor predicted is skipped
@@ -277,3 +279,141 @@ def test_guidance_contrasts_with_the_label_masked_out(untrained, monkeypatch):
     assert bool((uncond[:, LABEL_POSITION] == gen.mask_id).all())
     assert torch.equal(torch.cat([cond[:, :1], cond[:, 2:]], 1), torch.cat([uncond[:, :1], uncond[:, 2:]], 1))
     assert not bool(torch.isin(out.token_ids[:, 2:], torch.tensor([alpha, gen.mask_id])).any())  # never sampled
+
+
+# -- the experiment, from pretrained starts ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def three_class_file(tmp_path_factory):
+    """The toy languages plus a catch-all class ('misc': words of both) that the experiment must leave out."""
+    rows = toy_rows(200) + [{"text": " ".join(random.Random(i).choice(ALPHA + BETA) for _ in range(8)), "lang": "misc"}
+                            for i in range(40)]
+    path = tmp_path_factory.mktemp("three") / "three.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def starts(three_class_file, tmp_path_factory):
+    """A 'pretrained' micro masked LM and causal LM sharing one tokenizer and trained without labels, saved in
+    fp16 as the bundled wiki-small / wiki-small-ar are (untrained: the plumbing is under test, not the numbers)."""
+    from textdiffusion.config import CorruptionConfig
+    from textdiffusion.models.autoregressive import build_ar_model
+
+    tokenizer = train_bpe_tokenizer(load_corpus(str(three_class_file)).train, 300)
+    root = tmp_path_factory.mktemp("starts")
+    torch.manual_seed(0)
+    builders = {"diffusion": build_preset_model, "ar": build_ar_model}
+    for objective, build in builders.items():
+        build("micro", tokenizer, 24).half().save_pretrained(root / objective)
+        tokenizer.save_pretrained(root / objective)
+        DiffusionConfig(objective=objective, max_length=24, mask_token_id=tokenizer.mask_token_id,
+                        cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+                        corruption=CorruptionConfig(mask_per="example")).save_pretrained(root / objective)
+    return {objective: str(root / objective) for objective in builders}
+
+
+def test_the_pretrained_discriminative_keeps_the_encoder_and_adds_a_head(starts):
+    from transformers import AutoModelForMaskedLM
+
+    from textdiffusion.models.discriminative import build_sequence_classifier
+
+    encoder = AutoModelForMaskedLM.from_pretrained(starts["diffusion"], dtype=torch.float32).model.state_dict()
+    torch.manual_seed(0)
+    pretrained = build_sequence_classifier(None, None, 3, 24, init_from=starts["diffusion"])
+    fresh = build_sequence_classifier(None, None, 3, 24, init_from=starts["diffusion"], load_weights=False)
+    for model in (pretrained, fresh):  # float32 from an fp16 checkpoint, mean pooling as the preset classifier
+        assert {p.dtype for p in model.parameters()} == {torch.float32} and model.config.classifier_pooling == "mean"
+        assert model.classifier.out_features == 3
+    assert all(torch.equal(v, pretrained.model.state_dict()[k]) for k, v in encoder.items())
+    assert not torch.equal(encoder["embeddings.tok_embeddings.weight"], fresh.model.embeddings.tok_embeddings.weight)
+
+
+def test_experiment_fine_tunes_from_the_starts_and_reports_every_row(starts, three_class_file, tmp_path, monkeypatch):
+    """Fractions 1 and 0.03 from the micro starts: each generative model fine-tunes its own start (its
+    tokenizer kept, the label tokens appended, the start's corruption), 'misc' is left out everywhere, and
+    every row carries recall per class and the cost per text."""
+    from transformers import AutoTokenizer
+
+    import textdiffusion.experiments.classify as experiment
+    from textdiffusion.core.labels import kept_labels
+    from textdiffusion.experiments.registry import ExperimentArgs, run_experiment
+
+    start_vocab = AutoTokenizer.from_pretrained(starts["diffusion"]).get_vocab()
+    seen = []
+    real = experiment.run_training
+
+    def spy(args):
+        out = real(args)
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        vocab = tokenizer.get_vocab()
+        assert {k: vocab[k] for k in start_vocab} == start_vocab  # the start's tokenizer, its ids unchanged
+        assert sorted(set(vocab) - set(start_vocab)) == [label_token("alpha"), label_token("beta")]
+        assert json.loads((out / "config.json").read_text())["vocab_size"] >= len(tokenizer)  # new embedding rows
+        seen.append(args)
+        return out
+
+    monkeypatch.setattr(experiment, "run_training", spy)
+    args = ExperimentArgs(datasets=[f"{three_class_file}:lang"], start_from=starts["diffusion"],
+                          ar_start_from=starts["ar"], exclude_labels=["misc"], label_fractions=[1.0, 0.03],
+                          train_steps=2, batch_size=8, max_length=24, eval_texts=8, nelbo_samples=1, cfg_scales=[],
+                          output_dir=str(tmp_path / "out"))
+    final = run_experiment("classify", args)
+    assert [(a.objective, a.model_name, a.label_fraction) for a in seen] == [
+        (o, starts[o], f) for f in (1.0, 0.03) for o in ("diffusion", "ar")]
+    assert all(a.preset is None and a.exclude_labels == ["misc"] and a.mask_per == "example" for a in seen)
+
+    result = json.loads((final / "results.json").read_text())
+    rows, name = result["rows"], f"{three_class_file}"
+    kinds = [f"diffusion (NELBO), from {starts['diffusion']}", f"AR (exact NLL), from {starts['ar']}",
+             f"discriminative ({starts['diffusion']} encoder + new head)",
+             f"discriminative ({starts['diffusion']} size, from scratch)", "class-conditional unigram (counts)"]
+    assert [(r["label_fraction"], r["classifier"]) for r in rows] == [(f, k) for f in (1.0, 0.03) for k in kinds]
+    assert all(r["dataset"] == name and list(r["per_class_recall"]) == ["alpha", "beta"] for r in rows)
+    assert all(r["classify_cpu_s_per_text"] == pytest.approx(r["classify_cpu_s"] / r["n"]) for r in rows)
+    corpus = load_corpus(str(three_class_file), label_column="lang").without_labels(["misc"])
+    labelled = int(kept_labels(len(corpus.train), 0.03, args.seed).sum())
+    assert {r["labelled_documents"] for r in rows if r["label_fraction"] == 0.03 and "labelled_documents" in r} == {labelled}
+    assert result["guidance"] == [] and not (final / "guidance.png").exists()
+    report = (final / "results.md").read_text()
+    assert "classify CPU ms / text" in report and "## Recall per class" in report and "misc" in report
+    assert sorted(p.name for p in final.glob("confusion-three.jsonl-3-*.png")) == [
+        f"confusion-three.jsonl-3-{k}.png" for k in ("ar", "diffusion", "discriminative-pretrained",
+                                                     "discriminative-scratch", "unigram")]
+
+
+def test_bad_experiment_input_is_one_line_and_exit_2(starts, three_class_file, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    base = ["experiment", "classify", "--datasets", f"{three_class_file}:lang", "--output-dir", out]
+    pair = ["--start-from", starts["diffusion"], "--ar-start-from", starts["ar"]]
+    cases = [
+        (["--label-fractions", "0"], "--label-fractions must each be in (0, 1], got 0.0"),
+        (["--label-fractions", "1", "1.5"], "--label-fractions must each be in (0, 1], got 1.5"),
+        (["--start-from", "nope", "--ar-start-from", starts["ar"]], "--start-from 'nope' is neither a bundled model"),
+        (["--start-from", starts["diffusion"], "--ar-start-from", "nope"], "--ar-start-from 'nope' is neither"),
+        (["--start-from", starts["ar"], "--ar-start-from", starts["ar"]], f"--start-from {starts['ar']!r} is a causal LM"),
+        (["--start-from", starts["diffusion"], "--ar-start-from", starts["diffusion"]], "is a masked LM"),
+        (["--start-from", starts["diffusion"]], "needs --ar-start-from too"),
+        (pair + ["--preset", "micro"], "are two starts"),
+        (pair + ["--exclude-labels", "gamma"], "--exclude-labels 'gamma' is a class of none of --datasets"),
+    ]
+    for argv, message in cases:
+        assert main(base + argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_experiment_from_scratch_keeps_its_rows_and_guidance(three_class_file, tmp_path):
+    """Without --start-from every model is the preset (one discriminative row), and the guidance part runs
+    from the all-labels model."""
+    from textdiffusion.experiments.registry import ExperimentArgs, run_experiment
+
+    args = ExperimentArgs(datasets=[f"{three_class_file}:lang"], exclude_labels=["misc"], label_fractions=[1.0],
+                          train_steps=2, batch_size=8, max_length=24, eval_texts=6, nelbo_samples=1, cfg_scales=[2.0],
+                          guidance_samples=1, new_tokens=4, steps=2, output_dir=str(tmp_path / "out"))
+    result = json.loads((run_experiment("classify", args) / "results.json").read_text())
+    assert [r["classifier"] for r in result["rows"]] == ["diffusion (NELBO)", "AR (exact NLL)",
+                                                         "discriminative (same encoder)", "class-conditional unigram (counts)"]
+    assert result["meta"]["args"]["preset"] == "micro"
+    (row,) = result["guidance"]
+    assert row["cfg_scale"] == 2.0 and row["samples"] == 2 and 0.0 <= row["classified_as_asked"] <= 1.0

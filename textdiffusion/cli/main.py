@@ -181,8 +181,16 @@ def _experiment(argv: list[str]) -> int:
     if name not in EXPERIMENTS:
         raise UsageError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}.")
     hf_logging.disable_progress_bar()
-    run_experiment(name, _parse(ExperimentArgs, argv[1:], f"textdiffusion experiment {name}"))
+    run_experiment(name, _parse(ExperimentArgs, argv[1:], f"textdiffusion experiment {name}", layout=_may_be_empty))
     return 0
+
+
+def _may_be_empty(parser) -> None:
+    """`--cfg-scales` with no value is an empty list (classify without its guidance part); HfArgumentParser
+    gives every list flag nargs='+'."""
+    for action in parser._actions:
+        if action.dest == "cfg_scales":
+            action.nargs = "*"
 
 
 def _serve(argv: list[str]) -> int:

@@ -56,7 +56,8 @@ EXPERIMENTS = {
     "steps": "the quality-speed frontier: model calls vs gen PPL and distinct-2 per strategy, AR baseline as a point",
     "levels": "per-mask-level validation loss over training, from a run's per_level_loss.csv",
     "classify": "generative classifiers (diffusion NELBO, AR likelihood) vs a discriminative baseline on Austen book "
-                "and wiki topic, all and 10% of the labels, and label-guided generation (trains its own models)",
+                "and wiki topic, all and 10% of the labels, and label-guided generation (trains its own models, from "
+                "scratch or fine-tuned from wiki-small / wiki-small-ar)",
     "repeated-data": "diffusion vs the same-size AR model on U unique tokens seen for many epochs: validation curves, "
                      "each side's best on a test split, who wins at each budget (trains its own models; resumable)",
 }
@@ -88,14 +89,30 @@ class ExperimentArgs:
         "help": "classify: corpus:label_column pairs."})
     preset: Optional[str] = field(default=None, metadata={
         "help": "classify, repeated-data: the preset of every model it trains (default: micro; repeated-data: mini)."})
+    start_from: Optional[str] = field(default=None, metadata={
+        "help": "classify: fine-tune the diffusion model from this masked LM (bundled wiki-small or a local folder) "
+                "instead of training --preset from scratch; the discriminative baseline then starts from its encoder. "
+                "Needs --ar-start-from."})
+    ar_start_from: Optional[str] = field(default=None, metadata={
+        "help": "classify, with --start-from: fine-tune the AR model from this causal LM (bundled wiki-small-ar or a "
+                "local folder)."})
+    label_fractions: list[float] = field(default_factory=lambda: [1.0, 0.1], metadata={
+        "help": "classify: shares of the training labels used, each in (0, 1]; the generative models read the rest "
+                "of the text unlabelled, the discriminative ones only the labelled share."})
+    exclude_labels: list[str] = field(default_factory=list, metadata={
+        "help": "classify: classes left out of the corpora that have them, in training and scoring (e.g. wiki-vital's "
+                "catch-all Uncategorized)."})
     train_steps: int = field(default=600, metadata={"help": "classify: optimiser steps of every model."})
     batch_size: int = field(default=16, metadata={"help": "classify: blocks (documents) per step."})
     max_length: int = field(default=128, metadata={"help": "classify: tokens per block."})
-    learning_rate: Optional[float] = field(default=None, metadata={"help": "classify: peak learning rate of the generative models (default 2e-3)."})
+    learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "classify: peak learning rate of the generative models, and with --start-from of the pretrained "
+                "discriminative one (default 2e-3 from a preset, 1e-3 from --start-from)."})
     eval_texts: int = field(default=240, metadata={"help": "classify: validation documents scored per corpus."})
     nelbo_samples: int = field(default=4, metadata={"help": "classify: NELBO mask draws per text, shared by all labels."})
     cfg_scales: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0], metadata={
-        "help": "classify: guidance scales of the label-guided samples (empty: no guidance part)."})
+        "help": "classify: guidance scales of the label-guided samples, from the all-labels model (the flag with "
+                "no value: no guidance part)."})
     guidance_samples: int = field(default=8, metadata={"help": "classify: guided samples per label and scale."})
     # `repeated-data` (repeated_data.py): --preset, --batch-size, --max-length, --nelbo-samples are shared
     budgets: list[int] = field(default_factory=lambda: [10_000, 25_000], metadata={
@@ -137,6 +154,24 @@ class ExperimentArgs:
                      "nelbo_samples", "guidance_samples"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        self._check_classify()
+
+    def _check_classify(self) -> None:
+        """classify's starts and label shares, refused before anything trains."""
+        bad = [f for f in self.label_fractions if not 0.0 < f <= 1.0]
+        if bad or not self.label_fractions:
+            raise UsageError(f"--label-fractions must each be in (0, 1], got {bad[0] if bad else self.label_fractions!r}.",
+                             field="label_fractions", value=bad[0] if bad else self.label_fractions)
+        if len(set(self.label_fractions)) < len(self.label_fractions):
+            raise UsageError(f"--label-fractions repeats a share, got {self.label_fractions}.", field="label_fractions",
+                             value=self.label_fractions)
+        if bool(self.start_from) != bool(self.ar_start_from):
+            given, missing = ("--start-from", "--ar-start-from") if self.start_from else ("--ar-start-from", "--start-from")
+            raise UsageError(f"{given} {self.start_from or self.ar_start_from!r} needs {missing} too: both generative "
+                             "models start pretrained, or neither does.", field=missing[2:].replace("-", "_"), value=None)
+        if self.start_from and self.preset:
+            raise UsageError(f"--preset {self.preset!r} and --start-from {self.start_from!r} are two starts; give one.",
+                             field="preset", value=self.preset)
 
 
 # -- shared pieces ----------------------------------------------------------------------------------
@@ -384,7 +419,8 @@ def run_masking_viz(args, out):
 
 
 def run_classify(args, out):
-    args.preset = args.preset or "micro"
+    if not args.start_from:
+        args.preset = args.preset or "micro"
     return run(args, out)
 
 

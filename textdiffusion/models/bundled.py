@@ -56,7 +56,7 @@ def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
             f"{BUILT[name_or_path]}: ~1.7 h on 2 CPU cores, and exports it there), or export a run of it: "
             f"`python -m textdiffusion.models.bundled --run RUN_DIR --name {name_or_path} --into-cache`.")
     raise UsageError(
-        f"--checkpoint {name_or_path!r} is the bundled model, but its files are missing from {path}. Rebuild it "
+        f"{flag} {name_or_path!r} is the bundled model, but its files are missing from {path}. Rebuild it "
         f"with its recipe: `textdiffusion train --config {BUNDLED[name_or_path]} --output-dir runs/{name_or_path}`, "
         f"then `python -m textdiffusion.models.bundled --run runs/{name_or_path} --name {name_or_path}` "
         f"(or pass --checkpoint runs/{name_or_path} directly).")

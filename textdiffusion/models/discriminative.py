@@ -6,7 +6,8 @@ for the same number of steps and batch size.
     probabilities = predict_proba(model, tokenizer, texts)   # [n, C]
 
 From scratch with the preset's ModernBERT configuration (the diffusion model's architecture, local-first
-attention included), or from a pretrained checkpoint's encoder (``init_from``). Input is ``[cls] text [sep]``
+attention included), from a pretrained checkpoint's encoder with a new head (``init_from``), or of that
+checkpoint's size with fresh weights (``load_weights=False``). Input is ``[cls] text [sep]``
 truncated to ``max_length``, padded per batch. A plain loop (AdamW, warm-up then cosine decay): it is one
 cross-entropy over a [b, C] head, nothing Trainer would add.
 """
@@ -24,12 +25,28 @@ from textdiffusion.errors import UsageError
 from textdiffusion.models.presets import build_preset_model
 
 
-def build_sequence_classifier(tokenizer, preset: str, num_labels: int, max_length: int, init_from: str | None = None):
-    """A ModernBERT sequence classifier of ``preset``'s size for ``tokenizer`` (or the encoder of ``init_from``)."""
-    from transformers import AutoModelForSequenceClassification, ModernBertForSequenceClassification
+def build_sequence_classifier(tokenizer, preset: str | None, num_labels: int, max_length: int,
+                              init_from: str | None = None, load_weights: bool = True):
+    """A ModernBERT sequence classifier of ``preset``'s size for ``tokenizer``; or with ``init_from`` (a
+    checkpoint folder) its encoder and a new head, or with ``load_weights=False`` only its configuration
+    (the same size, fresh weights: what the pretraining gives is then the difference of the two)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, ModernBertForSequenceClassification
 
     if init_from is not None:
-        return AutoModelForSequenceClassification.from_pretrained(init_from, num_labels=num_labels)
+        # mean pooling as the preset classifier below; float32 weights even from an fp16 checkpoint (wiki-small)
+        config = AutoConfig.from_pretrained(init_from, num_labels=num_labels, classifier_pooling="mean")
+        if not load_weights:
+            return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+        from textdiffusion.models.loading import quiet_load_report
+
+        with quiet_load_report():  # the MLM decoder is unused and the head is new: that is the point
+            model, report = AutoModelForSequenceClassification.from_pretrained(
+                init_from, config=config, dtype=torch.float32, output_loading_info=True)
+        fresh = sorted(k for k in report["missing_keys"] if not k.startswith("classifier."))
+        if fresh:  # the encoder itself did not load: a classifier from scratch would pass as a pretrained one
+            raise UsageError(f"{init_from!r}: its encoder does not fit a sequence classifier ({len(fresh)} weights "
+                             f"missing, e.g. {fresh[0]!r}).")
+        return model
 
     config = build_preset_model(preset, tokenizer, max_length).config  # the denoiser's exact configuration
     config.num_labels = num_labels
@@ -44,8 +61,9 @@ def _encode(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch
 def train_sequence_classifier(tokenizer, preset: str, texts: Sequence[str], labels: Sequence[str],
                               label_set: Sequence[str], steps: int, batch_size: int = 16, learning_rate: float = 2e-3,
                               max_length: int = 128, seed: int = 0, warmup: float = 0.05, weight_decay: float = 0.01,
-                              init_from: str | None = None):
-    """Train on (texts, labels) for ``steps`` optimiser steps of ``batch_size`` documents; returns the model."""
+                              init_from: str | None = None, load_weights: bool = True):
+    """Train on (texts, labels) for ``steps`` optimiser steps of ``batch_size`` documents; returns the model.
+    ``init_from``, ``load_weights``: as :func:`build_sequence_classifier`."""
     if len(set(labels)) < 2:
         raise UsageError(f"the discriminative baseline needs at least two classes, got {sorted(set(labels))!r}.")
     index = {c: i for i, c in enumerate(label_set)}
@@ -53,7 +71,7 @@ def train_sequence_classifier(tokenizer, preset: str, texts: Sequence[str], labe
     if unknown:
         raise UsageError(f"label {unknown[0]!r} is not in the label set {list(label_set)!r}.")
     torch.manual_seed(seed)
-    model = build_sequence_classifier(tokenizer, preset, len(label_set), max_length, init_from)
+    model = build_sequence_classifier(tokenizer, preset, len(label_set), max_length, init_from, load_weights)
     targets = torch.tensor([index[c] for c in labels])  # [n]
 
     def inputs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

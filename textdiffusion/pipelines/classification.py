@@ -199,11 +199,20 @@ def macro_f1(confusion: np.ndarray) -> float:
     return float(f1[present].mean()) if present.any() else float("nan")
 
 
+def per_class_recall(confusion: np.ndarray) -> list[float | None]:
+    """[C] the share of each class's texts predicted as it (None for a class with no texts): where a classifier
+    that looks good on average gives up on the small classes."""
+    actual = confusion.sum(1)
+    return [float(tp / n) if n else None for tp, n in zip(np.diag(confusion).tolist(), actual.tolist())]
+
+
 def classification_metrics(probabilities: np.ndarray, truth: np.ndarray) -> dict:
-    """Accuracy, macro-F1, ECE and the confusion matrix of ``probabilities`` [n, C] against ``truth`` [n]."""
+    """Accuracy, macro-F1, ECE, recall per class and the confusion matrix of ``probabilities`` [n, C]
+    against ``truth`` [n]."""
     predicted = probabilities.argmax(1)
     confusion = confusion_matrix(truth, predicted, probabilities.shape[1])
     return {"accuracy": float((predicted == truth).mean()), "macro_f1": macro_f1(confusion),
+            "recall": per_class_recall(confusion),
             "ece": expected_calibration_error(probabilities, truth), "n": int(len(truth)),
             "confusion": confusion.tolist(),
             "mean_log_loss": float(-np.log(np.clip(probabilities[np.arange(len(truth)), truth], 1e-12, 1)).mean())}
