@@ -3,9 +3,10 @@
 # classify --start-from wiki-small --ar-start-from wiki-small-ar`, results into benchmarks/results/classify-pretrained/.
 # wiki-vital `topic` without its catch-all "Uncategorized" (11 topics, 8,584 training / 449 validation documents),
 # with 100 %, 10 % and 3 % of the training labels. Per share, 4 models of 220 steps of 32 × 128 tokens: the diffusion
-# model fine-tuned from wiki-small, the AR model from wiki-small-ar (both read all the text, the unlabelled share
-# with its label masked), wiki-small's encoder + a new head, and the same architecture from scratch (these two read
-# only the labelled share); plus the class-conditional token counts. Every validation text is scored (449; the
+# model fine-tuned from wiki-small, the AR model from wiki-small-ar, wiki-small's encoder + a new head, and the same
+# architecture from scratch; every one reads only the labelled share (the generative fine-tunes: --unlabelled drop,
+# since their starts already read all of wiki-vital), so the objectives differ, not the data; plus the
+# class-conditional token counts. Every validation text is scored (449; the
 # diffusion NELBO from 2 mask draws shared by the 11 topics). No guidance part (a separate benchmark does it).
 #
 #   bash benchmarks/classify_pretrained.sh [CORE]      # default core 0; one thread

@@ -13,7 +13,7 @@ from textdiffusion.cli.main import main
 from textdiffusion.config import ConfigError, DiffusionConfig
 from textdiffusion.core.collator import collator_from_config
 from textdiffusion.core.data import load_corpus
-from textdiffusion.core.labels import LABEL_POSITION, add_label_tokens, label_token, pack_labelled
+from textdiffusion.core.labels import LABEL_POSITION, add_label_tokens, kept_labels, label_token, pack_labelled
 from textdiffusion.errors import UsageError
 from textdiffusion.models.presets import build_preset_model, train_bpe_tokenizer
 from textdiffusion.pipelines.classification import (
@@ -329,13 +329,12 @@ def test_the_pretrained_discriminative_keeps_the_encoder_and_adds_a_head(starts)
 
 
 def test_experiment_fine_tunes_from_the_starts_and_reports_every_row(starts, three_class_file, tmp_path, monkeypatch):
-    """Fractions 1 and 0.03 from the micro starts: each generative model fine-tunes its own start (its
+    """Fractions 1 and 0.5 from the micro starts: each generative model fine-tunes its own start (its
     tokenizer kept, the label tokens appended, the start's corruption), 'misc' is left out everywhere, and
     every row carries recall per class and the cost per text."""
     from transformers import AutoTokenizer
 
     import textdiffusion.experiments.classify as experiment
-    from textdiffusion.core.labels import kept_labels
     from textdiffusion.experiments.registry import ExperimentArgs, run_experiment
 
     start_vocab = AutoTokenizer.from_pretrained(starts["diffusion"]).get_vocab()
@@ -354,30 +353,31 @@ def test_experiment_fine_tunes_from_the_starts_and_reports_every_row(starts, thr
 
     monkeypatch.setattr(experiment, "run_training", spy)
     args = ExperimentArgs(datasets=[f"{three_class_file}:lang"], start_from=starts["diffusion"],
-                          ar_start_from=starts["ar"], exclude_labels=["misc"], label_fractions=[1.0, 0.03],
+                          ar_start_from=starts["ar"], exclude_labels=["misc"], label_fractions=[1.0, 0.5],
                           train_steps=2, batch_size=8, max_length=24, eval_texts=8, nelbo_samples=1, cfg_scales=[],
                           output_dir=str(tmp_path / "out"))
     final = run_experiment("classify", args)
     assert [(a.objective, a.model_name, a.label_fraction) for a in seen] == [
-        (o, starts[o], f) for f in (1.0, 0.03) for o in ("diffusion", "ar")]
+        (o, starts[o], f) for f in (1.0, 0.5) for o in ("diffusion", "ar")]
     assert all(a.preset is None and a.exclude_labels == ["misc"] and a.mask_per == "example" for a in seen)
+    assert all(a.unlabelled == "drop" and a.label_dropout == 0.0 for a in seen)  # fine-tunes read the labelled share
 
     result = json.loads((final / "results.json").read_text())
     rows, name = result["rows"], f"{three_class_file}"
     kinds = [f"diffusion (NELBO), from {starts['diffusion']}", f"AR (exact NLL), from {starts['ar']}",
              f"discriminative ({starts['diffusion']} encoder + new head)",
              f"discriminative ({starts['diffusion']} size, from scratch)", "class-conditional unigram (counts)"]
-    assert [(r["label_fraction"], r["classifier"]) for r in rows] == [(f, k) for f in (1.0, 0.03) for k in kinds]
+    assert [(r["label_fraction"], r["classifier"]) for r in rows] == [(f, k) for f in (1.0, 0.5) for k in kinds]
     assert all(r["dataset"] == name and list(r["per_class_recall"]) == ["alpha", "beta"] for r in rows)
     assert all(r["classify_cpu_s_per_text"] == pytest.approx(r["classify_cpu_s"] / r["n"]) for r in rows)
     corpus = load_corpus(str(three_class_file), label_column="lang").without_labels(["misc"])
-    labelled = int(kept_labels(len(corpus.train), 0.03, args.seed).sum())
-    assert {r["labelled_documents"] for r in rows if r["label_fraction"] == 0.03 and "labelled_documents" in r} == {labelled}
+    labelled = int(kept_labels(len(corpus.train), 0.5, args.seed).sum())
+    assert {r["labelled_documents"] for r in rows if r["label_fraction"] == 0.5 and "labelled_documents" in r} == {labelled}
     assert result["guidance"] == [] and not (final / "guidance.png").exists()
     report = (final / "results.md").read_text()
     assert "classify CPU ms / text" in report and "## Recall per class" in report and "misc" in report
-    assert sorted(p.name for p in final.glob("confusion-three.jsonl-3-*.png")) == [
-        f"confusion-three.jsonl-3-{k}.png" for k in ("ar", "diffusion", "discriminative-pretrained",
+    assert sorted(p.name for p in final.glob("confusion-three.jsonl-50-*.png")) == [
+        f"confusion-three.jsonl-50-{k}.png" for k in ("ar", "diffusion", "discriminative-pretrained",
                                                      "discriminative-scratch", "unigram")]
 
 
@@ -417,3 +417,24 @@ def test_experiment_from_scratch_keeps_its_rows_and_guidance(three_class_file, t
     assert result["meta"]["args"]["preset"] == "micro"
     (row,) = result["guidance"]
     assert row["cfg_scale"] == 2.0 and row["samples"] == 2 and 0.0 <= row["classified_as_asked"] <= 1.0
+
+
+def test_unlabelled_drop_trains_on_the_label_budget_only(toy_file, untrained):
+    """--unlabelled drop leaves the documents without a label out; masked keeps them with the label slot masked."""
+    from transformers import AutoTokenizer
+
+    from textdiffusion.pipelines.training import labelled_blocks
+
+    corpus = load_corpus(str(toy_file), label_column="lang")
+    tokenizer = AutoTokenizer.from_pretrained(untrained)
+    blocks = {}
+    for mode in ("masked", "drop"):
+        args = TrainArgs(preset="micro", label_column="lang", max_length=24, label_fraction=0.3, label_dropout=0.0,
+                         unlabelled=mode)
+        blocks[mode], _ = labelled_blocks(args, corpus, tokenizer, args.corruption())
+    kept = int(kept_labels(len(corpus.train), 0.3, args.seed).sum())
+    masked_slot = blocks["masked"][:, 1] == tokenizer.mask_token_id
+    assert 0 < kept < len(corpus.train) and int(masked_slot.sum()) > 0
+    assert torch.equal(blocks["drop"], blocks["masked"][~masked_slot])  # the same labelled blocks, nothing else
+    with pytest.raises(UsageError, match="unlabelled"):
+        TrainArgs(preset="micro", label_column="lang", unlabelled="keep")

@@ -22,11 +22,13 @@ them, each with its start's tokenizer (the label tokens added as new embeddings)
 and the discriminative baseline starts from the same knowledge: the start's encoder with a new head; the
 same architecture from scratch beside it shows what the pretraining gives.
 
-With a share f of the labels the generative models still read all training text (the rest with the label
-masked, as unlabelled text: a generative model can use it), the discriminative ones only the labelled
-share. Each is scored on the same evenly spaced validation documents: accuracy, macro-F1, expected
-calibration error, recall per class, a confusion matrix (PNG) and the CPU seconds of training and of
-classifying (also per text).
+With a share f of the labels a generative model from scratch still reads all training text (the rest with
+the label masked, as unlabelled text: a generative model can use it); a fine-tuned one reads only the
+labelled share (``train --unlabelled drop``: its start already read the rest), as the discriminative ones
+do. Without guidance no label is dropped (``--label-dropout 0``): every labelled document teaches its label.
+Each is scored on the same evenly spaced validation documents: accuracy, macro-F1, expected calibration
+error, recall per class, a confusion matrix (PNG) and the CPU seconds of training and of classifying (also
+per text).
 
 Guidance (empty ``--cfg-scales``: none): with the all-labels diffusion model, ``guidance_samples`` texts per
 label at each cfg scale (the label as prefix, classifier-free guidance against the pass with the label
@@ -133,7 +135,8 @@ def _train_generative(args, start: Start, dataset: str, column: str, excluded: l
              {"model_name": checkpoint, **asdict(DiffusionConfig.from_pretrained(checkpoint).corruption)})
     t0 = _cpu()
     run_training(TrainArgs(objective=objective, **model, dataset=dataset, label_column=column, exclude_labels=excluded,
-                           label_fraction=fraction, max_steps=args.train_steps, eval_steps=args.train_steps,
+                           label_fraction=fraction, unlabelled="drop" if start.pretrained else "masked",
+                           label_dropout=0.1 if args.cfg_scales else 0.0, max_steps=args.train_steps, eval_steps=args.train_steps,
                            eval_blocks=32, batch_size=args.batch_size, learning_rate=learning_rate(args, start),
                            max_length=args.max_length, output_dir=str(out), precision="fp32", seed=args.seed,
                            logging_steps=max(1, args.train_steps // 4), save_total_limit=1))
@@ -352,8 +355,10 @@ def _write_report(args, start: Start, out: Path, rows: list[dict], guidance: lis
              f"the diffusion NELBO from {args.nelbo_samples} mask draws per text shared by all labels. "
              "ECE: 10 equal-width confidence bins. CPU seconds are process CPU time (training includes loading, "
              "tokenizing and two validation passes; the counts' CPU time is counting and scoring together). With a "
-             "share of the labels the generative models also read the rest of the training text with the label "
-             "masked; the discriminative models and the unigram counts see only the labelled share.",
+             "share of the labels " + ("every model sees only the labelled share (the fine-tuned generative ones: "
+             "`--unlabelled drop`; their starts already read all the text)" if start.pretrained else
+             "the generative models also read the rest of the training text with the label masked; the "
+             "discriminative models and the unigram counts see only the labelled share") + ".",
              "", _table(rows), "", "## Recall per class", "", _recall_table(rows),
              "Confusion matrices: `confusion-<corpus>-<labels %>-<classifier>.png`."]
     if guidance:

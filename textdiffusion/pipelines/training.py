@@ -126,14 +126,20 @@ def labelled_blocks(args: TrainArgs, corpus, tokenizer, corruption: CorruptionCo
     validation keeps every label."""
     to_id = dict(zip(corpus.label_set, label_token_ids(tokenizer, corpus.label_set)))
     n = len(corpus.train)
-    withheld = ~kept_labels(n, args.label_fraction, args.seed) | dropped_labels(n, args.label_dropout, args.seed)
+    kept = kept_labels(n, args.label_fraction, args.seed)
+    withheld = ~kept | dropped_labels(n, args.label_dropout, args.seed)
     train_ids = [None if w else to_id[c] for c, w in zip(corpus.train_labels, withheld)]
+    texts = corpus.train
+    if args.unlabelled == "drop":  # only the documents of the label budget train
+        texts = [t for t, k in zip(texts, kept) if k]
+        train_ids = [i for i, k in zip(train_ids, kept) if k]
     pad_with_eos = corruption.learn_eos or args.objective != "diffusion"
-    train, _ = pack_labelled(corpus.train, train_ids, tokenizer, args.max_length, tokenizer.mask_token_id, pad_with_eos)
+    train, _ = pack_labelled(texts, train_ids, tokenizer, args.max_length, tokenizer.mask_token_id, pad_with_eos)
     val, _ = pack_labelled(corpus.validation, [to_id[c] for c in corpus.validation_labels], tokenizer, args.max_length,
                            tokenizer.mask_token_id, pad_with_eos)
+    rest = "the rest are left out" if args.unlabelled == "drop" else "the rest train with it masked"
     print(f"labels: {len(to_id)} classes of {args.label_column!r}; {int((~withheld).sum()):,} of {n:,} training documents "
-          "carry their label, the rest train with it masked", flush=True)
+          f"carry their label, {rest}", flush=True)
     return train, val
 def _prepare_head(args: TrainArgs, model, tokenizer, train_blocks, corruption, device, is_main: bool) -> None:
     """Build the MLM head of an encoder shipped without one, and warm it up with the encoder frozen."""

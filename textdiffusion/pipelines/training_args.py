@@ -160,7 +160,11 @@ class _TrainFields(CorruptionConfig, TrainingArguments):
         "help": "With --label-column: drop the documents of these classes (e.g. Uncategorized) from both splits."})
     label_fraction: float = field(default=1.0, metadata={
         "help": "With --label-column: the share of training documents whose label is used (a label budget); the "
-                "rest train with the label masked, as unlabelled text."})
+                "rest train with the label masked, as unlabelled text (see --unlabelled)."})
+    unlabelled: str = field(default="masked", metadata={
+        "help": "With --label-fraction < 1: what becomes of the documents without a label. masked: they train with "
+                "the label masked (a model from scratch learns the text from them); drop: they are left out (a "
+                "pretrained model that already read them then spends every step on labelled text)."})
     label_dropout: float = field(default=0.1, metadata={
         "help": "With --label-column: the share of labelled documents trained with the label masked anyway, so "
                 "the model also learns p(text) (the unconditional pass of --cfg-scale guidance)."})
@@ -257,6 +261,7 @@ class _TrainFields(CorruptionConfig, TrainingArguments):
             (not (self.adapt_from_causal and self.objective != "diffusion"), "adapt_from_causal",
              f"trains a diffusion model; it cannot be combined with --objective {self.objective!r}"),
             (0.0 < self.label_fraction <= 1.0, "label_fraction", "must be in (0, 1]"),
+            (self.unlabelled in ("masked", "drop"), "unlabelled", "must be masked or drop"),
             (0.0 <= self.label_dropout < 1.0, "label_dropout", "must be in [0, 1)"),
             (self.head_init in ("built", "random"), "head_init", "must be built or random"),
             (self.head_warmup >= 0, "head_warmup", "must be >= 0"),
