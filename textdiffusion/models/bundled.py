@@ -22,7 +22,8 @@ from textdiffusion.models.pretrained import PRETRAINED, cache_root, require_fetc
 
 MODELS_DIR = Path(__file__).resolve().parent  # the shipped models are folders beside this module
 BUNDLED = {"wiki-small": "recipes/wiki-small.yaml",
-           "wiki-small-ar": "recipes/wiki-small-ar.yaml"}  # the same-size AR baseline: a fresh clone can compare
+           "wiki-small-ar": "recipes/wiki-small-ar.yaml",  # the same-size AR baseline: a fresh clone can compare
+           "wiki-small-topics": "recipes/wiki-small-topics.yaml"}  # wiki-small writing about a requested topic
 # built locally by `make <name>` (too large to ship), found in the cache; the value: (recipe, what the build does)
 BUILT = {"mpnet-wiki": ("recipes/mpnet-wiki.yaml", "fetches mpnet-base, fine-tunes it by recipes/mpnet-wiki.yaml: "
                         "~1.7 h on 2 CPU cores"),
