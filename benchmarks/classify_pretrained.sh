@@ -9,7 +9,8 @@
 # class-conditional token counts. Every validation text is scored (449; the
 # diffusion NELBO from 2 mask draws shared by the 11 topics). No guidance part (a separate benchmark does it).
 #
-#   bash benchmarks/classify_pretrained.sh [CORE]      # default core 0; one thread
+#   bash benchmarks/classify_pretrained.sh [CORE] [FLAGS...]   # default core 0; one thread; FLAGS override, e.g.
+#   bash benchmarks/classify_pretrained.sh 1 --nelbo-samples 16  # more mask draws (the committed run used 2)
 #
 # About 95 minutes on one core, from CPU seconds measured on an AMD EPYC core (fp32, 2026-12-01, a few steps each):
 #   per step at batch 32 × 128 tokens: diffusion fine-tune 1.07 (1.3 in wiki-small's own recipe runs: 1.3 used),
@@ -29,4 +30,4 @@ trap '[ -s "$KEEP" ] && [ -d "$OUT" ] && cp "$KEEP" "$OUT/README.md"; rm -f "$KE
 taskset -c "${1:-0}" "$TD" experiment classify --output-dir "$OUT" --overwrite \
   --start-from wiki-small --ar-start-from wiki-small-ar --datasets wiki-vital:topic --exclude-labels Uncategorized \
   --label-fractions 1 0.1 0.03 --train-steps 220 --batch-size 32 --max-length 128 --learning-rate 1e-3 \
-  --eval-texts 449 --nelbo-samples 2 --cfg-scales
+  --eval-texts 449 --nelbo-samples 2 --cfg-scales "${@:2}"
