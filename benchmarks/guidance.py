@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- the samples -------------------------------------------------------------------------------
     template = f"<mask:{args.new_tokens}>"
+    editable = gen.build_batch([template])[1][0]  # [width] the row without a label: its generated positions
+    width = len(editable)
     settings = {"steps": args.steps} if args.steps else {}
     results, examples = [], {}
     for name, family, strength, extra in methods(args, bool(gen.config.labels), guide is not None):
@@ -139,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                                **kwargs)
             cpu += time.process_time() - c0
             nfe = max(nfe, out.nfe)
-            _, editable, _ = gen.build_batch([template])
-            width = editable.shape[1]
-            pieces = [new_text(gen, row[-width:], editable[0]) for row in out.token_ids]  # the label prefix sits before
+            pieces = [new_text(gen, row[-width:], editable) for row in out.token_ids]  # the label prefix sits before
             texts = [text for _, text in pieces]
             probs = predict_proba(judge, tok, texts, gen.config.max_length).numpy()
             hit = probs.argmax(1) == t

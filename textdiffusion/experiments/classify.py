@@ -136,7 +136,8 @@ def _train_generative(args, start: Start, dataset: str, column: str, excluded: l
     t0 = _cpu()
     run_training(TrainArgs(objective=objective, **model, dataset=dataset, label_column=column, exclude_labels=excluded,
                            label_fraction=fraction, unlabelled="drop" if start.pretrained else "masked",
-                           label_dropout=0.1 if args.cfg_scales else 0.0, max_steps=args.train_steps, eval_steps=args.train_steps,
+                           **({} if args.cfg_scales else {"label_dropout": 0.0}),  # no guidance: every label teaches
+                           max_steps=args.train_steps, eval_steps=args.train_steps,
                            eval_blocks=32, batch_size=args.batch_size, learning_rate=learning_rate(args, start),
                            max_length=args.max_length, output_dir=str(out), precision="fp32", seed=args.seed,
                            logging_steps=max(1, args.train_steps // 4), save_total_limit=1))
