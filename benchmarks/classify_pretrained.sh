@@ -11,6 +11,8 @@
 #
 #   bash benchmarks/classify_pretrained.sh [CORE] [FLAGS...]   # default core 0; one thread; FLAGS override, e.g.
 #   bash benchmarks/classify_pretrained.sh 1 --nelbo-samples 16  # more mask draws (the committed run used 2)
+#   OUT=benchmarks/results/classify-pretrained-16-draws bash benchmarks/classify_pretrained.sh 1 \
+#     --classifiers diffusion --label-fractions 0.1 0.03 --nelbo-samples 16   # rerun one classifier elsewhere
 #
 # About 95 minutes on one core, from CPU seconds measured on an AMD EPYC core (fp32, 2026-12-01, a few steps each):
 #   per step at batch 32 × 128 tokens: diffusion fine-tune 1.07 (1.3 in wiki-small's own recipe runs: 1.3 used),
@@ -23,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TD="${TEXTDIFFUSION:-$( [ -x .venv/bin/textdiffusion ] && echo .venv/bin/textdiffusion || echo textdiffusion )}"
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-OUT=benchmarks/results/classify-pretrained
+OUT=${OUT:-benchmarks/results/classify-pretrained}
 # the experiment replaces the folder; keep its hand-written reading (README.md) — update it if the numbers move
 KEEP=$(mktemp); [ -f "$OUT/README.md" ] && cp "$OUT/README.md" "$KEEP"
 trap '[ -s "$KEEP" ] && [ -d "$OUT" ] && cp "$KEEP" "$OUT/README.md"; rm -f "$KEEP"' EXIT

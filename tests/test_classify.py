@@ -380,6 +380,15 @@ def test_experiment_fine_tunes_from_the_starts_and_reports_every_row(starts, thr
         f"confusion-three.jsonl-50-{k}.png" for k in ("ar", "diffusion", "discriminative-pretrained",
                                                      "discriminative-scratch", "unigram")]
 
+    # --classifiers diffusion reruns that one classifier alone: the same texts, seeds and fine-tune give the same row
+    seen.clear()
+    args.classifiers, args.label_fractions, args.output_dir = ["diffusion"], [0.5], str(tmp_path / "rerun")
+    (rerun,) = json.loads((run_experiment("classify", args) / "results.json").read_text())["rows"]
+    assert [(a.objective, a.label_fraction) for a in seen] == [("diffusion", 0.5)]
+    (full,) = [r for r in rows if r["label_fraction"] == 0.5 and r["classifier"] == kinds[0]]
+    assert {k: rerun[k] for k in ("classifier", "accuracy", "macro_f1", "ece", "n")} == {
+        k: full[k] for k in ("classifier", "accuracy", "macro_f1", "ece", "n")}
+
 
 def test_bad_experiment_input_is_one_line_and_exit_2(starts, three_class_file, tmp_path, capsys):
     out = str(tmp_path / "out")
@@ -395,6 +404,9 @@ def test_bad_experiment_input_is_one_line_and_exit_2(starts, three_class_file, t
         (["--start-from", starts["diffusion"]], "needs --ar-start-from too"),
         (pair + ["--preset", "micro"], "are two starts"),
         (pair + ["--exclude-labels", "gamma"], "--exclude-labels 'gamma' is a class of none of --datasets"),
+        (pair + ["--classifiers", "diffusion", "bayes"], "--classifiers 'bayes' is not one of diffusion, ar,"),
+        (["--classifiers", "ar", "unigram"], "--classifiers ar unigram without diffusion needs --start-from"),
+        (pair + ["--classifiers", "diffusion", "--cfg-scales", "1"], "needs --classifiers diffusion and discriminative"),
     ]
     for argv, message in cases:
         assert main(base + argv) == 2, argv

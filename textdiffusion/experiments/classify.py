@@ -97,6 +97,9 @@ class Start:
         return self.diffusion if objective == "diffusion" else self.ar
 
 
+# the classifiers an experiment can train and score (``--classifiers``): the two generative ones, the discriminative
+# baseline(s) and the class-conditional token counts
+CLASSIFIERS = ("diffusion", "ar", "discriminative", "unigram")
 KINDS = {"diffusion": "a masked LM (diffusion), such as wiki-small", "ar": "a causal LM (AR), such as wiki-small-ar"}
 
 
@@ -284,7 +287,7 @@ def run_classify(args, out: Path) -> dict:
             for fraction in args.label_fractions:
                 tag = _file_tag(dataset, fraction)
                 models = {}
-                for objective in ("diffusion", "ar"):
+                for objective in (o for o in ("diffusion", "ar") if o in args.classifiers):
                     checkpoint, train_cpu = _train_generative(args, start, dataset, column, excluded, objective,
                                                               fraction, work / tag)
                     models[objective] = checkpoint
@@ -304,7 +307,7 @@ def run_classify(args, out: Path) -> dict:
                 train_texts = [t for t, k in zip(corpus.train, labelled) if k]
                 train_labels = [c for c, k in zip(corpus.train_labels, labelled) if k]
                 judge = None  # the first discriminative model judges the guided samples
-                for key, name, settings in _discriminatives(args, start):
+                for key, name, settings in _discriminatives(args, start) if "discriminative" in args.classifiers else []:
                     t0 = _cpu()
                     disc = train_sequence_classifier(tokenizer, texts=train_texts, labels=train_labels, label_set=labels,
                                                      steps=args.train_steps, batch_size=args.batch_size,
@@ -319,12 +322,13 @@ def run_classify(args, out: Path) -> dict:
                                      labelled_documents=len(train_texts)))
                     if judge is None:
                         judge = disc
-                t0 = _cpu()
-                probs = unigram_bayes(tokenizer, train_texts, train_labels, labels, texts).numpy()
-                cpu = _cpu() - t0
-                metrics = _evaluate(probs, truth, labels, out / f"confusion-{tag}-unigram.png",
-                                    f"class-conditional unigram, {dataset}, {_percent(fraction)}% labels")
-                rows.append(_row(dataset, fraction, "class-conditional unigram (counts)", cpu, 0.0, len(texts), metrics))
+                if "unigram" in args.classifiers:
+                    t0 = _cpu()
+                    probs = unigram_bayes(tokenizer, train_texts, train_labels, labels, texts).numpy()
+                    cpu = _cpu() - t0
+                    metrics = _evaluate(probs, truth, labels, out / f"confusion-{tag}-unigram.png",
+                                        f"class-conditional unigram, {dataset}, {_percent(fraction)}% labels")
+                    rows.append(_row(dataset, fraction, "class-conditional unigram (counts)", cpu, 0.0, len(texts), metrics))
                 if fraction == 1.0 and args.cfg_scales:
                     guidance += _guidance(args, models["diffusion"], judge, labels, out, dataset)
                 shutil.rmtree(work / tag, ignore_errors=True)

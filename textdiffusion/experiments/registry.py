@@ -34,6 +34,7 @@ from textdiffusion.core.collator import DiffusionCollator, collator_for_tokenize
 from textdiffusion.core.data import load_corpus, pack
 from textdiffusion.core.reporting import plot_level_curves, read_level_csv
 from textdiffusion.errors import UsageError
+from textdiffusion.experiments.classify import CLASSIFIERS
 from textdiffusion.experiments.classify import run_classify as run
 from textdiffusion.models.bundled import resolve_checkpoint
 from textdiffusion.models.quality import (
@@ -114,6 +115,9 @@ class ExperimentArgs:
         "help": "classify: guidance scales of the label-guided samples, from the all-labels model (the flag with "
                 "no value: no guidance part)."})
     guidance_samples: int = field(default=8, metadata={"help": "classify: guided samples per label and scale."})
+    classifiers: list[str] = field(default_factory=lambda: list(CLASSIFIERS), metadata={
+        "help": "classify: which classifiers to train and score (all by default; a subset reruns one of them, e.g. "
+                "`diffusion` with more --nelbo-samples, on the same texts and seeds): " + " ".join(CLASSIFIERS) + "."})
     # `repeated-data` (repeated_data.py): --preset, --batch-size, --max-length, --nelbo-samples are shared
     budgets: list[int] = field(default_factory=lambda: [10_000, 25_000], metadata={
         "help": "repeated-data: unique training tokens per budget (each a prefix of one shuffled packing)."})
@@ -169,6 +173,18 @@ class ExperimentArgs:
             given, missing = ("--start-from", "--ar-start-from") if self.start_from else ("--ar-start-from", "--start-from")
             raise UsageError(f"{given} {self.start_from or self.ar_start_from!r} needs {missing} too: both generative "
                              "models start pretrained, or neither does.", field=missing[2:].replace("-", "_"), value=None)
+        unknown = [c for c in self.classifiers if c not in CLASSIFIERS]
+        if unknown or not self.classifiers:
+            raise UsageError(f"--classifiers {unknown[0] if unknown else self.classifiers!r} is not one of "
+                             f"{', '.join(CLASSIFIERS)}.", field="classifiers", value=unknown[0] if unknown else None)
+        if not self.start_from and "diffusion" not in self.classifiers:
+            raise UsageError(f"--classifiers {' '.join(self.classifiers)} without diffusion needs --start-from: from a "
+                             "preset the tokenizer every classifier reads is the diffusion run's.", field="classifiers",
+                             value=self.classifiers)
+        if self.cfg_scales and not {"diffusion", "discriminative"} <= set(self.classifiers):
+            raise UsageError(f"--cfg-scales {self.cfg_scales} needs --classifiers diffusion and discriminative (the guided "
+                             "samples come from the one and are judged by the other); pass --cfg-scales with no value "
+                             "to skip guidance.", field="cfg_scales", value=self.cfg_scales)
         if self.start_from and self.preset:
             raise UsageError(f"--preset {self.preset!r} and --start-from {self.start_from!r} are two starts; give one.",
                              field="preset", value=self.preset)
