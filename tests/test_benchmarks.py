@@ -115,11 +115,20 @@ def test_pretrained_comparison_measures_both_tokenizers_in_words(tmp_path):
     MPNetForMaskedLM(config).save_pretrained(tmp_path / "wp")
     tokenizer.save_pretrained(tmp_path / "wp")
     run("benchmarks/pretrained_compare.py", "--quick", "--checkpoints", "wiki-small", str(tmp_path / "wp"),
-        "--out", str(tmp_path / "out"))
-    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
-    assert [r["lowercase"] for r in rows] == [False, True]
+        "--sweep", "wiki-small", "--ar", "wiki-small-ar", "--out", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = result["rows"]
+    # wiki-small swept (blocks of 8 at 1 and 2 tokens per call), the WordPiece model once, the AR model once
+    assert [(r["checkpoint"], r["kind"], r["lowercase"]) for r in rows] == [
+        ("wiki-small", "diffusion", False), ("wiki-small", "diffusion", False), (str(tmp_path / "wp"), "diffusion", True),
+        ("wiki-small-ar", "autoregressive", False)]
+    assert [r["tokens_per_call"] for r in rows] == [1.0, 2.0, 4.0, 1.0]  # whole blocks: the asked rate exactly
+    assert [r["nfe"] for r in rows[:2]] == [rows[0]["new_tokens"], rows[0]["new_tokens"] // 2]
+    assert [bool(r.get("headline")) for r in rows] == [False, True, False, False]  # >= 2 tokens per call
     for r in rows:
-        assert 0.2 < r["words_per_token"] < 1.5 and r["new_tokens"] == round(8 / r["words_per_token"])
+        assert 0.2 < r["words_per_token"] < 1.5 and r["new_tokens"] == 32  # 8 words' worth, in whole blocks of 32
         assert 0 < r["distinct_2"] <= 1 and r["words_per_s_b1"] > 0 and r["reference"]["words"] > 0
-    assert rows[0]["new_tokens"] != rows[1]["new_tokens"]  # BPE 4k needs more tokens for the same words
-    assert "| wiki-small | 3.7M | no |" in (tmp_path / "out" / "README.md").read_text()
+        assert len(r["samples"]) == 2  # every sample kept, each after its prompt (a lowercase model's is lowercase)
+        assert all(s.lower().startswith(p.lower()) for s, p in zip(r["samples"], result["meta"]["prompts"]))
+    report = (tmp_path / "out" / "README.md").read_text()
+    assert "| **wiki-small** | diffusion | 3.7M | no |" in report and "| wiki-small-ar | autoregressive |" in report
