@@ -14,7 +14,8 @@ number here is per word, per byte or on the same text:
   the causal rows' exact NLL on blocks of their tokenizer, in the same units;
 * **generation** — every model continues the same prompts (the first --prompt-words words of validation
   documents, listed in the report) by about --new-words words with the same seed: each gets
-  ``round(new_words / words_per_token)`` new tokens, its own words-per-token measured on the validation split.
+  ``new_words / words_per_token`` new tokens (its own words per token, measured on the validation split),
+  rounded to whole blocks of every block length in use, so a setting commits exactly its tokens per call.
   Diffusion rows: blocks of --block-length, --tokens-per-call committed per model call, top-k 50, repetition
   penalty, dual cache; a model named in --sweep runs a grid of block lengths and tokens per call instead (one
   token per call is AR decoding by another name: the headline setting commits at least 2). Causal rows: KV-cached
@@ -22,8 +23,9 @@ number here is per word, per byte or on the same text:
   toward a model adapted from it; Gemma-3-270M shares no weights with any model here), as written — a lowercase
   model's prompt and text are lowercase — beside the same scorer on the model's own round trip of the real
   continuation. Diversity (distinct-2, repetition-2) is on lowercased words and punctuation, not on token ids;
-* **speed** — words of generated text per second at batch 1 (the first prompt) and at the full batch, best of
-  --repeats after a warm-up; process CPU time at one thread, wall clock at more (then use an idle machine).
+* **speed** — words of generated text per second at the full batch (the scored run itself, or the best of it and
+  --repeats reruns) and at batch 1 (the first prompt, after a warm-up); process CPU time at one thread, wall clock
+  at more (then use an idle machine).
 
 Writes results.json (every sample included) and README.md to --out.
 """
@@ -138,9 +140,9 @@ class CausalModel:
         return {"nats_per_token": nll.nats_per_token, "stderr": nll.stderr, **units}
 
 
-def generation(model, prompts: list[str], references: list[str], new_words: int, scorers: dict, repeats: int,
-               batches: list[int], sampler: dict, docs, seed: int, quantum: int) -> tuple[dict, dict]:
-    """(the model's row, its real-text reference row). ``model``: a DiffusionGenerator or a :class:`CausalModel`
+def generation(model, prompts: list[str], new_words: int, scorers: dict, repeats: int,
+               batches: list[int], sampler: dict, docs, seed: int, quantum: int) -> dict:
+    """The model's row. ``model``: a DiffusionGenerator or a :class:`CausalModel`
     (which reads only ``sampler``'s temperature and repetition penalty); ``docs``: texts to measure words per
     token on. The new tokens are the nearest multiple of ``quantum`` (every block length in use) to
     ``new_words``' worth, so every block is whole and a setting commits exactly its tokens per call."""
@@ -165,31 +167,40 @@ def generation(model, prompts: list[str], references: list[str], new_words: int,
             return diffusion_continuations(model, part, new_tokens, seed=seed, **settings)
         row = {"new_tokens": new_tokens, "words_per_token": wpt, "steps": settings["steps"],
                "block_length": settings["block_length"]}
-    out = generate(len(prompts))
+    generate(1)  # warm-up: allocator, kernels
+    scored = {}
+    full_seconds = best_of(lambda: scored.update(out=generate(len(prompts))), 1)  # the scored run, timed
+    out = scored["out"]
     texts = [decode_text(tokenizer, i) for i in out.new_ids]
     row["nfe"], row["tokens_per_call"] = out.nfe, new_tokens / out.nfe
     for b in batches:
-        if repeats < 1:
-            seconds = float("nan")
-        else:  # the full batch was warmed up by the scored run above
-            seconds = best_of(lambda: generate(b), repeats) if b == len(prompts) else timed(lambda: generate(b), repeats)
+        if b == len(prompts):  # the scored run, or the best of it and --repeats reruns
+            seconds = min(full_seconds, best_of(lambda: generate(b), repeats)) if repeats > 0 else full_seconds
+        else:
+            seconds = timed(lambda: generate(b), max(1, repeats))
         row[f"words_per_s_b{b}"] = sum(len(t.split()) for t in texts[:b]) / seconds
     row.update(judge(own_prompts, texts, scorers))
     row["samples"] = [(p + " " + t.strip()).replace("\n", " ") for p, t in zip(own_prompts, texts)]
     row["example"] = row["samples"][0]
+    return row
+
+
+def reference(model, prompts: list[str], references: list[str], scorers: dict) -> dict:
+    """The real continuations judged like a model's: passed through its tokenizer and back (lowercase for a
+    lowercase model), after its own view of the prompts."""
+    tokenizer = model.tokenizer
+    own = [decode_text(tokenizer, tokenizer(t, add_special_tokens=False)["input_ids"]) for t in prompts]
     round_trip = [decode_text(tokenizer, tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references]
-    return row, judge(own_prompts, round_trip, scorers)
+    return judge(own, round_trip, scorers)
 
 
 def judge(prompts: list[str], texts: list[str], scorers: dict) -> dict:
-    """Diversity on lowercased words; gen PPL under every scorer, as written and lowercased."""
+    """Diversity on lowercased words; gen PPL under every scorer, as written (a lowercase model's prompt and
+    text are lowercase already)."""
     w = [words(t) for t in texts]
-    row = {"words": sum(map(len, w)) / len(w), "distinct_2": distinct_n(w, 2), "repetition_2": repetition_rate(w, 2),
-           "gen_ppl": {}, "gen_ppl_lower": {}}
-    for name, scorer in scorers.items():
-        row["gen_ppl"][name] = scorer.perplexity(prompts, [" " + t.strip() for t in texts])
-        row["gen_ppl_lower"][name] = scorer.perplexity([p.lower() for p in prompts], [" " + t.strip().lower() for t in texts])
-    return row
+    return {"words": sum(map(len, w)) / len(w), "distinct_2": distinct_n(w, 2), "repetition_2": repetition_rate(w, 2),
+            "gen_ppl": {name: scorer.perplexity(prompts, [" " + t.strip() for t in texts])
+                        for name, scorer in scorers.items()}}
 
 
 def parse_args(argv=None):
@@ -213,7 +224,8 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--ar-repetition-penalty", type=float, default=1.1, help="the causal rows' own sampling penalty")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (0: no timing)")
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="timed reruns of the full batch beside the scored run (0: the scored run's time)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--scorers", nargs="*", default=["smollm2", "gemma3"],
                     help="gen-PPL scorers: smollm2, gemma3 or a causal LM (none: no gen PPL)")
@@ -266,17 +278,18 @@ def main() -> None:
         lowercase = bool(getattr(gen.tokenizer, "do_lower_case", False) or gen.tokenizer("A", add_special_tokens=False)
                          ["input_ids"] == gen.tokenizer("a", add_special_tokens=False)["input_ids"])
         likelihood = diffusion_likelihood(checkpoint, args.eval_blocks, Path(args.out), sys.executable) if args.eval_blocks else None
+        real = reference(gen, prompts, references, scorers)
         for sampler in configurations(args, checkpoint):
-            row, reference = generation(gen, prompts, references, args.new_words, scorers, args.repeats, batches,
-                                        sampler, validation, args.seed, quantum)
-            finish(row, reference, checkpoint, gen.model, lowercase, "diffusion", likelihood)
+            row = generation(gen, prompts, args.new_words, scorers, args.repeats, batches, sampler, validation,
+                             args.seed, quantum)
+            finish(row, real, checkpoint, gen.model, lowercase, "diffusion", likelihood)
         del gen
     for spec in args.ar:
         model = CausalModel(spec)
         sampler = dict(temperature=1.0, repetition_penalty=args.ar_repetition_penalty)
-        row, reference = generation(model, prompts, references, args.new_words, scorers, args.repeats, batches, sampler,
-                                    validation, args.seed, quantum)
-        finish(row, reference, spec, model.model, False, "autoregressive",
+        row = generation(model, prompts, args.new_words, scorers, args.repeats, batches, sampler, validation, args.seed,
+                         quantum)
+        finish(row, reference(model, prompts, references, scorers), spec, model.model, False, "autoregressive",
                model.likelihood(validation, args.eval_blocks) if args.eval_blocks else None)
         del model
     write(args, rows, batches, prompts)
