@@ -247,3 +247,29 @@ def test_a_gguf_that_is_not_a_llama_is_refused_from_its_header(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "Llama family" in err and "a GGUF of 'gemma3'" in err and str(path) in err
+
+
+def test_the_server_serves_the_adapted_model_as_generate_does(generator):
+    """The adapted model behind `textdiffusion serve` (issue 23, part 5): concurrent requests batched through the
+    Llama cache give what generating each alone gives, and the stream ends with no mask left."""
+    import asyncio
+
+    import httpx
+    from test_serve import alone, live_server, sse_events
+
+    requests = [{"prompt": "The river", "seed": 1, "max_length": 32, "steps": 8, "block_length": 8},
+                {"prompt": "In 1905 the city of", "seed": 2, "n": 2, "max_length": 36, "steps": 6, "block_length": 4}]
+    with live_server(generator, max_batch=8, max_queue=4, tick_delay=0.01) as base:
+        async def go():
+            async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+                return await asyncio.gather(*(c.post("/v1/generate", json=r) for r in requests))
+
+        responses = asyncio.run(go())
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        for req, r in zip(requests, responses):
+            assert r.json()["texts"] == alone(generator, req), req
+        with httpx.Client(base_url=base, timeout=60) as c, \
+                c.stream("POST", "/v1/generate", json={**requests[0], "stream": True}) as r:
+            events = list(sse_events(r.iter_lines()))
+    kind, final = events[-1]
+    assert kind == "done" and final["masked"] == 0 and final["texts"] == alone(generator, requests[0])
