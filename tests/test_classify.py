@@ -119,6 +119,45 @@ def test_label_prefix_is_never_masked(toy_file):
         assert not bool(torch.isin(batch["labels"], torch.tensor(ids)).any())
 
 
+def test_a_label_target_masks_and_predicts_the_label_of_labelled_rows_only(toy_file):
+    """--label-target p: each labelled row's label is masked and becomes a target with probability p, on its own
+    draw (the text's masks are the ones the collator draws without it); a row whose label is unknown (the mask
+    token at the slot) never is; the label's cross-entropy counts --label-target-weight times."""
+    from textdiffusion.core.loss import diffusion_loss
+
+    corpus = load_corpus(str(toy_file), label_column="lang")
+    tokenizer = train_bpe_tokenizer(corpus.train, 300)
+    ids = add_label_tokens(tokenizer, corpus.label_set)
+    labels = [None if i % 4 == 0 else dict(zip(corpus.label_set, ids))[c] for i, c in enumerate(corpus.train_labels[:64])]
+    blocks, _ = pack_labelled(corpus.train[:64], labels, tokenizer, 16, tokenizer.mask_token_id)
+    known = blocks[:, LABEL_POSITION] != tokenizer.mask_token_id
+    corruption = TrainArgs(preset="micro", label_column="lang", max_length=16, mask_per="example").corruption()
+    plain = collator_from_config(tokenizer, corruption, seed=3)(list(blocks))
+    for p, expected in ((1.0, known), (0.0, torch.zeros_like(known))):
+        batch = collator_from_config(tokenizer, corruption, seed=3, label_target=p, label_token_ids=ids,
+                                     label_target_weight=5.0)(list(blocks))
+        targeted = batch["labels"][:, LABEL_POSITION] != -100
+        assert torch.equal(targeted, expected)
+        assert torch.equal(batch["labels"][targeted, LABEL_POSITION], blocks[targeted, LABEL_POSITION])
+        assert bool((batch["input_ids"][targeted, LABEL_POSITION] == tokenizer.mask_token_id).all())
+        text = torch.arange(16) != LABEL_POSITION
+        assert torch.equal(batch["labels"][:, text], plain["labels"][:, text])  # the text's draw is unchanged
+    half = collator_from_config(tokenizer, corruption, seed=3, label_target=0.5, label_token_ids=ids)(list(blocks))
+    assert 0 < int((half["labels"][:, LABEL_POSITION] != -100).sum()) < int(known.sum())
+
+    torch.manual_seed(0)
+    model = build_preset_model("micro", tokenizer, 16).eval()
+    batch = collator_from_config(tokenizer, corruption, seed=3, label_target=1.0, label_token_ids=ids,
+                                 label_target_weight=5.0)(list(blocks))
+    positions = batch["labels"] != -100
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[positions]
+        ce = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][positions], reduction="none")
+        w = torch.where(positions.nonzero()[:, 1] == LABEL_POSITION, 5.0, 1.0)
+        assert torch.allclose(diffusion_loss(model, batch), (ce * w).sum() / w.sum(), atol=1e-5)
+        assert not torch.allclose(diffusion_loss(model, batch), ce.mean(), atol=1e-4)
+
+
 # -- scoring ----------------------------------------------------------------------------------------
 def test_every_label_is_scored_with_the_same_mask_draws(untrained, monkeypatch):
     import textdiffusion.pipelines.classification as classify
@@ -188,6 +227,14 @@ def test_bad_input_is_one_line_and_exit_2(untrained, toy_file, tmp_path, capsys)
           str(tmp_path / "run")], "single class"),
         (["train", "--preset", "micro", "--dataset", str(toy_file), "--label-column", "nope", "--output-dir",
           str(tmp_path / "run")], "--label-column 'nope'"),
+        (["train", "--preset", "micro", "--dataset", str(toy_file), "--label-target", "0.5", "--output-dir",
+          str(tmp_path / "run")], "--label-target needs --label-column"),
+        (["train", "--preset", "micro", "--dataset", str(toy_file), "--label-column", "lang", "--label-target", "1.5",
+          "--output-dir", str(tmp_path / "run")], "--label-target must be in [0, 1]"),
+        (["classify", "--checkpoint", str(untrained), "--text", "ka lo", "--method", "label-slot"],
+         "--method label-slot needs a diffusion model trained with --label-target"),
+        (["classify", "--checkpoint", str(untrained), "--text", "ka lo", "--method", "vote"],
+         "--method must be nelbo or label-slot"),
     ]
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"text": "ka lo", "lang": c}) + "\n" for c in ("alpha", "gamma") * 10))
@@ -213,11 +260,14 @@ def toy_models(toy_file, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("toy-runs")
     runs = {}
-    for objective in ("diffusion", "ar"):
-        runs[objective] = run_training(TrainArgs(
+    # the label slot learns its read-out more slowly than p(text | label) separates the toy (~80 % at 200 steps)
+    for name, objective, label_target, steps in (("diffusion", "diffusion", 0.0, 200), ("ar", "ar", 0.0, 200),
+                                                 ("label-slot", "diffusion", 0.5, 600)):
+        runs[name] = run_training(TrainArgs(
             objective=objective, preset="micro", dataset=str(toy_file), label_column="lang", max_length=24,
-            max_steps=200, eval_steps=200, eval_blocks=8, batch_size=16, vocab_size=300, learning_rate=6e-3,
-            warmup=0.02, validation_fraction=0.1, precision="fp32", logging_steps=200, output_dir=str(root / objective)))
+            max_steps=steps, eval_steps=steps, eval_blocks=8, batch_size=16, vocab_size=300, learning_rate=6e-3,
+            warmup=0.02, validation_fraction=0.1, precision="fp32", logging_steps=200, label_target=label_target,
+            output_dir=str(root / name)))
     return runs
 
 
@@ -233,6 +283,22 @@ def test_toy_languages_are_separated_perfectly(toy_models, toy_file, objective):
     result = scorer.classify(texts, samples=16)  # 4 draws misjudge about one text in 60
     assert result.predictions == truth
     assert float(result.probabilities.max(1).values.mean()) > 0.9  # confident, not just right
+
+
+@pytest.mark.slow
+def test_the_label_slot_separates_the_toy_languages_in_one_pass(toy_models, toy_file, capsys):
+    """A model trained with --label-target reads the label at its slot: one forward a text, no mask draws."""
+    corpus = load_corpus(str(toy_file), label_column="lang", validation_fraction=0.1)
+    scorer = load_scorer(str(toy_models["label-slot"]))
+    assert scorer.config.label_target == 0.5
+    texts = corpus.validation + [r["text"] for r in toy_rows(40, seed=1)]
+    truth = corpus.validation_labels + [r["lang"] for r in toy_rows(40, seed=1)]
+    result = scorer.label_slot(texts)
+    assert result.predictions == truth and float(result.probabilities.max(1).values.mean()) > 0.9
+    assert torch.allclose(result.probabilities.sum(1), torch.ones(len(texts), dtype=torch.float64))
+    assert main(["classify", "--checkpoint", str(toy_models["label-slot"]), "--dataset", str(toy_file),
+                 "--validation-fraction", "0.1", "--method", "label-slot"]) == 0
+    assert "accuracy 1.000" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -357,14 +423,15 @@ def test_experiment_fine_tunes_from_the_starts_and_reports_every_row(starts, thr
                           train_steps=2, batch_size=8, max_length=24, eval_texts=8, nelbo_samples=1, cfg_scales=[],
                           output_dir=str(tmp_path / "out"))
     final = run_experiment("classify", args)
-    assert [(a.objective, a.model_name, a.label_fraction) for a in seen] == [
-        (o, starts[o], f) for f in (1.0, 0.5) for o in ("diffusion", "ar")]
+    assert [(a.objective, a.model_name, a.label_fraction, a.label_target) for a in seen] == [
+        (o, starts[o], f, t) for f in (1.0, 0.5) for o, t in (("diffusion", 0.0), ("ar", 0.0), ("diffusion", 0.5))]
     assert all(a.preset is None and a.exclude_labels == ["misc"] and a.mask_per == "example" for a in seen)
     assert all(a.unlabelled == "drop" and a.label_dropout == 0.0 for a in seen)  # fine-tunes read the labelled share
 
     result = json.loads((final / "results.json").read_text())
     rows, name = result["rows"], f"{three_class_file}"
     kinds = [f"diffusion (NELBO), from {starts['diffusion']}", f"AR (exact NLL), from {starts['ar']}",
+             f"diffusion (label slot, one pass), from {starts['diffusion']}",
              f"discriminative ({starts['diffusion']} encoder + new head)",
              f"discriminative ({starts['diffusion']} size, from scratch)", "class-conditional unigram (counts)"]
     assert [(r["label_fraction"], r["classifier"]) for r in rows] == [(f, k) for f in (1.0, 0.5) for k in kinds]
@@ -378,7 +445,7 @@ def test_experiment_fine_tunes_from_the_starts_and_reports_every_row(starts, thr
     assert "classify CPU ms / text" in report and "## Recall per class" in report and "misc" in report
     assert sorted(p.name for p in final.glob("confusion-three.jsonl-50-*.png")) == [
         f"confusion-three.jsonl-50-{k}.png" for k in ("ar", "diffusion", "discriminative-pretrained",
-                                                     "discriminative-scratch", "unigram")]
+                                                     "discriminative-scratch", "label-slot", "unigram")]
 
     # --classifiers diffusion reruns that one classifier alone: the same texts, seeds and fine-tune give the same row
     seen.clear()
@@ -425,6 +492,7 @@ def test_experiment_from_scratch_keeps_its_rows_and_guidance(three_class_file, t
                           guidance_samples=1, new_tokens=4, steps=2, output_dir=str(tmp_path / "out"))
     result = json.loads((run_experiment("classify", args) / "results.json").read_text())
     assert [r["classifier"] for r in result["rows"]] == ["diffusion (NELBO)", "AR (exact NLL)",
+                                                         "diffusion (label slot, one pass)",
                                                          "discriminative (same encoder)", "class-conditional unigram (counts)"]
     assert result["meta"]["args"]["preset"] == "micro"
     (row,) = result["guidance"]

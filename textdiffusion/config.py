@@ -182,6 +182,9 @@ class DiffusionConfig:
     # None for a model trained on text alone (every checkpoint written before labels existed)
     labels: Optional[list[str]] = None
     label_column: Optional[str] = None
+    # the share of training rows whose label was also a prediction target (train --label-target): > 0 means the
+    # model predicts the label at its slot, so `classify --method label-slot` reads p(label | text) in one pass
+    label_target: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.objective in OBJECTIVE_NAMES, "objective", self.objective, f"must be one of {OBJECTIVE_NAMES}")

@@ -29,6 +29,9 @@ class ClassifyArgs:
     split: str = field(default="validation", metadata={"help": "train or validation (the same split as training)."})
     validation_fraction: float = field(default=0.05, metadata={"help": "As in training (the split must match)."})
     limit: int = field(default=200, metadata={"help": "Classify N texts spread evenly over the split (0: all)."})
+    method: str = field(default="nelbo", metadata={
+        "help": "nelbo: the bound of the text under every label (Bayes; an AR model's exact NLL); label-slot: one "
+                "pass reading the label the model predicts at its slot (a model trained with --label-target)."})
     samples: int = field(default=8, metadata={"help": "NELBO mask draws per text (shared by all labels); ignored for ar."})
     estimator: str = field(default="exact-k", metadata={"help": "NELBO estimator: exact-k or continuous."})
     batch_size: int = field(default=64, metadata={"help": "Rows (text x label x draw) per forward pass."})
@@ -50,6 +53,8 @@ class ClassifyArgs:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
         if self.limit < 0:
             raise UsageError(f"--limit must be >= 0, got {self.limit}.")
+        if self.method not in ("nelbo", "label-slot"):
+            raise UsageError(f"--method must be nelbo or label-slot, got {self.method!r}.")
         if self.estimator not in ("exact-k", "continuous"):
             raise UsageError(f"--estimator must be exact-k or continuous, got {self.estimator!r}.")
         require_writable("--output", self.output)
@@ -85,16 +90,21 @@ def run_classify(args: ClassifyArgs) -> dict:
         check_labels(scorer.labels, corpus.label_set, f"--dataset {args.dataset!r} --label-column {column!r}: label",
                      args.checkpoint)
     t0 = time.process_time()
-    result = scorer.classify(texts, samples=args.samples, estimator=args.estimator, seed=args.seed,
-                             batch_size=args.batch_size)
+    if args.method == "label-slot":
+        result = scorer.label_slot(texts, batch_size=args.batch_size)
+    else:
+        result = scorer.classify(texts, samples=args.samples, estimator=args.estimator, seed=args.seed,
+                                 batch_size=args.batch_size)
     cpu = time.process_time() - t0
     probs = result.probabilities
-    kind = "exact NLL (autoregressive)" if scorer.causal else f"NELBO, {args.samples} shared mask draws"
+    kind = ("the label predicted at its slot, one pass" if args.method == "label-slot" else
+            "exact NLL (autoregressive)" if scorer.causal else f"NELBO, {args.samples} shared mask draws")
     report = {"checkpoint": args.checkpoint, "labels": scorer.labels, "scored_by": kind, "texts": len(texts),
               "cpu_seconds": round(cpu, 2)}
     if truth is None:
         print(f"label probabilities ({kind}; {int(result.tokens[0])} text tokens):")
-        print(format_probabilities(scorer.labels, probs[0], result.bounds[0], exact=scorer.causal))
+        print(format_probabilities(scorer.labels, probs[0], result.bounds[0], exact=scorer.causal,
+                                   slot=args.method == "label-slot"))
         report["probabilities"] = dict(zip(scorer.labels, probs[0].tolist()))
     else:
         index = {c: i for i, c in enumerate(scorer.labels)}

@@ -73,6 +73,12 @@ class DiffusionCollator:
     seed: int = 0
     gather_buckets: int = 0
     eos_token_id: int | None = None  # a training target (see the module docstring); None: protected
+    # class-conditional training (labels.py): the share of rows whose label token (at ``label_position``) is
+    # masked and predicted as well, its cross-entropy weighted ``label_target_weight`` times a text token's
+    label_target: float = 0.0
+    label_token_ids: Sequence[int] = ()
+    label_position: int = 1
+    label_target_weight: float = 1.0
     batch_offset: int = 0  # index of the first batch this collator produces (set on resume)
     _calls: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -162,6 +168,14 @@ class DiffusionCollator:
         rate, weight = self.sample_mask_rate(b, g)  # [b], [b]
         maskable = self.maskable(input_ids, self.prefix_lengths(b, g))  # [b, l]
         masked = (torch.rand(input_ids.shape, generator=g) < rate[:, None]) & maskable  # [b, l]
+        position_weight = None
+        if self.label_target:  # after the text's draw, so the text's masks do not depend on this setting
+            slot = input_ids[:, self.label_position]  # [b]
+            targeted = torch.isin(slot, torch.as_tensor(list(self.label_token_ids), dtype=torch.long))
+            targeted &= torch.rand(b, generator=g) < self.label_target  # a row without its label never is
+            masked[:, self.label_position] |= targeted
+            position_weight = torch.ones(input_ids.shape)
+            position_weight[:, self.label_position] = self.label_target_weight
         labels = torch.where(masked, input_ids, IGNORE_INDEX)
         batch = {
             "input_ids": input_ids.masked_fill(masked, self.mask_token_id),
@@ -171,6 +185,8 @@ class DiffusionCollator:
             "loss_weight": weight,
             "num_maskable": maskable.sum(1),
         }
+        if position_weight is not None:
+            batch["position_weight"] = position_weight
         if self.gather_buckets:
             batch["masked_index"], batch["masked_targets"] = bucketed_index(labels, self.gather_buckets)
         return batch

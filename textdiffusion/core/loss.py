@@ -4,6 +4,9 @@
 same number as ``model(input_ids, labels=labels).loss``. ``"elbo"`` multiplies each example's masked
 cross-entropies by its weight -alpha'(t)/(1-alpha(t)) and divides by the number of maskable tokens, which
 makes the loss the negative ELBO per token (MDLM, eq. 10): an upper bound on the model's NLL.
+
+A batch may carry ``position_weight`` [b, l] (the collator's label target, labels.py): each masked position's
+cross-entropy counts that many times (a weighted mean under "none").
 """
 
 from __future__ import annotations
@@ -32,8 +35,12 @@ def _bucketed_loss(model, batch: dict[str, torch.Tensor], loss_weighting: str) -
     targets = batch["masked_targets"]
     valid = targets != IGNORE_INDEX
     ce = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")  # 0 on padding
+    count = valid.float()
+    if "position_weight" in batch:
+        w = batch["position_weight"].flatten()[batch["masked_index"]] * valid
+        ce, count = ce * w, w
     if loss_weighting == "none":
-        return ce.sum() / valid.sum().clamp_min(1)
+        return ce.sum() / count.sum().clamp_min(1)
     row = batch["masked_index"] // batch["input_ids"].shape[1]
     return (ce * batch["loss_weight"][row]).sum() / batch["num_maskable"].sum().clamp_min(1)
 
@@ -47,6 +54,11 @@ def diffusion_loss(model, batch: dict[str, torch.Tensor], loss_weighting: str = 
     ce = F.cross_entropy(logits, targets, reduction="none")  # [n]
     if ce.numel() == 0:  # nothing masked in this batch: a zero that still carries a graph
         return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+    if "position_weight" in batch:
+        w = batch["position_weight"][positions].to(ce.dtype)  # [n]
+        if loss_weighting == "none":
+            return (ce * w).sum() / w.sum()
+        ce = ce * w
     if loss_weighting == "none":
         return ce.mean()
     weight = batch["loss_weight"][:, None].expand_as(positions)[positions]  # [n]

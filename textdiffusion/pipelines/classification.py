@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from textdiffusion.config import DiffusionConfig
+from textdiffusion.core.denoiser import masked_logits
 from textdiffusion.core.evaluation import draw_masks, masked_ce_sums
 from textdiffusion.core.labels import LABEL_POSITION, LABEL_PREFIX_LENGTH, check_labels, label_token_ids, pack_labelled
 from textdiffusion.errors import UsageError
@@ -66,6 +67,7 @@ class LabelScorer:
         self.labels = list(config.labels)
         self.label_ids = torch.tensor(label_token_ids(tokenizer, self.labels))  # [C]
         self.causal = config.objective == "ar"
+        self.checkpoint = checkpoint
 
     def blocks(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The training layout of each text (labels.pack_labelled) with the first label in place: blocks
@@ -102,6 +104,36 @@ class LabelScorer:
             bounds.append(torch.zeros(len(group), len(self.labels), dtype=torch.float64).index_add_(0, owner, per_block))
             tokens.append(torch.zeros(len(group), dtype=torch.long).index_add_(0, owner, scored.sum(1)))
         return Classification(self.labels, torch.cat(bounds), torch.cat(tokens))
+
+    @torch.inference_mode()
+    def label_slot(self, texts: Sequence[str], batch_size: int = 64) -> Classification:
+        """One pass per block instead of a NELBO per label: the label slot masked, the text whole, the model's
+        own p(label | text) read at the slot (softmax over the label tokens only; a text of several blocks
+        averages its blocks' log-probabilities). Needs a model trained with ``train --label-target``, which
+        learned to predict the label there. ``bounds`` are then -log p(label | text)."""
+        check_texts(texts)
+        if self.causal or not self.config.label_target:
+            raise UsageError(f"--method label-slot needs a diffusion model trained with --label-target (the label "
+                             f"predicted at its slot); {self.checkpoint!r} was not: use --method nelbo.",
+                             field="method", value="label-slot")
+        blocks, owner, scored = self.blocks(texts)
+        blocks[:, LABEL_POSITION] = self.tokenizer.mask_token_id
+        at_slot = torch.zeros_like(blocks, dtype=torch.bool)
+        at_slot[:, LABEL_POSITION] = True
+        device = next(self.model.parameters()).device
+        log_p = []
+        for start in range(0, len(blocks), batch_size):
+            x = blocks[start:start + batch_size].to(device)
+            attention = (x != self.tokenizer.pad_token_id).long() if self.tokenizer.pad_token_id is not None else None
+            logits = masked_logits(self.model, x, attention, at_slot[start:start + batch_size].to(device))  # [b, V]
+            log_p.append(torch.log_softmax(logits[:, self.label_ids.to(device)].double(), dim=1).cpu())
+        per_block = torch.cat(log_p)  # [m, C]
+        blocks_per_text = torch.zeros(len(texts), dtype=torch.float64).index_add_(0, owner, torch.ones(len(owner),
+                                                                                                     dtype=torch.float64))
+        mean = torch.zeros(len(texts), len(self.labels), dtype=torch.float64).index_add_(0, owner, per_block)
+        mean /= blocks_per_text[:, None]
+        return Classification(self.labels, -mean,
+                              torch.zeros(len(texts), dtype=torch.long).index_add_(0, owner, scored.sum(1)))
 
     def _diffusion_block_bounds(self, blocks, scored, samples, estimator, g, batch_size) -> torch.Tensor:
         """[m, C]: the NELBO (nats, summed over the block's text tokens) under each label, one mask draw
@@ -240,10 +272,11 @@ def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path, tit
     plt.close(fig)
 
 
-def format_probabilities(labels: Sequence[str], probabilities: torch.Tensor, bounds: torch.Tensor, exact: bool) -> str:
-    """One line per label, most probable first."""
+def format_probabilities(labels: Sequence[str], probabilities: torch.Tensor, bounds: torch.Tensor, exact: bool,
+                         slot: bool = False) -> str:
+    """One line per label, most probable first (``slot``: the bounds are -log p(label | text), read at the slot)."""
     order = probabilities.argsort(descending=True).tolist()
     width = max(len(c) for c in labels)
-    relation = "=" if exact else "<="
-    return "\n".join(f"  {labels[i]:<{width}}  p = {float(probabilities[i]):.4f}   -log p(text | label) {relation} "
+    what, relation = ("-log p(label | text)", "=") if slot else ("-log p(text | label)", "=" if exact else "<=")
+    return "\n".join(f"  {labels[i]:<{width}}  p = {float(probabilities[i]):.4f}   {what} {relation} "
                      f"{float(bounds[i]):.2f} nats" for i in order)

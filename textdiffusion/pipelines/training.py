@@ -246,8 +246,10 @@ def run_training(args: TrainArgs) -> Path:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     trained = objective.prepare(tokenizer, model)  # the module Trainer/Accelerate wrap (diffusion: the denoiser)
     corruption = args.corruption()
+    label_target = dict(label_target=args.label_target, label_target_weight=args.label_target_weight,
+                        label_token_ids=label_token_ids(tokenizer, label_set)) if label_set and args.label_target else {}
     collator = collator_from_config(tokenizer, corruption, seed=args.seed + 7919 * training_args.process_index,
-                                    gather_buckets=8 if args.torch_compile else 0)
+                                    gather_buckets=8 if args.torch_compile else 0, **label_target)
 
     if label_set:
         train_blocks, val_blocks = labelled_blocks(args, corpus, tokenizer, corruption)
@@ -279,7 +281,8 @@ def run_training(args: TrainArgs) -> Path:
     config = DiffusionConfig(objective=args.objective, max_length=args.max_length, mask_token_id=tokenizer.mask_token_id,
                              cls_token_id=cls, sep_token_id=sep, corruption=corruption,
                              adapted_from_causal=args.adapt_from_causal, labels=label_set,
-                             label_column=args.label_column if label_set else None)
+                             label_column=args.label_column if label_set else None,
+                             label_target=args.label_target if label_set else 0.0)
     if is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / RUN_ARGS_NAME).write_text(json.dumps(args.to_dict(), indent=2) + "\n")  # tokens redacted

@@ -168,6 +168,13 @@ class _TrainFields(CorruptionConfig, TrainingArguments):
     label_dropout: float = field(default=0.1, metadata={
         "help": "With --label-column: the share of labelled documents trained with the label masked anyway, so "
                 "the model also learns p(text) (the unconditional pass of --cfg-scale guidance)."})
+    label_target: float = field(default=0.0, metadata={
+        "help": "With --label-column: the share of labelled rows per batch whose label token is masked and predicted "
+                "too (its own draw, beside the text's level), so the model learns p(label | partly masked text) at the "
+                "label slot and `classify --method label-slot` classifies in one pass; 0: the label is only a condition."})
+    label_target_weight: float = field(default=10.0, metadata={
+        "help": "With --label-target: how many text tokens the label's cross-entropy counts as (one label against "
+                "~60 masked tokens a block)."})
     max_length: int = field(default=128, metadata={"help": "Tokens per packed training block."})
     precision: str = field(default="auto", metadata={
         "help": "auto (bf16 autocast on a GPU or CPU (AMX) that runs it fast, else fp32), fp32, bf16, fp16; "
@@ -263,6 +270,11 @@ class _TrainFields(CorruptionConfig, TrainingArguments):
             (0.0 < self.label_fraction <= 1.0, "label_fraction", "must be in (0, 1]"),
             (self.unlabelled in ("masked", "drop"), "unlabelled", "must be masked or drop"),
             (0.0 <= self.label_dropout < 1.0, "label_dropout", "must be in [0, 1)"),
+            (0.0 <= self.label_target <= 1.0, "label_target", "must be in [0, 1]"),
+            (not self.label_target or self.label_column, "label_target", "needs --label-column (there is no label to predict)"),
+            (not self.label_target or self.objective == "diffusion", "label_target",
+             f"applies to the diffusion objective, not {self.objective!r}"),
+            (self.label_target_weight > 0, "label_target_weight", "must be > 0"),
             (self.head_init in ("built", "random"), "head_init", "must be built or random"),
             (self.head_warmup >= 0, "head_warmup", "must be >= 0"),
             (self.keep_layers >= 0, "keep_layers", "must be >= 0 (0: keep all)"),
