@@ -369,8 +369,9 @@ def _write_report(args, start: Start, out: Path, rows: list[dict], guidance: lis
     lines = ["# Generative classification vs a discriminative baseline", "",
              f"{models} {args.train_steps} steps of {args.batch_size} blocks/documents of up to {args.max_length} "
              f"tokens each; {args.eval_texts} evenly spaced validation documents per corpus (at most)"
-             + (f", classes left out ({left_out})" if left_out else "") + "; "
-             f"the diffusion NELBO from {args.nelbo_samples} mask draws per text shared by all labels. "
+             + (f", classes left out ({left_out})" if left_out else "") + ". "
+             + (f"The diffusion NELBO is estimated from {args.nelbo_samples} mask draws per text shared by all labels. "
+                if "diffusion" in args.classifiers else "")
              + (f"The label-slot model is the same diffusion fine-tune with `--label-target {LABEL_TARGET:g}` (the label also "
                 f"masked and predicted, weight {TrainArgs.__dataclass_fields__['label_target_weight'].default:g}): it "
                 "classifies in one pass, by the label it predicts at its slot. "
