@@ -474,6 +474,7 @@ def test_bad_experiment_input_is_one_line_and_exit_2(starts, three_class_file, t
         (pair + ["--classifiers", "diffusion", "bayes"], "--classifiers 'bayes' is not one of diffusion, ar,"),
         (["--classifiers", "ar", "unigram"], "--classifiers ar unigram without diffusion needs --start-from"),
         (pair + ["--classifiers", "diffusion", "--cfg-scales", "1"], "needs --classifiers diffusion and discriminative"),
+        (pair + ["--classifiers", "label-slot", "--label-target", "0"], "--label-target must be in (0, 1]"),
     ]
     for argv, message in cases:
         assert main(base + argv) == 2, argv

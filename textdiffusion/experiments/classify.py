@@ -100,7 +100,6 @@ class Start:
 # the classifiers an experiment can train and score (``--classifiers``): the two generative ones, the discriminative
 # baseline(s) and the class-conditional token counts
 CLASSIFIERS = ("diffusion", "ar", "discriminative", "unigram", "label-slot")
-LABEL_TARGET = 0.5  # label-slot: the share of rows whose label is predicted each step (train --label-target)
 KINDS = {"diffusion": "a masked LM (diffusion), such as wiki-small", "ar": "a causal LM (AR), such as wiki-small-ar"}
 
 
@@ -131,7 +130,8 @@ def learning_rate(args, start: Start) -> float:
 
 
 def _train_generative(args, start: Start, dataset: str, column: str, excluded: list[str], objective: str,
-                      fraction: float, work: Path, label_target: float = 0.0) -> tuple[Path, float]:
+                      fraction: float, work: Path, label_target: float = 0.0, label_target_weight: float = 10.0
+                      ) -> tuple[Path, float]:
     out = work / f"{objective}{'-label-slot' if label_target else ''}-{_percent(fraction)}"
     checkpoint = start.checkpoint(objective)
     # a fine-tune keeps the corruption its start was trained with (wiki-small: a level per example)
@@ -140,7 +140,7 @@ def _train_generative(args, start: Start, dataset: str, column: str, excluded: l
     t0 = _cpu()
     run_training(TrainArgs(objective=objective, **model, dataset=dataset, label_column=column, exclude_labels=excluded,
                            label_fraction=fraction, unlabelled="drop" if start.pretrained else "masked",
-                           label_target=label_target,
+                           label_target=label_target, label_target_weight=label_target_weight,
                            **({} if args.cfg_scales else {"label_dropout": 0.0}),  # no guidance: every label teaches
                            max_steps=args.train_steps, eval_steps=args.train_steps,
                            eval_blocks=32, batch_size=args.batch_size, learning_rate=learning_rate(args, start),
@@ -305,7 +305,8 @@ def run_classify(args, out: Path) -> dict:
                     rows.append(_row(dataset, fraction, name, train_cpu, classify_cpu, len(texts), metrics))
                 if "label-slot" in args.classifiers:  # the same fine-tune, the label also a target; one pass a block
                     checkpoint, train_cpu = _train_generative(args, start, dataset, column, excluded, "diffusion",
-                                                              fraction, work / tag, label_target=LABEL_TARGET)
+                                                              fraction, work / tag, label_target=args.label_target,
+                                                              label_target_weight=args.label_target_weight)
                     t0 = _cpu()
                     result = load_scorer(str(checkpoint)).label_slot(texts)
                     classify_cpu = _cpu() - t0
@@ -372,8 +373,8 @@ def _write_report(args, start: Start, out: Path, rows: list[dict], guidance: lis
              + (f", classes left out ({left_out})" if left_out else "") + ". "
              + (f"The diffusion NELBO is estimated from {args.nelbo_samples} mask draws per text shared by all labels. "
                 if "diffusion" in args.classifiers else "")
-             + (f"The label-slot model is the same diffusion fine-tune with `--label-target {LABEL_TARGET:g}` (the label also "
-                f"masked and predicted, weight {TrainArgs.__dataclass_fields__['label_target_weight'].default:g}): it "
+             + (f"The label-slot model is the same diffusion fine-tune with `--label-target {args.label_target:g}` (the label "
+                f"also masked and predicted, weight {args.label_target_weight:g}): it "
                 "classifies in one pass, by the label it predicts at its slot. "
                 if "label-slot" in args.classifiers else "") +
              "ECE: 10 equal-width confidence bins. CPU seconds are process CPU time (training includes loading, "

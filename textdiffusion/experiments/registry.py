@@ -115,6 +115,10 @@ class ExperimentArgs:
         "help": "classify: guidance scales of the label-guided samples, from the all-labels model (the flag with "
                 "no value: no guidance part)."})
     guidance_samples: int = field(default=8, metadata={"help": "classify: guided samples per label and scale."})
+    label_target: float = field(default=0.5, metadata={
+        "help": "classify, label-slot: the share of labelled rows whose label is masked and predicted each step."})
+    label_target_weight: float = field(default=10.0, metadata={
+        "help": "classify, label-slot: how many text tokens the label's cross-entropy counts as."})
     classifiers: list[str] = field(default_factory=lambda: list(CLASSIFIERS), metadata={
         "help": "classify: which classifiers to train and score (all by default; a subset reruns one of them, e.g. "
                 "`diffusion` with more --nelbo-samples, on the same texts and seeds): " + " ".join(CLASSIFIERS) + "."})
@@ -181,6 +185,10 @@ class ExperimentArgs:
             raise UsageError(f"--classifiers {' '.join(self.classifiers)} without diffusion needs --start-from: from a "
                              "preset the tokenizer every classifier reads is the diffusion run's.", field="classifiers",
                              value=self.classifiers)
+        if "label-slot" in self.classifiers and not (0.0 < self.label_target <= 1.0 and self.label_target_weight > 0):
+            bad = "label_target" if not 0.0 < self.label_target <= 1.0 else "label_target_weight"
+            raise UsageError(f"--{bad.replace('_', '-')} must be in (0, 1] (the share of rows) and its weight > 0, got "
+                             f"{getattr(self, bad)!r}.", field=bad, value=getattr(self, bad))
         if self.cfg_scales and not {"diffusion", "discriminative"} <= set(self.classifiers):
             raise UsageError(f"--cfg-scales {self.cfg_scales} needs --classifiers diffusion and discriminative (the guided "
                              "samples come from the one and are judged by the other); pass --cfg-scales with no value "
