@@ -15,6 +15,7 @@
 #     --classifiers diffusion --label-fractions 0.1 0.03 --nelbo-samples 16   # rerun one classifier elsewhere
 #   OUT=benchmarks/results/classify-pretrained-label-slot bash benchmarks/classify_pretrained.sh 1 \
 #     --classifiers label-slot                # the label as a target too, read in one pass (~6 min a share)
+#     (--label-target 1 --label-target-weight 50 by default: every labelled row predicts its label)
 #
 # About 95 minutes on one core, from CPU seconds measured on an AMD EPYC core (fp32, 2026-12-01, a few steps each):
 #   per step at batch 32 × 128 tokens: diffusion fine-tune 1.07 (1.3 in wiki-small's own recipe runs: 1.3 used),

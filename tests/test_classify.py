@@ -424,7 +424,7 @@ def test_experiment_fine_tunes_from_the_starts_and_reports_every_row(starts, thr
                           output_dir=str(tmp_path / "out"))
     final = run_experiment("classify", args)
     assert [(a.objective, a.model_name, a.label_fraction, a.label_target) for a in seen] == [
-        (o, starts[o], f, t) for f in (1.0, 0.5) for o, t in (("diffusion", 0.0), ("ar", 0.0), ("diffusion", 0.5))]
+        (o, starts[o], f, t) for f in (1.0, 0.5) for o, t in (("diffusion", 0.0), ("ar", 0.0), ("diffusion", 1.0))]
     assert all(a.preset is None and a.exclude_labels == ["misc"] and a.mask_per == "example" for a in seen)
     assert all(a.unlabelled == "drop" and a.label_dropout == 0.0 for a in seen)  # fine-tunes read the labelled share
 

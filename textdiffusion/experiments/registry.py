@@ -115,9 +115,9 @@ class ExperimentArgs:
         "help": "classify: guidance scales of the label-guided samples, from the all-labels model (the flag with "
                 "no value: no guidance part)."})
     guidance_samples: int = field(default=8, metadata={"help": "classify: guided samples per label and scale."})
-    label_target: float = field(default=0.5, metadata={
+    label_target: float = field(default=1.0, metadata={
         "help": "classify, label-slot: the share of labelled rows whose label is masked and predicted each step."})
-    label_target_weight: float = field(default=10.0, metadata={
+    label_target_weight: float = field(default=50.0, metadata={
         "help": "classify, label-slot: how many text tokens the label's cross-entropy counts as."})
     classifiers: list[str] = field(default_factory=lambda: list(CLASSIFIERS), metadata={
         "help": "classify: which classifiers to train and score (all by default; a subset reruns one of them, e.g. "
