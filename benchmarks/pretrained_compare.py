@@ -41,6 +41,7 @@ import re
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -95,7 +96,7 @@ def diffusion_likelihood(checkpoint: str, blocks: int, out: Path, python: str) -
     return json.loads((where / "eval.json").read_text())["nelbo"][0]
 
 
-def sampler_settings(gen, prompt_ids, new_tokens: int, sampler: dict) -> dict:
+def sampler_settings(prompt_ids, new_tokens: int, sampler: dict) -> dict:
     """The diffusion sampler for one model and configuration: ``tokens_per_step`` committed per call inside blocks
     of ``block_length`` (steps per block = ceil(block / tokens per step)), top-k 50, dual cache."""
     block = min(sampler["block_length"], new_tokens)
@@ -154,19 +155,18 @@ def generation(model, prompts: list[str], new_words: int, scorers: dict, repeats
     if isinstance(model, CausalModel):
         settings = dict(sampling="topk", top_k=50, temperature=sampler["temperature"],
                         repetition_penalty=sampler["repetition_penalty"])
-
-        def generate(n):
-            part = PromptSet(prompts=own_prompts[:n], prompt_ids=ids[:n], references=[])
-            return causal_continuations(model.gen, part, new_tokens, seed=seed, **settings)
+        continuations = partial(causal_continuations, model.gen)
         row = {"new_tokens": new_tokens, "words_per_token": wpt, "steps": new_tokens, "block_length": 1}
     else:
-        settings = sampler_settings(model, ids, new_tokens, sampler)
-
-        def generate(n):
-            part = PromptSet(prompts=own_prompts[:n], prompt_ids=ids[:n], references=[])
-            return diffusion_continuations(model, part, new_tokens, seed=seed, **settings)
+        settings = sampler_settings(ids, new_tokens, sampler)
+        continuations = partial(diffusion_continuations, model)
         row = {"new_tokens": new_tokens, "words_per_token": wpt, "steps": settings["steps"],
                "block_length": settings["block_length"]}
+
+    def generate(n):
+        part = PromptSet(prompts=own_prompts[:n], prompt_ids=ids[:n], references=[])
+        return continuations(part, new_tokens, seed=seed, **settings)
+
     generate(1)  # warm-up: allocator, kernels
     scored = {}
     full_seconds = best_of(lambda: scored.update(out=generate(len(prompts))), 1)  # the scored run, timed

@@ -20,6 +20,9 @@ from test_guidance import toy  # noqa: E402,F401  (the toy model and its guide: 
 from test_serve import generator, live_server  # noqa: E402,F401  (the module-scoped model fixture)
 
 CHROMIUM = "/usr/bin/chromium"
+needs_chromium = pytest.mark.skipif(
+    not shutil.which("chromium") and not os.path.exists(CHROMIUM),
+    reason="Debian's chromium is not installed (apt-get install chromium chromium-driver; .ci/run does)")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -36,8 +39,7 @@ def chromium_page():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not shutil.which("chromium") and not os.path.exists(CHROMIUM),
-                    reason="Debian's chromium is not installed (apt-get install chromium chromium-driver; .ci/run does)")
+@needs_chromium
 def test_the_page_shows_masks_then_the_final_text(generator, tmp_path):  # noqa: F811
     with live_server(generator, max_batch=8, max_queue=8) as url, chromium_page() as page:
         requests = []
@@ -74,8 +76,7 @@ def test_the_page_shows_masks_then_the_final_text(generator, tmp_path):  # noqa:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not shutil.which("chromium") and not os.path.exists(CHROMIUM),
-                    reason="Debian's chromium is not installed (apt-get install chromium chromium-driver; .ci/run does)")
+@needs_chromium
 def test_the_label_row_steers_a_request(toy):  # noqa: F811
     """A checkpoint served with a guide: the page offers its labels and methods, and the request it sends carries
     the label, the method and its strength; the guided run streams to the end."""

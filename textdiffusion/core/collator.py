@@ -94,6 +94,7 @@ class DiffusionCollator:
         self.schedule_fn = get_schedule(self.schedule)
         protected = {int(i) for i in self.protected_token_ids if i is not None} - {self.eos_token_id}
         self._protected = torch.tensor(sorted(protected), dtype=torch.long)
+        self._label_ids = torch.tensor([int(i) for i in self.label_token_ids], dtype=torch.long)
 
     # -- randomness -------------------------------------------------------------------------------
     def batch_index(self) -> int:
@@ -171,7 +172,7 @@ class DiffusionCollator:
         position_weight = None
         if self.label_target:  # after the text's draw, so the text's masks do not depend on this setting
             slot = input_ids[:, self.label_position]  # [b]
-            targeted = torch.isin(slot, torch.as_tensor(list(self.label_token_ids), dtype=torch.long))
+            targeted = torch.isin(slot, self._label_ids)
             targeted &= torch.rand(b, generator=g) < self.label_target  # a row without its label never is
             masked[:, self.label_position] |= targeted
             position_weight = torch.ones(input_ids.shape)
