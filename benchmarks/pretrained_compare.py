@@ -17,9 +17,10 @@ number here is per word, per byte or on the same text:
   ``new_words / words_per_token`` new tokens (its own words per token, measured on the validation split),
   rounded to whole blocks of every block length in use, so a setting commits exactly its tokens per call.
   Diffusion rows: blocks of --block-length, --tokens-per-call committed per model call, top-k 50, repetition
-  penalty, dual cache; a model named in --sweep runs a grid of block lengths and tokens per call instead (one
-  token per call is AR decoding by another name: the headline setting commits at least 2). Causal rows: KV-cached
-  `generate`, top-k 50, their own repetition penalty. Gen PPL under every --scorers model (SmolLM2-135M is biased
+  penalty, dual cache; a model named in --sweep runs a grid of block lengths, tokens per call and
+  --sweep-temperatures instead (one token per call is AR decoding by another name: the headline setting commits at
+  least 2). Causal rows: KV-cached `generate`, top-k 50, their own repetition penalty, one row per
+  --ar-temperatures (so the headline is compared with the causal model at the same temperature). Gen PPL under every --scorers model (SmolLM2-135M is biased
   toward a model adapted from it; Gemma-3-270M shares no weights with any model here), as written — a lowercase
   model's prompt and text are lowercase — beside the same scorer on the model's own round trip of the real
   continuation. Diversity (distinct-2, repetition-2) is on lowercased words and punctuation, not on token ids;
@@ -172,7 +173,7 @@ def generation(model, prompts: list[str], new_words: int, scorers: dict, repeats
     full_seconds = best_of(lambda: scored.update(out=generate(len(prompts))), 1)  # the scored run, timed
     out = scored["out"]
     texts = [decode_text(tokenizer, i) for i in out.new_ids]
-    row["nfe"], row["tokens_per_call"] = out.nfe, new_tokens / out.nfe
+    row["nfe"], row["tokens_per_call"], row["temperature"] = out.nfe, new_tokens / out.nfe, sampler["temperature"]
     for b in batches:
         if b == len(prompts):  # the scored run, or the best of it and --repeats reruns
             seconds = min(full_seconds, best_of(lambda: generate(b), repeats)) if repeats > 0 else full_seconds
@@ -214,6 +215,8 @@ def parse_args(argv=None):
                          "(default: smollm2-wiki when it is among --checkpoints)")
     ap.add_argument("--sweep-blocks", nargs="+", type=int, default=[8, 16, 32])
     ap.add_argument("--sweep-tokens-per-call", nargs="+", type=int, default=[1, 2, 4])
+    ap.add_argument("--sweep-temperatures", nargs="+", type=float, default=None,
+                    help="sampling temperatures swept too (default: --temperature alone)")
     ap.add_argument("--block-length", type=int, default=32, help="the other diffusion rows' blocks")
     ap.add_argument("--tokens-per-call", type=int, default=4, help="the other diffusion rows' tokens committed per call")
     ap.add_argument("--num-prompts", type=int, default=32)
@@ -223,6 +226,9 @@ def parse_args(argv=None):
     ap.add_argument("--repetition-penalty", type=float, default=1.1)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--ar-repetition-penalty", type=float, default=1.1, help="the causal rows' own sampling penalty")
+    ap.add_argument("--ar-temperatures", nargs="+", type=float, default=[1.0],
+                    help="the causal rows' temperatures, one row each (a swept model's headline is compared with the "
+                         "causal row at its own temperature when there is one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=0,
                     help="timed reruns of the full batch beside the scored run (0: the scored run's time)")
@@ -238,6 +244,11 @@ def parse_args(argv=None):
         args.sweep_blocks, args.sweep_tokens_per_call = args.sweep_blocks[:1], args.sweep_tokens_per_call[:2]
     if args.sweep is None:
         args.sweep = [c for c in args.checkpoints if c == "smollm2-wiki"]
+    if args.sweep_temperatures is None:
+        args.sweep_temperatures = [args.temperature]
+    bad_t = [t for t in args.sweep_temperatures + args.ar_temperatures + [args.temperature] if not t > 0]
+    if bad_t:
+        ap.error(f"temperatures must be > 0, got {bad_t[0]}")
     bad = [n for n in args.sweep if n not in args.checkpoints]
     if bad:
         ap.error(f"--sweep {bad[0]!r} is not one of --checkpoints {args.checkpoints}")
@@ -246,10 +257,11 @@ def parse_args(argv=None):
 
 def configurations(args, checkpoint: str) -> list[dict]:
     """The sampler settings a diffusion model is run with: the sweep's grid, or the one shared setting."""
-    grid = ([(b, t) for b in args.sweep_blocks for t in args.sweep_tokens_per_call if t <= b]
-            if checkpoint in args.sweep else [(args.block_length, args.tokens_per_call)])
+    grid = ([(b, t, temp) for temp in args.sweep_temperatures for b in args.sweep_blocks
+             for t in args.sweep_tokens_per_call if t <= b]
+            if checkpoint in args.sweep else [(args.block_length, args.tokens_per_call, args.temperature)])
     return [dict(block_length=b, tokens_per_step=t, repetition_penalty=args.repetition_penalty,
-                 temperature=args.temperature) for b, t in grid]
+                 temperature=temp) for b, t, temp in grid]
 
 
 def main() -> None:
@@ -286,11 +298,13 @@ def main() -> None:
         del gen
     for spec in args.ar:
         model = CausalModel(spec)
-        sampler = dict(temperature=1.0, repetition_penalty=args.ar_repetition_penalty)
-        row = generation(model, prompts, args.new_words, scorers, args.repeats, batches, sampler, validation, args.seed,
-                         quantum)
-        finish(row, reference(model, prompts, references, scorers), spec, model.model, False, "autoregressive",
-               model.likelihood(validation, args.eval_blocks) if args.eval_blocks else None)
+        real = reference(model, prompts, references, scorers)
+        likelihood = model.likelihood(validation, args.eval_blocks) if args.eval_blocks else None
+        for temperature in args.ar_temperatures:
+            sampler = dict(temperature=temperature, repetition_penalty=args.ar_repetition_penalty)
+            row = generation(model, prompts, args.new_words, scorers, args.repeats, batches, sampler, validation,
+                             args.seed, quantum)
+            finish(row, real, spec, model.model, False, "autoregressive", likelihood)
         del model
     write(args, rows, batches, prompts)
 
@@ -306,6 +320,14 @@ def headline(rows: list[dict], checkpoint: str, scorer: str | None) -> dict | No
     if diverse and scorer:
         return min(diverse, key=lambda r: r["gen_ppl"][scorer])
     return max(candidates, key=lambda r: r["distinct_2"])
+
+
+def causal_counterpart(rows: list[dict], top: dict | None) -> dict | None:
+    """The causal row a headline is measured against: the first at the headline's temperature, else the first."""
+    causal = [r for r in rows if r["kind"] == "autoregressive"]
+    if top is None or not causal:
+        return None
+    return next((r for r in causal if r["temperature"] == top["temperature"]), causal[0])
 
 
 def write(args, rows: list[dict], batches: list[int], prompts: list[str]) -> None:
@@ -329,16 +351,16 @@ def write(args, rows: list[dict], batches: list[int], prompts: list[str]) -> Non
     lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['date']}", "",
              f"Prompts: the first {args.prompt_words} words of the first {args.num_prompts} wiki-vital validation documents "
              f"with {args.prompt_words + args.new_words} words or more (listed below), seed {args.seed} for every model; "
-             f"about {args.new_words} words generated per prompt, each model its own tokens' worth (top-k 50, temperature "
-             f"{args.temperature}; diffusion: repetition penalty {args.repetition_penalty}, dual cache, blocks of "
+             f"about {args.new_words} words generated per prompt, each model its own tokens' worth (top-k 50 at the "
+             f"row's temperature T; diffusion: repetition penalty {args.repetition_penalty}, dual cache, blocks of "
              f"{args.block_length} at {args.tokens_per_call} tokens per call unless swept; the causal rows: KV-cached "
              f"`generate`, one token per call, repetition penalty {args.ar_repetition_penalty}). Gen PPL as written "
              f"(a lowercase model's prompt and text are lowercase) under each scorer, beside the same scorer on the "
              "model's own round trip of the real continuation; distinct-2 and repetition-2 on lowercased words. "
              "SmolLM2 scoring a model adapted from SmolLM2 (or itself) is biased in its favour; Gemma-3 shares no "
              "weights with any model here.", ""]
-    head = ["model", "kind", "parameters", "lowercase", "nats/token", "nats/word", "bits/byte", "block", "tokens/call",
-            "calls"]
+    head = ["model", "kind", "parameters", "lowercase", "nats/token", "nats/word", "bits/byte", "T", "block",
+            "tokens/call", "calls"]
     for s in scorers:
         head += [f"gen PPL {s}", f"real text {s}"]
     head += ["distinct-2", "real distinct-2", "repetition-2"] + [f"words/s b{b}" for b in batches]
@@ -348,7 +370,8 @@ def write(args, rows: list[dict], batches: list[int], prompts: list[str]) -> Non
         name = f"**{r['checkpoint']}**" if r.get("headline") else r["checkpoint"]
         cells = [name, r["kind"], f"{r['parameters'] / 1e6:.1f}M", "yes" if r["lowercase"] else "no",
                  f(lk.get("nats_per_token"), ".3f") + (f" ± {lk['stderr']:.3f}" if lk else ""),
-                 f(lk.get("nats_per_word"), ".3f"), f(lk.get("bits_per_byte"), ".3f"), str(r["block_length"]),
+                 f(lk.get("nats_per_word"), ".3f"), f(lk.get("bits_per_byte"), ".3f"), f"{r['temperature']:g}",
+                 str(r["block_length"]),
                  f(r["tokens_per_call"], ".1f"), str(r["nfe"])]
         for s in scorers:
             cells += [f(r["gen_ppl"][s], ".1f"), f(ref["gen_ppl"][s], ".1f")]
@@ -359,16 +382,19 @@ def write(args, rows: list[dict], batches: list[int], prompts: list[str]) -> Non
         lines += ["", "**Bold**: the headline setting of a swept model — at least 2 tokens per call, distinct-2 at least "
                   f"0.9x its real text's, then the lowest gen PPL under {independent} (else the most diverse setting)."]
     for checkpoint, top in tops.items():
-        ar = next((r for r in rows if r["kind"] == "autoregressive"), None)
+        ar = causal_counterpart(rows, top)
         if top is not None and ar is not None and independent:
-            lines.append(f"{checkpoint} at block {top['block_length']}, {top['tokens_per_call']:.1f} tokens per call: gen PPL "
-                         f"{top['gen_ppl'][independent] / ar['gen_ppl'][independent]:.2f}x {ar['checkpoint']}'s under "
+            lines.append(f"{checkpoint} at block {top['block_length']}, {top['tokens_per_call']:.1f} tokens per call, "
+                         f"T {top['temperature']:g}: gen PPL "
+                         f"{top['gen_ppl'][independent] / ar['gen_ppl'][independent]:.2f}x {ar['checkpoint']}'s at "
+                         f"T {ar['temperature']:g} under "
                          f"{independent}, distinct-2 {top['distinct_2'] / top['reference']['distinct_2']:.2f}x real text's, "
                          f"{top[f'words_per_s_b{batches[0]}'] / ar[f'words_per_s_b{batches[0]}']:.2f}x its words/s at "
                          f"batch {batches[0]} and "
                          f"{top[f'words_per_s_b{batches[-1]}'] / ar[f'words_per_s_b{batches[-1]}']:.2f}x at batch {batches[-1]}.")
     lines += ["", "Samples (the first prompt, every row):", ""]
-    lines += [f"- **{r['checkpoint']}** (block {r['block_length']}, {r['tokens_per_call']:.1f}/call): {r['example'][:400]}"
+    lines += [f"- **{r['checkpoint']}** (block {r['block_length']}, {r['tokens_per_call']:.1f}/call, T {r['temperature']:g}): "
+              f"{r['example'][:400]}"
               for r in rows]
     for checkpoint, top in tops.items():
         if top is not None:

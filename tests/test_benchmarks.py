@@ -98,6 +98,23 @@ def test_speed_goals_are_judged_at_equal_quality():
     assert "no diffusion row reaches AR's gen PPL 200.0" in lines and "fast, 4.00x at gen PPL 500.0" in lines
 
 
+def test_pretrained_comparison_sweeps_temperature_and_compares_at_the_same_one():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from pretrained_compare import causal_counterpart, configurations, parse_args
+
+    args = parse_args(["--checkpoints", "wiki-small", "smollm2-wiki", "--sweep-blocks", "8", "16",
+                       "--sweep-tokens-per-call", "2", "--sweep-temperatures", "1.0", "0.8", "--temperature", "0.9"])
+    grid = [(c["block_length"], c["tokens_per_step"], c["temperature"]) for c in configurations(args, "smollm2-wiki")]
+    assert grid == [(8, 2, 1.0), (16, 2, 1.0), (8, 2, 0.8), (16, 2, 0.8)]
+    assert [c["temperature"] for c in configurations(args, "wiki-small")] == [0.9]  # not swept: --temperature
+    causal = [{"kind": "autoregressive", "temperature": t} for t in (1.0, 0.8)]
+    assert causal_counterpart(causal, {"temperature": 0.8}) is causal[1]
+    assert causal_counterpart(causal, {"temperature": 0.5}) is causal[0]  # none at that temperature: the first
+    r = subprocess.run([sys.executable, "benchmarks/pretrained_compare.py", "--sweep-temperatures", "0"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "temperatures must be > 0, got 0.0" in r.stderr
+
+
 @pytest.mark.slow
 def test_pretrained_comparison_measures_both_tokenizers_in_words(tmp_path):
     """wiki-small (cased BPE) beside a lowercase WordPiece MPNet: each gets as many masks as it needs for the
