@@ -17,10 +17,11 @@ number here is per word, per byte or on the same text:
   ``new_words / words_per_token`` new tokens (its own words per token, measured on the validation split),
   rounded to whole blocks of every block length in use, so a setting commits exactly its tokens per call.
   Diffusion rows: blocks of --block-length, --tokens-per-call committed per model call, top-k 50, repetition
-  penalty, dual cache; a model named in --sweep runs a grid of block lengths, tokens per call and
-  --sweep-temperatures instead (one token per call is AR decoding by another name: the headline setting commits at
-  least 2). Causal rows: KV-cached `generate`, top-k 50, their own repetition penalty, one row per
-  --ar-temperatures (so the headline is compared with the causal model at the same temperature). Gen PPL under every --scorers model (SmolLM2-135M is biased
+  penalty, dual cache; a model named in --sweep runs a grid of block lengths, tokens per call (or
+  --sweep-thresholds: every token at least that likely, Fast-dLLM's parallel decoding) and --sweep-temperatures
+  instead (one token per call is AR decoding by another name: the headline setting commits at least 2). Causal
+  rows: KV-cached `generate`, top-k 50, their own repetition penalty, one row per --ar-temperatures (so the
+  headline is compared with the causal model at the same temperature). Gen PPL under every --scorers model (SmolLM2-135M is biased
   toward a model adapted from it; Gemma-3-270M shares no weights with any model here), as written — a lowercase
   model's prompt and text are lowercase — beside the same scorer on the model's own round trip of the real
   continuation. Diversity (distinct-2, repetition-2) is on lowercased words and punctuation, not on token ids;
@@ -99,12 +100,15 @@ def diffusion_likelihood(checkpoint: str, blocks: int, out: Path, python: str) -
 
 def sampler_settings(prompt_ids, new_tokens: int, sampler: dict) -> dict:
     """The diffusion sampler for one model and configuration: ``tokens_per_step`` committed per call inside blocks
-    of ``block_length`` (steps per block = ceil(block / tokens per step)), top-k 50, dual cache."""
+    of ``block_length`` (steps per block = ceil(block / tokens per step)), or, with ``threshold`` (Fast-dLLM's
+    parallel decoding), every token at least that likely and the surest one (as many calls as the text needs);
+    top-k 50, dual cache."""
     block = min(sampler["block_length"], new_tokens)
-    steps = math.ceil(block / sampler["tokens_per_step"]) * math.ceil(new_tokens / block)
+    threshold = sampler.get("threshold")
+    steps = math.ceil(block / (sampler["tokens_per_step"] if threshold is None else 1)) * math.ceil(new_tokens / block)
     return dict(block_length=block, steps=steps, sampling="topk", top_k=50, temperature=sampler["temperature"],
                 repetition_penalty=sampler["repetition_penalty"], strategy="confidence", cache="dual",
-                max_length=max(map(len, prompt_ids)) + new_tokens + 2)
+                confidence_threshold=threshold, max_length=max(map(len, prompt_ids)) + new_tokens + 2)
 
 
 class CausalModel:
@@ -174,6 +178,12 @@ def generation(model, prompts: list[str], new_words: int, scorers: dict, repeats
     out = scored["out"]
     texts = [decode_text(tokenizer, i) for i in out.new_ids]
     row["nfe"], row["tokens_per_call"], row["temperature"] = out.nfe, new_tokens / out.nfe, sampler["temperature"]
+    if isinstance(model, CausalModel):
+        row["commit"] = "1/call"
+    elif sampler.get("threshold") is None:
+        row["commit"] = f"{sampler['tokens_per_step']}/call"
+    else:
+        row["commit"] = f"p >= {sampler['threshold']:g}"
     for b in batches:
         if b == len(prompts):  # the scored run, or the best of it and --repeats reruns
             seconds = min(full_seconds, best_of(lambda: generate(b), repeats)) if repeats > 0 else full_seconds
@@ -215,6 +225,9 @@ def parse_args(argv=None):
                          "(default: smollm2-wiki when it is among --checkpoints)")
     ap.add_argument("--sweep-blocks", nargs="+", type=int, default=[8, 16, 32])
     ap.add_argument("--sweep-tokens-per-call", nargs="+", type=int, default=[1, 2, 4])
+    ap.add_argument("--sweep-thresholds", nargs="*", type=float, default=[],
+                    help="also commit by confidence threshold at each swept block and temperature (tokens per call "
+                         "then measured, not set)")
     ap.add_argument("--sweep-temperatures", nargs="+", type=float, default=None,
                     help="sampling temperatures swept too (default: --temperature alone)")
     ap.add_argument("--block-length", type=int, default=32, help="the other diffusion rows' blocks")
@@ -249,6 +262,9 @@ def parse_args(argv=None):
     bad_t = [t for t in args.sweep_temperatures + args.ar_temperatures + [args.temperature] if not t > 0]
     if bad_t:
         ap.error(f"temperatures must be > 0, got {bad_t[0]}")
+    bad_p = [p for p in args.sweep_thresholds if not 0 < p <= 1]
+    if bad_p:
+        ap.error(f"--sweep-thresholds must be in (0, 1], got {bad_p[0]}")
     bad = [n for n in args.sweep if n not in args.checkpoints]
     if bad:
         ap.error(f"--sweep {bad[0]!r} is not one of --checkpoints {args.checkpoints}")
@@ -257,11 +273,14 @@ def parse_args(argv=None):
 
 def configurations(args, checkpoint: str) -> list[dict]:
     """The sampler settings a diffusion model is run with: the sweep's grid, or the one shared setting."""
-    grid = ([(b, t, temp) for temp in args.sweep_temperatures for b in args.sweep_blocks
-             for t in args.sweep_tokens_per_call if t <= b]
-            if checkpoint in args.sweep else [(args.block_length, args.tokens_per_call, args.temperature)])
-    return [dict(block_length=b, tokens_per_step=t, repetition_penalty=args.repetition_penalty,
-                 temperature=temp) for b, t, temp in grid]
+    if checkpoint not in args.sweep:
+        grid = [(args.block_length, args.tokens_per_call, None, args.temperature)]
+    else:
+        grid = [(b, t, p, temp) for temp in args.sweep_temperatures for b in args.sweep_blocks
+                for t, p in [(t, None) for t in args.sweep_tokens_per_call if t <= b]
+                + [(1, p) for p in args.sweep_thresholds]]
+    return [dict(block_length=b, tokens_per_step=t, threshold=p, repetition_penalty=args.repetition_penalty,
+                 temperature=temp) for b, t, p, temp in grid]
 
 
 def main() -> None:
@@ -360,7 +379,7 @@ def write(args, rows: list[dict], batches: list[int], prompts: list[str]) -> Non
              "SmolLM2 scoring a model adapted from SmolLM2 (or itself) is biased in its favour; Gemma-3 shares no "
              "weights with any model here.", ""]
     head = ["model", "kind", "parameters", "lowercase", "nats/token", "nats/word", "bits/byte", "T", "block",
-            "tokens/call", "calls"]
+            "commits", "tokens/call", "calls"]
     for s in scorers:
         head += [f"gen PPL {s}", f"real text {s}"]
     head += ["distinct-2", "real distinct-2", "repetition-2"] + [f"words/s b{b}" for b in batches]
@@ -371,7 +390,7 @@ def write(args, rows: list[dict], batches: list[int], prompts: list[str]) -> Non
         cells = [name, r["kind"], f"{r['parameters'] / 1e6:.1f}M", "yes" if r["lowercase"] else "no",
                  f(lk.get("nats_per_token"), ".3f") + (f" ± {lk['stderr']:.3f}" if lk else ""),
                  f(lk.get("nats_per_word"), ".3f"), f(lk.get("bits_per_byte"), ".3f"), f"{r['temperature']:g}",
-                 str(r["block_length"]),
+                 str(r["block_length"]), r["commit"],
                  f(r["tokens_per_call"], ".1f"), str(r["nfe"])]
         for s in scorers:
             cells += [f(r["gen_ppl"][s], ".1f"), f(ref["gen_ppl"][s], ".1f")]

@@ -103,9 +103,12 @@ def test_pretrained_comparison_sweeps_temperature_and_compares_at_the_same_one()
     from pretrained_compare import causal_counterpart, configurations, parse_args
 
     args = parse_args(["--checkpoints", "wiki-small", "smollm2-wiki", "--sweep-blocks", "8", "16",
-                       "--sweep-tokens-per-call", "2", "--sweep-temperatures", "1.0", "0.8", "--temperature", "0.9"])
-    grid = [(c["block_length"], c["tokens_per_step"], c["temperature"]) for c in configurations(args, "smollm2-wiki")]
-    assert grid == [(8, 2, 1.0), (16, 2, 1.0), (8, 2, 0.8), (16, 2, 0.8)]
+                       "--sweep-tokens-per-call", "2", "--sweep-thresholds", "0.7", "--sweep-temperatures", "1.0", "0.8",
+                       "--temperature", "0.9"])
+    grid = [(c["block_length"], c["tokens_per_step"], c["threshold"], c["temperature"])
+            for c in configurations(args, "smollm2-wiki")]
+    assert grid == [(8, 2, None, 1.0), (8, 1, 0.7, 1.0), (16, 2, None, 1.0), (16, 1, 0.7, 1.0),
+                    (8, 2, None, 0.8), (8, 1, 0.7, 0.8), (16, 2, None, 0.8), (16, 1, 0.7, 0.8)]
     assert [c["temperature"] for c in configurations(args, "wiki-small")] == [0.9]  # not swept: --temperature
     causal = [{"kind": "autoregressive", "temperature": t} for t in (1.0, 0.8)]
     assert causal_counterpart(causal, {"temperature": 0.8}) is causal[1]
@@ -113,6 +116,9 @@ def test_pretrained_comparison_sweeps_temperature_and_compares_at_the_same_one()
     r = subprocess.run([sys.executable, "benchmarks/pretrained_compare.py", "--sweep-temperatures", "0"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "temperatures must be > 0, got 0.0" in r.stderr
+    r = subprocess.run([sys.executable, "benchmarks/pretrained_compare.py", "--sweep-thresholds", "1.5"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "--sweep-thresholds must be in (0, 1], got 1.5" in r.stderr
 
 
 @pytest.mark.slow
@@ -132,16 +138,20 @@ def test_pretrained_comparison_measures_both_tokenizers_in_words(tmp_path):
     MPNetForMaskedLM(config).save_pretrained(tmp_path / "wp")
     tokenizer.save_pretrained(tmp_path / "wp")
     run("benchmarks/pretrained_compare.py", "--quick", "--checkpoints", "wiki-small", str(tmp_path / "wp"),
-        "--sweep", "wiki-small", "--ar", "wiki-small-ar", "--out", str(tmp_path / "out"))
+        "--sweep", "wiki-small", "--sweep-thresholds", "0.2", "--ar", "wiki-small-ar", "--out", str(tmp_path / "out"))
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = result["rows"]
-    # wiki-small swept (blocks of 8 at 1 and 2 tokens per call), the WordPiece model once, the AR model once
-    assert [(r["checkpoint"], r["kind"], r["lowercase"]) for r in rows] == [
-        ("wiki-small", "diffusion", False), ("wiki-small", "diffusion", False), (str(tmp_path / "wp"), "diffusion", True),
-        ("wiki-small-ar", "autoregressive", False)]
-    assert [r["tokens_per_call"] for r in rows] == [1.0, 2.0, 4.0, 1.0]  # whole blocks: the asked rate exactly
+    # wiki-small swept (blocks of 8 at 1 and 2 tokens per call, and by threshold), the WordPiece model once, the AR
+    # model once
+    assert [(r["checkpoint"], r["kind"], r["lowercase"], r["commit"]) for r in rows] == [
+        ("wiki-small", "diffusion", False, "1/call"), ("wiki-small", "diffusion", False, "2/call"),
+        ("wiki-small", "diffusion", False, "p >= 0.2"), (str(tmp_path / "wp"), "diffusion", True, "4/call"),
+        ("wiki-small-ar", "autoregressive", False, "1/call")]
+    assert [r["tokens_per_call"] for r in rows[:2] + rows[3:]] == [1.0, 2.0, 4.0, 1.0]  # whole blocks: the asked rate
     assert [r["nfe"] for r in rows[:2]] == [rows[0]["new_tokens"], rows[0]["new_tokens"] // 2]
-    assert [bool(r.get("headline")) for r in rows] == [False, True, False, False]  # >= 2 tokens per call
+    assert 1 <= rows[2]["tokens_per_call"] <= rows[2]["new_tokens"]  # a threshold's rate is measured
+    headlines = [r for r in rows if r.get("headline")]  # one per swept model, >= 2 tokens per call
+    assert len(headlines) == 1 and headlines[0]["checkpoint"] == "wiki-small" and headlines[0]["tokens_per_call"] >= 2
     for r in rows:
         assert 0.2 < r["words_per_token"] < 1.5 and r["new_tokens"] == 32  # 8 words' worth, in whole blocks of 32
         assert 0 < r["distinct_2"] <= 1 and r["words_per_s_b1"] > 0 and r["reference"]["words"] > 0
