@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation_speed import best_of, timed  # noqa: E402
 
 from textdiffusion.core.detokenize import decode_text
-from textdiffusion.core.metrics import distinct_n, repetition_rate
+from textdiffusion.core.metrics import distinct_n, doubled_rate, repetition_rate
 from textdiffusion.models.quality import PromptSet, causal_continuations, diffusion_continuations
 from textdiffusion.pipelines.generation import DiffusionGenerator
 
@@ -210,6 +210,7 @@ def judge(prompts: list[str], texts: list[str], scorers: dict) -> dict:
     text are lowercase already)."""
     w = [words(t) for t in texts]
     return {"words": sum(map(len, w)) / len(w), "distinct_2": distinct_n(w, 2), "repetition_2": repetition_rate(w, 2),
+            "doubled": doubled_rate(w),
             "gen_ppl": {name: scorer.perplexity(prompts, [" " + t.strip() for t in texts])
                         for name, scorer in scorers.items()}}
 
@@ -375,14 +376,15 @@ def write(args, rows: list[dict], batches: list[int], prompts: list[str]) -> Non
              f"{args.block_length} at {args.tokens_per_call} tokens per call unless swept; the causal rows: KV-cached "
              f"`generate`, one token per call, repetition penalty {args.ar_repetition_penalty}). Gen PPL as written "
              f"(a lowercase model's prompt and text are lowercase) under each scorer, beside the same scorer on the "
-             "model's own round trip of the real continuation; distinct-2 and repetition-2 on lowercased words. "
+             "model's own round trip of the real continuation; distinct-2, repetition-2 and doubled (the share of "
+             "adjacent pairs that are one word twice) on lowercased words and punctuation. "
              "SmolLM2 scoring a model adapted from SmolLM2 (or itself) is biased in its favour; Gemma-3 shares no "
              "weights with any model here.", ""]
     head = ["model", "kind", "parameters", "lowercase", "nats/token", "nats/word", "bits/byte", "T", "block",
             "commits", "tokens/call", "calls"]
     for s in scorers:
         head += [f"gen PPL {s}", f"real text {s}"]
-    head += ["distinct-2", "real distinct-2", "repetition-2"] + [f"words/s b{b}" for b in batches]
+    head += ["distinct-2", "real distinct-2", "repetition-2", "doubled"] + [f"words/s b{b}" for b in batches]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         lk, ref = r.get("likelihood", {}), r["reference"]
@@ -394,7 +396,8 @@ def write(args, rows: list[dict], batches: list[int], prompts: list[str]) -> Non
                  f(r["tokens_per_call"], ".1f"), str(r["nfe"])]
         for s in scorers:
             cells += [f(r["gen_ppl"][s], ".1f"), f(ref["gen_ppl"][s], ".1f")]
-        cells += [f(r["distinct_2"], ".3f"), f(ref["distinct_2"], ".3f"), f(r["repetition_2"], ".3f")]
+        cells += [f(r["distinct_2"], ".3f"), f(ref["distinct_2"], ".3f"), f(r["repetition_2"], ".3f"),
+                  f(r.get("doubled"), ".4f")]
         cells += [f(r.get(f"words_per_s_b{b}"), ".1f") for b in batches]
         lines.append("| " + " | ".join(cells) + " |")
     if any(tops.values()):

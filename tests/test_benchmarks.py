@@ -157,5 +157,10 @@ def test_pretrained_comparison_measures_both_tokenizers_in_words(tmp_path):
         assert 0 < r["distinct_2"] <= 1 and r["words_per_s_b1"] > 0 and r["reference"]["words"] > 0
         assert len(r["samples"]) == 2  # every sample kept, each after its prompt (a lowercase model's is lowercase)
         assert all(s.lower().startswith(p.lower()) for s, p in zip(r["samples"], result["meta"]["prompts"]))
+    # the doubled-word recount of saved samples gives what the run reported
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from doubled_words import recount
+
+    assert [c["doubled"] for c in recount(result)] == pytest.approx([r["doubled"] for r in rows])
     report = (tmp_path / "out" / "README.md").read_text()
     assert "| **wiki-small** | diffusion | 3.7M | no |" in report and "| wiki-small-ar | autoregressive |" in report

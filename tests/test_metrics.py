@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from textdiffusion.core.metrics import distinct_n, diversity, repetition_rate, unigram_entropy_bits
+from textdiffusion.core.metrics import distinct_n, diversity, doubled_rate, repetition_rate, unigram_entropy_bits
 
 
 def test_distinct_n_on_hand_made_samples():
@@ -16,6 +16,13 @@ def test_distinct_n_on_hand_made_samples():
 def test_repetition_rate_counts_repeats_within_a_sample_only():
     assert repetition_rate([[1, 2, 1, 2, 1, 2]]) == pytest.approx(3 / 5)
     assert repetition_rate([[1, 2], [1, 2]]) == 0.0
+
+
+def test_doubled_rate_counts_adjacent_pairs_within_a_sample():
+    assert doubled_rate([["has", "has", "been"]]) == 0.5  # (has, has) of 2 pairs
+    assert doubled_rate([["a", "b", "a", "b"]]) == 0.0  # a repeat that is not adjacent is not doubled
+    assert doubled_rate([["a"], ["a", "a"]]) == 1.0  # pairs never span two samples; a 1-word sample has none
+    assert doubled_rate([]) == 0.0
 
 
 def test_entropy_in_bits():

@@ -34,6 +34,16 @@ def repetition_rate(samples: Sequence[Sequence], n: int = 2) -> float:
     return repeated / total if total else 0.0
 
 
+def doubled_rate(samples: Sequence[Sequence]) -> float:
+    """Share of adjacent pairs that are the same token twice ("the the"): the signature of parallel decoding
+    when two neighbouring masks are committed in one call, each predicted without knowing the other."""
+    doubled = total = 0
+    for s in samples:
+        doubled += sum(a == b for a, b in zip(s, s[1:]))
+        total += max(len(s) - 1, 0)
+    return doubled / total if total else 0.0
+
+
 def unigram_entropy_bits(samples: Sequence[Sequence]) -> float:
     """Entropy (bits) of the token distribution pooled over the samples."""
     counts = Counter(t for s in samples for t in s)
