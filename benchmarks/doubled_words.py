@@ -1,5 +1,5 @@
 """Recount the doubled-word rate of saved comparison samples: the share of adjacent word pairs that are one word
-twice ("has has"), which parallel decoding produces when two neighbouring masks are committed in one call.
+twice ("has has"), an error diffusion samples show and left-to-right models rarely do.
 
     python benchmarks/doubled_words.py benchmarks/results/pretrained_compare-smollm2*/results.json
 

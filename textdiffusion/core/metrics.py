@@ -35,8 +35,8 @@ def repetition_rate(samples: Sequence[Sequence], n: int = 2) -> float:
 
 
 def doubled_rate(samples: Sequence[Sequence]) -> float:
-    """Share of adjacent pairs that are the same token twice ("the the"): what parallel decoding can write when
-    two neighbouring masks are committed in one call, each predicted without knowing the other."""
+    """Share of adjacent pairs that are the same token twice ("the the"): an error diffusion samples show and
+    left-to-right models rarely do, so it is worth counting apart from n-gram repetition."""
     doubled = total = 0
     for s in samples:
         doubled += sum(a == b for a, b in zip(s, s[1:]))
