@@ -101,14 +101,13 @@ def diffusion_likelihood(checkpoint: str, blocks: int, out: Path, python: str) -
 def sampler_settings(prompt_ids, new_tokens: int, sampler: dict) -> dict:
     """The diffusion sampler for one model and configuration: ``tokens_per_step`` committed per call inside blocks
     of ``block_length`` (steps per block = ceil(block / tokens per step)), or, with ``threshold`` (Fast-dLLM's
-    parallel decoding), every token at least that likely and the surest one (as many calls as the text needs);
-    top-k 50, dual cache."""
+    parallel decoding; ``configurations`` gives it 1 token per step, so at most one call per token), every token
+    at least that likely and the surest one; top-k 50, dual cache."""
     block = min(sampler["block_length"], new_tokens)
-    threshold = sampler.get("threshold")
-    steps = math.ceil(block / (sampler["tokens_per_step"] if threshold is None else 1)) * math.ceil(new_tokens / block)
+    steps = math.ceil(block / sampler["tokens_per_step"]) * math.ceil(new_tokens / block)
     return dict(block_length=block, steps=steps, sampling="topk", top_k=50, temperature=sampler["temperature"],
                 repetition_penalty=sampler["repetition_penalty"], strategy="confidence", cache="dual",
-                confidence_threshold=threshold, max_length=max(map(len, prompt_ids)) + new_tokens + 2)
+                confidence_threshold=sampler.get("threshold"), max_length=max(map(len, prompt_ids)) + new_tokens + 2)
 
 
 class CausalModel:
@@ -161,12 +160,15 @@ def generation(model, prompts: list[str], new_words: int, scorers: dict, repeats
         settings = dict(sampling="topk", top_k=50, temperature=sampler["temperature"],
                         repetition_penalty=sampler["repetition_penalty"])
         continuations = partial(causal_continuations, model.gen)
-        row = {"new_tokens": new_tokens, "words_per_token": wpt, "steps": new_tokens, "block_length": 1}
+        row = {"new_tokens": new_tokens, "words_per_token": wpt, "steps": new_tokens, "block_length": 1,
+               "commit": "1/call"}
     else:
         settings = sampler_settings(ids, new_tokens, sampler)
         continuations = partial(diffusion_continuations, model)
         row = {"new_tokens": new_tokens, "words_per_token": wpt, "steps": settings["steps"],
-               "block_length": settings["block_length"]}
+               "block_length": settings["block_length"],
+               "commit": f"{sampler['tokens_per_step']}/call" if sampler.get("threshold") is None
+               else f"p >= {sampler['threshold']:g}"}
 
     def generate(n):
         part = PromptSet(prompts=own_prompts[:n], prompt_ids=ids[:n], references=[])
@@ -178,12 +180,6 @@ def generation(model, prompts: list[str], new_words: int, scorers: dict, repeats
     out = scored["out"]
     texts = [decode_text(tokenizer, i) for i in out.new_ids]
     row["nfe"], row["tokens_per_call"], row["temperature"] = out.nfe, new_tokens / out.nfe, sampler["temperature"]
-    if isinstance(model, CausalModel):
-        row["commit"] = "1/call"
-    elif sampler.get("threshold") is None:
-        row["commit"] = f"{sampler['tokens_per_step']}/call"
-    else:
-        row["commit"] = f"p >= {sampler['threshold']:g}"
     for b in batches:
         if b == len(prompts):  # the scored run, or the best of it and --repeats reruns
             seconds = min(full_seconds, best_of(lambda: generate(b), repeats)) if repeats > 0 else full_seconds
