@@ -286,6 +286,10 @@ def test_a_round_that_fails_the_quality_gate_stops_and_keeps_the_previous_model(
     assert DiffusionConfig.from_pretrained(out).generation.steps == 16  # round 1's student (32 -> 16), not round 2's
     assert same_weights(tensors(out / "model.safetensors"), tensors(out / "checkpoint-2" / "teacher.safetensors"))
     assert not same_weights(tensors(out / "model.safetensors"), tensors(out / "checkpoint-4" / "ema.safetensors"))
+    # each round's judged model is its own checkpoint, the refused one included, at the step count it learnt
+    assert same_weights(tensors(out / "round-1" / "model.safetensors"), tensors(out / "model.safetensors"))
+    assert same_weights(tensors(out / "round-2" / "model.safetensors"), tensors(out / "checkpoint-4" / "ema.safetensors"))
+    assert [DiffusionConfig.from_pretrained(out / f"round-{i}").generation.steps for i in (1, 2)] == [16, 8]
     kept = tensors(out / "model.safetensors")
     (out / "model.safetensors").unlink()  # cut off after the stop's checkpoint, before the result was written
     assert distill(colours, out, "--start-steps", "32", "--rounds", "3", "--steps-per-round", "2", "--gate-prompts", "4",

@@ -41,7 +41,8 @@ KL(student || teacher) (SDTT's default, mode-seeking), forward KL, total variati
 one is kept, else the student — is evaluated (held-out divergence, NELBO), sampled at the halved step count by
 the quality gate, and, if kept, copied into the teacher. (SDTT's default copies the raw student and evaluates
 the EMA; here the model that was judged is the one kept and taught from, so nothing unjudged is kept.) A round
-that fails the gate stops the run; the teacher, i.e. the previous round's model, is the result.
+that fails the gate stops the run; the teacher, i.e. the previous round's model, is the result. Every round's judged
+model, kept or not, is also saved as ``round-N/`` in the output dir (sampling at its step count).
 
 The step counts assume the layout of the examples: ``max_length`` tokens, the teacher's protected prefix as
 the prompt, so a fixed number of blocks; a `generate` prompt much longer or shorter can change the number of
@@ -487,6 +488,8 @@ class DistillTrainer(_ProjectTrainer):
             row.update(gen_ppl=quality["gen_ppl"], distinct2=quality["distinct-2"],
                        undistilled_gen_ppl=undistilled["gen_ppl"], undistilled_distinct2=undistilled["distinct-2"])
         row["kept"] = kept
+        if self.is_world_process_zero():
+            self.save_round_model(judged, student_steps, Path(self.level_eval["report_dir"]) / f"round-{r.index}")
         if kept:
             self.teacher.model.load_state_dict(judged.state_dict())
             r.teacher_steps = student_steps
@@ -501,6 +504,14 @@ class DistillTrainer(_ProjectTrainer):
         if self.is_world_process_zero():
             print(round_line(row, r.reference, self.gate is not None, self.rounds), flush=True)
             append_round_csv(Path(self.level_eval["report_dir"]) / ROUNDS_CSV, row)
+
+    def save_round_model(self, model: torch.nn.Module, steps: int, folder: Path) -> None:
+        """The round's judged model as a checkpoint of its own (``round-N/``, sampling with ``steps`` steps), kept or
+        not: a round the gate refused can still be sampled, benchmarked or exported."""
+        model.save_pretrained(folder)
+        self.processing_class.save_pretrained(folder)
+        dataclasses.replace(self.diffusion_config, max_length=self.plan.layout.max_length, generation=dataclasses.replace(
+            self.plan.sampler_config, steps=steps)).save_pretrained(folder)
 
     # -- the state in checkpoints ---------------------------------------------------------------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
