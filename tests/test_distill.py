@@ -325,3 +325,33 @@ def test_bad_input_is_one_line_with_exit_status_2(colours, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, (extra, err)
         assert not (tmp_path / "out").exists()
+
+
+def test_the_round_curve_reads_each_checkpoints_judged_student(distilled, colours, tmp_path):
+    """benchmarks/distill_curve.py: step 0 is the teacher, then each round-1 checkpoint's EMA, at the round's new step
+    count on the gate's prompts; the row at the round's end is what the round's saved student gives."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import distill_curve
+
+    from textdiffusion.core.data import load_corpus
+    from textdiffusion.models.loading import load_diffusion_model
+    from textdiffusion.models.quality import prompts_from_documents
+    from textdiffusion.pipelines.distillation import QualityGate
+
+    out = tmp_path / "curve"
+    distill_curve.main(["--run", str(distilled), "--scorer", "none", "--prompts", "4", "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["distill_step"] for r in rows] == [0, 2, 4] and {r["steps"] for r in rows} == {8}
+    assert (out / "curve.png").stat().st_size > 0 and "| 4 |" in (out / "README.md").read_text()
+    corpus = str(colours[4])
+    direct = []  # the same measurement made directly on the teacher and on the round's saved student
+    for folder in (colours[0], distilled / "round-1"):
+        config = DiffusionConfig.from_pretrained(folder)
+        tokenizer, model = load_diffusion_model(str(folder), config)
+        prompts = prompts_from_documents(load_corpus(corpus).validation, tokenizer, 4, 4, 32, corpus)
+        gate = QualityGate(tokenizer, config, DiffusionConfig.from_pretrained(distilled / "round-1").generation, prompts,
+                           32, None, 0.0, "cpu")
+        direct.append(gate.measure(model, 8)["example"][:200])
+    assert direct == [rows[0]["example"], rows[2]["example"]] and direct[0] != direct[1]
