@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--teacher", default="wiki-small")
     ap.add_argument("--student", default="runs/wiki-small-sdtt")
     ap.add_argument("--ar", default="wiki-small-ar")
-    ap.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--ar-penalties", type=float, nargs="+", default=[1.0, 1.1, 1.3])
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=8)

@@ -88,6 +88,57 @@ def denoising_trace(dest: Path, prompt: str = "The river", length: int = 24, ste
     plt.close(fig)
 
 
+def distillation_step(dest: Path, steps: int = 32, seed: int = 3, pair: int = 2) -> None:
+    """One SDTT example on wiki-small, drawn by the distillation's own functions: a state x_t of the block sampler
+    (real text before the current block, masks from it on), the teacher's two steps from it, and which of the two
+    steps' distributions each masked position of the student's one step is taught (distillation.py). ``pair``: which
+    of the block's step pairs (its student step) is drawn."""
+    from textdiffusion.core.data import load_corpus, pack
+    from textdiffusion.pipelines.distillation import DistillPlan, Layout, start_states, teacher_run
+    from textdiffusion.pipelines.generation import DiffusionGenerator
+
+    gen = DiffusionGenerator.from_pretrained("wiki-small", device="cpu")
+    tok, config, mask_id = gen.tokenizer, gen.config, gen.mask_id
+    layout = Layout(config.max_length, max(1, config.prefix_length), config.generation.block_length)
+    plan = DistillPlan(config.generation, layout, mask_id, gen.pad_id, gen.sep_id, (gen.pad_id, gen.cls_id))
+    blocks = pack(load_corpus("wiki-vital").validation[:40], tok, config.max_length)[:1]
+    g = torch.Generator().manual_seed(seed)
+    x, editable, attention, sampler = start_states(blocks, plan, steps, g)
+    run = teacher_run(gen.denoiser, sampler, x, editable, attention, [torch.Generator().manual_seed(seed)])
+    states = run.states[2 * pair:, 0]  # [.., l] from the state before the teacher's step 2 * pair
+    current = (run.states[0, 0] == mask_id).nonzero().flatten()
+    start, end = int(current[0]), int(current[0]) + layout.span
+    shown = range(max(1, start - 20), min(end, config.max_length - 1))
+    rows = [("x_t (the student's input)", states[0]), ("teacher step 1", states[1]), ("teacher step 2", states[2]),
+            ("student's target", states[2])]
+    fig, ax = plt.subplots(figsize=(13, 2.6))
+    ax.axis("off")
+    char = 0.6 * 8 / 72 / (ax.get_position().width * fig.get_figwidth())
+    for r, (label, x_row) in enumerate(rows):
+        y = 1 - (r + 0.5) / len(rows)
+        ax.text(0, y, label, family="monospace", fontsize=8, va="center")
+        pos = 0.17
+        for i in shown:
+            t = int(x_row[i])
+            first = int(states[1][i]) != mask_id and int(states[2][i]) != mask_id
+            if r == 3 and int(states[0][i]) == mask_id:  # the target: step 1's distribution (red) or step 2's (blue)
+                piece, color = "1" if first else "2", "tab:red" if first else "tab:blue"
+            elif t == mask_id:
+                piece, color = "▒", "lightgrey"
+            else:
+                piece = tok.decode([t]).replace("\n", " ") or "·"
+                new_here = r in (1, 2) and int(rows[r - 1][1][i]) == mask_id
+                color = ("tab:red" if r == 1 else "tab:blue") if new_here else ("black" if r < 3 else "grey")
+            ax.text(pos, y, piece, family="monospace", fontsize=8, va="center", color=color)
+            pos += char * max(len(piece), 1)
+    ax.set_title(f"One SDTT example (wiki-small, {steps} -> {steps // 2} steps): the teacher's two steps from x_t (red: "
+                 "committed at step 1, blue: at step 2); the student's one step is taught, at each masked position,\n"
+                 "the teacher's distribution from the step that committed it (1) or from step 2 (2: committed then, or "
+                 "still masked)", fontsize=8, loc="left")
+    fig.savefig(dest, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def schedules(dest: Path) -> None:
     """alpha(t) (the fraction of tokens still clean) and the ELBO weight -alpha'/(1-alpha), per schedule."""
     from textdiffusion.schedules import SCHEDULES
@@ -188,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(levels / "levels.png", out / "per_level_loss.png")
     denoising_trace(out / "denoising_trace.png")
     schedules(out / "schedules.png")
+    distillation_step(out / "distillation_step.png")
     frontier(out / "frontier.png")
     ar_vs_diffusion(out / "ar_vs_diffusion.png")
     repeated_data(out / "repeated_data.png")
