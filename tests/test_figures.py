@@ -30,3 +30,9 @@ def test_model_free_figures_are_drawn(tmp_path):
         dest = tmp_path / f"{draw.__name__}.png"
         draw(dest)
         assert dest.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and dest.stat().st_size > 5000
+
+
+def test_the_distillation_example_is_drawn_from_the_bundled_model(tmp_path):
+    dest = tmp_path / "distillation_step.png"
+    figures_module().distillation_step(dest)
+    assert dest.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and dest.stat().st_size > 5000
