@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/figures.py            # about a minute on one CPU core
 
 Writes docs/figures/*.png. Three come from `textdiffusion experiment ...` commands on the bundled
-wiki-small model and committed runs (masking-viz, levels); the denoising trace and the schedules are drawn
-here from the library (DiffusionGenerator, schedules); the frontier and the AR-vs-diffusion curves are
+wiki-small model and committed runs (masking-viz, levels); the denoising trace, one distillation example and
+the schedules are drawn here from the library (DiffusionGenerator, distillation, schedules); the frontier and the AR-vs-diffusion curves are
 re-plotted from the committed results of the benchmarks that measured them (`bash benchmarks/experiments.sh`,
 `python benchmarks/ar_vs_diffusion.py`, `bash benchmarks/repeated_data.sh`: minutes to hours, a scorer and
 an AR model, so not rerun here).
