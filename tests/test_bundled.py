@@ -56,6 +56,9 @@ def test_missing_bundled_model_says_how_to_rebuild(tmp_path, monkeypatch, capsys
     assert main(["generate", "--checkpoint", "wiki-small", "--prefix", "x"]) == 2
     err = capsys.readouterr().err
     assert "recipes/wiki-small.yaml" in err and "--config" in err and "python -m textdiffusion.models.bundled" in err
+    assert main(["generate", "--checkpoint", "wiki-small-sdtt", "--prefix", "x"]) == 2  # distilled, not trained
+    err = capsys.readouterr().err
+    assert "textdiffusion distill --config recipes/wiki-small-sdtt.yaml" in err and "--run runs/wiki-small-sdtt/round-1" in err
 
 
 def test_export_writes_fp16_weights_and_keeps_the_card(tmp_path, tokenizer):
@@ -147,3 +150,28 @@ def test_the_ar_baseline_ships_and_loads_by_its_short_name():
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(resolve_checkpoint("wiki-small")).get_vocab() == tokenizer.get_vocab()
+
+
+def test_the_distilled_model_ships_with_its_recipe_and_the_gates_verdict():
+    """wiki-small-sdtt: wiki-small after one SDTT round (recipes/wiki-small-sdtt.yaml), its run record and the
+    round's verdict beside it; it samples with the step count its card justifies."""
+    import dataclasses
+
+    from textdiffusion.config import DiffusionConfig
+    from textdiffusion.pipelines.distill_run import DistillArgs
+
+    path = Path(bundled.resolve_checkpoint("wiki-small-sdtt"))
+    recipe = yaml.safe_load((ROOT / "recipes" / "wiki-small-sdtt.yaml").read_text())
+    run_args = json.loads((path / "run_args.json").read_text())
+    aliases = {"batch_size": "per_device_train_batch_size"}
+    for key, value in recipe.items():
+        assert run_args[aliases.get(key, key)] == value, key
+    assert set(recipe) <= {f.name for f in dataclasses.fields(DistillArgs)} | set(aliases)
+    rounds = (path / "distill_rounds.csv").read_text().splitlines()
+    assert len(rounds) == 2 and rounds[1].split(",")[2:4] == ["32", "16"]
+    teacher = DiffusionConfig.from_pretrained(bundled.resolve_checkpoint("wiki-small"))
+    saved = DiffusionConfig.from_pretrained(path)
+    assert saved.generation == teacher.generation  # the teacher's sampler, at the steps that held the quality (32)
+    assert (path / "model.safetensors").stat().st_size < bundled.MAX_BUNDLED_MB * 2**20
+    assert "textdiffusion distill" in (path / "README.md").read_text()  # the model card
+

@@ -23,7 +23,10 @@ from textdiffusion.models.pretrained import PRETRAINED, cache_root, require_fetc
 MODELS_DIR = Path(__file__).resolve().parent  # the shipped models are folders beside this module
 BUNDLED = {"wiki-small": "recipes/wiki-small.yaml",
            "wiki-small-ar": "recipes/wiki-small-ar.yaml",  # the same-size AR baseline: a fresh clone can compare
-           "wiki-small-topics": "recipes/wiki-small-topics.yaml"}  # wiki-small writing about a requested topic
+           "wiki-small-topics": "recipes/wiki-small-topics.yaml",  # wiki-small writing about a requested topic
+           "wiki-small-sdtt": "recipes/wiki-small-sdtt.yaml"}  # wiki-small distilled (SDTT) to take fewer steps
+# how a bundled model is rebuilt when it is not `train --config RECIPE` into runs/NAME: (command, folder exported)
+REBUILD = {"wiki-small-sdtt": ("distill", "runs/wiki-small-sdtt/round-1")}  # round-1/: the round's judged student
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +80,12 @@ def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
             f"in {path} yet. Build it once with `make {name_or_path}` ({BUILT[name_or_path].build}, and exports it "
             "there), or export a run of it: "
             f"`python -m textdiffusion.models.bundled --run RUN_DIR --name {name_or_path} --into-cache`.")
+    command, exported = REBUILD.get(name_or_path, ("train", f"runs/{name_or_path}"))
     raise UsageError(
         f"{flag} {name_or_path!r} is the bundled model, but its files are missing from {path}. Rebuild it "
-        f"with its recipe: `textdiffusion train --config {BUNDLED[name_or_path]} --output-dir runs/{name_or_path}`, "
-        f"then `python -m textdiffusion.models.bundled --run runs/{name_or_path} --name {name_or_path}` "
-        f"(or pass --checkpoint runs/{name_or_path} directly).")
+        f"with its recipe: `textdiffusion {command} --config {BUNDLED[name_or_path]} --output-dir runs/{name_or_path}`, "
+        f"then `python -m textdiffusion.models.bundled --run {exported} --name {name_or_path}` "
+        f"(or pass --checkpoint {exported} directly).")
 
 
 # -- building the bundled copy from a training run ----------------------------------------------------
