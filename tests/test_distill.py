@@ -355,3 +355,21 @@ def test_the_round_curve_reads_each_checkpoints_judged_student(distilled, colour
                            32, None, 0.0, "cpu")
         direct.append(gate.measure(model, 8)["example"][:200])
     assert direct == [rows[0]["example"], rows[2]["example"]] and direct[0] != direct[1]
+
+
+def test_the_divergence_floor_bounds_what_a_student_can_reach(colours):
+    """benchmarks/distill_floor.py: with one teacher run the best one step is that run's own targets (floor 0); with
+    several, the floor is positive and no model's one step (the teacher's own here) goes below it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import distill_floor
+
+    from textdiffusion.pipelines.generation import DiffusionGenerator
+
+    path, _, _, val, _ = colours
+    teacher = DiffusionGenerator.from_pretrained(str(path), device="cpu")
+    one = distill_floor.measure(teacher, teacher, 16, val[:8], draws=1)
+    assert abs(one["floor"]) < 1e-4 and one["teacher_one_step"] == one["student_one_step"] > 0
+    several = distill_floor.measure(teacher, teacher, 16, val[:8], draws=6)
+    assert 0 < several["floor"] <= several["teacher_one_step"] + 1e-6
