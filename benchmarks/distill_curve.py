@@ -70,10 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, model = load_diffusion_model(teacher_path, config, flag="--teacher")
     saved = DiffusionConfig.from_pretrained(checkpoints[0][1])  # the checkpoint's config: the distilled settings
     sampler_config, steps = saved.generation, saved.generation.steps
-    max_length = run_args.get("max_length") or config.max_length
-    layout = Layout(max_length, max(1, config.prefix_length), sampler_config.block_length)
-    prompt_tokens = max(1, layout.prompt_length - 1)  # as distill_run.quality_gate lays the gate's prompts out
-    new_tokens = layout.max_length - 2 - prompt_tokens
+    layout = Layout.of(config, sampler_config, run_args.get("max_length"))
+    prompt_tokens, new_tokens = layout.prompt_tokens, layout.new_tokens  # the gate's prompts (distill_run.quality_gate)
     docs = load_corpus(run_args["dataset"], run_args.get("text_column", "text"),
                        run_args.get("validation_fraction", 0.05)).validation
     prompts = prompts_from_documents(docs, tokenizer, args.prompts, prompt_tokens, new_tokens, run_args["dataset"])

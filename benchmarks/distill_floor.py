@@ -44,9 +44,7 @@ from textdiffusion.pipelines.generation import DiffusionGenerator  # noqa: E402
 def measure(teacher: DiffusionGenerator, student: DiffusionGenerator, steps: int, blocks: torch.Tensor, draws: int,
             seed: int = 0) -> dict:
     config = teacher.config
-    layout = Layout(config.max_length, max(1, config.prefix_length), config.generation.block_length)
-    plan = DistillPlan(config.generation, layout, teacher.mask_id, teacher.pad_id, teacher.sep_id,
-                       (teacher.pad_id, teacher.cls_id))
+    plan = DistillPlan.of(teacher.tokenizer, config.generation, Layout.of(config, config.generation))
     x, editable, attention, sampler = start_states(blocks, plan, steps, torch.Generator().manual_seed(seed))
     targets, positions = [], None
     for m in range(draws):  # the same x_t, other first-step draws

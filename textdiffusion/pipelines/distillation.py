@@ -116,6 +116,22 @@ class Layout:
     def num_blocks(self) -> int:
         return math.ceil(self.editable / self.span)
 
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of prompt text in a `generate` prompt laid out as these examples (the cls is position 0)."""
+        return max(1, self.prompt_length - 1)
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens such a prompt's continuation fills: up to the closing [sep]."""
+        return self.max_length - 2 - self.prompt_tokens
+
+    @classmethod
+    def of(cls, config, sampler_config: SamplerConfig, max_length: int | None = None) -> "Layout":
+        """The layout of a teacher (its DiffusionConfig): its protected prefix as the prompt, ``max_length`` tokens
+        (its training length by default), the blocks of ``sampler_config``."""
+        return cls(max_length or config.max_length, max(1, config.prefix_length), sampler_config.block_length)
+
 
 def check_step_plan(start_steps: int, rounds: int, layout: Layout) -> None:
     """Refuse a step count the rounds cannot halve exactly: every round's count must split evenly over the
@@ -144,6 +160,14 @@ class DistillPlan:
     pad_token_id: int
     eos_token_id: Optional[int]  # end-of-text ends a continuation, as in `generate`
     suppress_ids: tuple = ()  # never drawn (pad, cls), as DiffusionGenerator.suppress_ids
+
+    @classmethod
+    def of(cls, tokenizer, sampler_config: SamplerConfig, layout: Layout) -> "DistillPlan":
+        """The plan for a teacher's tokenizer, with `generate`'s fallbacks for the ids (DiffusionGenerator's)."""
+        cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
+        return cls(sampler_config, layout, tokenizer.mask_token_id, pad, sep, tuple(i for i in (pad, cls_id) if i is not None))
 
     def sampler(self, steps: int, editable: torch.Tensor) -> DenoisingSampler:
         config = dataclasses.replace(self.sampler_config, steps=steps)
