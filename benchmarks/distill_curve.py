@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
             weights = folder / EMA_WEIGHTS if (folder / EMA_WEIGHTS).exists() else folder / "model.safetensors"
             load_model(model, str(weights))
         quality = gate.measure(model, steps)
-        rows.append({"distill_step": step, "steps": steps, "gen_ppl": quality.get("gen_ppl", float("nan")),
-                     "distinct-2": quality["distinct-2"], "entropy-bits": quality.get("entropy-bits"),
+        rows.append({"distill_step": step, "steps": steps, "gen_ppl": quality["gen_ppl"],
+                     "distinct-2": quality["distinct-2"], "entropy-bits": quality["entropy-bits"],
                      "example": quality["example"][:200]})
         print(json.dumps(rows[-1]), flush=True)
 
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> None:
              "| distillation steps | gen PPL | distinct-2 | entropy (bits) |", "|---:|---:|---:|---:|"]
     for r in rows:
         ppl = "n/a" if math.isnan(r["gen_ppl"]) else f"{r['gen_ppl']:.1f}"
-        ent = "n/a" if r["entropy-bits"] is None else f"{r['entropy-bits']:.2f}"
-        lines.append(f"| {r['distill_step']} | {ppl} | {r['distinct-2']:.3f} | {ent} |")
+        lines.append(f"| {r['distill_step']} | {ppl} | {r['distinct-2']:.3f} | {r['entropy-bits']:.2f} |")
     (out / "README.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "curve.png", steps)
     print("\n".join(lines))
