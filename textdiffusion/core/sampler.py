@@ -21,6 +21,8 @@ stay masked is ``round(schedule.mask_ratio(1 - (i+1)/n) * positions)``; the stra
   entropy, lowest first, and commit the longest prefix whose summed entropy minus its largest stays
   within ``eb_gamma`` (at least one per row): as many tokens per call as the model is sure of together.
   The entropy is that of the distribution the token is drawn from (after top-k, penalty, temperature).
+* ``left-to-right`` — commit the leftmost masked positions of the block (the step plan says how many): with
+  one per step and a block-diffusion model, exactly the order of an autoregressive model.
 * ``block_length`` — semi-autoregressive: positions are split left to right into blocks, each denoised
   with its own share of the steps before the next one starts (LLaDA).
 
@@ -208,7 +210,7 @@ class DenoisingSampler:
         """How much to trust each sampled token [n]: higher is unmasked first."""
         strategy = self.config.strategy
         score = SCORES[strategy](logits, p_sampled, noise)
-        if self.config.order_temperature > 0 and strategy != "random":
+        if self.config.order_temperature > 0 and strategy not in ("random", "left-to-right"):
             gumbel = -torch.log(-torch.log(noise.clamp(1e-300, 1 - 1e-16)))
             score = score.double().log() if strategy == "confidence" else score.double()
             score = (score + self.config.order_temperature * gumbel).float()
@@ -294,7 +296,11 @@ class CommitRule:
         """(score, p) as [b, l] over the filled positions (-inf / 0 elsewhere): the strategy's order."""
         x = step.x
         score = torch.full(x.shape, _NEG_INF, device=x.device)
-        score[step.fill] = sampler.scores(step.processed, step.p, step.uniforms[:, 1][step.fill])
+        if sampler.config.strategy == "left-to-right":  # the order is the position, leftmost first
+            columns = torch.arange(x.shape[1], device=x.device, dtype=score.dtype).expand(x.shape)
+            score[step.fill] = -columns[step.fill]
+        else:
+            score[step.fill] = sampler.scores(step.processed, step.p, step.uniforms[:, 1][step.fill])
         p_full = torch.zeros(x.shape, device=x.device)
         p_full[step.fill] = step.p
         return score, p_full
@@ -403,6 +409,7 @@ SCORES = {
     "entropy": lambda logits, p, noise: _neg_entropy(logits),
     "eb": lambda logits, p, noise: _neg_entropy(logits),
     "random": lambda logits, p, noise: noise.float(),
+    "left-to-right": lambda logits, p, noise: torch.zeros_like(p),  # ranked by position in CommitRule.ranked
 }
 
 

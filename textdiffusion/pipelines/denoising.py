@@ -38,8 +38,9 @@ import torch
 
 from textdiffusion.config import SamplerConfig
 from textdiffusion.core.denoiser import masked_logits
-from textdiffusion.core.sampler import DenoisingSampler, DenoisingState
+from textdiffusion.core.sampler import DenoisingSampler, DenoisingState, continuation
 from textdiffusion.errors import UsageError
+from textdiffusion.models.block import BlockKVCache
 from textdiffusion.models.kvcache import CACHE_CHOICES, REFRESH, DenoisingKVCache, cache_support
 from textdiffusion.pipelines.guidance import Guider
 
@@ -190,6 +191,9 @@ class DenoisingRun:
         self.g, self.cache, self.cache_refresh = generator, cache, cache_refresh
         # the denoiser, not the bare model: an adapted causal LM's wrapper says its logits are shifted
         self.unsupported = cache_support(generator.denoiser)  # None, or why the architecture cannot use the cache
+        # a block-diffusion model (models/block.py) always decodes through its exact block cache
+        self.block_size = getattr(generator.denoiser, "block_size", None) if getattr(
+            generator.denoiser, "block_causal", False) else None
         self.groups: list[DenoisingGroup] = []  # in the order they joined; cached ones own the kv rows in that order
         self.kv: DenoisingKVCache | None = None
         self.model_calls = 0
@@ -205,7 +209,20 @@ class DenoisingRun:
         (a bad request fails there) and the engine's thread joins it between steps. ``kwargs``: those of
         :class:`DenoisingGroup` (seed, cfg_scale, suppress_tokens, stop_at_eos, max_length, allowed,
         return_trace, on_step, guider)."""
+        if self.block_size:
+            config = self._block_config(config, kwargs)
         group = DenoisingGroup(self.g, templates, config, **kwargs)
+        if self.block_size:
+            editable, x = group.state.editable, group.state.x
+            columns = torch.arange(x.shape[1], device=x.device)
+            last = torch.where(editable, columns, -1).max(1, keepdim=True).values
+            text_after = (columns > last) & group.attention.bool() & (x != self.g.sep_id)
+            if not torch.equal(continuation(editable), editable) or bool(text_after.any()):
+                raise UsageError("this block-diffusion model writes left to right (it sees only the text before a "
+                                 "block): infilling, a masked span with text after it, cannot apply; give a prompt "
+                                 "to continue.", field="template", value=list(templates)[0])
+            group.cached = True
+            return group
         reason = self._cache_refusal(config)
         if reason is not None and self.cache not in ("none", "auto"):
             group.notes.append(f"{reason}: generating without the cache.")
@@ -215,12 +232,30 @@ class DenoisingRun:
     def join(self, group: DenoisingGroup) -> DenoisingGroup:
         """Put a group into the run; from the next ``step`` on it shares the model calls."""
         if group.cached:
-            if self.kv is None:
+            if self.kv is None and self.block_size:
+                self.kv = BlockKVCache(self.g.denoiser, self.g.pad_id, self.g.mask_id)
+            elif self.kv is None:
                 mode = "dual" if self.cache == "auto" else self.cache
                 self.kv = DenoisingKVCache(self.g.denoiser, mode, self.cache_refresh)
             self.kv.add_rows(group.rows, group.length, self.g.device)
         self.groups.append(group)
         return group
+
+    def _block_config(self, config: SamplerConfig, kwargs: dict) -> SamplerConfig:
+        """A block model's settings: its trained block size as the block length; refuse what needs the right side."""
+        if kwargs.get("cfg_scale"):
+            raise UsageError("classifier-free guidance puts the condition before the text and masks it out; a "
+                             "block-diffusion model sees only the left, so --cfg-scale cannot apply (classifier or "
+                             "SMC guidance can).", field="cfg_scale", value=kwargs["cfg_scale"])
+        if config.block_length not in (None, self.block_size):
+            raise UsageError(f"--block-length {config.block_length}: this block-diffusion model was trained with "
+                             f"blocks of {self.block_size} and decodes with them (leave --block-length unset).",
+                             field="block_length", value=config.block_length)
+        if self.cache == "none":
+            raise UsageError("--cache none: a block-diffusion model decodes through its exact block cache (the "
+                             "finished blocks are never recomputed); leave --cache at auto.", field="cache",
+                             value="none")
+        return dataclasses.replace(config, block_length=self.block_size)
 
     def _cache_refusal(self, config: SamplerConfig) -> str | None:
         """None when a group with these settings keeps its rows in the cache, else why not."""
@@ -291,7 +326,7 @@ class DenoisingRun:
     def _cached_call(self, ready: list[DenoisingGroup]) -> dict[int, torch.Tensor]:
         """Logits of the ready cached groups. Every cached group has rows in the cache; the ones not ready this
         tick join the call with no needed position (they cost nothing and keep their keys/values)."""
-        length = self.kv.keys[0].shape[2]
+        length = self.kv.length
         xs, atts, regions, needs = [], [], [], []
         ready_ids = {grp.id for grp in ready}
         for grp in self.groups:

@@ -113,6 +113,41 @@ def adapted_objective(anneal_steps: int | None) -> Objective:
                      partial(_prepare_adapted, anneal_steps=anneal_steps), _adapted_trainer)
 
 
+# -- block diffusion of a causal LM (train --adapt-from-causal --block-size B [--lora-r R]) ---------------
+def _prepare_block(tokenizer, model, block_size, lora_r):
+    from textdiffusion.models.block import BlockDiffusionLM, add_lora
+
+    for note in choose_special_tokens(tokenizer, model):
+        print(note, flush=True)
+    if lora_r:
+        model = add_lora(model, lora_r, tokenizer.mask_token_id)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"LoRA r {lora_r} on the attention and MLP projections + the mask token's embedding row: "
+              f"{trainable / 1e6:.2f}M trainable parameters; the clean copy is the frozen base's", flush=True)
+    return BlockDiffusionLM(model, block_size)
+
+
+def _block_trainer(tokenizer, collator, loss_weighting, *, block_size, complementary, **kwargs):
+    from textdiffusion.models.block import BlockCorruption
+    from textdiffusion.pipelines.trainers import BlockDiffusionTrainer
+
+    corruption = BlockCorruption(collator.mask_token_id, collator.pad_token_id, block_size,
+                                 tuple(int(i) for i in collator._protected), complementary=complementary,
+                                 seed=collator.seed)
+    return BlockDiffusionTrainer(data_collator=corruption, corruption=corruption, loss_weighting=loss_weighting,
+                                 **kwargs)
+
+
+def block_objective(block_size: int, lora_r: int | None, complementary: bool) -> Objective:
+    """Block diffusion (BD3-LM) of a causal LM: causal across blocks of ``block_size``, parallel inside one;
+    LoRA adapters of rank ``lora_r`` (None: every weight)."""
+    diffusion = OBJECTIVES["diffusion"]
+    return Objective("diffusion", f"a causal LM as a block-diffusion model (blocks of {block_size})", "block NELBO",
+                     diffusion.outputs, _no_preset, _load_adapted,
+                     partial(_prepare_block, block_size=block_size, lora_r=lora_r),
+                     partial(_block_trainer, block_size=block_size, complementary=complementary))
+
+
 OBJECTIVES: dict[str, Objective] = {
     "diffusion": Objective("diffusion", OBJECTIVES_WHAT["diffusion"], "NLL bound",
                            "per_level_loss.csv, per_level_loss.png and validation_curve.csv", _build_masked,

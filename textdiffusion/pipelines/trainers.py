@@ -236,3 +236,67 @@ def training_arguments(args: TrainArgs, work_dir: Path) -> TrainArgs:
     """The Trainer settings of a run: ``args`` itself (it is a TrainingArguments), writing into ``work_dir``
     (the staging folder of an --overwrite run). Also used by benchmarks/train_throughput.py."""
     return args if Path(args.output_dir) == Path(work_dir) else dataclasses.replace(args, output_dir=str(work_dir))
+
+
+class BlockDiffusionTrainer(DiffusionTrainer):
+    """Block diffusion of a causal LM (models/block.py): the batches carry the clean copy beside x_t, the
+    loss is ``block_loss``, and validation reports per-level losses (every block at one level) and the block
+    NELBO. With LoRA adapters the checkpoints hold the adapter, and resuming loads it back."""
+
+    def __init__(self, *args, corruption, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.corruption = corruption
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from textdiffusion.models.block import block_loss
+
+        loss = block_loss(model, inputs, self.loss_weighting)
+        return (loss, None) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        from textdiffusion.config import DEFAULT_MASK_PROBS
+        from textdiffusion.models.block import block_level_loss, block_nelbo
+
+        cfg = self.level_eval
+        batch = self.args.per_device_eval_batch_size
+        model = self.evaluation_model()
+        was_training = model.training
+        model.eval()
+        results = block_level_loss(model, cfg["blocks"], self.corruption, DEFAULT_MASK_PROBS, batch_size=batch)
+        bound = block_nelbo(model, cfg["blocks"], self.corruption, samples_per_block=2, batch_size=batch)
+        model.train(was_training)
+        metrics = {f"{metric_key_prefix}_loss": sum(r.loss for r in results) / len(results)}
+        metrics.update({f"{metric_key_prefix}_loss@{r.mask_rate:.1f}": round(r.loss, 4) for r in results})
+        if self.is_world_process_zero():
+            out = Path(cfg["report_dir"])
+            append_level_csv(out / LEVEL_CSV, self.state.global_step, results)
+            plot_level_curves(out / LEVEL_CSV, out / LEVEL_PNG, cfg["references"], cfg.get("title", ""))
+            print(format_level_table(results, cfg["references"], "\nvalidation loss at each mask level (every block), "
+                                     f"step {self.state.global_step}:"), flush=True)
+            print(f"block NELBO (blocks of {self.corruption.block_size}) {bound.nats_per_token:.4f} ± "
+                  f"{bound.stderr:.4f} nats/token (perplexity <= {bound.perplexity_bound:.1f})", flush=True)
+        self.level_results[self.state.global_step] = results
+        return self._finish_evaluation(metrics, bound, "block-nelbo")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """An adapter checkpoint (adapter_model.safetensors) loads into the adapters; anything else as Trainer does."""
+        from textdiffusion.models.block import is_peft
+
+        inner = self.accelerator.unwrap_model(model or self.model).model
+        if is_peft(inner) and (Path(resume_from_checkpoint) / "adapter_model.safetensors").exists():
+            from peft import set_peft_model_state_dict
+            from peft.utils import load_peft_weights
+
+            set_peft_model_state_dict(inner, load_peft_weights(resume_from_checkpoint))
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        from textdiffusion.models.block import is_peft
+
+        best = self.state.best_model_checkpoint
+        inner = self.accelerator.unwrap_model(self.model).model
+        if best and is_peft(inner):
+            self._load_from_checkpoint(best)
+            return
+        super()._load_best_model()

@@ -36,6 +36,7 @@ from textdiffusion.core.denoiser import count_parameters
 from textdiffusion.core.evaluation import scored_positions
 from textdiffusion.core.labels import add_label_tokens, dropped_labels, kept_labels, label_token_ids, pack_labelled
 from textdiffusion.errors import UsageError
+from textdiffusion.models.adapt import base_model_record
 from textdiffusion.models.checkpoints import (
     CHECKPOINT,
     checkpoint_problem,
@@ -45,7 +46,7 @@ from textdiffusion.models.checkpoints import (
 )
 from textdiffusion.models.heads import build_head, supports_head_building, warm_up_head
 from textdiffusion.models.presets import PRESETS, preset_tokenizer
-from textdiffusion.pipelines.objectives import OBJECTIVES, adapted_objective
+from textdiffusion.pipelines.objectives import OBJECTIVES, adapted_objective, block_objective
 from textdiffusion.pipelines.trainers import CURVE_CSV, LEVEL_CSV, training_arguments
 from textdiffusion.pipelines.training_args import RUN_ARGS_NAME, RUN_IDENTITY, TrainArgs
 
@@ -220,7 +221,12 @@ def run_training(args: TrainArgs) -> Path:
         torch.distributed.barrier()
     set_seed(args.seed)
 
-    objective = adapted_objective(args.attention_anneal_steps) if args.adapt_from_causal else OBJECTIVES[args.objective]
+    if args.block_size:
+        objective = block_objective(args.block_size, args.lora_r, args.complementary_masks)
+    elif args.adapt_from_causal:
+        objective = adapted_objective(args.attention_anneal_steps)
+    else:
+        objective = OBJECTIVES[args.objective]
     corpus = load_corpus(args.dataset, args.text_column, args.validation_fraction, label_column=args.label_column)
     if args.exclude_labels:
         corpus = corpus.without_labels(args.exclude_labels, "--exclude-labels")
@@ -281,6 +287,7 @@ def run_training(args: TrainArgs) -> Path:
     config = DiffusionConfig(objective=args.objective, max_length=args.max_length, mask_token_id=tokenizer.mask_token_id,
                              cls_token_id=cls, sep_token_id=sep, corruption=corruption,
                              adapted_from_causal=args.adapt_from_causal, labels=label_set,
+                             block_size=args.block_size, base_model=base_model_record(args.model_name) if args.lora_r else None,
                              label_column=args.label_column if label_set else None,
                              label_target=args.label_target if label_set else 0.0)
     if is_main:

@@ -35,7 +35,7 @@ RUN_ARGS_NAME = "run_args.json"
 
 # Settings that define "the same run": --resume refuses an output dir trained with other values.
 RUN_IDENTITY = ("objective", "adapt_from_causal", "model_name", "keep_layers", "preset", "architecture", "dataset",
-                "text_column", "max_length", "vocab_size", "seed", "label_column", "exclude_labels")
+                "text_column", "max_length", "vocab_size", "seed", "label_column", "exclude_labels", "block_size", "lora_r")
 
 
 # What --quick-test means: a CPU-sized run of the whole pipeline (about 10 minutes on 2 cores with --preset tiny).
@@ -137,6 +137,15 @@ class _TrainFields(CorruptionConfig, TrainingArguments):
     attention_anneal_steps: Optional[int] = field(default=None, metadata={
         "help": "With --adapt-from-causal: optimiser steps over which attention goes from causal to full "
                 "(0: full from the start; default: the first tenth of the run)."})
+    block_size: Optional[int] = field(default=None, metadata={
+        "help": "With --adapt-from-causal: block diffusion (BD3-LM) with blocks of this many tokens — causal across "
+                "blocks, parallel inside one, exact KV cache of finished blocks (models/block.py). Unset: the "
+                "full-attention adaptation."})
+    lora_r: Optional[int] = field(default=None, metadata={
+        "help": "With --block-size: train LoRA adapters of this rank (peft; attention and MLP projections, plus the "
+                "mask token's embedding row) instead of every weight; the checkpoint is the adapter."})
+    complementary_masks: bool = field(default=True, metadata={
+        "help": "With --block-size: each block also trains with the complementary mask (every token a target once)."})
     keep_layers: int = field(default=0, metadata={
         "help": "Keep only the first N encoder layers of --model-name (0: all), e.g. 6 of 12 as DistilRoBERTa."})
     head_init: str = field(default="built", metadata={
@@ -275,6 +284,17 @@ class _TrainFields(CorruptionConfig, TrainingArguments):
             (not self.label_target or self.objective == "diffusion", "label_target",
              f"applies to the diffusion objective, not {self.objective!r}"),
             (self.label_target_weight > 0, "label_target_weight", "must be > 0"),
+            (self.block_size is None or self.adapt_from_causal, "block_size",
+             "applies only with --adapt-from-causal (block diffusion of a causal LM)"),
+            (self.block_size is None or self.block_size >= 1, "block_size", "must be >= 1"),
+            (self.block_size is None or self.max_length % self.block_size == 0, "block_size",
+             f"must divide --max-length {self.max_length} (blocks tile the sequence)"),
+            (self.lora_r is None or self.lora_r >= 1, "lora_r", "must be >= 1"),
+            (self.lora_r is None or self.block_size is not None, "lora_r",
+             "trains adapters of a block-diffusion model: it needs --adapt-from-causal and --block-size "
+             "(a masked LM or the full-attention adaptation trains every weight)"),
+            (self.block_size is None or self.attention_anneal_steps in (None, 0), "attention_anneal_steps",
+             "has no meaning with --block-size (attention stays causal across blocks)"),
             (self.head_init in ("built", "random"), "head_init", "must be built or random"),
             (self.head_warmup >= 0, "head_warmup", "must be >= 0"),
             (self.keep_layers >= 0, "keep_layers", "must be >= 0 (0: keep all)"),
