@@ -12,6 +12,8 @@ once the new run succeeds) and puts data, model, collator and Trainer together.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import shutil
@@ -198,6 +200,39 @@ def resume_point(args: TrainArgs, run_dir: Path) -> Path:
     return run_dir / given.name
 
 
+def _no_space(error: BaseException) -> bool:
+    """True for a write that failed because the disk is full (torch.save reports it as a RuntimeError)."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error) \
+                or "failed writing file" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(args: TrainArgs, work_dir: Path, model) -> None:
+    """A full disk while a checkpoint is saved ends the run with one line that names the folder, the space needed,
+    the last good checkpoint and --resume, not a torch traceback (the partial save never replaces a good one:
+    checkpoints are written aside and renamed when complete)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not _no_space(e):
+            raise
+        last = newest_good_checkpoint(work_dir)
+        if last is not None:
+            need = sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
+        else:  # weights, and the optimiser's two moments of every trained weight
+            need = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in model.parameters())
+        free = shutil.disk_usage(work_dir).free
+        where = (f"the last good checkpoint is {last} (intact): free space, then rerun with --resume" if last is not None
+                 else "no checkpoint was complete yet: free space and start again")
+        raise UsageError(f"--output-dir {args.output_dir!r}: the disk is full (no space left on device) while saving; "
+                         f"a checkpoint needs about {need / 2**20:,.0f} MB and {free / 2**20:,.0f} MB are free; "
+                         f"{where}.") from None
+
+
 def run_training(args: TrainArgs) -> Path:
     """Train as ``args`` says; returns the output dir holding the final model."""
     final_dir = Path(args.output_dir)
@@ -313,8 +348,9 @@ def run_training(args: TrainArgs) -> Path:
             for name in (LEVEL_CSV, CURVE_CSV):
                 _truncate_csv(work_dir / name, resumed_step)
         print(f"resuming from {resume_from} (step {resumed_step})", flush=True)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)  # evaluates and saves the last step too
-    trainer.save_model(str(work_dir))
+    with disk_full_is_one_line(args, work_dir, trained):
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)  # evaluates, saves the last step
+        trainer.save_model(str(work_dir))
     if is_main:
         config.save_pretrained(work_dir)
     if training_args.world_size > 1:
