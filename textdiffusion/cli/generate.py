@@ -65,6 +65,9 @@ class GenerateArgs(SamplerConfig):
     hide_steps: bool = field(default=False, metadata={"help": "Do not print the intermediate steps."})
     show_steps: bool = field(default=False, metadata={"help": "Print every step with masks visible (the default unless --hide-steps)."})
     animate: bool = field(default=False, metadata={"help": "Redraw one live view in the terminal instead of printing steps."})
+    stream: bool = field(default=False, metadata={
+        "help": "Print the first sample's text as it is committed, left to right (a block-diffusion model: block by "
+                "block), instead of the steps."})
     step_delay: float = field(default=0.15, metadata={
         "help": "Seconds each step stays on screen with --animate, so a person can follow it (0: as fast as it runs)."})
     trace_out: Optional[str] = field(default=None, metadata={"help": "Write every step's tokens to this JSON-lines file."})
@@ -173,9 +176,27 @@ def run_diffusion_generate(args: GenerateArgs, device, dtype) -> list[str]:
     templates = [args.infill] * n if args.infill is not None else None
     prompts = None if templates else [args.prefix or ""] * n
     guide = generator.open_guide(args.guide)  # before the run: a foreign tokenizer is refused in one line
-    show = not args.hide_steps and not args.animate
+    show = not args.hide_steps and not args.animate and not args.stream
+    streamed = {"text": None}
+
+    def stream(state):
+        """Print what sample 0 has newly committed up to its first mask (a block model: the finished blocks)."""
+        row, editable = state.x[0].cpu(), state.editable[0].cpu()
+        columns = editable.nonzero().squeeze(1)
+        masked = (row[columns] == generator.mask_id).nonzero()
+        ready = columns[: int(masked[0]) if len(masked) else len(columns)]
+        ids = [i for i in row[ready].tolist() if i != generator.sep_id]
+        text = generator.tokenizer.decode(ids, skip_special_tokens=True)
+        if streamed["text"] is None:
+            print(args.prefix or "", end="", flush=True)
+            streamed["text"] = ""
+        if text.startswith(streamed["text"]) and len(text) > len(streamed["text"]):
+            print(text[len(streamed["text"]):], end="", flush=True)
+            streamed["text"] = text
 
     def on_step(nfe, state):
+        if args.stream:
+            stream(state)
         if show:
             for i, row in enumerate(state.x.cpu()):
                 print(f"  step {state.step_index:>3} (call {nfe:>3}) [{i}] {generator.render(row)}", flush=True)
@@ -196,16 +217,24 @@ def run_diffusion_generate(args: GenerateArgs, device, dtype) -> list[str]:
     with view as live:
         out = generator.generate(prompts, templates=templates, max_length=args.max_length or None, seed=args.seed,
                                  cfg_scale=args.cfg_scale, suppress_tokens=args.suppress_tokens,
-                                 stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out), cache=args.cache,
-                                 on_step=on_step if (show or live is not None) else None, label=args.label,
+                                 stop_at_eos=not args.no_eos_stop, return_trace=bool(args.trace_out) or n == 1, cache=args.cache,
+                                 on_step=on_step if (show or args.stream or live is not None) else None, label=args.label,
                                  guidance=args.guidance, guide=guide, guidance_scale=args.guidance_scale,
                                  particles=args.particles, **args.sampler_kwargs())
     seconds = time.perf_counter() - t0 - paused[0]
     for note in out.notes:
         print(f"note: {note}", file=sys.stderr)
+    if args.stream:
+        print(flush=True)
     for i, text in enumerate(out.texts):
         print(f"\n[sample {i}] {text}")
-    print(f"\n{n} sample(s), {out.nfe} model calls (NFE) for {out.steps} planned steps, {seconds:.2f} s", flush=True)
+    per_call = ""
+    if n == 1 and out.nfe:  # text tokens written (the end-of-text filled in after a stop costs no call)
+        written = int(((out.token_ids[0] != generator.sep_id) & (out.trace[0][0] == generator.mask_id)).sum()) \
+            if out.trace else 0
+        per_call = f" ({written / out.nfe:.2f} tokens per call)" if written else ""
+    print(f"\n{n} sample(s), {out.nfe} model calls (NFE){per_call} for {out.steps} planned steps, {seconds:.2f} s",
+          flush=True)
     if args.trace_out:
         write_trace(Path(args.trace_out), out.trace, generator.mask_id)
         print(f"trace: {args.trace_out}")
