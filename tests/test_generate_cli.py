@@ -168,3 +168,14 @@ def test_position_limit_counts_the_padding_offset_of_roberta_and_mpnet():
     assert position_limit(RobertaConfig(max_position_embeddings=514)) == 512  # positions start after padding_idx
     assert position_limit(MPNetConfig(max_position_embeddings=514)) == 512
     assert position_limit(BertConfig(max_position_embeddings=512)) == 512
+
+
+@pytest.mark.parametrize("command", ["train", "distill", "generate", "eval", "serve", "classify"])
+def test_a_misspelled_flag_is_one_line_with_the_closest_flags(command, capsys):
+    from textdiffusion.cli.main import main
+
+    assert main([command, "--bogus-flag", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"textdiffusion {command}: error: unknown argument '--bogus-flag'; see `textdiffusion {command} --help`."
+    assert main(["generate", "--prefx", "The"]) == 2
+    assert "did you mean --prefix?" in capsys.readouterr().err

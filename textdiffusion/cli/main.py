@@ -32,7 +32,15 @@ def _parse(dataclass_type, argv: list[str], prog: str, layout=None):
     parser.add_argument("--config", default=None, help="JSON or YAML file of defaults for these flags.")
     if layout:
         layout(parser)
-    known, _ = parser.parse_known_args(argv)
+    known, rest = parser.parse_known_args(argv)
+    if rest:  # a misspelled flag: one line with the closest real ones, not HfArgumentParser's traceback
+        import difflib
+
+        flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        bad = next((r for r in rest if r.startswith("-")), rest[0])
+        close = difflib.get_close_matches(bad.split("=", 1)[0], flags, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; see `{prog} --help`."
+        raise UsageError(f"unknown argument {bad!r}" + hint, field=bad.lstrip("-").replace("-", "_"), value=bad)
     aliases = getattr(dataclass_type, "resolve_aliases", None)
     given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
     if aliases:
