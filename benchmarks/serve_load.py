@@ -11,6 +11,10 @@ from the server's own /metrics (> 1 is the batching at work). Bounded: a run sto
 `--timeout` seconds. The same seed must give the same text whatever the batch: the texts of the runs
 are compared request by request. Results: results.json and README.md in --output.
 
+The fairness run (``--fairness``, on by default): a server with two API keys; client A floods ``--flood``
+concurrent requests while client B sends one, and B's latency is compared with the same request alone on the same
+server (the engine's fair sharing, serving/engine.py, should keep it within about 2x however large the flood).
+
 The library side (``--library``, on by default): the same requests — prompt, seed, ``max_tokens``, the
 checkpoint's defaults — through ``DiffusionGenerator.generate`` in this process, ``--max-batch``'s largest
 value at a time (request i is row i - first of its batch, so its seed is i as in the server), in the same
@@ -126,11 +130,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, max_batch: int, max_queue: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: str, max_batch: int, max_queue: int, log: Path, extra: tuple = (),
+                 env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "textdiffusion", "serve", "--checkpoint", checkpoint, "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+           "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", "warning",
+           *extra]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -179,6 +185,45 @@ def markdown(results: list[dict], args, machine: str, library: dict | None = Non
     return "\n".join(lines) + "\n"
 
 
+def fairness_run(checkpoint: str, max_batch: int, flood: int, max_tokens: int, log: Path) -> dict:
+    """B's single request alone, then while A floods ``flood`` concurrent requests: latencies and their ratio."""
+    keys = {"A": "client-a-0123456789abcdef", "B": "client-b-0123456789abcdef"}
+    key_file = log.with_name("keys.txt")
+    key_file.write_text("".join(f"{name}:{key}\n" for name, key in keys.items()))
+    proc, url = start_server(checkpoint, max_batch, max_queue=flood + 8, log=log,
+                             extra=("--api-key-file", str(key_file), "--max-queue-per-client", str(flood)))
+    body = {"prompt": "The history of the river", "max_tokens": max_tokens, "seed": 1}
+    auth = {name: {"authorization": f"Bearer {key}"} for name, key in keys.items()}
+    try:
+        with httpx.Client(base_url=url, timeout=300) as c:
+            def lone() -> float:
+                t0 = time.perf_counter()
+                c.post("/v1/completions", json=body, headers=auth["B"]).raise_for_status()
+                return time.perf_counter() - t0
+
+            lone()
+            alone = sorted(lone() for _ in range(3))[1]
+
+        async def flooded() -> tuple[float, int]:
+            async with httpx.AsyncClient(base_url=url, timeout=600) as ac:
+                tasks = [asyncio.create_task(ac.post("/v1/completions", json={**body, "seed": i}, headers=auth["A"]))
+                         for i in range(flood)]
+                await asyncio.sleep(1.0)
+                t0 = time.perf_counter()
+                (await ac.post("/v1/completions", json=body, headers=auth["B"])).raise_for_status()
+                latency = time.perf_counter() - t0
+                errors = sum(r.status_code != 200 for r in await asyncio.gather(*tasks))
+                return latency, errors
+
+        during, errors = asyncio.run(flooded())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        key_file.unlink(missing_ok=True)
+    return {"max_batch": max_batch, "flood": flood, "alone_s": round(alone, 4), "during_flood_s": round(during, 4),
+            "ratio": round(during / alone, 2), "flood_errors": errors}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="wiki-small")
@@ -188,6 +233,9 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, nargs="+", default=[32, 1])
     p.add_argument("--timeout", type=float, default=240, help="Seconds per run after which no request is sent.")
     p.add_argument("--output", default="benchmarks/results/serve_load")
+    p.add_argument("--fairness", action=argparse.BooleanOptionalAction, default=True,
+                   help="Also the two-client run: one client floods --flood requests, the other sends one.")
+    p.add_argument("--flood", type=int, default=48)
     p.add_argument("--library", action=argparse.BooleanOptionalAction, default=True,
                    help="Also run the same requests through DiffusionGenerator.generate (the server/library ratio).")
     args = p.parse_args()
@@ -223,9 +271,19 @@ def main() -> None:
         library["server_same_as_alone"] = [sum(served.get(i) == text for i, text in library["alone"].items()),
                                            len(library["alone"])]
         print(json.dumps({k: v for k, v in library.items() if k not in ("texts", "alone")}), flush=True)
+    fairness = None
+    if args.fairness:
+        fairness = fairness_run(args.checkpoint, max(args.max_batch), args.flood, args.max_tokens, out / "server.log")
+        print(json.dumps(fairness), flush=True)
     (out / "results.json").write_text(json.dumps({"machine": machine, "args": vars(args), "runs": results,
-                                                  "library": library}, indent=2) + "\n")
-    (out / "README.md").write_text(markdown(results, args, machine, library))
+                                                  "library": library, "fairness": fairness}, indent=2) + "\n")
+    report = markdown(results, args, machine, library)
+    if fairness:
+        report += (f"\n## Two clients\n\nClient A floods {fairness['flood']} concurrent requests (--max-batch "
+                   f"{fairness['max_batch']}); client B's single request ({args.max_tokens} tokens) takes "
+                   f"{fairness['during_flood_s']:.2f} s against {fairness['alone_s']:.2f} s alone: "
+                   f"**{fairness['ratio']:.2f}x** ({fairness['flood_errors']} errors in the flood).\n")
+    (out / "README.md").write_text(report)
     (out / "server.log").unlink(missing_ok=True)
     print(markdown(results, args, machine))
 

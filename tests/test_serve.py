@@ -29,10 +29,13 @@ def generator():
 
 @contextlib.contextmanager
 def live_server(generator, **engine_kwargs):
-    """uvicorn in a thread on port 0 (the OS picks a free one); yields the base URL."""
+    """uvicorn in a thread on port 0 (the OS picks a free one); yields the base URL. Keyword arguments go to the
+    Engine, except the app's own (api_keys, public_metrics, cors_origins, access_log)."""
+    app_kwargs = {k: engine_kwargs.pop(k) for k in ("api_keys", "public_metrics", "cors_origins", "access_log")
+                  if k in engine_kwargs}
     engine = Engine(generator, **engine_kwargs)
     engine.start()
-    app = create_app(engine, model_id="wiki-small")
+    app = create_app(engine, model_id="wiki-small", **app_kwargs)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -108,3 +108,28 @@ def test_the_label_row_steers_a_request(toy):  # noqa: F811
         assert page.locator("#text .tok.mask").count() == 0 and page.locator("#text .tok.gen").count() >= 6
         body = json.loads(bodies[-1])
         assert (body["label"], body["guidance"], body["guidance_scale"], body["particles"]) == ("rivers", "smc", 3, 3)
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_the_page_asks_for_the_key_once_and_sends_it_on_every_call(generator):  # noqa: F811
+    key = "page-key-0123456789abcdef"
+    with live_server(generator, max_batch=8, max_queue=8, api_keys={key: "page"}) as url, chromium_page() as page:
+        asked, calls = [], []
+        page.on("dialog", lambda d: (asked.append(d.message), d.accept(key)))
+        page.on("request", lambda r: calls.append((r.url, r.headers.get("authorization"))) if "/v1/" in r.url else None)
+        page.goto(url + "/")
+        page.wait_for_function("() => document.querySelector('#model').textContent.includes('positions')",
+                               timeout=10000)  # /v1/models answered once the key was given
+        page.fill("#prompt", "The river")
+        page.fill("#max_length", "24")
+        page.fill("#steps", "4")
+        page.fill("#frame_ms", "0")
+        page.click("#generate")
+        page.wait_for_selector("#state[data-state='done']", timeout=60000)
+        page.click("#generate")  # a second run: the key is kept for the tab, nothing is asked again
+        page.wait_for_selector("#state[data-state='done']", timeout=60000)
+    assert len(asked) == 1 and "API key" in asked[0]
+    generates = [auth for u, auth in calls if u.endswith("/v1/generate")]
+    assert len(generates) == 2 and all(auth == f"Bearer {key}" for auth in generates)
+    assert all(key not in u for u, _ in calls)  # never in an address

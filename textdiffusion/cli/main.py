@@ -28,7 +28,7 @@ def _parse(dataclass_type, argv: list[str], prog: str, layout=None):
     """
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_type, prog=prog)
+    parser = HfArgumentParser(dataclass_type, prog=prog, allow_abbrev=False)  # no --api-key for --api-key-file
     parser.add_argument("--config", default=None, help="JSON or YAML file of defaults for these flags.")
     if layout:
         layout(parser)

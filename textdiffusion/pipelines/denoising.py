@@ -284,10 +284,12 @@ class DenoisingRun:
 
     # -- one step --------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> list[DenoisingGroup]:
+    def step(self, only: set[int] | None = None) -> list[DenoisingGroup]:
         """One tick: every group skips what needs no model call; the rest share one model call (two when some
-        groups are cached and others are not) and step. Returns the groups that stepped."""
-        ready = [grp for grp in self.groups if not grp.done and grp.advance_to_call()]
+        groups are cached and others are not) and step. ``only``: the ids of the groups that may step this tick
+        (the server's fair sharing); the others wait. Returns the groups that stepped."""
+        ready = [grp for grp in self.groups
+                 if (only is None or grp.id in only) and not grp.done and grp.advance_to_call()]
         if not ready:
             return []
         cached = [grp for grp in ready if grp.cached]

@@ -29,7 +29,16 @@ from textdiffusion.core.labels import check_guidance, label_token
 from textdiffusion.core.templates import MASK_SPAN
 from textdiffusion.errors import UsageError
 from textdiffusion.pipelines.guidance import check_method, label_prefix, make_guider
-from textdiffusion.serving.engine import Engine, Job, JobSpec, QueueFull, default_max_length, model_positions
+from textdiffusion.serving.door import AccessLog, ApiKeyAuth
+from textdiffusion.serving.engine import (
+    ClientQueueFull,
+    Engine,
+    Job,
+    JobSpec,
+    QueueFull,
+    default_max_length,
+    model_positions,
+)
 from textdiffusion.serving.metrics import ServerMetrics
 from textdiffusion.serving.schemas import CompletionRequest, GenerateRequest
 
@@ -188,14 +197,24 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = None) -> FastAPI:
-    """The app around a started engine (the caller owns the engine's lifecycle)."""
+def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = None, api_keys: dict | None = None,
+               public_metrics: bool = False, cors_origins: list[str] | None = None,
+               access_log: AccessLog | None = None) -> FastAPI:
+    """The app around a started engine (the caller owns the engine's lifecycle). ``api_keys`` ({key: name}):
+    every route but /healthz and the page's files needs one (serving/door.py); ``cors_origins``: the origins a
+    browser page elsewhere may call from (none by default); ``access_log``: one JSON line per request."""
     app = FastAPI(title="textdiffusion", version="0.1.0", docs_url="/docs", redoc_url=None)
     gen = engine.generator
     positions = model_positions(gen)
     metrics = metrics or ServerMetrics(engine)
     app.state.engine, app.state.metrics = engine, metrics
     app.add_middleware(BodyLimit)
+    app.add_middleware(ApiKeyAuth, keys=api_keys or {}, public_metrics=public_metrics)
+    if cors_origins:  # outermost: a 401 or 413 still carries the CORS headers the browser needs to read it
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     # -- errors: every refusal names its field and value -------------------------------------------
@@ -221,9 +240,14 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
+        started = time.perf_counter()
         response = await call_next(request)
         if request.url.path.startswith("/v1/"):
             metrics.count(request.url.path, response.status_code)
+            streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+            if access_log is not None and not streamed:  # a stream is logged when it ends (_logged)
+                job = getattr(request.state, "job", None)
+                access_log.write(**_log_fields(request, job, response.status_code, started))
         return response
 
     # -- small endpoints ---------------------------------------------------------------------------
@@ -250,13 +274,20 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
         return Response(body, media_type=content_type)
 
     # -- generation --------------------------------------------------------------------------------
-    async def submit(spec: JobSpec, field: str, text: str) -> Job:
-        """Queue a job built from the request's ``field`` (its text, ``text``)."""
+    async def submit(spec: JobSpec, field: str, text: str, request: Request) -> Job:
+        """Queue a job built from the request's ``field`` (its text, ``text``), on behalf of the request's client."""
         loop = asyncio.get_running_loop()
+        spec.client = getattr(request.state, "client", "local")
+        request.state.prompt = text
         try:
-            return await run_in_threadpool(engine.submit, spec, loop)  # tokenising is off the event loop
+            job = await run_in_threadpool(engine.submit, spec, loop)  # tokenising is off the event loop
+            request.state.job = job
+            return job
         except QueueFull as e:
             raise APIError(503, f"the server is busy: {e} Retry shortly.", kind="server_busy",
+                           headers={"Retry-After": "1"}) from None
+        except ClientQueueFull as e:
+            raise APIError(429, f"too many requests: {e} Retry when one has finished.", kind="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
         except UsageError as e:
             raise _refusal(e, field, text) from None
@@ -291,15 +322,15 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
         suppress = list(body.suppress_tokens) + ([label_token(c) for c in gen.config.labels] if head else [])
         spec = JobSpec(templates=templates, sampler=sampler, seed=body.seed, cfg_scale=body.cfg_scale,
                        suppress_tokens=suppress, stop_at_eos=body.stop_at_eos, max_length=max_length,
-                       stream=body.stream, guider=guider)
+                       stream=body.stream, guider=guider, timeout=body.timeout)
         if body.suppress_tokens:
             try:
                 gen.suppress_ids(body.suppress_tokens)
             except UsageError as e:
                 raise _refusal(e, "suppress_tokens", body.suppress_tokens) from None  # names the token
-        job = await submit(spec, field, text)
+        job = await submit(spec, field, text, request)
         if body.stream:
-            return StreamingResponse(_sse(job), media_type="text/event-stream",
+            return StreamingResponse(_logged(_sse(job), request, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         result = await _wait(job, request)
         return {"id": f"gen-{job.id}", "model": model_id, **result}
@@ -318,12 +349,12 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
         sampler = _sampler_config(gen, body.sampler_kwargs())
         seed = body.seed if body.seed is not None else random.randrange(2 ** 31)
         spec = JobSpec(templates=[f"{body.prompt}<mask:{body.max_tokens}>"] * body.n, sampler=sampler, seed=seed,
-                       stream=body.stream)
-        job = await submit(spec, "prompt", body.prompt)
+                       stream=body.stream, timeout=body.timeout)
+        job = await submit(spec, "prompt", body.prompt, request)
         created = int(time.time())
         head = {"id": f"cmpl-{job.id}", "object": "text_completion", "created": created, "model": model_id}
         if body.stream:
-            return StreamingResponse(_completion_stream(job, head), media_type="text/event-stream",
+            return StreamingResponse(_logged(_completion_stream(job, head), request, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         await _wait(job, request)
         choices = [{"text": text, "index": i, "logprobs": None, "finish_reason": reason}
@@ -348,7 +379,8 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
                 if event["event"] == "done":
                     return {k: v for k, v in job.result.items()}
                 if event["event"] == "error":
-                    raise APIError(500, event["message"], kind="server_error")
+                    status = event.get("status", 500)
+                    raise APIError(status, event["message"], kind="timeout" if status == 504 else "server_error")
         except asyncio.CancelledError:
             job.cancel()
             raise
@@ -371,7 +403,9 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
             while True:
                 event = await job.events.get()
                 if event["event"] == "error":
-                    yield f"data: {json.dumps({'error': {'message': event['message'], 'type': 'server_error'}})}\n\n"
+                    kind = "timeout" if event.get("status") == 504 else "server_error"
+                    error = {"message": event["message"], "type": kind, "code": event.get("status", 500)}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
                     return
                 done = event["event"] == "done"
                 finals = _continuations(job) if done else None
@@ -389,11 +423,31 @@ def create_app(engine: Engine, model_id: str, metrics: ServerMetrics | None = No
         finally:
             job.cancel()
 
+    async def _logged(events, request: Request, job: Job):
+        """A stream's events, then its access-log line (its status: 200, or the error's when it ended in one)."""
+        started = job.submitted
+        try:
+            async for chunk in events:
+                yield chunk
+        finally:
+            if access_log is not None:
+                status = (job.result or {}).get("status", 200 if job.result else 499)
+                access_log.write(**_log_fields(request, job, status, started))
+
     def _continuations(job: Job) -> list[tuple[str, str]]:
         x, editable = engine.state_cpu(job)
         return [_continuation(gen, row, ed) for row, ed in zip(x, editable)]
 
     return app
+
+
+def _log_fields(request: Request, job: Job | None, status: int, started: float) -> dict:
+    """The access-log fields of one request (serving/door.AccessLog decides whether the texts are kept)."""
+    result = (job.result or {}) if job is not None else {}
+    return dict(request_id=f"{job.id}" if job is not None else None,
+                client=getattr(request.state, "client", "?"), route=request.url.path, status=status, started=started,
+                tokens=result.get("tokens"), model_calls=result.get("model_calls"),
+                prompt=getattr(request.state, "prompt", None), texts=result.get("texts"))
 
 
 def _labels(gen, guide) -> list[str]:

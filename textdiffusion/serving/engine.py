@@ -45,6 +45,14 @@ class QueueFull(Exception):
     """The waiting line is full: the caller answers 503 with Retry-After."""
 
 
+class ClientQueueFull(Exception):
+    """This client already has its most requests waiting: the caller answers 429 with Retry-After."""
+
+
+class DeadlinePassed(Exception):
+    """The request ran past its deadline: it was dropped from the run; the caller answers 504."""
+
+
 @dataclass
 class JobSpec:
     """What to generate: one template per sample (a prompt is a template ending in one masked span)."""
@@ -58,6 +66,8 @@ class JobSpec:
     max_length: int | None = None
     stream: bool = False  # send every step (tokens, masks, confidence); without it only the result
     guider: Guider | None = None  # classifier guidance or particles (pipelines/guidance.py)
+    client: str = "local"  # who asked (a key's name or an address): fair sharing and the per-client queue
+    timeout: float | None = None  # seconds from submission; past it the request is dropped and answered 504
 
 
 class Job:
@@ -75,7 +85,9 @@ class Job:
         self.events: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
+        self.deadline = self.submitted + spec.timeout if spec.timeout else None
         self.started: float | None = None
+        self.last_stepped = 0  # the engine tick this request last took part in (round-robin within a client)
         self.max_rows_seen = 0  # the largest batch (rows) this request shared a model call with
         self.result: dict | None = None
 
@@ -108,20 +120,37 @@ class Job:
         self.cancelled.set()
 
 
-def check_limits(max_batch: int, max_queue: int) -> None:
+def check_limits(max_batch: int, max_queue: int, max_queue_per_client: int | None = None,
+                 request_timeout: float | None = None) -> None:
     """The engine's limits, checked here only (`serve` calls it before loading the model)."""
     if max_batch < 1:
         raise UsageError(f"--max-batch must be >= 1, got {max_batch}.")
     if max_queue < 1:
         raise UsageError(f"--max-queue must be >= 1, got {max_queue}.")
+    if max_queue_per_client is not None and max_queue_per_client < 1:
+        raise UsageError(f"--max-queue-per-client must be >= 1, got {max_queue_per_client}.")
+    if request_timeout is not None and request_timeout <= 0:
+        raise UsageError(f"--request-timeout must be > 0 seconds, got {request_timeout}.")
 
 
 class Engine:
-    """The scheduler: a bounded waiting line, the active set, and the model loop in one thread."""
+    """The scheduler: a waiting line per client, the active set, and the model loop in one thread.
+
+    **Fair sharing.** Waiting requests are admitted round-robin across clients; a client holds at most
+    ``max_batch`` rows in the active set, which has room for ``max_batch // 2`` more, so a newcomer joins at the
+    next tick instead of waiting for a flood to drain. Each tick steps at most ``max_batch`` rows: with one
+    client, all of its rows; with several, each client steps as many rows as the smallest demand among them
+    (at least its smallest request; its requests in turn), so every client gets an equal share of the model's
+    time — processor sharing, which keeps a lone request within about twice its latency alone however hard
+    another client floods. A client has at most ``max_queue_per_client`` requests waiting (429 beyond).
+    **Deadlines.** A request past its ``timeout`` leaves the run (its rows and cache rows freed) at the next
+    tick and is answered 504.
+    """
 
     def __init__(self, generator: DiffusionGenerator, max_batch: int = 32, max_queue: int = 64,
-                 tick_delay: float = 0.0, on_call=None, on_finish=None, cache: str = "auto", guide=None):
-        check_limits(max_batch, max_queue)
+                 tick_delay: float = 0.0, on_call=None, on_finish=None, cache: str = "auto", guide=None,
+                 max_queue_per_client: int | None = None, request_timeout: float | None = None):
+        check_limits(max_batch, max_queue, max_queue_per_client, request_timeout)
         self.generator = generator
         self.guide = guide  # a models.guide.NoisyClassifier for requests with guidance classifier|smc, or None
         self.cache = cache
@@ -131,8 +160,11 @@ class Engine:
         self.tick_delay = tick_delay
         self.on_call = on_call  # callback(rows, requests) after each model call (metrics)
         self.on_finish = on_finish  # callback(job) when a request completes
-        self.waiting: collections.deque[Job] = collections.deque()
+        self.max_queue_per_client = max_queue_per_client or max_queue
+        self.request_timeout = request_timeout
+        self.waiting: collections.OrderedDict[str, collections.deque[Job]] = collections.OrderedDict()  # by client
         self.active: list[Job] = []
+        self.ticks = 0
         self.lock = threading.Condition()
         self.model_calls = 0
         self.request_steps = 0  # sum over model calls of the requests in the call
@@ -166,17 +198,27 @@ class Engine:
         group = self.run.new_group(spec.templates, spec.sampler, seed=spec.seed, cfg_scale=spec.cfg_scale,
                                    suppress_tokens=spec.suppress_tokens, stop_at_eos=spec.stop_at_eos,
                                    max_length=spec.max_length, guider=spec.guider)  # tokenises outside the lock
+        if spec.timeout is None and self.request_timeout:
+            spec.timeout = self.request_timeout
         job = Job(spec, group, loop)
         with self.lock:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (the limit is {self.max_queue}).")
-            self.waiting.append(job)
+            waiting = self.waiting_count()
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting (the limit is {self.max_queue}).")
+            own = self.waiting.get(spec.client)
+            if own is not None and len(own) >= self.max_queue_per_client:
+                raise ClientQueueFull(f"this client already has {len(own)} requests waiting (the limit is "
+                                      f"{self.max_queue_per_client} per client).")
+            self.waiting.setdefault(spec.client, collections.deque()).append(job)
             self.lock.notify_all()
         return job
 
+    def waiting_count(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
     def load(self) -> dict:
         with self.lock:
-            return {"waiting": len(self.waiting), "active": len(self.active),
+            return {"waiting": self.waiting_count(), "active": len(self.active),
                     "active_rows": sum(j.rows for j in self.active), "max_batch": self.max_batch,
                     "max_queue": self.max_queue, "model_calls": self.model_calls}
 
@@ -200,18 +242,64 @@ class Engine:
                 time.sleep(self.tick_delay)
 
     def _admit(self) -> None:
-        """Move waiting requests into the active set while their rows fit (first come, first served)."""
-        rows = sum(j.rows for j in self.active)
-        while self.waiting and rows + self.waiting[0].rows <= self.max_batch:
-            job = self.waiting.popleft()
-            if job.cancelled.is_set():
-                continue
-            job.started = time.perf_counter()
-            rows += job.rows
-            self.run.join(job.group)
-            self.active.append(job)
-            if job.spec.stream:
-                job.emit(self._frame(job, "start"))
+        """Move waiting requests into the active set, one per client in turn, while their rows fit: the active
+        set holds ``max_batch`` rows plus half as many again for newcomers, and one client at most ``max_batch``."""
+        room = self.max_batch + self.max_batch // 2 - sum(j.rows for j in self.active)
+        held = collections.Counter()
+        for j in self.active:
+            held[j.spec.client] += j.rows
+        progress = True
+        while progress and self.waiting:
+            progress = False
+            for client in list(self.waiting):
+                queue = self.waiting[client]
+                while queue and (queue[0].cancelled.is_set() or queue[0].result is not None):
+                    queue.popleft()  # went away, or expired, while waiting
+                if not queue:
+                    del self.waiting[client]
+                    continue
+                job = queue[0]
+                if job.rows > room or held[client] + job.rows > self.max_batch:
+                    continue
+                queue.popleft()
+                self.waiting.move_to_end(client)  # round-robin: the next turn starts after this client
+                job.started = time.perf_counter()
+                room -= job.rows
+                held[client] += job.rows
+                self.run.join(job.group)
+                self.active.append(job)
+                if job.spec.stream:
+                    job.emit(self._frame(job, "start"))
+                progress = True
+
+    def _expire(self, now: float) -> None:
+        """Drop every request past its deadline: waiting ones leave the line, active ones the run."""
+        with self.lock:
+            late = [j for q in self.waiting.values() for j in q if j.deadline is not None and now > j.deadline]
+        for job in late + [j for j in self.active if j.deadline is not None and now > j.deadline and j.result is None]:
+            self._fail(job, f"the request ran past its deadline of {job.spec.timeout:g} s and was dropped.",
+                       status=504)
+
+    def _select(self, jobs: list[Job]) -> list[Job]:
+        """The requests this tick steps (see the class docstring): every client an equal number of rows, the
+        smallest demand among them (at least its smallest request), at most ``max_batch`` rows in all."""
+        by_client: dict[str, list[Job]] = collections.defaultdict(list)
+        for job in jobs:
+            if not job.group.done and not job.cancelled.is_set():
+                by_client[job.spec.client].append(job)
+        if len(by_client) <= 1:
+            return [j for group in by_client.values() for j in group]
+        share = min(sum(j.rows for j in group) for group in by_client.values())
+        chosen, rows = [], 0
+        for client_jobs in sorted(by_client.values(), key=lambda g: min(j.last_stepped for j in g)):
+            taken = 0
+            for job in sorted(client_jobs, key=lambda j: j.last_stepped):  # its longest-waiting requests first
+                if taken and taken + job.rows > share or rows + job.rows > self.max_batch:
+                    break
+                chosen.append(job)
+                taken += job.rows
+                rows += job.rows
+        return chosen
 
     def _leave(self, job: Job) -> None:
         try:
@@ -222,16 +310,22 @@ class Engine:
             if job in self.active:
                 self.active.remove(job)
 
-    def _fail(self, job: Job, message: str) -> None:
+    def _fail(self, job: Job, message: str, status: int = 500) -> None:
         self._leave(job)
-        job.result = {"error": message}
-        job.emit({"event": "error", "message": message})
+        job.result = {"error": message, "status": status}
+        job.emit({"event": "error", "message": message, "status": status})
 
     def _tick(self, jobs: list[Job]) -> None:
         for job in jobs:
             if job.cancelled.is_set():
                 self._leave(job)  # a client that went away frees its rows (and its cache rows) now
-        stepped = self.run.step()  # one model call for every request that needs one
+        self._expire(time.perf_counter())
+        jobs = [j for j in jobs if j.result is None and not j.cancelled.is_set()]
+        self.ticks += 1
+        chosen = self._select(jobs)
+        for job in chosen:
+            job.last_stepped = self.ticks
+        stepped = self.run.step(only={job.group.id for job in chosen})  # one model call for the chosen requests
         if stepped:
             rows = self.run.last_call_rows
             with self.lock:

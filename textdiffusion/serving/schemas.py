@@ -73,6 +73,8 @@ class GenerateRequest(_Strict):
     suppress_tokens: list[str] = Field(default_factory=list, max_length=256)
     stop_at_eos: bool = True
     stream: bool = Field(False, description="Server-sent events: every step's tokens, masks and confidence.")
+    timeout: Optional[float] = Field(None, gt=0, le=3600, description="Seconds from arrival after which the request "
+                                     "is dropped and answered 504 (a stream ends with an error event).")
 
     _check_prompt = field_validator("prompt", "template", "label")(_not_blank)
 
@@ -101,6 +103,7 @@ class CompletionRequest(_Strict):
     n: int = Field(1, ge=1, le=MAX_SAMPLES)
     seed: Optional[int] = Field(None, ge=0, lt=2 ** 63 - MAX_SAMPLES)
     stream: bool = False
+    timeout: Optional[float] = Field(None, gt=0, le=3600)
 
     _check_prompt = field_validator("prompt")(_not_blank)
 

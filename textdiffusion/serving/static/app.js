@@ -5,7 +5,28 @@
 const $ = (id) => document.getElementById(id);
 let frames = [], shown = -1, pending = [], timer = null, controller = null, final = null;
 
-fetch("/v1/models").then((r) => r.json()).then((m) => {
+// With API keys (serve --api-key-file), every call carries "Authorization: Bearer <key>": the page asks for the
+// key once, on the first 401, and keeps it for this tab only (sessionStorage), never in the address bar.
+function withKey(options = {}) {
+  const key = sessionStorage.getItem("textdiffusion-api-key");
+  const headers = { ...(options.headers || {}) };
+  if (key) headers.authorization = `Bearer ${key}`;
+  return { ...options, headers };
+}
+
+async function api(url, options = {}) {
+  let response = await fetch(url, withKey(options));
+  if (response.status === 401) {
+    const key = window.prompt("This server needs an API key:");
+    if (key) {
+      sessionStorage.setItem("textdiffusion-api-key", key.trim());
+      response = await fetch(url, withKey(options));
+    }
+  }
+  return response;
+}
+
+api("/v1/models").then((r) => r.json()).then((m) => {
   const info = m.data[0];
   $("model").textContent = `${info.id} · ${info.positions} positions · batch ≤ ${info.max_batch}`;
   $("max_length").value = Math.min(64, info.max_length);
@@ -111,7 +132,7 @@ async function generate(ev) {
   $("state").textContent = "generating"; $("state").dataset.state = "running";
   let response;
   try {
-    response = await fetch("/v1/generate", { method: "POST", headers: { "content-type": "application/json" },
+    response = await api("/v1/generate", { method: "POST", headers: { "content-type": "application/json" },
                                              body: JSON.stringify(request()), signal: controller.signal });
   } catch (e) { return fail(String(e)); }
   if (!response.ok) {
