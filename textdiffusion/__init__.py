@@ -15,18 +15,27 @@ The package in layers; a module imports only from its own layer or the ones belo
 
 __version__ = "0.1.0"
 
-__all__ = ["DiffusionGenerator", "DenoisingRun"]
+# The public API (documented in docs/api.md): name -> the module that defines it, imported on first use so that
+# ``import textdiffusion`` (and ``textdiffusion --help``) stays light.
+_PUBLIC = {
+    "DiffusionGenerator": "textdiffusion.pipelines.generation",
+    "DenoisingRun": "textdiffusion.pipelines.denoising",
+    "GenerationOutput": "textdiffusion.pipelines.denoising",
+    "SamplerConfig": "textdiffusion.config",
+    "DiffusionConfig": "textdiffusion.config",
+    "DiffusionCollator": "textdiffusion.core.collator",
+    "BlockDiffusionLM": "textdiffusion.models.block",
+    "BlockKVCache": "textdiffusion.models.block",
+    "BlockCorruption": "textdiffusion.models.block",
+    "Scorer": "textdiffusion.models.quality",
+}
+__all__ = list(_PUBLIC)
 
 
 def __getattr__(name: str):
-    """``from textdiffusion import DiffusionGenerator``: the entry points, imported on first use so that
-    ``import textdiffusion`` (and ``textdiffusion --help``) stays light."""
-    if name == "DiffusionGenerator":
-        from textdiffusion.pipelines.generation import DiffusionGenerator
+    """``from textdiffusion import DiffusionGenerator``: the public names, imported on first use."""
+    if name in _PUBLIC:
+        import importlib
 
-        return DiffusionGenerator
-    if name == "DenoisingRun":
-        from textdiffusion.pipelines.denoising import DenoisingRun
-
-        return DenoisingRun
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'textdiffusion' has no attribute {name!r}")
