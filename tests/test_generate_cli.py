@@ -179,3 +179,14 @@ def test_a_misspelled_flag_is_one_line_with_the_closest_flags(command, capsys):
     assert err == f"textdiffusion {command}: error: unknown argument '--bogus-flag'; see `textdiffusion {command} --help`."
     assert main(["generate", "--prefx", "The"]) == 2
     assert "did you mean --prefix?" in capsys.readouterr().err
+
+
+def test_a_negative_seed_is_refused_as_the_server_refuses_it(capsys):
+    assert main(["generate", "--seed", "-1"]) == 2
+    assert "--seed must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_adapting_a_ready_diffusion_model_says_what_it_is(tmp_path, capsys):
+    assert main(["train", "--adapt-from-causal", "--model-name", "wiki-small", "--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "ready diffusion models, not a causal LM" in err and "Hub" not in err and "huggingface" not in err

@@ -79,6 +79,8 @@ class GenerateArgs(SamplerConfig):
             raise UsageError("give --prefix or --infill, not both.")
         if self.num_samples < 1:
             raise UsageError(f"--num-samples must be >= 1, got {self.num_samples}.")
+        if self.seed < 0:  # as the server's schema: a torch.Generator seed is a non-negative integer
+            raise UsageError(f"--seed must be >= 0, got {self.seed}.", field="seed", value=self.seed)
         if self.step_delay < 0:
             raise UsageError(f"--step-delay must be >= 0, got {self.step_delay}.")
         if self.max_length < 0:

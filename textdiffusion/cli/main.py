@@ -73,9 +73,16 @@ COMMON_TRAINER_FLAGS = ("gradient_accumulation_steps", "bf16", "fp16", "max_grad
                         "activation_checkpointing", "ignore_data_skip")
 
 
-def _train_help(parser, everything: bool) -> None:
-    """`train --help` in three groups: the project's flags, the TrainingArguments flags this project gives
-    other defaults, and the common other ones (all of them with --help-all)."""
+# `train` flags `distill --help` shows besides its own (--help-all shows every one)
+COMMON_TRAIN_FLAGS = ("dataset", "text_column", "max_length", "output_dir", "overwrite", "resume_from_checkpoint",
+                      "per_device_train_batch_size", "learning_rate", "max_steps", "eval_steps", "eval_blocks",
+                      "precision", "seed")
+
+
+def _trainer_help(parser, everything: bool, command: str = "train") -> None:
+    """`train --help` / `distill --help` grouped, the command's own flags first: (distill: its own, then the
+    common `train` flags it shares), the project's flags, the TrainingArguments flags this project gives other
+    defaults, and the common other ones; --help-all shows every flag."""
     import argparse
     from dataclasses import fields
 
@@ -84,32 +91,39 @@ def _train_help(parser, everything: bool) -> None:
     from textdiffusion.pipelines.training_args import ALIASES, TrainArgs, as_flag
 
     standard = {f.name: f for f in fields(TrainingArguments)}
-    ours = {f.name: f for f in fields(TrainArgs)}
+    train_fields = {f.name: f for f in fields(TrainArgs)}
     renamed = "\n".join(f"  {as_flag(old):<14} = --{new}" for old, new in ALIASES.items())
-    parser.usage = f"{parser.prog} [--config FILE] [flags]   (--help-all: every TrainingArguments flag)"
+    parser.usage = f"{parser.prog} [--config FILE] [flags]   (--help-all: every flag)"
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    what = ("Distil a diffusion checkpoint into a student that takes half the steps per round (SDTT)."
+            if command == "distill" else "Train a masked LM (or adapt a causal LM) as a text diffusion model.")
     parser.description = (
-        "Train a masked LM as a text diffusion model. Every transformers.TrainingArguments flag works, with\n"
+        f"{what} Every transformers.TrainingArguments flag works, with\n"
         "--dashes or --under_scores; Transformers documents them (https://huggingface.co/docs/transformers/\n"
         "main_classes/trainer#transformers.TrainingArguments). This command's older names still work, as\n"
         f"flags and as recipe keys (--config):\n{renamed}\n"
         "  --precision    auto|fp32|bf16|fp16, sets --bf16/--fp16")
-    groups = {
-        "project": parser.add_argument_group("textdiffusion train"),
-        "defaults": parser.add_argument_group("transformers.TrainingArguments, with this project's defaults"),
-        "standard": parser.add_argument_group(
-            "transformers.TrainingArguments", None if everything else "The common ones; --help-all lists all."),
-    }
+    groups = {"own": parser.add_argument_group(f"textdiffusion {command}")}
+    if command != "train":
+        groups["train"] = parser.add_argument_group(
+            "shared with textdiffusion train", None if everything else "The common ones; --help-all lists all.")
+    groups["defaults"] = parser.add_argument_group("transformers.TrainingArguments, with this project's defaults")
+    groups["standard"] = parser.add_argument_group(
+        "transformers.TrainingArguments", None if everything else "The common ones; --help-all lists all.")
     for action in list(parser._optionals._group_actions):
         if action.dest in ("help", "config"):
             continue
         if action.dest not in standard:
-            kind = "project"
-        elif ours[action.dest] is not standard[action.dest]:
+            kind = "own" if command == "train" or action.dest not in train_fields else "train"
+            if kind == "train" and not everything and action.dest not in COMMON_TRAIN_FLAGS:
+                action.help = argparse.SUPPRESS
+        elif train_fields[action.dest] is not standard[action.dest]:
             kind = "defaults"
+            if command != "train" and not everything and action.dest not in COMMON_TRAIN_FLAGS:
+                action.help = argparse.SUPPRESS
         else:
             kind = "standard"
-            if not everything and action.dest not in COMMON_TRAINER_FLAGS:
+            if not everything and (action.dest not in COMMON_TRAINER_FLAGS or command != "train"):
                 action.help = argparse.SUPPRESS
         parser._optionals._group_actions.remove(action)
         groups[kind]._group_actions.append(action)
@@ -121,14 +135,17 @@ def _train(argv: list[str]) -> int:
 
     everything = "--help-all" in argv
     argv = ["--help" if token == "--help-all" else token for token in argv]
-    run_training(_parse(TrainArgs, argv, "textdiffusion train", layout=partial(_train_help, everything=everything)))
+    run_training(_parse(TrainArgs, argv, "textdiffusion train", layout=partial(_trainer_help, everything=everything)))
     return 0
 
 
 def _distill(argv: list[str]) -> int:
     from textdiffusion.pipelines.distill_run import DistillArgs, run_distill
 
-    run_distill(_parse(DistillArgs, argv, "textdiffusion distill"))
+    everything = "--help-all" in argv
+    argv = ["--help" if token == "--help-all" else token for token in argv]
+    run_distill(_parse(DistillArgs, argv, "textdiffusion distill",
+                       layout=partial(_trainer_help, everything=everything, command="distill")))
     return 0
 
 

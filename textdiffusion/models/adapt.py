@@ -53,6 +53,13 @@ NEW_PAD_TOKEN = "<|pad|>"
 # -- loading the causal LM --------------------------------------------------------------------------
 def _gguf_source(name_or_path: str, flag: str) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None) for a --model-name."""
+    from textdiffusion.models.bundled import BUILT, BUNDLED
+
+    if (name_or_path in BUNDLED or name_or_path in BUILT) and not Path(name_or_path).exists():
+        raise UsageError(f"{flag} {name_or_path!r} is one of this project's ready diffusion models, not a causal LM to "
+                         f"adapt: fine-tune it without --adapt-from-causal (--model-name {name_or_path}), or adapt "
+                         "'smollm2', a local causal-LM directory or a .gguf file.", field="model_name",
+                         value=name_or_path)
     if name_or_path == "smollm2":
         from textdiffusion.models.quality import smollm2_gguf
 
