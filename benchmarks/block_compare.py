@@ -12,7 +12,7 @@ models of different tokenizers per word). Rows:
   repetition penalty 1.1), never stopping at end-of-text (``min_new_tokens``);
 * **smollm2-bd** through this project's decoder (DenoisingRun and the exact block cache), end-of-text suppressed
   so it writes as many tokens: one token per call left to right (the decoder's own speed at AR's order), every
-  --thresholds (the leftmost mask always, plus every other mask whose probability reaches the threshold;
+  --thresholds (the leftmost mask always, and each next one while its probability reaches the threshold;
   ``--commit confidence`` for Fast-dLLM's rule: the most confident always), and --fixed tokens per call (the
   most confident, a fixed count).
 
@@ -218,6 +218,8 @@ def render(rows, args, prompts, machine: str) -> str:
         if ar is None:
             continue
         faster = [b for b in args.batches if ar["tokens_per_second"][b] >= r["tokens_per_second"][b]]
+        if not args.batches:
+            continue
         overtakes.append(f"- {r['setting']}: " + (f"the AR is at least as fast from batch {faster[0]} on"
                                                    if faster else "faster than the AR at every batch measured"))
     samples = next((r for r in rows if r["kind"] == "block"), rows[0])
@@ -228,7 +230,7 @@ def render(rows, args, prompts, machine: str) -> str:
         f"{len(prompts.prompts)} wiki-vital validation prompts of {args.prompt_tokens} tokens, {args.new_tokens} new "
         "tokens each (no end-of-text stop on either side), top-k 50, repetition penalty 1.1, seed "
         f"{args.seed}. Speed: the first b prompts, best of {args.repeats}.", "",
-        *lines, "", "Where the AR overtakes:", *overtakes, "",
+        *lines, "", *(["Where the AR overtakes:", *overtakes, ""] if overtakes else []),
         f"First three samples of '{samples['setting']}':", "",
         *[f"> {p}**{t}**" for p, t in zip(prompts.prompts[:3], samples["texts"][:3])], ""])
 

@@ -335,12 +335,26 @@ class Scheduled(CommitRule):
 
 
 class Threshold(CommitRule):
-    """Every token at least ``confidence_threshold`` likely, and the best one (steps become adaptive)."""
+    """Every token at least ``confidence_threshold`` likely, and the best one (steps become adaptive). With the
+    ``left-to-right`` order: the leftmost masked token, and each next one while it is that likely and not the
+    same token as the one before it — a run from the left. Two neighbours sampled in one call never saw each
+    other; the same word twice ("the the") is the commonest error of committing them together, and the next call
+    decides the second one knowing the first."""
 
     def commit(self, sampler, step):
         score, p_full = self.ranked(sampler, step)
-        best = _rank_descending(score) == 0
-        commit = step.masked & ((p_full >= sampler.config.confidence_threshold) | best)
+        rank = _rank_descending(score)  # 0 = the best (with left-to-right: the leftmost masked position)
+        sure = p_full >= sampler.config.confidence_threshold
+        if sampler.config.strategy == "left-to-right":
+            order = rank.argsort(dim=1)  # [b, l] positions in commit order
+            tokens = step.proposal.gather(1, order)
+            repeated = torch.zeros_like(sure)
+            repeated[:, 1:] = tokens[:, 1:] == tokens[:, :-1]
+            run = ((sure.gather(1, order) & ~repeated) | (torch.arange(rank.shape[1], device=rank.device) == 0)).long()
+            keep = run.cumprod(1).bool().gather(1, rank)  # [b, l] in the run from the left
+            commit = step.masked & keep
+        else:
+            commit = step.masked & (sure | (rank == 0))
         return torch.where(commit, step.proposal, step.x)
 
 
