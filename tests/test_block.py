@@ -265,8 +265,12 @@ def test_adapter_save_and_load_give_the_same_logits(tmp_path):
     clean = clean_rows()
     x_t = BlockCorruption(MASK, PAD, B, seed=2)([{"input_ids": r} for r in clean])["input_ids"][::2]
     with torch.no_grad():
-        assert torch.allclose(denoiser(input_ids=x_t, clean_ids=clean).logits,
-                              again(input_ids=x_t, clean_ids=clean).logits, atol=1e-6)
+        before = denoiser(input_ids=x_t, clean_ids=clean).logits
+        assert torch.allclose(before, again(input_ids=x_t, clean_ids=clean).logits, atol=1e-6)
+        from textdiffusion.models.block import merge_trainable_tokens
+
+        merge_trainable_tokens(again.model)  # what loading for inference does: the same logits, computed faster
+        assert torch.allclose(before, again(input_ids=x_t, clean_ids=clean).logits, atol=1e-5)
 
 
 def test_left_to_right_with_a_threshold_commits_a_run_from_the_left():

@@ -351,4 +351,8 @@ def load_block_model(path: str, config, dtype: torch.dtype | None = None, flag: 
     model.config.pad_token_id = tokenizer.pad_token_id
     from peft import PeftModel
 
-    return tokenizer, PeftModel.from_pretrained(model, path).eval()
+    from textdiffusion.models.block import merge_trainable_tokens
+
+    adapted = PeftModel.from_pretrained(model, path).eval()
+    merge_trainable_tokens(adapted)  # a loaded adapter is for inference (train resumes through Trainer instead)
+    return tokenizer, adapted

@@ -109,6 +109,17 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def merge_trainable_tokens(model) -> None:
+    """For inference: write the trained mask-token row into the base embedding (and the tied head) once. peft
+    otherwise rebuilds the whole 49k-row matrix on every call (a third of a SmolLM2 block call on a CPU). Exact:
+    plain text never contains the mask token, and its logit is never sampled. Not for a model still training."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer) and not module.merged:
+            module.merge()
+
+
 # -- the denoiser ------------------------------------------------------------------------------------
 class BlockDiffusionLM(MaskedDiffusionLM):
     """A causal LM as a block-diffusion denoiser (see the module docstring).
