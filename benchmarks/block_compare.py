@@ -16,6 +16,9 @@ models of different tokenizers per word). Rows:
   ``--commit confidence`` for Fast-dLLM's rule: the most confident always), and --fixed tokens per call (the
   most confident, a fixed count).
 
+Likelihood (``--eval-blocks N``): the block NELBO of the checkpoint (each block's bound given the clean blocks
+before it) beside SmolLM2's exact NLL on the same tokens of the same N validation blocks.
+
 Per row: gen PPL under each --scorers model with a 95% bootstrap interval over prompts (Gemma-3-270M shares no
 weights with SmolLM2; SmolLM2 judging itself is biased toward both rows), distinct-2 and the doubled-word rate on
 token ids, tokens per model call (per row, averaged over rows), and tokens/s at each --batches (the first b
@@ -120,12 +123,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 4, 16])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-blocks", type=int, default=64, help="Validation blocks for the likelihood line (0: none).")
     ap.add_argument("--out", default="benchmarks/results/block_compare")
     ap.add_argument("--quick", action="store_true", help="4 prompts, 8 tokens, no scorer, batch 1: a smoke run.")
     args = ap.parse_args(argv)
     if args.quick:
         args.num_prompts, args.prompt_tokens, args.new_tokens = 4, 8, 8
         args.scorers, args.batches, args.repeats, args.thresholds = [], [1], 1, [0.5]
+        args.eval_blocks = 2
         args.temperatures, args.block_temperatures = [1.0], [1.0]
     torch.manual_seed(args.seed)
 
@@ -157,6 +162,10 @@ def main(argv=None) -> int:
                                for b in args.batches}})
         print(f"{name}: {per_call:.2f} tokens/call, {rows[-1]['seconds_full_batch']:.0f} s", flush=True)
 
+    likelihood = None
+    if args.eval_blocks:
+        likelihood = likelihood_line(block, ar.model, args.eval_blocks)
+        print(likelihood, flush=True)
     tokenizer = block.tokenizer
     for row in rows:
         row["texts"] = [tokenizer.decode(ids, skip_special_tokens=True) for ids in row["new_ids"]]
@@ -177,12 +186,29 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_line()
-    report = render(rows, args, prompts, machine)
+    report = render(rows, args, prompts, machine, likelihood)
     (out / "README.md").write_text(report)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "machine": machine, "prompts": prompts.prompts,
-                                                  "rows": rows}, indent=1, default=str) + "\n")
+                                                  "likelihood": likelihood, "rows": rows}, indent=1, default=str) + "\n")
     print(report)
     return 0
+
+
+def likelihood_line(block: DiffusionGenerator, causal, n_blocks: int) -> dict:
+    """The block NELBO of the block model and the causal model's exact NLL, on the same tokens (every token after
+    the first block that is not padding or special) of the first ``n_blocks`` wiki-vital validation blocks."""
+    from textdiffusion.core.data import pack
+    from textdiffusion.models.autoregressive import causal_nll
+    from textdiffusion.models.block import BlockCorruption, block_nelbo
+
+    tok = block.tokenizer
+    blocks = pack(load_corpus("wiki-vital").validation, tok, block.config.max_length, keep_remainder=True)[:n_blocks]
+    corruption = BlockCorruption(tok.mask_token_id, tok.pad_token_id, block.config.block_size,
+                                 tuple(i for i in tok.all_special_ids if i != tok.eos_token_id))
+    bound = block_nelbo(block.denoiser, blocks, corruption, samples_per_block=2, batch_size=16)
+    exact = causal_nll(causal, blocks, corruption.maskable(blocks), batch_size=16)
+    return {"blocks": len(blocks), "tokens": bound.tokens, "block_nelbo": bound.nats_per_token,
+            "block_nelbo_stderr": bound.stderr, "ar_nll": exact.nats_per_token, "ar_nll_stderr": exact.stderr}
 
 
 def machine_line() -> str:
@@ -197,7 +223,7 @@ def machine_line() -> str:
             f"commit {commit or '?'}, {time.strftime('%Y-%m-%d')}")
 
 
-def render(rows, args, prompts, machine: str) -> str:
+def render(rows, args, prompts, machine: str, likelihood: dict | None = None) -> str:
     scorers = args.scorers
     head = ["setting", *[f"gen PPL ({s}) [95% CI]" for s in scorers], "distinct-2", "doubled",
             "tokens/call", *[f"tok/s b={b}" for b in args.batches]]
@@ -231,6 +257,10 @@ def render(rows, args, prompts, machine: str) -> str:
         "tokens each (no end-of-text stop on either side), top-k 50, repetition penalty 1.1, seed "
         f"{args.seed}. Speed: the first b prompts, best of {args.repeats}.", "",
         *lines, "", *(["Where the AR overtakes:", *overtakes, ""] if overtakes else []),
+        *([f"Likelihood on {likelihood['blocks']} validation blocks ({likelihood['tokens']:,} tokens after the first "
+           f"block): block NELBO {likelihood['block_nelbo']:.3f} ± {likelihood['block_nelbo_stderr']:.3f} nats/token "
+           f"(an upper bound), SmolLM2's exact NLL {likelihood['ar_nll']:.3f} ± {likelihood['ar_nll_stderr']:.3f}.", ""]
+          if likelihood else []),
         f"First three samples of '{samples['setting']}':", "",
         *[f"> {p}**{t}**" for p, t in zip(prompts.prompts[:3], samples["texts"][:3])], ""])
 
