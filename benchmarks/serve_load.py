@@ -13,7 +13,8 @@ are compared request by request. Results: results.json and README.md in --output
 
 The fairness run (``--fairness``, on by default): a server with two API keys; client A floods ``--flood``
 concurrent requests while client B sends one, and B's latency is compared with the same request alone on the same
-server (the engine's fair sharing, serving/engine.py, should keep it within about 2x however large the flood).
+server by a third client (so that B arrives with no recent use of the model; the engine's fair sharing,
+serving/engine.py, serves the least-served client first).
 
 The library side (``--library``, on by default): the same requests — prompt, seed, ``max_tokens``, the
 checkpoint's defaults — through ``DiffusionGenerator.generate`` in this process, ``--max-batch``'s largest
@@ -187,7 +188,7 @@ def markdown(results: list[dict], args, machine: str, library: dict | None = Non
 
 def fairness_run(checkpoint: str, max_batch: int, flood: int, max_tokens: int, log: Path) -> dict:
     """B's single request alone, then while A floods ``flood`` concurrent requests: latencies and their ratio."""
-    keys = {"A": "client-a-0123456789abcdef", "B": "client-b-0123456789abcdef"}
+    keys = {"A": "client-a-0123456789abcdef", "B": "client-b-0123456789abcdef", "C": "client-c-0123456789abcdef"}
     key_file = log.with_name("keys.txt")
     key_file.write_text("".join(f"{name}:{key}\n" for name, key in keys.items()))
     proc, url = start_server(checkpoint, max_batch, max_queue=flood + 8, log=log,
@@ -198,7 +199,7 @@ def fairness_run(checkpoint: str, max_batch: int, flood: int, max_tokens: int, l
         with httpx.Client(base_url=url, timeout=300) as c:
             def lone() -> float:
                 t0 = time.perf_counter()
-                c.post("/v1/completions", json=body, headers=auth["B"]).raise_for_status()
+                c.post("/v1/completions", json=body, headers=auth["C"]).raise_for_status()  # B arrives new
                 return time.perf_counter() - t0
 
             lone()

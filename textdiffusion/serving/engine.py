@@ -45,6 +45,10 @@ class QueueFull(Exception):
     """The waiting line is full: the caller answers 503 with Retry-After."""
 
 
+# how fast a client's past use of the model is forgotten by the fair scheduler (seconds to halve it)
+FAIR_HALF_LIFE = 2.0
+
+
 class ClientQueueFull(Exception):
     """This client already has its most requests waiting: the caller answers 429 with Retry-After."""
 
@@ -138,11 +142,13 @@ class Engine:
 
     **Fair sharing.** Waiting requests are admitted round-robin across clients; a client holds at most
     ``max_batch`` rows in the active set, which has room for ``max_batch // 2`` more, so a newcomer joins at the
-    next tick instead of waiting for a flood to drain. Each tick steps at most ``max_batch`` rows: with one
-    client, all of its rows; with several, each client steps as many rows as the smallest demand among them
-    (at least its smallest request; its requests in turn), so every client gets an equal share of the model's
-    time — processor sharing, which keeps a lone request within about twice its latency alone however hard
-    another client floods. A client has at most ``max_queue_per_client`` requests waiting (429 beyond).
+    next tick instead of waiting for a flood to drain. Each tick steps at most ``max_batch`` rows, least attained
+    service first: every client's rows stepped lately are counted (forgotten with a half-life of
+    ``FAIR_HALF_LIFE`` seconds), the least-served client steps all its requests, and the others join it while
+    they are within one batch of it. Clients that ask alike share every call (the batching is intact); a client
+    that just arrived runs ahead of one that has been flooding, so its lone request takes about its time alone
+    plus the call in flight, and the flooder, forgotten within seconds, is never shut out for long. A client has
+    at most ``max_queue_per_client`` requests waiting (429 beyond).
     **Deadlines.** A request past its ``timeout`` leaves the run (its rows and cache rows freed) at the next
     tick and is answered 504.
     """
@@ -165,6 +171,8 @@ class Engine:
         self.waiting: collections.OrderedDict[str, collections.deque[Job]] = collections.OrderedDict()  # by client
         self.active: list[Job] = []
         self.ticks = 0
+        self.attained: dict[str, float] = {}  # client -> rows stepped lately (decaying): least-served first
+        self._accounted = time.perf_counter()
         self.lock = threading.Condition()
         self.model_calls = 0
         self.request_steps = 0  # sum over model calls of the requests in the call
@@ -281,25 +289,38 @@ class Engine:
                        status=504)
 
     def _select(self, jobs: list[Job]) -> list[Job]:
-        """The requests this tick steps (see the class docstring): every client an equal number of rows, the
-        smallest demand among them (at least its smallest request), at most ``max_batch`` rows in all."""
+        """The requests this tick steps (see the class docstring): the clients that have had the least of the model
+        lately first — every request of the least-served client, then those of the clients within one batch of it —
+        at most ``max_batch`` rows in all; within a client, its longest-waiting requests first."""
         by_client: dict[str, list[Job]] = collections.defaultdict(list)
         for job in jobs:
             if not job.group.done and not job.cancelled.is_set():
                 by_client[job.spec.client].append(job)
-        if len(by_client) <= 1:
-            return [j for group in by_client.values() for j in group]
-        share = min(sum(j.rows for j in group) for group in by_client.values())
+        order = sorted(by_client, key=lambda c: (self.attained.get(c, 0.0), min(j.last_stepped for j in by_client[c])))
+        if not order:
+            return []
+        least = self.attained.get(order[0], 0.0)
         chosen, rows = [], 0
-        for client_jobs in sorted(by_client.values(), key=lambda g: min(j.last_stepped for j in g)):
-            taken = 0
-            for job in sorted(client_jobs, key=lambda j: j.last_stepped):  # its longest-waiting requests first
-                if taken and taken + job.rows > share or rows + job.rows > self.max_batch:
+        for client in order:
+            if client != order[0] and self.attained.get(client, 0.0) > least + self.max_batch:
+                break  # far ahead of the least-served client: it waits its turn
+            for job in sorted(by_client[client], key=lambda j: j.last_stepped):
+                if rows + job.rows > self.max_batch:
                     break
                 chosen.append(job)
-                taken += job.rows
                 rows += job.rows
         return chosen
+
+    def _account(self, chosen: list[Job], now: float) -> None:
+        """Each client's recent share of the model: rows stepped, decaying with a half-life of FAIR_HALF_LIFE s."""
+        decay = 0.5 ** ((now - self._accounted) / FAIR_HALF_LIFE)
+        self._accounted = now
+        for client in list(self.attained):
+            self.attained[client] *= decay
+            if self.attained[client] < 1e-3:
+                del self.attained[client]
+        for job in chosen:
+            self.attained[job.spec.client] = self.attained.get(job.spec.client, 0.0) + job.rows
 
     def _leave(self, job: Job) -> None:
         try:
@@ -323,6 +344,7 @@ class Engine:
         jobs = [j for j in jobs if j.result is None and not j.cancelled.is_set()]
         self.ticks += 1
         chosen = self._select(jobs)
+        self._account(chosen, time.perf_counter())
         for job in chosen:
             job.last_stepped = self.ticks
         stepped = self.run.step(only={job.group.id for job in chosen})  # one model call for the chosen requests
