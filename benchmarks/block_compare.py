@@ -91,7 +91,8 @@ class BlockSide:
 
 def settings(args) -> list[tuple[str, dict]]:
     """(name, sampler settings) of every block-model row."""
-    base = dict(sampling="topk", top_k=50, repetition_penalty=1.1, order_temperature=0.0)
+    # every setting explicit: the checkpoint's saved defaults (a threshold, say) must not leak into a row
+    base = dict(sampling="topk", top_k=50, repetition_penalty=1.1, order_temperature=0.0, confidence_threshold=None)
     n = args.new_tokens
     rows = []
     for t in args.block_temperatures:

@@ -143,6 +143,13 @@ def export_bundled(run_dir: str, name: str, dest: Path | None = None, max_mb: fl
     for f in RUN_FILES:
         if (run / f).exists():
             shutil.copy2(run / f, staging / f)
+    if adapter:  # peft records the base's local path; the diffusion config names the base for any machine
+        import json
+
+        settings = json.loads((staging / "adapter_config.json").read_text())
+        base = (DiffusionConfig.from_pretrained(staging).base_model or {}).get("name")
+        settings["base_model_name_or_path"] = base
+        (staging / "adapter_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     cards = (dest / "README.md", bundled_path(name) / "README.md")  # a built model's card: the shipped one wins
     for card in reversed(cards) if name in BUILT else cards:
         if card.exists():
