@@ -273,7 +273,8 @@ def test_adapter_save_and_load_give_the_same_logits(tmp_path):
         assert torch.allclose(before, again(input_ids=x_t, clean_ids=clean).logits, atol=1e-5)
 
 
-def test_left_to_right_with_a_threshold_commits_a_run_from_the_left():
+def left_to_right_step(logits: torch.Tensor) -> list[int]:
+    """One left-to-right step at threshold 0.5 (greedy) on ``[BOS, 7, mask x 4]``: the tokens after it."""
     from textdiffusion.core.sampler import DenoisingSampler, DenoisingState
 
     sampler = DenoisingSampler(SamplerConfig(strategy="left-to-right", confidence_threshold=0.5, sampling="greedy"),
@@ -282,26 +283,21 @@ def test_left_to_right_with_a_threshold_commits_a_run_from_the_left():
     editable = x == MASK
     sampler.set_timesteps(4, editable)
     state = DenoisingState(x=x, editable=editable, generators=[torch.Generator().manual_seed(0)])
+    return sampler.step(logits, state).x[0].tolist()
+
+
+def test_left_to_right_with_a_threshold_commits_a_run_from_the_left():
     logits = torch.full((1, 6, V), -20.0)
     for pos, (tok, sure) in enumerate([(10, True), (11, False), (12, True), (13, True)], start=2):
         if not sure:
             logits[0, pos] = 0.0  # a flat distribution with a small bump: p(11) about 0.03
         logits[0, pos, tok] = 20.0 if sure else 0.5
-    after = sampler.step(logits, state).x[0].tolist()
+    after = left_to_right_step(logits)
     assert after[2] == 10 and after[3] == MASK and after[4] == MASK and after[5] == MASK  # stops at the unsure one
 
 
 def test_the_left_to_right_run_stops_at_the_same_token_twice():
-    from textdiffusion.core.sampler import DenoisingSampler, DenoisingState
-
-    sampler = DenoisingSampler(SamplerConfig(strategy="left-to-right", confidence_threshold=0.5, sampling="greedy"),
-                               MASK)
-    x = torch.tensor([[BOS, 7] + [MASK] * 4])
-    editable = x == MASK
-    sampler.set_timesteps(4, editable)
-    state = DenoisingState(x=x, editable=editable, generators=[torch.Generator().manual_seed(0)])
     logits = torch.full((1, 6, V), -20.0)
     for pos, tok in enumerate([10, 10, 12, 13], start=2):  # every one sure, the second the same as the first
         logits[0, pos, tok] = 20.0
-    after = sampler.step(logits, state).x[0].tolist()
-    assert after[2:] == [10, MASK, MASK, MASK]
+    assert left_to_right_step(logits)[2:] == [10, MASK, MASK, MASK]

@@ -200,22 +200,33 @@ class DiffusionTrainer(_ProjectTrainer):
         loss = diffusion_loss(model, inputs, self.loss_weighting)
         return (loss, None) if return_outputs else loss
 
+    # what validation measures and how it is named; BlockDiffusionTrainer measures the block bound instead
+    level_heading = "validation loss at each mask level"
+    bound_kind = "nelbo"
+
+    def bound_name(self) -> str:
+        return "NELBO"
+
+    def measure(self, model, batch: int) -> tuple[list, object]:
+        """(per-level results, bound) of ``model`` on the validation blocks."""
+        cfg = self.level_eval
+        results = per_level_loss(model, cfg["blocks"], cfg["collator"], batch_size=batch)
+        return results, nelbo(model, cfg["blocks"], cfg["collator"], samples_per_block=2, batch_size=batch)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         cfg = self.level_eval
-        batch = self.args.per_device_eval_batch_size
-        model = self.evaluation_model()
-        results = per_level_loss(model, cfg["blocks"], cfg["collator"], batch_size=batch)
-        bound = nelbo(model, cfg["blocks"], cfg["collator"], samples_per_block=2, batch_size=batch)
+        results, bound = self.measure(self.evaluation_model(), self.args.per_device_eval_batch_size)
         metrics = {f"{metric_key_prefix}_loss": sum(r.loss for r in results) / len(results)}
         metrics.update({f"{metric_key_prefix}_loss@{r.mask_rate:.1f}": round(r.loss, 4) for r in results})
         if self.is_world_process_zero():
             out = Path(cfg["report_dir"])
             append_level_csv(out / LEVEL_CSV, self.state.global_step, results)
             plot_level_curves(out / LEVEL_CSV, out / LEVEL_PNG, cfg["references"], cfg.get("title", ""))
-            print(format_level_table(results, cfg["references"], f"\nvalidation loss at each mask level, step {self.state.global_step}:"), flush=True)
-            print(f"NELBO {bound.nats_per_token:.4f} ± {bound.stderr:.4f} nats/token (perplexity <= {bound.perplexity_bound:.1f})", flush=True)
+            print(format_level_table(results, cfg["references"], f"\n{self.level_heading}, step {self.state.global_step}:"), flush=True)
+            print(f"{self.bound_name()} {bound.nats_per_token:.4f} ± {bound.stderr:.4f} nats/token "
+                  f"(perplexity <= {bound.perplexity_bound:.1f})", flush=True)
         self.level_results[self.state.global_step] = results
-        return self._finish_evaluation(metrics, bound, "nelbo")
+        return self._finish_evaluation(metrics, bound, self.bound_kind)
 
 
 class CausalTrainer(_ProjectTrainer):
@@ -253,30 +264,22 @@ class BlockDiffusionTrainer(DiffusionTrainer):
         loss = block_loss(model, inputs, self.loss_weighting)
         return (loss, None) if return_outputs else loss
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+    level_heading = "validation loss at each mask level (every block)"
+    bound_kind = "block-nelbo"
+
+    def bound_name(self) -> str:
+        return f"block NELBO (blocks of {self.corruption.block_size})"
+
+    def measure(self, model, batch: int) -> tuple[list, object]:
         from textdiffusion.config import DEFAULT_MASK_PROBS
         from textdiffusion.models.block import block_level_loss, block_nelbo
 
-        cfg = self.level_eval
-        batch = self.args.per_device_eval_batch_size
-        model = self.evaluation_model()
-        was_training = model.training
+        blocks, was_training = self.level_eval["blocks"], model.training
         model.eval()
-        results = block_level_loss(model, cfg["blocks"], self.corruption, DEFAULT_MASK_PROBS, batch_size=batch)
-        bound = block_nelbo(model, cfg["blocks"], self.corruption, samples_per_block=2, batch_size=batch)
+        results = block_level_loss(model, blocks, self.corruption, DEFAULT_MASK_PROBS, batch_size=batch)
+        bound = block_nelbo(model, blocks, self.corruption, samples_per_block=2, batch_size=batch)
         model.train(was_training)
-        metrics = {f"{metric_key_prefix}_loss": sum(r.loss for r in results) / len(results)}
-        metrics.update({f"{metric_key_prefix}_loss@{r.mask_rate:.1f}": round(r.loss, 4) for r in results})
-        if self.is_world_process_zero():
-            out = Path(cfg["report_dir"])
-            append_level_csv(out / LEVEL_CSV, self.state.global_step, results)
-            plot_level_curves(out / LEVEL_CSV, out / LEVEL_PNG, cfg["references"], cfg.get("title", ""))
-            print(format_level_table(results, cfg["references"], "\nvalidation loss at each mask level (every block), "
-                                     f"step {self.state.global_step}:"), flush=True)
-            print(f"block NELBO (blocks of {self.corruption.block_size}) {bound.nats_per_token:.4f} ± "
-                  f"{bound.stderr:.4f} nats/token (perplexity <= {bound.perplexity_bound:.1f})", flush=True)
-        self.level_results[self.state.global_step] = results
-        return self._finish_evaluation(metrics, bound, "block-nelbo")
+        return results, bound
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """An adapter checkpoint (adapter_model.safetensors) loads into the adapters; anything else as Trainer does."""
