@@ -46,6 +46,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--samples", type=int, default=16, help="Samples per topic and method.")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--steps", type=int, default=None, help="Denoising steps (default: the checkpoint's).")
+    ap.add_argument("--full-length", action="store_true",
+                    help="Suppress end-of-text: every sample is --new-tokens long (a model whose texts are shorter "
+                         "than --new-tokens otherwise ends most samples early, and empty samples judge nothing).")
     ap.add_argument("--cfg-scales", type=float, nargs="*", default=[1.0, 2.0, 4.0])
     ap.add_argument("--classifier-scales", type=float, nargs="*", default=[1.0, 3.0, 10.0])
     ap.add_argument("--smc-scales", type=float, nargs="*", default=[1.0, 3.0])
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     editable = gen.build_batch([template])[1][0]  # [width] the row without a label: its generated positions
     width = len(editable)
     settings = {"steps": args.steps} if args.steps else {}
+    if args.full_length:
+        settings.update(suppress_tokens=[tok.sep_token or tok.eos_token], stop_at_eos=False)
     results, examples = [], {}
     for name, family, strength, extra in methods(args, bool(gen.config.labels), guide is not None):
         on_target, p_asked, ids_all, texts_all, nfe, cpu = [], [], [], [], 0, 0.0

@@ -226,7 +226,8 @@ def test_server_takes_a_label_and_refuses_an_unknown_one(generator, guide):
 # -- the benchmark ----------------------------------------------------------------------------------
 def test_guidance_benchmark_runs_and_judges_every_method(toy, tmp_path):
     """benchmarks/guidance.py end to end on the toy (an unlabelled model: no label/cfg rows), gen PPL skipped: the
-    judge's ceiling per topic, one row per method, the guided rows judged more on target than the unguided one."""
+    judge's ceiling per topic, one row per method, the guided rows judged more on target than the unguided one.
+    Full length: the toy's sentences are shorter than 12 tokens, and samples cut at end-of-text judge nothing."""
     import sys
     from pathlib import Path
 
@@ -236,7 +237,7 @@ def test_guidance_benchmark_runs_and_judges_every_method(toy, tmp_path):
     data, checkpoint, guide = toy
     out = tmp_path / "guidance"
     assert benchmark(["--checkpoint", checkpoint, "--guide", guide, "--dataset", str(data), "--samples", "12",
-                      "--new-tokens", "12", "--steps", "12", "--classifier-scales", "4", "--smc-scales", "4",
+                      "--new-tokens", "12", "--steps", "12", "--full-length", "--classifier-scales", "4", "--smc-scales", "4",
                       "--particles", "4", "--judge-steps", "150", "--scorer", "none", "--out", str(out)]) == 0
     summary = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in summary["results"]] == ["unguided (no label)", "classifier s=4", "smc 4 particles s=4"]
