@@ -48,7 +48,7 @@ from textdiffusion.core.data import load_corpus
 from textdiffusion.core.metrics import distinct_n, doubled_rate
 from textdiffusion.models.adapt import load_causal_for_adaptation
 from textdiffusion.models.autoregressive import CausalGenerator
-from textdiffusion.models.quality import Scorer, prompts_from_documents
+from textdiffusion.models.quality import Scorer, prompts_from_documents, tokens_per_call
 from textdiffusion.pipelines.generation import DiffusionGenerator
 
 
@@ -71,22 +71,7 @@ class BlockSide:
 
     def run(self, prompts: list[str], seed: int, **sampler) -> tuple[list[list[int]], float]:
         """(new token ids per prompt, tokens per call averaged over rows)."""
-        templates = [f"{p}<mask:{self.new_tokens}>" for p in prompts]
-        mask = self.g.mask_id
-        calls = torch.zeros(len(prompts))
-        before = {}
-
-        def count(nfe, state):  # a row took part in a call if it still had masks before it
-            prev = before.get("x")
-            had = (prev == mask).any(1) if prev is not None else torch.ones(len(prompts), dtype=torch.bool)
-            calls.add_(had.float())
-            before["x"] = state.x.clone()
-
-        out = self.g.generate(templates=templates, seed=seed, stop_at_eos=False, suppress_tokens=[self.g.sep_id],
-                              on_step=count, **sampler)
-        _, editable, _ = self.g.build_batch(templates)
-        new_ids = [row[ed].tolist() for row, ed in zip(out.token_ids, editable)]
-        return new_ids, float((self.new_tokens / calls).mean())
+        return tokens_per_call(self.g, prompts, self.new_tokens, seed, **sampler)
 
 
 def settings(args) -> list[tuple[str, dict]]:

@@ -205,8 +205,7 @@ class DiffusionConfig:
         elif isinstance(self.generation, dict):
             self.generation = SamplerConfig(**self.generation)
         self.corruption.check_block(self.max_length)
-        check(self.block_size is None or (self.adapted_from_causal and self.block_size >= 1), "block_size",
-              self.block_size, "needs adapted_from_causal and must be >= 1")
+        check(self.block_size is None or self.block_size >= 1, "block_size", self.block_size, "must be >= 1")
         if self.labels is not None:
             self.labels = [str(c) for c in self.labels]
             check(len(set(self.labels)) >= 2, "labels", self.labels, "must hold at least two distinct classes")

@@ -8,6 +8,7 @@
     textdiffusion experiment levels      --run-dir runs/wiki-small  # every mask level over training
     textdiffusion experiment classify    --output-dir benchmarks/results/classify   # generative vs discriminative classifiers
     textdiffusion experiment repeated-data --output-dir benchmarks/results/repeated_data  # diffusion vs AR, many epochs
+    textdiffusion experiment block-sizes --workers 2   # block diffusion from wiki-small: likelihood and speed vs B
 
 Each writes ``results.md`` (a Markdown table), ``results.json`` and a PNG into ``--output-dir``
 (default ``results/experiments/NAME``). The folder is built beside its final place and moved there
@@ -61,9 +62,12 @@ EXPERIMENTS = {
                 "scratch or fine-tuned from wiki-small / wiki-small-ar)",
     "repeated-data": "diffusion vs the same-size AR model on U unique tokens seen for many epochs: validation curves, "
                      "each side's best on a test split, who wins at each budget (trains its own models; resumable)",
+    "block-sizes": "block diffusion fine-tuned from wiki-small at each block size: the exact block bound against "
+                   "MDLM's and the AR's on the same test tokens, and gen PPL against tokens per call and tokens/s "
+                   "(trains its own models; resumable)",
 }
 # experiments whose staging folder survives a failure and is resumed by the same command (hours of training)
-RESUMABLE = {"repeated-data"}
+RESUMABLE = {"repeated-data", "block-sizes"}
 
 
 @dataclass
@@ -147,6 +151,22 @@ class ExperimentArgs:
         "help": "repeated-data: runs trained at once, one process and one core each (runs are independent)."})
     validation_blocks: int = field(default=64, metadata={"help": "repeated-data: validation blocks (model selection)."})
     vocab_size: int = field(default=1024, metadata={"help": "repeated-data: the tokenizer's vocabulary (trained once)."})
+    # `block-sizes` (block_sizes.py): --checkpoint (the start and the MDLM row), --ar-checkpoint (default
+    # wiki-small-ar), --workers, --nelbo-samples, the prompt settings and --scorer are shared
+    block_sizes: list[int] = field(default_factory=lambda: [4, 16], metadata={
+        "help": "block-sizes: the block sizes trained (each must divide the recipe's max_length)."})
+    recipe: str = field(default="recipes/wiki-small-bd.yaml", metadata={
+        "help": "block-sizes: the `train --config` recipe of every block size."})
+    runs_dir: str = field(default="runs/block-sizes", metadata={
+        "help": "block-sizes: where the runs live (bB per block size; a finished run is reused, an unfinished resumed)."})
+    block_train_args: list[str] = field(default_factory=list, metadata={
+        "help": "block-sizes: extra `train` flags for every run, e.g. --block-train-args=--max-steps=4 for a smoke run."})
+    test_blocks: int = field(default=256, metadata={
+        "help": "block-sizes: validation blocks scored after those that chose the checkpoints (the recipe's eval_blocks)."})
+    thresholds: list[float] = field(default_factory=lambda: [0.9, 0.7, 0.5], metadata={
+        "help": "block-sizes: confidence thresholds of the block models' frontier rows."})
+    speed_batches: list[int] = field(default_factory=lambda: [1, 16], metadata={
+        "help": "block-sizes: the batch sizes tokens/s is measured at."})
     quick: bool = field(default=False, metadata={
         "help": "repeated-data: a seconds-long run of the whole pipeline (micro preset, one small budget, a few epochs)."})
 
@@ -455,9 +475,15 @@ def run_repeated_data(args, out):
     return run_it(args, out)
 
 
+def run_block_sizes(args, out):
+    from textdiffusion.experiments.block_sizes import run_block_sizes as run_it
+
+    return run_it(args, out)
+
+
 RUNNERS = {"masking-viz": run_masking_viz, "schedules": run_schedules, "sampling": run_sampling,
            "temperature": run_temperature, "steps": run_steps, "levels": run_levels, "classify": run_classify,
-           "repeated-data": run_repeated_data}
+           "repeated-data": run_repeated_data, "block-sizes": run_block_sizes}
 
 
 def run_experiment(name: str, args: ExperimentArgs) -> Path:

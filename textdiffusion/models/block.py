@@ -190,12 +190,73 @@ class BlockDiffusionLM(MaskedDiffusionLM):
         return type(self)(self.model, self.block_size)
 
 
+class EncoderBlockDiffusionLM(MaskedDiffusionLM):
+    """A masked LM (a ModernBERT preset, ``wiki-small``) as a block-diffusion denoiser, BD3-LM's own setting.
+
+    One forward over ``[x_t ; x_0]`` (length 2l): both halves take positions 0…l−1; a noisy query of block k
+    sees the noisy keys of block k and the clean keys of blocks < k, a clean query the clean keys of blocks
+    <= k (:func:`encoder_block_mask`). The sliding-window layers also require |position(q) − position(k)| <=
+    window, from those positions: a window made from indices into the doubled sequence would be wrong. No
+    shifted logits: a masked position is read at itself, as the masked LM was trained. Decoding:
+    ``kvcache.DenoisingKVCache`` in ``block`` mode, the same masks over a cache of finished blocks.
+    """
+
+    shifted_logits = False
+    block_causal = True
+    gate = None
+
+    def __init__(self, model, block_size: int):
+        super().__init__(model)
+        self.block_size = block_size
+        if model.config.model_type != "modernbert":
+            raise UsageError(f"--block-size on a masked LM needs a ModernBERT (the presets, wiki-small); "
+                             f"{model.config.model_type!r} is not supported.", field="block_size", value=block_size)
+
+    def block_hidden(self, input_ids: torch.Tensor, clean_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, l, d] the final hidden states of the noisy copy ``x_t``."""
+        n, l = input_ids.shape
+        copies = n // clean_ids.shape[0]
+        clean = clean_ids.repeat_interleave(copies, dim=0)
+        valid = (attention_mask.bool() if attention_mask is not None
+                 else torch.ones(clean_ids.shape, dtype=torch.bool, device=input_ids.device))
+        valid = valid.repeat_interleave(copies, dim=0)
+        positions = torch.arange(l, device=input_ids.device).repeat(2)  # [2l]: both copies at 0…l-1
+        full = encoder_block_mask(l, self.block_size, valid)  # [n, 1, 2l, 2l]
+        window = self.model.config.sliding_window
+        near = (positions[:, None] - positions[None, :]).abs() <= window
+        masks = {"full_attention": full, "sliding_attention": full & near}
+        hidden = self.model.base_model(input_ids=torch.cat([input_ids, clean], 1), attention_mask=masks,
+                                       position_ids=positions.expand(n, 2 * l)).last_hidden_state
+        return hidden[:, :l]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                masked_positions: torch.Tensor | None = None, clean_ids: torch.Tensor | None = None, **kwargs):
+        return BlockDiffusionLM.forward(self, input_ids, attention_mask, masked_positions, clean_ids, **kwargs)
+
+    def fresh(self) -> "EncoderBlockDiffusionLM":
+        return type(self)(self.model, self.block_size)
+
+
+def encoder_block_mask(length: int, block_size: int, key_valid: torch.Tensor) -> torch.Tensor:
+    """[b, 1, 2l, 2l] bool (query, key) over ``[x_t ; x_0]``: a noisy query of block k sees the noisy keys of
+    block k and the clean keys of blocks < k; a clean query sees the clean keys of blocks <= k. ``key_valid``
+    [b, l] removes padding keys of both copies; every query sees itself (no empty row)."""
+    block = block_index(length, block_size, key_valid.device)
+    same = block[None, :] == block[:, None]
+    before = block[None, :] < block[:, None]
+    noisy_rows = torch.cat([same, before], 1)  # [l, 2l]
+    clean_rows = torch.cat([torch.zeros_like(same), same | before], 1)
+    allowed = torch.cat([noisy_rows, clean_rows], 0)[None] & key_valid.repeat(1, 2)[:, None, :]  # [b, 2l, 2l]
+    return (allowed | torch.eye(2 * length, dtype=torch.bool, device=key_valid.device)[None])[:, None]
+
+
 # -- corruption --------------------------------------------------------------------------------------
 @dataclass
 class BlockCorruption:
     """Training batches of block diffusion: every block of every row gets its own mask level t ~ U[t_min, 1]
-    (the batch's levels stratified over [t_min, 1], MDLM's low-variance draw); block 0 stays clean (the
-    position the first prediction is read from). With ``complementary`` each row appears twice, the second
+    (the batch's levels stratified over [t_min, 1], MDLM's low-variance draw); the clean prefix stays clean
+    (a causal LM's first block, where its first prediction is read from; an encoder's prompt prefix). With ``complementary`` each row appears twice, the second
     copy masking exactly the maskable tokens the first leaves (Fast-dLLM v2): every token is a target once.
 
     Returns ``input_ids`` (x_t), ``clean_ids`` (x_0), ``labels`` (-100 where not masked), ``attention_mask``
@@ -211,6 +272,7 @@ class BlockCorruption:
     t_min: float = 0.05
     seed: int = 0
     batch_offset: int = 0
+    clean_prefix: int | None = None  # leading positions never masked; None: the first block (shifted logits)
 
     def __post_init__(self):
         self._calls = 0
@@ -220,10 +282,24 @@ class BlockCorruption:
     def reseed(self, seed: int, batch_offset: int = 0) -> None:
         self.seed, self.batch_offset, self._calls = seed, batch_offset, 0
 
+    @property
+    def prefix(self) -> int:
+        """Leading positions given, never masked: the first block of a causal LM (its first prediction is read
+        from the state before it), the collator's prompt prefix of an encoder (so the bound scores the tokens
+        the MDLM bound and the AR's NLL score)."""
+        return self.block_size if self.clean_prefix is None else self.clean_prefix
+
     def maskable(self, clean: torch.Tensor) -> torch.Tensor:
-        """[b, l] bool: not block 0, not padding, not a protected special token."""
-        keep = torch.isin(clean, self._protected) | (clean == self.pad_token_id)
-        return ~keep & (torch.arange(clean.shape[1]) >= self.block_size)[None, :]
+        """[b, l] bool: not in the clean prefix, not padding, not a protected special token."""
+        keep = torch.isin(clean, self._protected.to(clean.device)) | (clean == self.pad_token_id)
+        return ~keep & (torch.arange(clean.shape[1], device=clean.device) >= self.prefix)[None, :]
+
+    def like(self, **changes) -> "BlockCorruption":
+        """The same corruption with some fields changed (evaluation's single and paired draws)."""
+        fields = dict(mask_token_id=self.mask_token_id, pad_token_id=self.pad_token_id, block_size=self.block_size,
+                      protected_token_ids=self.protected_token_ids, complementary=self.complementary,
+                      t_min=self.t_min, clean_prefix=self.clean_prefix)
+        return BlockCorruption(**{**fields, **changes})
 
     def levels(self, rows: int, blocks: int, g: torch.Generator) -> torch.Tensor:
         """[rows, blocks] mask levels, stratified over the batch."""
@@ -289,12 +365,11 @@ def _batches(blocks: torch.Tensor, batch_size: int):
 @torch.no_grad()
 def block_level_loss(model, blocks: torch.Tensor, corruption: BlockCorruption, levels, batch_size: int = 16,
                      seed: int = 1234) -> list:
-    """Masked cross-entropy and accuracy with every block (but block 0) masked at each level in ``levels``."""
+    """Masked cross-entropy and accuracy with every block (but the clean prefix) masked at each level in ``levels``."""
     from textdiffusion.core.evaluation import LevelResult
 
     device = next(model.parameters()).device
-    single = BlockCorruption(corruption.mask_token_id, corruption.pad_token_id, corruption.block_size,
-                             corruption.protected_token_ids, complementary=False)
+    single = corruption.like(complementary=False)
     results = []
     for level in levels:
         g = torch.Generator().manual_seed(seed)
@@ -320,14 +395,13 @@ def block_level_loss(model, blocks: torch.Tensor, corruption: BlockCorruption, l
 def block_nelbo(model, blocks: torch.Tensor, corruption: BlockCorruption, samples_per_block: int = 2,
                 batch_size: int = 16, seed: int = 1234):
     """The block NELBO per token (BD3-LM, eq. 8): for each block, E_t[1/t * masked cross-entropy] given the
-    clean blocks before it, summed over blocks and divided by the scored tokens (every token after block 0
-    that is not padding or special). Monte Carlo over t: each draw is a pair of complementary masks (levels t
+    clean blocks before it, summed over blocks and divided by the scored tokens (every token after the clean
+    prefix that is not padding or special). Monte Carlo over t: each draw is a pair of complementary masks (levels t
     and 1-t, antithetic), ``samples_per_block`` draws per row. Returns a ``BoundResult``."""
     from textdiffusion.core.evaluation import BoundResult, weighted_mean
 
     device = next(model.parameters()).device
-    pair = BlockCorruption(corruption.mask_token_id, corruption.pad_token_id, corruption.block_size,
-                           corruption.protected_token_ids, complementary=True, t_min=1e-3)
+    pair = corruption.like(complementary=True, t_min=1e-3)
     g = torch.Generator().manual_seed(seed)
     per_row, scored = [], []
     for clean in _batches(blocks, batch_size):

@@ -10,7 +10,12 @@ the saved format) and keeps each layer's keys and values:
   positions before the block contribute their cached keys/values;
 * ``dual``: the positions after the block are frozen too; a step computes only the block's positions.
 
-Within a block this is an approximation (the cached positions would attend to the block's new tokens),
+* ``block``: for a block-diffusion encoder (``models/block.EncoderBlockDiffusionLM``), exact. Attention is
+  block-causal (a position sees the blocks up to its own, the current block sees everything before it and
+  itself), so a finished block's keys/values never change: each call computes only the block just finished
+  (once, clean, appended for good) and the current block, against the cache.
+
+Within a block the prefix and dual modes are an approximation (the cached positions would attend to the block's new tokens),
 whose quality cost ``benchmarks/generation_speed.py`` measures; with ``refresh="step"`` every step is a
 full forward and the result equals the uncached model. Rows of a batch move through their blocks at
 their own pace: each call runs the rows that start a block as one full sub-batch and the rest as one
@@ -40,7 +45,7 @@ import torch.nn.functional as F
 from textdiffusion.core.architectures import architecture, masked_lm_head
 from textdiffusion.core.denoiser import TrainedModule
 
-CACHE_MODES = ("none", "prefix", "dual")
+CACHE_MODES = ("none", "prefix", "dual")  # and "block", chosen by a block-diffusion model itself (not a flag)
 # what `generate --cache` accepts: "auto" is dual wherever it applies (blocks, a supported architecture; every
 # guidance method included) and none elsewhere, silently; benchmarks/generation_speed.py is why dual is the choice
 CACHE_CHOICES = ("auto",) + CACHE_MODES
@@ -79,15 +84,17 @@ def cache_support(model) -> str | None:
 class DenoisingKVCache:
     """Per-layer keys/values of a batch, and the forward passes that fill and reuse them."""
 
-    def __init__(self, model, mode: str = "prefix", refresh: str = "block"):
-        if mode not in CACHE_MODES[1:]:
+    def __init__(self, model, mode: str = "prefix", refresh: str = "block", block_size: int | None = None):
+        if mode == "block" and not block_size:
+            raise ValueError("the block cache needs the model's block_size.")
+        if mode not in CACHE_MODES[1:] + ("block",):
             raise ValueError(f"`cache` must be one of {CACHE_MODES[1:]} here, got {mode!r}.")
         if refresh not in REFRESH:
             raise ValueError(f"`cache_refresh` must be one of {REFRESH}, got {refresh!r}.")
         reason = cache_support(model)
         if reason:
             raise ValueError(reason)
-        self.mode, self.refresh = mode, refresh
+        self.mode, self.refresh, self.block_size = mode, refresh, block_size
         self.model, self.shifted = _unwrap(model)  # shifted: the logit at i is read from the state at i - 1
         self.kind = self.model.config.model_type
         self.family = architecture(self.model).kv_cache  # "modernbert" | "post-ln" | "llama"
@@ -96,6 +103,7 @@ class DenoisingKVCache:
         self.keys: list[torch.Tensor] = []  # per layer [b, h, l, d] (h: the key/value heads)
         self.values: list[torch.Tensor] = []
         self.block_start: torch.Tensor | None = None  # [b] first position of the block each row's cache is for
+        self.cached_upto: torch.Tensor | None = None  # block mode: [b] positions before it are exact and final
         self.full_rows = self.partial_rows = 0  # rows run through each path (a cost counter for tests)
 
     @property
@@ -116,6 +124,8 @@ class DenoisingKVCache:
         start = torch.where(region, arange, l).min(1).values  # [b] first position of the current block
         end = torch.where(region, arange + 1, 0).max(1).values  # [b] one past its last position
         active = positions.any(1)  # [b]
+        if self.mode == "block":
+            return self._block_logits(x, attention, positions, start, end, active)
         fresh = active & ((start != self.block_start) | (self.refresh == "step"))  # [b] rows starting a block
         reuse = active & ~fresh
         hidden = torch.empty(b, l, self.base.config.hidden_size, device=x.device, dtype=self.keys[0].dtype)
@@ -140,6 +150,21 @@ class DenoisingKVCache:
         row, col = positions.nonzero(as_tuple=True)  # [n] each, row-major like hidden[positions]
         return self.head(self._final_norm(hidden[row, (col - 1).clamp_min(0)]))  # [n, V]: position i reads i - 1
 
+    def _block_logits(self, x, attention, positions, start, end, active) -> torch.Tensor:
+        """Block mode: each active row's queries are its positions not yet final (the block just finished, or the
+        prompt at a row's first call) and its current block; afterwards everything before the block is final."""
+        hidden = torch.zeros(*x.shape, self.base.config.hidden_size, device=x.device, dtype=self.keys[0].dtype)
+        rows = active.nonzero().squeeze(1)
+        if len(rows):
+            first, last = self.cached_upto[rows], end[rows]
+            qpos = first[:, None] + torch.arange(int((last - first).max()), device=x.device)  # [r, q]
+            valid = qpos < last[:, None]
+            self._forward(x, attention.bool(), rows, qpos.clamp_max(x.shape[1] - 1), valid, hidden,
+                          block=(start[rows], last))
+            self.cached_upto[rows] = start[rows]
+            self.partial_rows += len(rows)
+        return self.head(self._final_norm(hidden[positions]))  # [n, V]
+
     # -- rows that join and leave (the server's batch, driven by pipelines.denoising.DenoisingRun) ---------------
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Keep only the rows ``keep`` ([r] long, in their new order): a request that leaves takes its rows'
@@ -149,6 +174,7 @@ class DenoisingKVCache:
         self.keys = [k.index_select(0, keep) for k in self.keys]
         self.values = [v.index_select(0, keep) for v in self.values]
         self.block_start = self.block_start.index_select(0, keep)
+        self.cached_upto = self.cached_upto.index_select(0, keep)
 
     def add_rows(self, n: int, length: int, device) -> None:
         """Make room for ``n`` new rows at the end (a request that joins) and widen every row to ``length``
@@ -164,6 +190,7 @@ class DenoisingKVCache:
         self.keys = [widen(k) for k in self.keys]
         self.values = [widen(v) for v in self.values]
         self.block_start = torch.cat([self.block_start, self.block_start.new_full((n,), -1)])
+        self.cached_upto = torch.cat([self.cached_upto, self.cached_upto.new_zeros(n)])
         if grow:
             self._tables = self._position_tables(l + grow, device, self.keys[0].dtype)
 
@@ -178,12 +205,14 @@ class DenoisingKVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
         self.block_start = torch.full((b,), -1, dtype=torch.long, device=device)
+        self.cached_upto = torch.zeros(b, dtype=torch.long, device=device)
         self._tables = self._position_tables(l, device, dtype)
 
     # -- the layer-by-layer forward ----------------------------------------------------------------
-    def _forward(self, x, key_ok, rows, qpos, valid, hidden) -> None:
+    def _forward(self, x, key_ok, rows, qpos, valid, hidden, block=None) -> None:
         """Hidden states of ``rows`` at query slots ``qpos`` [r, q] (``valid`` [r, q] marks real slots) into
-        ``hidden`` [b, l, d]; the slots' keys/values are written to the cache, the others are read from it."""
+        ``hidden`` [b, l, d]; the slots' keys/values are written to the cache, the others are read from it.
+        ``block``: (start, end) [r] each of the rows' current blocks, for block-causal attention."""
         l = x.shape[1]
         r = rows[:, None].expand_as(qpos)  # [r, q] batch row of each slot
         if self.kind == "modernbert":  # token embeddings only (positions are rotary): just the query slots
@@ -198,7 +227,7 @@ class DenoisingKVCache:
         same = bool(valid.all()) and bool((qpos[:, 0] == qpos[0, 0]).all())
         write = (slice(int(qpos[0, 0]), int(qpos[0, 0]) + qpos.shape[1]) if same
                  else (r[valid], qpos[valid]))
-        masks = self._masks(key_ok[rows], qpos, valid, l)
+        masks = self._masks(key_ok[rows], qpos, valid, l, block)
         masks["qpos"] = qpos  # the rotary tables are gathered at these once per call (_rotary)
         for i, layer in enumerate(self._layers()):
             h = self._layer(i, layer, h, rows, write, valid, masks)
@@ -207,11 +236,19 @@ class DenoisingKVCache:
         else:
             hidden[r[valid], qpos[valid]] = h[valid]
 
-    def _masks(self, key_ok, qpos, valid, l) -> dict:
+    def _masks(self, key_ok, qpos, valid, l, block=None) -> dict:
         """Attention masks [r, 1, q, l] (True: attend) shared by every layer: "full" (padding only; None when
-        there is none), "local" (ModernBERT's window |query - key| <= window // 2), "bias" (MPNet, additive)."""
+        there is none), "local" (ModernBERT's window |query - key| <= window // 2), "bias" (MPNet, additive).
+        With ``block`` (start, end) attention is block-causal: a query in the current block sees every key before
+        the block's end; a query before it the keys of the trained blocks up to its own, before the block."""
         keys = torch.arange(l, device=qpos.device)
-        ok = key_ok[:, None, :] | (qpos[:, :, None] == keys)  # [r, q, l]: a query always sees itself
+        ok = key_ok[:, None, :]
+        if block is not None:
+            start, end = block[0][:, None, None], block[1][:, None, None]  # [r, 1, 1]
+            q = qpos[:, :, None]
+            ok = ok & torch.where(q >= start, keys < end,
+                                  (keys < start) & (keys // self.block_size <= q // self.block_size))
+        ok = ok | (qpos[:, :, None] == keys)  # [r, q, l]: a query always sees itself
         ok |= ~valid[:, :, None]  # padding slots see everything: no empty softmax
         masks = {"full": None if bool(ok.all()) else ok[:, None]}
         if self.kind == "modernbert":

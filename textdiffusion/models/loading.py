@@ -137,9 +137,10 @@ def denoiser_for(model: nn.Module, config=None) -> MaskedDiffusionLM:
     """The denoiser a checkpoint was trained as: a causal LM adapted with --adapt-from-causal (its
     DiffusionConfig says so) gets shifted logits and full attention, anything else the masked-LM wrapper."""
     if config is not None and getattr(config, "block_size", None):
-        from textdiffusion.models.block import BlockDiffusionLM
+        from textdiffusion.models.block import BlockDiffusionLM, EncoderBlockDiffusionLM
 
-        return BlockDiffusionLM(model, config.block_size)
+        causal = getattr(config, "adapted_from_causal", False)
+        return (BlockDiffusionLM if causal else EncoderBlockDiffusionLM)(model, config.block_size)
     if config is not None and getattr(config, "adapted_from_causal", False):
         from textdiffusion.models.adapt import CausalDiffusionLM
 
@@ -150,7 +151,7 @@ def denoiser_for(model: nn.Module, config=None) -> MaskedDiffusionLM:
 def load_diffusion_model(name_or_path: str, config=None, dtype: torch.dtype | None = None, flag: str = "--checkpoint"):
     """(tokenizer, model) of a diffusion checkpoint: the causal LM of an adapted one (``config`` is its
     DiffusionConfig), else a masked LM. Wrap the model with ``denoiser_for(model, config)``."""
-    if config is not None and getattr(config, "block_size", None):
+    if config is not None and getattr(config, "block_size", None) and getattr(config, "adapted_from_causal", False):
         from textdiffusion.models.adapt import load_block_model
 
         return load_block_model(name_or_path, config, dtype=dtype, flag=flag)

@@ -88,6 +88,29 @@ def diffusion_continuations(generator, prompts: PromptSet, new_tokens: int, seed
     return Continuations(out.texts, new_ids, out.nfe)
 
 
+def tokens_per_call(generator, prompts: Sequence[str], new_tokens: int, seed: int = 0,
+                    **sampler) -> tuple[list[list[int]], float]:
+    """(new token ids per prompt, tokens per model call averaged over rows): fixed-length continuations, as
+    ``diffusion_continuations``, counting the calls each row took part in (a row whose text is finished
+    costs nothing in a call, so the slowest row's count would understate the others)."""
+    templates = [f"{p}<mask:{new_tokens}>" for p in prompts]
+    mask = generator.mask_id
+    calls = torch.zeros(len(prompts))
+    before = {}
+
+    def count(nfe, state):  # a row took part in a call if it still had masks before it
+        prev = before.get("x")
+        had = (prev == mask).any(1) if prev is not None else torch.ones(len(prompts), dtype=torch.bool)
+        calls.add_(had.float())
+        before["x"] = state.x.clone()
+
+    out = generator.generate(templates=templates, seed=seed, stop_at_eos=False, suppress_tokens=[generator.sep_id],
+                             on_step=count, **sampler)
+    _, editable, _ = generator.build_batch(templates)
+    new_ids = [row[ed].tolist() for row, ed in zip(out.token_ids, editable)]
+    return new_ids, float((new_tokens / calls).mean())
+
+
 def causal_continuations(generator, prompts: PromptSet, new_tokens: int, seed: int = 0, **sampling) -> Continuations:
     """The AR baseline: one KV-cached call per new token."""
     new_ids = generator.generate_ids(prompts.prompts, new_tokens, seed=seed, min_new_tokens=new_tokens, **sampling)

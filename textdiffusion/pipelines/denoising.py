@@ -232,8 +232,10 @@ class DenoisingRun:
     def join(self, group: DenoisingGroup) -> DenoisingGroup:
         """Put a group into the run; from the next ``step`` on it shares the model calls."""
         if group.cached:
-            if self.kv is None and self.block_size:
+            if self.kv is None and self.block_size and self.g.denoiser.shifted_logits:  # a causal LM's blocks
                 self.kv = BlockKVCache(self.g.denoiser, self.g.pad_id, self.g.mask_id)
+            elif self.kv is None and self.block_size:  # an encoder's blocks (models/block.EncoderBlockDiffusionLM)
+                self.kv = DenoisingKVCache(self.g.denoiser, "block", block_size=self.block_size)
             elif self.kv is None:
                 mode = "dual" if self.cache == "auto" else self.cache
                 self.kv = DenoisingKVCache(self.g.denoiser, mode, self.cache_refresh)

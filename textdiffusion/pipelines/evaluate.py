@@ -174,8 +174,12 @@ def run_block_eval(args: EvalArgs, tokenizer, model, config, max_length: int, bl
     from textdiffusion.models.block import BlockCorruption, block_level_loss, block_nelbo
 
     B = config.block_size
-    corruption = BlockCorruption(tokenizer.mask_token_id, tokenizer.pad_token_id, B,
-                                 tuple(i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id))
+    if config.adapted_from_causal:  # the first block is given; end-of-text (the documents' separator) is scored
+        corruption = BlockCorruption(tokenizer.mask_token_id, tokenizer.pad_token_id, B,
+                                     tuple(i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id))
+    else:  # an encoder: the tokens the MDLM bound and the AR's NLL score (after the prompt prefix, no special)
+        corruption = BlockCorruption(tokenizer.mask_token_id, tokenizer.pad_token_id, B,
+                                     tuple(tokenizer.all_special_ids), clean_prefix=config.prefix_length)
     levels = block_level_loss(model, blocks, corruption, DEFAULT_MASK_PROBS, batch_size=args.batch_size)
     bound = block_nelbo(model, blocks, corruption, samples_per_block=args.samples_per_block, batch_size=args.batch_size)
     words, nbytes = text_units(tokenizer, blocks, corruption.maskable(blocks))
@@ -185,7 +189,7 @@ def run_block_eval(args: EvalArgs, tokenizer, model, config, max_length: int, bl
                                f"validation loss with every block at each mask level ({len(blocks)} blocks of "
                                f"{max_length} tokens, blocks of {B}):")
     report = "\n".join([table, "", f"block NELBO (an upper bound on NLL; blocks of {B}, each given the clean blocks "
-                        f"before it; the first block is given, not scored):",
+                        f"before it; the first {corruption.prefix} tokens are given, not scored):",
                         f"  {bound.nats_per_token:.4f} ± {bound.stderr:.4f} nats/token, {bound.bits_per_token:.4f} "
                         f"bits/token, perplexity <= {bound.perplexity_bound:.2f}  ({bound.tokens:,} tokens)",
                         f"  {format_units(units)}"])

@@ -127,13 +127,13 @@ def _prepare_block(tokenizer, model, block_size, lora_r):
     return BlockDiffusionLM(model, block_size)
 
 
-def _block_trainer(tokenizer, collator, loss_weighting, *, block_size, complementary, **kwargs):
+def _block_trainer(tokenizer, collator, loss_weighting, *, block_size, complementary, clean_prefix=None, **kwargs):
     from textdiffusion.models.block import BlockCorruption
     from textdiffusion.pipelines.trainers import BlockDiffusionTrainer
 
     corruption = BlockCorruption(collator.mask_token_id, collator.pad_token_id, block_size,
                                  tuple(int(i) for i in collator._protected), complementary=complementary,
-                                 seed=collator.seed)
+                                 seed=collator.seed, clean_prefix=clean_prefix)
     return BlockDiffusionTrainer(data_collator=corruption, corruption=corruption, loss_weighting=loss_weighting,
                                  **kwargs)
 
@@ -160,3 +160,21 @@ OBJECTIVES: dict[str, Objective] = {
 def objective_of_checkpoint(path: str) -> Objective:
     """The objective a checkpoint directory was trained with (see ``checkpoint_objective``)."""
     return OBJECTIVES[checkpoint_objective(path)]
+
+
+# -- block diffusion of a masked LM (train --block-size B, from a preset or wiki-small) -------------------
+def _prepare_encoder_block(tokenizer, model, block_size):
+    from textdiffusion.models.block import EncoderBlockDiffusionLM
+
+    return EncoderBlockDiffusionLM(model, block_size)
+
+
+def encoder_block_objective(block_size: int, complementary: bool, prefix_length: int) -> Objective:
+    """Block diffusion (BD3-LM) of a masked LM — a preset from scratch, or a masked diffusion model such as
+    ``wiki-small`` fine-tuned into blocks as BD3-LM starts from MDLM; the collator's prompt prefix stays given."""
+    diffusion = OBJECTIVES["diffusion"]
+    return Objective("diffusion", f"masked diffusion in blocks of {block_size} (BD3-LM)", "block NELBO",
+                     diffusion.outputs, _build_masked, _load_masked,
+                     partial(_prepare_encoder_block, block_size=block_size),
+                     partial(_block_trainer, block_size=block_size, complementary=complementary,
+                             clean_prefix=prefix_length))

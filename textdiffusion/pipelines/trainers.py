@@ -275,9 +275,13 @@ class BlockDiffusionTrainer(DiffusionTrainer):
         from textdiffusion.models.block import block_level_loss, block_nelbo
 
         blocks, was_training = self.level_eval["blocks"], model.training
+        corruption = self.corruption
+        if corruption.clean_prefix is not None:  # an encoder: score the tokens the MDLM bound scores (no end-of-text)
+            protected = tuple(int(i) for i in self.level_eval["collator"]._protected)
+            corruption = corruption.like(protected_token_ids=protected)
         model.eval()
-        results = block_level_loss(model, blocks, self.corruption, DEFAULT_MASK_PROBS, batch_size=batch)
-        bound = block_nelbo(model, blocks, self.corruption, samples_per_block=2, batch_size=batch)
+        results = block_level_loss(model, blocks, corruption, DEFAULT_MASK_PROBS, batch_size=batch)
+        bound = block_nelbo(model, blocks, corruption, samples_per_block=2, batch_size=batch)
         model.train(was_training)
         return results, bound
 

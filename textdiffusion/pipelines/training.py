@@ -48,7 +48,7 @@ from textdiffusion.models.checkpoints import (
 )
 from textdiffusion.models.heads import build_head, supports_head_building, warm_up_head
 from textdiffusion.models.presets import PRESETS, preset_tokenizer
-from textdiffusion.pipelines.objectives import OBJECTIVES, adapted_objective, block_objective
+from textdiffusion.pipelines.objectives import OBJECTIVES, adapted_objective, block_objective, encoder_block_objective
 from textdiffusion.pipelines.trainers import CURVE_CSV, LEVEL_CSV, training_arguments
 from textdiffusion.pipelines.training_args import RUN_ARGS_NAME, RUN_IDENTITY, TrainArgs
 
@@ -256,8 +256,10 @@ def run_training(args: TrainArgs) -> Path:
         torch.distributed.barrier()
     set_seed(args.seed)
 
-    if args.block_size:
+    if args.block_size and args.adapt_from_causal:
         objective = block_objective(args.block_size, args.lora_r, args.complementary_masks)
+    elif args.block_size:
+        objective = encoder_block_objective(args.block_size, args.complementary_masks, args.prefix_length)
     elif args.adapt_from_causal:
         objective = adapted_objective(args.attention_anneal_steps)
     else:

@@ -138,9 +138,9 @@ class _TrainFields(CorruptionConfig, TrainingArguments):
         "help": "With --adapt-from-causal: optimiser steps over which attention goes from causal to full "
                 "(0: full from the start; default: the first tenth of the run)."})
     block_size: Optional[int] = field(default=None, metadata={
-        "help": "With --adapt-from-causal: block diffusion (BD3-LM) with blocks of this many tokens — causal across "
-                "blocks, parallel inside one, exact KV cache of finished blocks (models/block.py). Unset: the "
-                "full-attention adaptation."})
+        "help": "Block diffusion (BD3-LM) with blocks of this many tokens — causal across blocks, parallel inside "
+                "one, exact KV cache of finished blocks (models/block.py): of a causal LM with --adapt-from-causal, "
+                "else of a ModernBERT (a --preset, or --model-name wiki-small). Unset: full-sequence diffusion."})
     lora_r: Optional[int] = field(default=None, metadata={
         "help": "With --block-size: train LoRA adapters of this rank (peft; attention and MLP projections, plus the "
                 "mask token's embedding row) instead of every weight; the checkpoint is the adapter."})
@@ -284,13 +284,13 @@ class _TrainFields(CorruptionConfig, TrainingArguments):
             (not self.label_target or self.objective == "diffusion", "label_target",
              f"applies to the diffusion objective, not {self.objective!r}"),
             (self.label_target_weight > 0, "label_target_weight", "must be > 0"),
-            (self.block_size is None or self.adapt_from_causal, "block_size",
-             "applies only with --adapt-from-causal (block diffusion of a causal LM)"),
+            (self.block_size is None or self.objective == "diffusion", "block_size",
+             f"trains a diffusion model in blocks; it cannot be combined with --objective {self.objective!r}"),
             (self.block_size is None or self.block_size >= 1, "block_size", "must be >= 1"),
             (self.block_size is None or self.max_length % self.block_size == 0, "block_size",
              f"must divide --max-length {self.max_length} (blocks tile the sequence)"),
             (self.lora_r is None or self.lora_r >= 1, "lora_r", "must be >= 1"),
-            (self.lora_r is None or self.block_size is not None, "lora_r",
+            (self.lora_r is None or (self.block_size is not None and self.adapt_from_causal), "lora_r",
              "trains adapters of a block-diffusion model: it needs --adapt-from-causal and --block-size "
              "(a masked LM or the full-attention adaptation trains every weight)"),
             (self.block_size is None or self.attention_anneal_steps in (None, 0), "attention_anneal_steps",
