@@ -373,17 +373,3 @@ def test_the_divergence_floor_bounds_what_a_student_can_reach(colours):
     assert abs(one["floor"]) < 1e-4 and one["teacher_one_step"] == one["student_one_step"] > 0
     several = distill_floor.measure(teacher, teacher, 16, val[:8], draws=6)
     assert 0 < several["floor"] <= several["teacher_one_step"] + 1e-6
-
-
-def test_distill_help_shows_its_own_flags_first_and_fits_a_screen_or_two(capsys):
-    from textdiffusion.cli.main import main
-
-    with pytest.raises(SystemExit):
-        main(["distill", "--help"])
-    short = capsys.readouterr().out
-    assert len(short.splitlines()) < 120
-    assert short.index("--teacher") < short.index("--dataset") < short.index("shared with textdiffusion train") + 200
-    assert "--adam_beta1" not in short
-    with pytest.raises(SystemExit):
-        main(["distill", "--help-all"])
-    assert "--adam_beta1" in capsys.readouterr().out

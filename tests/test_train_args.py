@@ -143,21 +143,6 @@ def test_resume_from_a_named_checkpoint_of_the_run_only(tmp_path, capsys, small_
     assert f"resuming from {run / 'checkpoint-2'}" in capsys.readouterr().out and (run / "checkpoint-4").is_dir()
 
 
-def test_help_lists_the_project_flags_the_aliases_and_the_common_trainer_flags(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--help"])
-    assert e.value.code == 0
-    short = capsys.readouterr().out
-    for needle in ("--batch-size", "--per_device_train_batch_size", "--gradient_accumulation_steps", "--report_to",
-                   "--push_to_hub", "--lr_scheduler_type", "--label-column", "--precision", "--help-all"):
-        assert needle in short, needle
-    assert "--adam_beta1" not in short
-    with pytest.raises(SystemExit):
-        main(["train", "--help-all"])
-    assert "--adam_beta1" in capsys.readouterr().out
-    assert len(short.splitlines()) < 300
-
-
 def test_batches_before_a_step_counts_accumulation_and_epoch_ends():
     assert [batches_before(s, 10, 1) for s in (0, 3, 10, 13)] == [0, 3, 10, 13]  # one batch a step
     # 5 batches an epoch, 2 a step: steps of 2, 2, 1 batches per epoch

@@ -35,3 +35,34 @@ def require_writable(flag: str, path: str | None, directory: bool = False) -> No
         raise UsageError(f"{flag} {path!r}: {str(probe)!r} is not a folder.")
     if not os.access(probe, os.W_OK):
         raise UsageError(f"{flag} {path!r} cannot be written (no write permission on {str(probe)!r}).")
+
+
+def unknown_flag(parser, rest: list[str], prog: str) -> UsageError:
+    """The one-line error of an unknown or misspelled flag: it, and the closest real flags."""
+    import difflib
+
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    bad = next((r for r in rest if r.startswith("-")), rest[0])
+    close = difflib.get_close_matches(bad.split("=", 1)[0], flags, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; see `{prog} --help`."
+    return UsageError(f"unknown argument {bad!r}" + hint, field=bad.lstrip("-").replace("-", "_"), value=bad)
+
+
+def one_line_parser(**kwargs):
+    """An ``argparse.ArgumentParser`` whose errors are a ``UsageError`` — one line naming the argument (the closest
+    flags for a misspelled one) and exit 2, as every other command's — not a usage block and ``SystemExit``."""
+    import argparse
+
+    class OneLineParser(argparse.ArgumentParser):
+        def parse_args(self, args=None, namespace=None):
+            known, rest = self.parse_known_intermixed_args(args, namespace)
+            if rest:
+                raise unknown_flag(self, rest, self.prog)
+            return known
+
+        parse_intermixed_args = parse_args
+
+        def error(self, message):
+            raise UsageError(message)
+
+    return OneLineParser(allow_abbrev=False, **kwargs)

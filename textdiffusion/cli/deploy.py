@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from textdiffusion.errors import UsageError
+from textdiffusion.errors import UsageError, one_line_parser
 
 VERBS = ("push", "run", "status", "logs", "fetch", "stop")
 PROJECT = Path(__file__).resolve().parents[2]
@@ -299,7 +299,7 @@ HELP = {
 
 def _parser(verb: str) -> argparse.ArgumentParser:
     """One parser per verb, parsed intermixed, so `fetch HOST --dest d RUN` and `fetch HOST RUN --dest d` agree."""
-    p = argparse.ArgumentParser(prog=f"textdiffusion deploy {verb}", description=HELP[verb])
+    p = one_line_parser(prog=f"textdiffusion deploy {verb}", description=HELP[verb])
     p.add_argument("host", metavar="HOST", help="[user@]host, or an alias from ~/.ssh/config.")
     p.add_argument("-p", "--port", type=int, default=None, help="SSH port.")
     p.add_argument("-i", "--identity", default=None, help="SSH private key file.")

@@ -28,6 +28,16 @@ class GenerateArgs(SamplerConfig):
     """The flags of `textdiffusion generate`: the sampler's settings (inherited from SamplerConfig; where not
     given, the checkpoint's saved generation defaults apply) and what to generate from where."""
 
+    # what `generate --help` shows (cli/help.py); `--help-all` shows every flag
+    HELP_GROUPS = {
+        "what to generate": ("checkpoint", "prefix", "infill", "max_length", "num_samples", "seed", "output"),
+        "denoising": ("steps", "strategy", "confidence_threshold", "block_length", "schedule"),
+        "token sampling": ("sampling", "temperature", "top_k", "repetition_penalty"),
+        "steering": ("label", "guidance", "guide", "guidance_scale", "cfg_scale"),
+        "display and device": ("show_steps", "animate", "stream", "device", "cache"),
+    }
+
+
     checkpoint: str = field(default="wiki-small", metadata={
         "help": "A checkpoint directory of this project, a bundled model (wiki-small), or any masked LM directory or hub id."})
     prefix: Optional[str] = field(default=None, metadata={"help": "Prompt to continue (the original flag)."})

@@ -15,32 +15,35 @@ from functools import partial
 from pathlib import Path
 
 from textdiffusion.config import ConfigError
-from textdiffusion.errors import UsageError
+from textdiffusion.errors import UsageError, unknown_flag
 
 
-def _parse(dataclass_type, argv: list[str], prog: str, layout=None):
+def _parse(dataclass_type, argv: list[str], prog: str, layout=None, help_groups=None):
     """Parse ``argv`` into ``dataclass_type``; ``--config`` supplies defaults from a file (flags still win).
 
     The result's ``explicit`` attribute names the fields the user set (by flag or in the file): a reader
     that has defaults of its own (a checkpoint's generation settings) overrides only those. ``layout``
-    arranges ``--help``. A dataclass with old names for some fields (``TrainArgs.resolve_aliases``) has
+    arranges ``--help-all`` (every flag); ``--help`` shows only the groups of flags in ``help_groups`` (default:
+    the dataclass's ``HELP_GROUPS``; cli/help.py). A dataclass with old names for some fields (``TrainArgs.resolve_aliases``) has
     them renamed in the file, and a setting given both ways, in the file or as flags, refused.
     """
     from transformers import HfArgumentParser
 
+    from textdiffusion.cli.help import OneSpellingFormatter, concise, wants_everything
+
+    everything, argv = wants_everything(argv)
     parser = HfArgumentParser(dataclass_type, prog=prog, allow_abbrev=False)  # no --api-key for --api-key-file
+    parser.formatter_class = OneSpellingFormatter
+    parser.usage = f"{prog} [flags]"
     parser.add_argument("--config", default=None, help="JSON or YAML file of defaults for these flags.")
     if layout:
         layout(parser)
+    groups = help_groups or getattr(dataclass_type, "HELP_GROUPS", None)
+    if groups and not everything:
+        concise(parser, groups, prog, getattr(dataclass_type, "HELP_SUMMARY", None))
     known, rest = parser.parse_known_args(argv)
     if rest:  # a misspelled flag: one line with the closest real ones, not HfArgumentParser's traceback
-        import difflib
-
-        flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-        bad = next((r for r in rest if r.startswith("-")), rest[0])
-        close = difflib.get_close_matches(bad.split("=", 1)[0], flags, n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(close)}?" if close else f"; see `{prog} --help`."
-        raise UsageError(f"unknown argument {bad!r}" + hint, field=bad.lstrip("-").replace("-", "_"), value=bad)
+        raise unknown_flag(parser, rest, prog)
     aliases = getattr(dataclass_type, "resolve_aliases", None)
     given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
     if aliases:
@@ -79,11 +82,9 @@ COMMON_TRAIN_FLAGS = ("dataset", "text_column", "max_length", "output_dir", "ove
                       "precision", "seed")
 
 
-def _trainer_help(parser, everything: bool, command: str = "train") -> None:
-    """`train --help` / `distill --help` grouped, the command's own flags first: (distill: its own, then the
-    common `train` flags it shares), the project's flags, the TrainingArguments flags this project gives other
-    defaults, and the common other ones; --help-all shows every flag."""
-    import argparse
+def _trainer_help(parser, command: str = "train") -> None:
+    """`train --help-all` / `distill --help-all` grouped, the command's own flags first (distill: its own, then
+    the `train` flags it shares), the TrainingArguments flags this project gives other defaults, then the rest."""
     from dataclasses import fields
 
     from transformers import TrainingArguments
@@ -93,8 +94,7 @@ def _trainer_help(parser, everything: bool, command: str = "train") -> None:
     standard = {f.name: f for f in fields(TrainingArguments)}
     train_fields = {f.name: f for f in fields(TrainArgs)}
     renamed = "\n".join(f"  {as_flag(old):<14} = --{new}" for old, new in ALIASES.items())
-    parser.usage = f"{parser.prog} [--config FILE] [flags]   (--help-all: every flag)"
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.usage = f"{parser.prog} [--config FILE] [flags]"
     what = ("Distil a diffusion checkpoint into a student that takes half the steps per round (SDTT)."
             if command == "distill" else "Train a masked LM (or adapt a causal LM) as a text diffusion model.")
     parser.description = (
@@ -105,26 +105,18 @@ def _trainer_help(parser, everything: bool, command: str = "train") -> None:
         "  --precision    auto|fp32|bf16|fp16, sets --bf16/--fp16")
     groups = {"own": parser.add_argument_group(f"textdiffusion {command}")}
     if command != "train":
-        groups["train"] = parser.add_argument_group(
-            "shared with textdiffusion train", None if everything else "The common ones; --help-all lists all.")
+        groups["train"] = parser.add_argument_group("shared with textdiffusion train")
     groups["defaults"] = parser.add_argument_group("transformers.TrainingArguments, with this project's defaults")
-    groups["standard"] = parser.add_argument_group(
-        "transformers.TrainingArguments", None if everything else "The common ones; --help-all lists all.")
+    groups["standard"] = parser.add_argument_group("transformers.TrainingArguments")
     for action in list(parser._optionals._group_actions):
         if action.dest in ("help", "config"):
             continue
         if action.dest not in standard:
             kind = "own" if command == "train" or action.dest not in train_fields else "train"
-            if kind == "train" and not everything and action.dest not in COMMON_TRAIN_FLAGS:
-                action.help = argparse.SUPPRESS
         elif train_fields[action.dest] is not standard[action.dest]:
             kind = "defaults"
-            if command != "train" and not everything and action.dest not in COMMON_TRAIN_FLAGS:
-                action.help = argparse.SUPPRESS
         else:
             kind = "standard"
-            if not everything and (action.dest not in COMMON_TRAINER_FLAGS or command != "train"):
-                action.help = argparse.SUPPRESS
         parser._optionals._group_actions.remove(action)
         groups[kind]._group_actions.append(action)
 
@@ -133,19 +125,14 @@ def _train(argv: list[str]) -> int:
     from textdiffusion.pipelines.training import run_training
     from textdiffusion.pipelines.training_args import TrainArgs
 
-    everything = "--help-all" in argv
-    argv = ["--help" if token == "--help-all" else token for token in argv]
-    run_training(_parse(TrainArgs, argv, "textdiffusion train", layout=partial(_trainer_help, everything=everything)))
+    run_training(_parse(TrainArgs, argv, "textdiffusion train", layout=_trainer_help))
     return 0
 
 
 def _distill(argv: list[str]) -> int:
     from textdiffusion.pipelines.distill_run import DistillArgs, run_distill
 
-    everything = "--help-all" in argv
-    argv = ["--help" if token == "--help-all" else token for token in argv]
-    run_distill(_parse(DistillArgs, argv, "textdiffusion distill",
-                       layout=partial(_trainer_help, everything=everything, command="distill")))
+    run_distill(_parse(DistillArgs, argv, "textdiffusion distill", layout=partial(_trainer_help, command="distill")))
     return 0
 
 
@@ -193,7 +180,7 @@ def _classify(argv: list[str]) -> int:
 def _experiment(argv: list[str]) -> int:
     from transformers.utils import logging as hf_logging
 
-    from textdiffusion.experiments.registry import EXPERIMENTS, ExperimentArgs, run_experiment
+    from textdiffusion.experiments.registry import EXPERIMENTS, ExperimentArgs, experiment_help_groups, run_experiment
 
     if not argv or argv[0] in ("-h", "--help") or argv[0].startswith("-"):
         print("usage: textdiffusion experiment NAME [flags]   (textdiffusion experiment NAME --help)\n")
@@ -206,7 +193,8 @@ def _experiment(argv: list[str]) -> int:
     if name not in EXPERIMENTS:
         raise UsageError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}.")
     hf_logging.disable_progress_bar()
-    run_experiment(name, _parse(ExperimentArgs, argv[1:], f"textdiffusion experiment {name}", layout=_may_be_empty))
+    run_experiment(name, _parse(ExperimentArgs, argv[1:], f"textdiffusion experiment {name}", layout=_may_be_empty,
+                                help_groups=experiment_help_groups(name)))
     return 0
 
 

@@ -24,7 +24,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -484,6 +484,21 @@ def run_block_sizes(args, out):
 RUNNERS = {"masking-viz": run_masking_viz, "schedules": run_schedules, "sampling": run_sampling,
            "temperature": run_temperature, "steps": run_steps, "levels": run_levels, "classify": run_classify,
            "repeated-data": run_repeated_data, "block-sizes": run_block_sizes}
+
+
+SHARED_HELP = ("checkpoint", "dataset", "num_prompts", "prompt_tokens", "new_tokens", "steps", "scorer", "seed",
+               "output_dir", "overwrite")
+
+
+def experiment_help_groups(name: str) -> dict[str, tuple[str, ...]]:
+    """What `experiment NAME --help` shows: the common flags, then the flags whose help names this experiment
+    ("classify, repeated-data: ...")."""
+    own = []
+    for f in fields(ExperimentArgs):
+        head = f.metadata.get("help", "").split(":", 1)[0]
+        if name in [h.strip() for h in head.split(",")] and f.name not in SHARED_HELP:
+            own.append(f.name)
+    return {"common": SHARED_HELP, name: tuple(own)} if own else {"common": SHARED_HELP}
 
 
 def run_experiment(name: str, args: ExperimentArgs) -> Path:

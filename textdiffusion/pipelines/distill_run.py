@@ -64,6 +64,18 @@ class DistillArgs(TrainArgs):
     """The flags of `textdiffusion distill`: `train`'s data, optimisation, evaluation and output flags (inherited
     from TrainArgs), and the distillation's own."""
 
+    # what `distill --help` shows (cli/help.py); `--help-all` shows every flag
+    HELP_SUMMARY = ("Distil a diffusion checkpoint into a student that takes half the steps per round (SDTT).\n"
+                    "Every `train` flag and transformers.TrainingArguments flag works too.")
+    HELP_GROUPS = {
+        "distillation": ("teacher", "rounds", "steps_per_round", "start_steps", "divergence", "ema"),
+        "quality gate": ("no_quality_gate", "gate_tolerance", "gate_prompts", "scorer"),
+        "data and optimisation (as in train)": ("dataset", "max_length", "max_steps", "per_device_train_batch_size",
+                                                "learning_rate", "seed"),
+        "output": ("output_dir", "overwrite", "resume_from_checkpoint"),
+    }
+
+
     teacher: str = field(default="wiki-small", metadata={
         "help": "The diffusion checkpoint to distil: a run's output dir or a ready model's short name (wiki-small)."})
     rounds: int = field(default=2, metadata={"help": "Rounds; each halves the step count (2: 32 -> 16 -> 8)."})

@@ -355,6 +355,20 @@ class TrainArgs(_TrainFields):
     there), every ``transformers.TrainingArguments`` field, and the run's own. The constructor also takes
     the names in ``ALIASES`` (``TrainArgs(batch_size=8, epochs=1)``), as the flags and recipes do."""
 
+    # what `train --help` shows (cli/help.py); `train --help-all` shows every flag, TrainingArguments' included
+    HELP_SUMMARY = ("Train a masked LM (or adapt a causal LM) as a text diffusion model, from --config RECIPE and/or\n"
+                    "flags. Every transformers.TrainingArguments flag works too, and older names (--batch-size).")
+    HELP_GROUPS = {
+        "model": ("model_name", "preset", "adapt_from_causal", "block_size", "lora_r"),
+        "data": ("dataset", "text_column", "max_length", "label_column"),
+        "corruption": ("mask_probs", "mask_per", "loss_weighting", "prefix_length", "learn_eos"),
+        "optimisation": ("max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "precision",
+                         "seed"),
+        "evaluation and output": ("output_dir", "eval_steps", "eval_blocks", "overwrite", "resume_from_checkpoint",
+                                  "quick_test"),
+    }
+
+
     resolve_aliases = staticmethod(resolve_aliases)  # for the command line's --config and flags
 
     def __init__(self, **settings: Any) -> None:
