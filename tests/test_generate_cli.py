@@ -184,6 +184,11 @@ def test_a_misspelled_flag_is_one_line_with_the_closest_flags(command, capsys):
 def test_a_negative_seed_is_refused_as_the_server_refuses_it(capsys):
     assert main(["generate", "--seed", "-1"]) == 2
     assert "--seed must be >= 0, got -1" in capsys.readouterr().err
+    from textdiffusion.errors import UsageError
+    from textdiffusion.pipelines.generation import DiffusionGenerator
+
+    with pytest.raises(UsageError, match="seed must be >= 0, got -2"):  # the library: the same rule
+        DiffusionGenerator.from_pretrained("wiki-small", device="cpu").generate(["The <mask:4>"], seed=-2)
 
 
 def test_adapting_a_ready_diffusion_model_says_what_it_is(tmp_path, capsys):

@@ -270,6 +270,7 @@ class BlockCorruption:
     protected_token_ids: tuple = ()
     complementary: bool = True
     t_min: float = 0.05
+    t_max: float = 1.0  # training draws levels from [t_min, t_max] (BD3-LM's clipped schedule); evaluation (0, 1]
     seed: int = 0
     batch_offset: int = 0
     clean_prefix: int | None = None  # leading positions never masked; None: the first block (shifted logits)
@@ -298,7 +299,7 @@ class BlockCorruption:
         """The same corruption with some fields changed (evaluation's single and paired draws)."""
         fields = dict(mask_token_id=self.mask_token_id, pad_token_id=self.pad_token_id, block_size=self.block_size,
                       protected_token_ids=self.protected_token_ids, complementary=self.complementary,
-                      t_min=self.t_min, clean_prefix=self.clean_prefix)
+                      t_min=self.t_min, t_max=self.t_max, clean_prefix=self.clean_prefix)
         return BlockCorruption(**{**fields, **changes})
 
     def levels(self, rows: int, blocks: int, g: torch.Generator) -> torch.Tensor:
@@ -306,7 +307,7 @@ class BlockCorruption:
         n = rows * blocks
         u = (torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=g, dtype=torch.float64)) / n
         u = u[torch.randperm(n, generator=g)].view(rows, blocks)
-        return (self.t_min + (1 - self.t_min) * u).float()
+        return (self.t_min + (self.t_max - self.t_min) * u).float()
 
     def corrupt(self, clean: torch.Tensor, t: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
         b, l = clean.shape
@@ -369,7 +370,7 @@ def block_level_loss(model, blocks: torch.Tensor, corruption: BlockCorruption, l
     from textdiffusion.core.evaluation import LevelResult
 
     device = next(model.parameters()).device
-    single = corruption.like(complementary=False)
+    single = corruption.like(complementary=False, t_max=1.0)
     results = []
     for level in levels:
         g = torch.Generator().manual_seed(seed)
@@ -401,7 +402,7 @@ def block_nelbo(model, blocks: torch.Tensor, corruption: BlockCorruption, sample
     from textdiffusion.core.evaluation import BoundResult, weighted_mean
 
     device = next(model.parameters()).device
-    pair = corruption.like(complementary=True, t_min=1e-3)
+    pair = corruption.like(complementary=True, t_min=1e-3, t_max=1.0)
     g = torch.Generator().manual_seed(seed)
     per_row, scored = [], []
     for clean in _batches(blocks, batch_size):

@@ -67,6 +67,8 @@ class DenoisingGroup:
                  suppress_tokens: Sequence[str] = (), stop_at_eos: bool = True, max_length: int | None = None,
                  allowed: torch.Tensor | None = None, return_trace: bool = False,
                  on_step: Callable[[int, DenoisingState], None] | None = None, guider: Guider | None = None):
+        if seed < 0:  # one rule for the library, the command line and the server: torch seeds are >= 0
+            raise UsageError(f"seed must be >= 0, got {seed}.", field="seed", value=seed)
         self.id = next(self._ids)
         self.config, self.cfg_scale, self.stop_at_eos, self.on_step = config, cfg_scale, stop_at_eos, on_step
         self.guider = guider  # classifier guidance or particles (pipelines/guidance.py); cfg is cfg_scale

@@ -127,25 +127,29 @@ def _prepare_block(tokenizer, model, block_size, lora_r):
     return BlockDiffusionLM(model, block_size)
 
 
-def _block_trainer(tokenizer, collator, loss_weighting, *, block_size, complementary, clean_prefix=None, **kwargs):
+def _block_trainer(tokenizer, collator, loss_weighting, *, block_size, complementary, mask_range=(0.05, 1.0),
+                   clean_prefix=None, **kwargs):
     from textdiffusion.models.block import BlockCorruption
     from textdiffusion.pipelines.trainers import BlockDiffusionTrainer
 
     corruption = BlockCorruption(collator.mask_token_id, collator.pad_token_id, block_size,
                                  tuple(int(i) for i in collator._protected), complementary=complementary,
-                                 seed=collator.seed, clean_prefix=clean_prefix)
+                                 seed=collator.seed, clean_prefix=clean_prefix, t_min=mask_range[0],
+                                 t_max=mask_range[1])
     return BlockDiffusionTrainer(data_collator=corruption, corruption=corruption, loss_weighting=loss_weighting,
                                  **kwargs)
 
 
-def block_objective(block_size: int, lora_r: int | None, complementary: bool) -> Objective:
+def block_objective(block_size: int, lora_r: int | None, complementary: bool,
+                    mask_range: tuple[float, float] = (0.05, 1.0)) -> Objective:
     """Block diffusion (BD3-LM) of a causal LM: causal across blocks of ``block_size``, parallel inside one;
     LoRA adapters of rank ``lora_r`` (None: every weight)."""
     diffusion = OBJECTIVES["diffusion"]
     return Objective("diffusion", f"a causal LM as a block-diffusion model (blocks of {block_size})", "block NELBO",
                      diffusion.outputs, _no_preset, _load_adapted,
                      partial(_prepare_block, block_size=block_size, lora_r=lora_r),
-                     partial(_block_trainer, block_size=block_size, complementary=complementary))
+                     partial(_block_trainer, block_size=block_size, complementary=complementary,
+                             mask_range=mask_range))
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -169,7 +173,8 @@ def _prepare_encoder_block(tokenizer, model, block_size):
     return EncoderBlockDiffusionLM(model, block_size)
 
 
-def encoder_block_objective(block_size: int, complementary: bool, prefix_length: int) -> Objective:
+def encoder_block_objective(block_size: int, complementary: bool, prefix_length: int,
+                            mask_range: tuple[float, float] = (0.05, 1.0)) -> Objective:
     """Block diffusion (BD3-LM) of a masked LM — a preset from scratch, or a masked diffusion model such as
     ``wiki-small`` fine-tuned into blocks as BD3-LM starts from MDLM; the collator's prompt prefix stays given."""
     diffusion = OBJECTIVES["diffusion"]
@@ -177,4 +182,4 @@ def encoder_block_objective(block_size: int, complementary: bool, prefix_length:
                      diffusion.outputs, _build_masked, _load_masked,
                      partial(_prepare_encoder_block, block_size=block_size),
                      partial(_block_trainer, block_size=block_size, complementary=complementary,
-                             clean_prefix=prefix_length))
+                             clean_prefix=prefix_length, mask_range=mask_range))

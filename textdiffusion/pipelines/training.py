@@ -257,9 +257,11 @@ def run_training(args: TrainArgs) -> Path:
     set_seed(args.seed)
 
     if args.block_size and args.adapt_from_causal:
-        objective = block_objective(args.block_size, args.lora_r, args.complementary_masks)
+        objective = block_objective(args.block_size, args.lora_r, args.complementary_masks,
+                                    tuple(args.block_mask_range))
     elif args.block_size:
-        objective = encoder_block_objective(args.block_size, args.complementary_masks, args.prefix_length)
+        objective = encoder_block_objective(args.block_size, args.complementary_masks, args.prefix_length,
+                                            tuple(args.block_mask_range))
     elif args.adapt_from_causal:
         objective = adapted_objective(args.attention_anneal_steps)
     else:

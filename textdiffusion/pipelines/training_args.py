@@ -144,6 +144,9 @@ class _TrainFields(CorruptionConfig, TrainingArguments):
     lora_r: Optional[int] = field(default=None, metadata={
         "help": "With --block-size: train LoRA adapters of this rank (peft; attention and MLP projections, plus the "
                 "mask token's embedding row) instead of every weight; the checkpoint is the adapter."})
+    block_mask_range: list[float] = field(default_factory=lambda: [0.05, 1.0], metadata={
+        "help": "With --block-size: each block's mask level is drawn uniformly from [LO, HI] in training (BD3-LM's "
+                "clipped schedule: a narrower range lowers the loss's variance); the evaluation bound covers (0, 1]."})
     complementary_masks: bool = field(default=True, metadata={
         "help": "With --block-size: each block also trains with the complementary mask (every token a target once)."})
     keep_layers: int = field(default=0, metadata={
@@ -287,6 +290,8 @@ class _TrainFields(CorruptionConfig, TrainingArguments):
             (self.block_size is None or self.objective == "diffusion", "block_size",
              f"trains a diffusion model in blocks; it cannot be combined with --objective {self.objective!r}"),
             (self.block_size is None or self.block_size >= 1, "block_size", "must be >= 1"),
+            (len(self.block_mask_range) == 2 and 0 < self.block_mask_range[0] < self.block_mask_range[1] <= 1,
+             "block_mask_range", "must be two levels 0 < LO < HI <= 1"),
             (self.block_size is None or self.max_length % self.block_size == 0, "block_size",
              f"must divide --max-length {self.max_length} (blocks tile the sequence)"),
             (self.lora_r is None or self.lora_r >= 1, "lora_r", "must be >= 1"),
