@@ -66,6 +66,7 @@ def train_block_sizes(args, out: Path) -> dict[int, Path]:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     pending = list(args.block_sizes)
     running: list[tuple[int, subprocess.Popen, int | None]] = []
+    started: dict[int, float] = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     while pending or running:
         while pending and len(running) < max(1, args.workers):
@@ -75,6 +76,7 @@ def train_block_sizes(args, out: Path) -> dict[int, Path]:
             log = open(out / f"train_b{b}.log", "a")
             pin = (lambda c=core: os.sched_setaffinity(0, {c})) if core is not None else None
             print(f"block size {b}: {' '.join(_train_command(args, b))}" + (f" (core {core})" if pin else ""), flush=True)
+            started[b] = time.time()
             running.append((b, subprocess.Popen(_train_command(args, b), stdout=log, stderr=subprocess.STDOUT, env=env,
                                                 preexec_fn=pin), core))
         time.sleep(2)
@@ -82,6 +84,7 @@ def train_block_sizes(args, out: Path) -> dict[int, Path]:
             b, process, _ = item
             if process.poll() is not None:
                 running.remove(item)
+                _add_train_seconds(_run_dir(args, b), time.time() - started[b])
                 if process.returncode:
                     for _, other, _ in running:
                         other.terminate()
@@ -90,13 +93,19 @@ def train_block_sizes(args, out: Path) -> dict[int, Path]:
     return {b: _run_dir(args, b) for b in args.block_sizes}
 
 
+TRAIN_SECONDS = "train_seconds.json"  # in a run's folder: the wall seconds of every invocation that trained it
+
+
+def _add_train_seconds(run: Path, seconds: float) -> None:
+    path = run / TRAIN_SECONDS
+    spent = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(spent + [round(seconds, 1)]) + "\n")
+
+
 def _core_hours(run: Path) -> float:
-    state = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    if not state:
-        return float("nan")
-    history = json.loads(state[-1].read_text()).get("log_history", [])
-    runtime = [h["train_runtime"] for h in history if "train_runtime" in h]
-    return (runtime[-1] if runtime else float("nan")) / 3600
+    """One core per run: its training's wall hours, over every invocation (NaN when it was never timed)."""
+    path = run / TRAIN_SECONDS
+    return sum(json.loads(path.read_text())) / 3600 if path.exists() else float("nan")
 
 
 def likelihood(args, runs: dict[int, Path], recipe: dict) -> list[dict]:
@@ -187,15 +196,21 @@ def frontier(args, runs: dict[int, Path]) -> list[dict]:
                      "texts": [mdlm.tokenizer.decode(i, skip_special_tokens=True) for i in ids]})
         print(f"{name}: {per_call:.2f} tokens/call, " + ", ".join(f"{v:.0f} tok/s at batch {k}" for k, v in speed.items()),
               flush=True)
-    if args.scorer != "none":
-        scorer = Scorer.load(args.scorer)
+    for spec in scorers(args):
+        scorer = Scorer.load(spec)
         for row in rows:
-            row["gen_ppl"] = scorer.perplexity(prompts.prompts, row["texts"])
+            row[f"gen_ppl_{spec}"] = scorer.perplexity(prompts.prompts, row["texts"])
+        del scorer
     ar_speed = rows[0]["tokens_per_second"]
     for row in rows:
         row["speed_vs_ar"] = {k: v / ar_speed[k] for k, v in row["tokens_per_second"].items()}
         row["example"] = prompts.prompts[0] + row["texts"][0]
     return rows
+
+
+def scorers(args) -> list[str]:
+    """The gen-PPL judges: --scorer, comma-separated (gemma3,smollm2: one that shares no weights with SmolLM2)."""
+    return [] if args.scorer == "none" else args.scorer.split(",")
 
 
 def _timed(fn, arg) -> float:
@@ -225,20 +240,20 @@ def report(args, lik: list[dict], front: list[dict], machine: str) -> str:
               f"**{'met' if best['ppl_ratio_to_ar'] <= 1.35 else 'not met'}**; moonshot <= 1.15x: "
               f"**{'met' if best['ppl_ratio_to_ar'] <= 1.15 else 'not met'}**.", "",
               f"## Generation ({args.num_prompts} validation prompts of {args.prompt_tokens} tokens, {args.new_tokens} "
-              f"new tokens; top-k 50, T 1, repetition penalty 1.1 everywhere; gen PPL by {args.scorer})", "",
-              "| setting | gen PPL | distinct-2 | tokens/call | " +
+              f"new tokens; top-k 50, T 1, repetition penalty 1.1 everywhere)", "",
+              "| setting | " + "".join(f"gen PPL ({s}) | " for s in scorers(args)) + "distinct-2 | tokens/call | " +
               " | ".join(f"tok/s b{b} (× AR)" for b in args.speed_batches) + " |",
-              "|---|---|---|---|" + "---|" * len(args.speed_batches)]
+              "|---|---|---|" + "---|" * (len(args.speed_batches) + len(scorers(args)))]
     for r in front:
         speeds = " | ".join(f"{r['tokens_per_second'][str(b)]:.0f} ({r['speed_vs_ar'][str(b)]:.2f}×)"
                             for b in args.speed_batches)
-        lines.append(f"| {r['setting']} | {r.get('gen_ppl', float('nan')):.1f} | {r['distinct_2']:.3f} | "
-                     f"{r['tokens_per_call']:.2f} | {speeds} |")
+        ppl = "".join(f"{r[f'gen_ppl_{s}']:.1f} | " for s in scorers(args))
+        lines.append(f"| {r['setting']} | {ppl}{r['distinct_2']:.3f} | {r['tokens_per_call']:.2f} | {speeds} |")
     lines += ["", "## One sample per row (prompt 0)", ""] + [f"- **{r['setting']}**: {r['example']}" for r in front]
     return "\n".join(lines) + "\n"
 
 
-def plot(lik: list[dict], front: list[dict], path: Path) -> None:
+def plot(lik: list[dict], front: list[dict], path: Path, judge: str | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,16 +266,25 @@ def plot(lik: list[dict], front: list[dict], path: Path) -> None:
     a.set_xlabel("block size (1 = AR, 128 = MDLM)")
     a.set_ylabel("nats/token (bound; AR exact)")
     a.set_title("likelihood vs block size")
-    for r in front:
-        if "gen_ppl" in r:
-            b.scatter(r["tokens_per_call"], r["gen_ppl"])
-            b.annotate(r["setting"], (r["tokens_per_call"], r["gen_ppl"]), fontsize=6)
+    for r in front if judge else []:
+        b.scatter(r["tokens_per_call"], r[f"gen_ppl_{judge}"])
+        b.annotate(r["setting"], (r["tokens_per_call"], r[f"gen_ppl_{judge}"]), fontsize=6)
     b.set_xlabel("tokens per model call")
-    b.set_ylabel("gen PPL")
+    b.set_ylabel(f"gen PPL ({judge})")
     b.set_title("generation frontier")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def run_block_sizes(args, out: Path) -> dict:
@@ -277,8 +301,8 @@ def run_block_sizes(args, out: Path) -> dict:
     runs = train_block_sizes(args, out)
     lik = likelihood(args, runs, recipe)
     front = frontier(args, runs)
-    machine = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
     (out / "results.md").write_text(report(args, lik, front, machine))
-    plot(lik, front, out / "block_sizes.png")
+    plot(lik, front, out / "block_sizes.png", (scorers(args) or [None])[0])
     return {"likelihood": lik, "frontier": [{k: v for k, v in r.items() if k != "new_ids"} for r in front],
             "machine": machine, "seconds_after_training": time.time() - started}
