@@ -3,8 +3,9 @@ in one tmp folder, page after page (a later page uses an earlier one's runs) —
 it cannot ("*Not run by the tests: ...*": the network, a GPU, an SSH host, a server that runs until stopped).
 
 A `textdiffusion` line runs through cli.main in this process with its sizes shrunk (the rewrites below; each must
-still match something, so a page that changes fails here instead of running a full-size command); any other line
-runs in bash; a Python block runs with exec.
+still match something, so a page that changes fails here instead of running a full-size command) and SmolLM2
+replaced by a two-layer Llama laid out like it (the real one runs in the quickstart and demo tests); any other
+line runs in bash; a Python block runs with exec.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ HOWTO = ROOT / "docs" / "howto"
 # in the order they run: classify trains runs/austen-book, which steer uses; train writes runs/wiki-small (experiments)
 PAGES = ["train", "evaluate", "generate", "classify", "steer", "adapt", "distill", "finetune", "experiments", "serve",
          "deploy"]
-NOT_RUN = re.compile(r"^\*Not run by the tests: .+\*$")
+# "*Not run by the tests: why.*" or "*Run by tests/test_x.py: how.*" (the same command already runs there)
+NOT_RUN = re.compile(r"^\*(Not run by the tests: .+|Run by (tests/\w+\.py)\b.*)\*$")
 FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", flags=re.M | re.S)
 SHRINK = [(r"--max-steps \d+", "--max-steps 2"), (r"--steps-per-round \d+", "--steps-per-round 2"),
           (r"--steps \d+", "--steps 4"), (r"--num-samples \d+", "--num-samples 1"), (r"--limit \d+", "--limit 4"),
@@ -46,7 +48,10 @@ def examples(page: str) -> list[tuple[str, str, bool]]:
     found = []
     for match in FENCE.finditer(text):
         before = text[:match.start()].rstrip("\n").splitlines()
-        found.append((match.group(1), match.group(2), not (before and NOT_RUN.match(before[-1].strip()))))
+        note = NOT_RUN.match(before[-1].strip()) if before else None
+        if note and note.group(2):
+            assert (ROOT / note.group(2)).is_file(), f"{page}.md: {note.group(2)} does not exist"
+        found.append((match.group(1), match.group(2), note is None))
     return found
 
 
@@ -68,20 +73,28 @@ def _lines(code: str) -> list[str]:
     return [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def _shrink(argv: list[str]) -> list[str]:
+def _shrink(argv: list[str], tiny_llama: str) -> list[str]:
     line = shlex.join(argv)
     for pattern, replacement in SHRINK:
         line = re.sub(pattern, replacement, line)
     argv = shlex.split(line)
     if argv[0] == "experiment" and argv[1] == "repeated-data":
         return argv + ["--quick"]
+    if argv[0] == "train" and "smollm2" in line:  # SmolLM2's 135M weights: a two-layer Llama laid out like it
+        argv += ["--model-name", tiny_llama]
     return argv + EXTRA.get(argv[0], [])
 
 
 @pytest.mark.slow
-def test_howto_examples_run(tmp_path, monkeypatch, capsys):
+def test_howto_examples_run(tmp_path, monkeypatch, capsys, wiki):
+    from test_adapt import causal_tokenizer, tiny_causal
+
     from textdiffusion.cli.main import main
 
+    tiny_llama = tmp_path / "tiny-llama"
+    tokenizer = causal_tokenizer(wiki.train[:200])
+    tiny_causal(vocab=len(tokenizer)).save_pretrained(tiny_llama)
+    tokenizer.save_pretrained(tiny_llama)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
@@ -98,7 +111,7 @@ def test_howto_examples_run(tmp_path, monkeypatch, capsys):
             for line in _lines(code):
                 argv = shlex.split(line, comments=True)
                 if argv[0] == "textdiffusion":
-                    argv = _shrink(argv[1:])
+                    argv = _shrink(argv[1:], str(tiny_llama))
                     assert main(argv) == 0, (page, line, capsys.readouterr().err[-3000:])
                 else:
                     r = subprocess.run(["bash", "-euo", "pipefail", "-c", line], capture_output=True, text=True)

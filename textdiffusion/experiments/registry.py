@@ -343,6 +343,9 @@ def run_steps(args, out):
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "gen_ppl", "gen PPL"), (axes[1], "distinct-2", "distinct-2")):
+        if not any(math.isfinite(r[key]) for r in rows):  # gen PPL with --scorer none: nothing to draw
+            ax.text(0.5, 0.5, f"{label}: not scored", ha="center", transform=ax.transAxes)
+            continue
         for strategy, points in curves.items():
             if points:
                 ax.plot([p["nfe"] for p in points], [p[key] for p in points], marker="o", label=strategy)
