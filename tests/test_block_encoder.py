@@ -148,6 +148,7 @@ def test_bad_block_settings_are_one_line(argv, named, capsys, small_jsonl, tmp_p
     assert code == 2 and named in err and "Traceback" not in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_the_block_sizes_experiment_trains_resumes_and_compares(micro_runs, tmp_path, capsys):
     docs, mdlm, ar, _ = micro_runs
     recipe = tmp_path / "recipe.yaml"

@@ -190,6 +190,7 @@ def test_deploy_run_fetch_generate_end_to_end(sshd, capfd, tmp_path, small_jsonl
     assert "It was" in text
 
 
+@pytest.mark.slow
 def test_stop_ends_a_running_training(sshd, capsys, tmp_path):
     """Process handling only: the remote .venv/bin/python here is a script that prints and sleeps."""
     host, flags, _ = sshd
