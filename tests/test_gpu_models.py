@@ -37,9 +37,12 @@ def test_gpu_models_cpu_smoke(tmp_path, wiki, small_jsonl):
 
 
 @pytest.mark.slow
-def test_gpu_models_trains_the_block_diffusion_adapter_when_asked(tmp_path, wiki, small_jsonl):
-    """--models smollm2-bd alone: a tiny Llama trained by the GPU block recipe (shortened), exported as an adapter,
-    evaluated (block NELBO) and compared with itself left to right by block_compare.py --quick."""
+def test_gpu_models_runs_the_opt_in_stages_when_asked(tmp_path, wiki, small_jsonl):
+    """--models smollm2-wiki,smollm2-bd,wiki-small-sdtt in one run (one evaluation of the bundled wiki-small for all):
+    a tiny Llama adapted by the GPU recipe (shortened) and exported with the measured generate defaults and its shift;
+    the same Llama trained by the block recipe, exported as an adapter, evaluated (block NELBO) and compared with
+    itself left to right by block_compare.py --quick; the bundled wiki-small distilled (one round of two steps,
+    8 -> 4), its rounds' verdicts kept, exported at its new step count and evaluated."""
     from test_adapt import causal_tokenizer, tiny_causal
 
     from textdiffusion.config import DiffusionConfig
@@ -51,57 +54,26 @@ def test_gpu_models_trains_the_block_diffusion_adapter_when_asked(tmp_path, wiki
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--cpu-smoke", "--out", str(out),
-                           "--models", "smollm2-bd", "--smollm2", str(llama), "--dataset", str(small_jsonl)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                           "--models", "smollm2-wiki,smollm2-bd,wiki-small-sdtt", "--smollm2", str(llama),
+                           "--dataset", str(small_jsonl)],
+                          env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(r["model"] for r in summary["models"]) == sorted(
+        ["wiki-small-now", "smollm2-wiki", "smollm2-bd", "wiki-small-sdtt"]), summary["models"]
+    assert summary["models"][0]["model"] == "wiki-small-now"
+    # the adaptation
+    config = DiffusionConfig.from_pretrained(out / "models" / "smollm2-wiki")
+    assert config.adapted_from_causal
+    assert {k: getattr(config.generation, k) for k in bundled.BUILT["smollm2-wiki"].generation} == \
+        bundled.BUILT["smollm2-wiki"].generation
+    # the block adapter
     exported = out / "models" / "smollm2-bd"
     assert (exported / "adapter_model.safetensors").exists() and not (exported / "model.safetensors").exists()
     assert DiffusionConfig.from_pretrained(exported).block_size == 4
     assert "blocks of 4" in json.loads((out / "eval-smollm2-bd" / "eval.json").read_text())["nelbo"][0]["estimator"]
     assert "tokens/call" in (out / "block_compare" / "README.md").read_text()
-
-
-@pytest.mark.slow
-def test_gpu_models_adapts_a_causal_lm_when_asked(tmp_path, wiki, small_jsonl):
-    """--models smollm2-wiki alone: a Llama adapted by the GPU recipe (shortened), exported with the measured
-    generate defaults and its shift, evaluated beside the bundled wiki-small."""
-    from test_adapt import causal_tokenizer, tiny_causal
-
-    from textdiffusion.config import DiffusionConfig
-
-    llama = tmp_path / "tiny-llama"
-    tokenizer = causal_tokenizer(wiki.train[:200])
-    tiny_causal(vocab=len(tokenizer)).save_pretrained(llama)
-    tokenizer.save_pretrained(llama)
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--cpu-smoke", "--out", str(out),
-                           "--models", "smollm2-wiki", "--smollm2", str(llama), "--dataset", str(small_jsonl)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert [r["model"] for r in summary["models"]] == ["wiki-small-now", "smollm2-wiki"]
-    config = DiffusionConfig.from_pretrained(out / "models" / "smollm2-wiki")
-    assert config.adapted_from_causal
-    assert {k: getattr(config.generation, k) for k in bundled.BUILT["smollm2-wiki"].generation} == \
-        bundled.BUILT["smollm2-wiki"].generation
-    assert not (out / "runs").exists()
-
-
-@pytest.mark.slow
-def test_gpu_models_distils_when_asked(tmp_path, small_jsonl):
-    """--models wiki-small-sdtt alone: the bundled wiki-small distilled by the GPU recipe (shortened to one round of
-    two steps, 8 -> 4), its rounds' verdicts kept, the result exported at its new step count and evaluated."""
-    from textdiffusion.config import DiffusionConfig
-
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--cpu-smoke", "--out", str(out),
-                           "--models", "wiki-small-sdtt", "--dataset", str(small_jsonl)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert [r["model"] for r in summary["models"]] == ["wiki-small-now", "wiki-small-sdtt"]
+    # the distillation
     rounds = (out / "wiki-small-sdtt.rounds.csv").read_text().splitlines()
     assert len(rounds) == 2 and rounds[1].split(",")[2:4] == ["8", "4"] and rounds[1].endswith("True")
     assert DiffusionConfig.from_pretrained(out / "models" / "wiki-small-sdtt").generation.steps == 4
