@@ -185,12 +185,11 @@ def likelihood_line(block: DiffusionGenerator, causal, n_blocks: int) -> dict:
     the first block that is not padding or special) of the first ``n_blocks`` wiki-vital validation blocks."""
     from textdiffusion.core.data import pack
     from textdiffusion.models.autoregressive import causal_nll
-    from textdiffusion.models.block import BlockCorruption, block_nelbo
+    from textdiffusion.models.block import block_nelbo, scoring_corruption
 
     tok = block.tokenizer
     blocks = pack(load_corpus("wiki-vital").validation, tok, block.config.max_length, keep_remainder=True)[:n_blocks]
-    corruption = BlockCorruption(tok.mask_token_id, tok.pad_token_id, block.config.block_size,
-                                 tuple(i for i in tok.all_special_ids if i != tok.eos_token_id))
+    corruption = scoring_corruption(tok, block.config.block_size, causal=True)
     bound = block_nelbo(block.denoiser, blocks, corruption, samples_per_block=2, batch_size=16)
     exact = causal_nll(causal, blocks, corruption.maskable(blocks), batch_size=16)
     return {"blocks": len(blocks), "tokens": bound.tokens, "block_nelbo": bound.nats_per_token,

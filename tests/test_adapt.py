@@ -56,6 +56,15 @@ def tiny_causal(kind="llama", vocab=512, attn="sdpa"):
     return model_type(config).eval()
 
 
+def save_tiny_causal(folder, texts):
+    """A tiny Llama laid out like SmolLM2, saved with its tokenizer into ``folder``: a causal-LM folder as
+    --model-name takes it. Returns the tokenizer."""
+    tokenizer = causal_tokenizer(texts)
+    tiny_causal(vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
 def logit_dependence(denoiser, position: int) -> set[int]:
     """Input positions whose token changes the logits predicted for ``position``."""
     torch.manual_seed(1)
@@ -196,9 +205,7 @@ def test_the_checkpoint_records_adaptation_and_readers_rebuild_the_shifted_wrapp
 def test_train_adapt_from_causal_then_generate_and_eval(tmp_path, small_jsonl, wiki, capsys):
     """The real command on a tiny Llama saved in tmp: a few steps, then generate and eval rebuild the wrapper."""
     base = tmp_path / "tiny-llama"
-    tokenizer = causal_tokenizer(wiki.train[:300])
-    tiny_causal(vocab=len(tokenizer)).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    tokenizer = save_tiny_causal(base, wiki.train[:300])
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "textdiffusion", "train", "--adapt-from-causal", "--model-name", str(base),
            "--dataset", str(small_jsonl), "--max-length", "32", "--batch-size", "4", "--max-steps", "6",

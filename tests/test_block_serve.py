@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("uvicorn")
 
-from test_adapt import causal_tokenizer, tiny_causal  # noqa: E402
+from test_adapt import save_tiny_causal  # noqa: E402
 from test_serve import live_server, sse_events  # noqa: E402
 
 from textdiffusion.cli.main import main  # noqa: E402
@@ -26,10 +26,8 @@ from textdiffusion.pipelines.generation import DiffusionGenerator  # noqa: E402
 def block_checkpoint(tmp_path_factory, wiki):
     """A tiny Llama saved as the base, and a LoRA adapter (far from zero) saved as a block-diffusion checkpoint."""
     root = tmp_path_factory.mktemp("block")
-    tokenizer = causal_tokenizer(wiki.train[:300])
     base = root / "base"
-    tiny_causal(vocab=len(tokenizer)).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    save_tiny_causal(base, wiki.train[:300])
     tok, model = load_causal_for_adaptation(str(base))
     choose_special_tokens(tok, model)
     adapted = add_lora(model, 4, tok.mask_token_id)

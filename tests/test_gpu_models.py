@@ -43,14 +43,12 @@ def test_gpu_models_runs_the_opt_in_stages_when_asked(tmp_path, wiki, small_json
     the same Llama trained by the block recipe, exported as an adapter, evaluated (block NELBO) and compared with
     itself left to right by block_compare.py --quick; the bundled wiki-small distilled (one round of two steps,
     8 -> 4), its rounds' verdicts kept, exported at its new step count and evaluated."""
-    from test_adapt import causal_tokenizer, tiny_causal
+    from test_adapt import save_tiny_causal
 
     from textdiffusion.config import DiffusionConfig
 
     llama = tmp_path / "tiny-llama"
-    tokenizer = causal_tokenizer(wiki.train[:200])
-    tiny_causal(vocab=len(tokenizer)).save_pretrained(llama)
-    tokenizer.save_pretrained(llama)
+    save_tiny_causal(llama, wiki.train[:200])
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--cpu-smoke", "--out", str(out),

@@ -87,14 +87,12 @@ def _shrink(argv: list[str], tiny_llama: str) -> list[str]:
 
 @pytest.mark.slow
 def test_howto_examples_run(tmp_path, monkeypatch, capsys, wiki):
-    from test_adapt import causal_tokenizer, tiny_causal
+    from test_adapt import save_tiny_causal
 
     from textdiffusion.cli.main import main
 
     tiny_llama = tmp_path / "tiny-llama"
-    tokenizer = causal_tokenizer(wiki.train[:200])
-    tiny_causal(vocab=len(tokenizer)).save_pretrained(tiny_llama)
-    tokenizer.save_pretrained(tiny_llama)
+    save_tiny_causal(tiny_llama, wiki.train[:200])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")

@@ -114,7 +114,7 @@ def likelihood(args, runs: dict[int, Path], recipe: dict) -> list[dict]:
     from textdiffusion.core.data import load_corpus, pack
     from textdiffusion.core.evaluation import nelbo, scored_positions
     from textdiffusion.models.autoregressive import causal_nll, load_causal_lm
-    from textdiffusion.models.block import BlockCorruption, block_nelbo
+    from textdiffusion.models.block import block_nelbo, scoring_corruption
     from textdiffusion.models.loading import open_checkpoint
 
     mdlm = open_checkpoint(args.checkpoint)
@@ -134,9 +134,8 @@ def likelihood(args, runs: dict[int, Path], recipe: dict) -> list[dict]:
                  "nats": bound.nats_per_token, "stderr": bound.stderr, "tokens": bound.tokens, "kind": "MDLM bound"})
     for b, run in runs.items():
         opened = open_checkpoint(str(run))
-        corruption = BlockCorruption(tok.mask_token_id, tok.pad_token_id, b, tuple(tok.all_special_ids),
-                                     clean_prefix=prefix)
-        bound = block_nelbo(opened.denoiser, test, corruption, samples_per_block=args.nelbo_samples)
+        bound = block_nelbo(opened.denoiser, test, scoring_corruption(tok, b, False, prefix),
+                            samples_per_block=args.nelbo_samples)
         rows.append({"model": f"blocks of {b} (from {args.checkpoint})", "block_size": b, "nats": bound.nats_per_token,
                      "stderr": bound.stderr, "tokens": bound.tokens, "kind": "block NELBO",
                      "core_hours": _core_hours(run), "checkpoint": str(run)})

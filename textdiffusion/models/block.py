@@ -230,9 +230,7 @@ class EncoderBlockDiffusionLM(MaskedDiffusionLM):
                                        position_ids=positions.expand(n, 2 * l)).last_hidden_state
         return hidden[:, :l]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                masked_positions: torch.Tensor | None = None, clean_ids: torch.Tensor | None = None, **kwargs):
-        return BlockDiffusionLM.forward(self, input_ids, attention_mask, masked_positions, clean_ids, **kwargs)
+    forward = BlockDiffusionLM.forward  # the same call: hidden states of x_t given x_0, the head where masked
 
     def fresh(self) -> "EncoderBlockDiffusionLM":
         return type(self)(self.model, self.block_size)
@@ -332,6 +330,17 @@ class BlockCorruption:
         self._calls += 1
         blocks = -(-clean.shape[1] // self.block_size)
         return self.corrupt(clean, self.levels(clean.shape[0], blocks, g), g)
+
+
+def scoring_corruption(tokenizer, block_size: int, causal: bool, prefix_length: int = 0) -> BlockCorruption:
+    """The corruption a block bound is reported with. A causal LM's: the first block given, end-of-text (its
+    documents' separator) scored. An encoder's: the tokens the MDLM bound and the AR's NLL score — after the
+    prompt prefix, no special token."""
+    if causal:
+        return BlockCorruption(tokenizer.mask_token_id, tokenizer.pad_token_id, block_size,
+                               tuple(i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id))
+    return BlockCorruption(tokenizer.mask_token_id, tokenizer.pad_token_id, block_size,
+                           tuple(tokenizer.all_special_ids), clean_prefix=prefix_length)
 
 
 def block_loss(model, batch: dict[str, torch.Tensor], loss_weighting: str = "none") -> torch.Tensor:

@@ -153,8 +153,8 @@ class DenoisingKVCache:
     def _block_logits(self, x, attention, positions, start, end, active) -> torch.Tensor:
         """Block mode: each active row's queries are its positions not yet final (the block just finished, or the
         prompt at a row's first call) and its current block; afterwards everything before the block is final."""
-        hidden = torch.zeros(*x.shape, self.base.config.hidden_size, device=x.device, dtype=self.keys[0].dtype)
-        rows = active.nonzero().squeeze(1)
+        hidden = torch.empty(*x.shape, self.base.config.hidden_size, device=x.device, dtype=self.keys[0].dtype)
+        rows = active.nonzero().squeeze(1)  # every position asked for lies in a computed slot
         if len(rows):
             first, last = self.cached_upto[rows], end[rows]
             qpos = first[:, None] + torch.arange(int((last - first).max()), device=x.device)  # [r, q]

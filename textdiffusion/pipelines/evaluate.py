@@ -171,15 +171,10 @@ def run_block_eval(args: EvalArgs, tokenizer, model, config, max_length: int, bl
     """Per-level loss (every block at one level) and the block NELBO of a block-diffusion checkpoint: each block's
     bound given the clean blocks before it (models/block.py), on every token after the first block."""
     from textdiffusion.config import DEFAULT_MASK_PROBS
-    from textdiffusion.models.block import BlockCorruption, block_level_loss, block_nelbo
+    from textdiffusion.models.block import block_level_loss, block_nelbo, scoring_corruption
 
     B = config.block_size
-    if config.adapted_from_causal:  # the first block is given; end-of-text (the documents' separator) is scored
-        corruption = BlockCorruption(tokenizer.mask_token_id, tokenizer.pad_token_id, B,
-                                     tuple(i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id))
-    else:  # an encoder: the tokens the MDLM bound and the AR's NLL score (after the prompt prefix, no special)
-        corruption = BlockCorruption(tokenizer.mask_token_id, tokenizer.pad_token_id, B,
-                                     tuple(tokenizer.all_special_ids), clean_prefix=config.prefix_length)
+    corruption = scoring_corruption(tokenizer, B, config.adapted_from_causal, config.prefix_length)
     levels = block_level_loss(model, blocks, corruption, DEFAULT_MASK_PROBS, batch_size=args.batch_size)
     bound = block_nelbo(model, blocks, corruption, samples_per_block=args.samples_per_block, batch_size=args.batch_size)
     words, nbytes = text_units(tokenizer, blocks, corruption.maskable(blocks))
