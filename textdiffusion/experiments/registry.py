@@ -356,7 +356,8 @@ def run_steps(args, out):
         ax.set_xlabel("model calls (NFE)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    scored = any(math.isfinite(r["gen_ppl"]) for r in rows)
+    axes[0 if scored else 1].legend(fontsize=8)  # the curves' legend where the curves are
     fig.suptitle(f"Quality vs speed ({n} new tokens)")
     fig.tight_layout()
     fig.savefig(out / "steps.png", dpi=110)
