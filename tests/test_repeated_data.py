@@ -1,4 +1,4 @@
-"""`experiment repeated-data`: both sides train on the same few tokens, curves and verdicts come from the runs,
+"""`experiment repeated-data`: every side trains on the same few tokens, curves and verdicts come from the runs,
 a run resumes where it stopped, and bad input is one line (micro models, seconds)."""
 
 import json
@@ -25,28 +25,36 @@ def quick(corpus, out, *extra):
     return main(["experiment", "repeated-data", "--quick", "--dataset", str(corpus), "--output-dir", str(out), *extra])
 
 
-def test_quick_run_trains_both_sides_and_reports_from_their_curves(corpus, tmp_path):
+def test_quick_run_trains_every_side_and_reports_from_their_curves(corpus, tmp_path):
     out = tmp_path / "rd"
-    assert quick(corpus, out) == 0
+    assert quick(corpus, out, "--block-side-sizes", "4") == 0
     result = json.loads((out / "results.json").read_text())
     runs = {r["run"]["side"]: r for r in result["runs"]}
-    assert set(runs) == {"diffusion", "ar"}
+    assert set(runs) == {"diffusion", "block", "ar"}
+    assert runs["block"]["name"].startswith("U8192-block4-")
     for r in runs.values():
         epochs = [p["epoch"] for p in r["curve"]]
         assert epochs == sorted(epochs) and epochs[-1] == r["stopped_at_epoch"] >= 2
         assert r["best"]["validation"] == min(p["validation"] for p in r["curve"])
         assert r["curve"][-1]["flops"] == 6 * r["parameters"] * r["curve"][-1]["tokens"]
     best = result["best"]
-    verdict = result["verdicts"]["8192"]
-    # the verdict is the paired test difference of the two best models, not their validation numbers
-    gap = best["8192:diffusion"]["test"] - best["8192:ar"]["test"]
-    assert verdict["diffusion_minus_ar"] == pytest.approx(gap, abs=1e-9)
-    assert verdict["diffusion_wins"] == (verdict["diffusion_minus_ar"] + 2 * verdict["stderr"] < 0)
-    assert best["8192:diffusion"]["test"] != best["8192:ar"]["test"]
+    verdicts = result["verdicts"]["8192"]
+    assert set(verdicts) == {"diffusion", "block"}
+    for side, verdict in verdicts.items():
+        # the verdict is the paired test difference of the two best models, not their validation numbers
+        gap = best[f"8192:{side}"]["test"] - best["8192:ar"]["test"]
+        assert verdict["minus_ar"] == pytest.approx(gap, abs=1e-9)
+        assert verdict["wins"] == (verdict["minus_ar"] + 2 * verdict["stderr"] < 0)
+        assert best[f"8192:{side}"]["test"] != best["8192:ar"]["test"]
+    # the block model's checkpoint is a block model: eval and generate read its block size from it
+    from textdiffusion.config import DiffusionConfig
+
+    assert DiffusionConfig.from_pretrained(out / runs["block"]["name"] / runs["block"]["best_dir"]).block_size == 4
     text = (out / "results.md").read_text()
-    assert "Goal" in text and ("met at U = 8,192" in text) == verdict["diffusion_wins"]
+    assert "Goal (diffusion's" in text and "Goal (the block side's" in text
+    assert ("met at U = 8,192" in text) == any(v["wins"] for v in verdicts.values())
     assert (out / "repeated_data.png").stat().st_size > 10_000
-    assert [q["side"] for q in result["quality"][1:]] == ["ar", "diffusion"]  # generated from each best model
+    assert [q["side"] for q in result["quality"][1:]] == ["ar", "block", "diffusion"]  # generated from each best model
 
 
 def _args(corpus, **changes):
@@ -114,6 +122,7 @@ def test_a_failed_experiment_keeps_finished_runs_and_the_same_command_resumes(co
     (["--ar-epochs", "0"], "--ar-epochs must be >= 1, got 0"),
     (["--ar-dropout", "1.5"], "--ar-dropout must be in [0, 1), got 1.5"),
     (["--preset", "huge"], "--preset must be one of"),
+    (["--block-side-sizes", "5"], "--block-side-sizes 5 does not divide --max-length 128"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing(corpus, tmp_path, capsys, extra, needle):
     out = tmp_path / "rd"

@@ -145,6 +145,11 @@ class ExperimentArgs:
         "help": "repeated-data: AR weight decay values."})
     ar_input_noise: list[float] = field(default_factory=lambda: [0.0], metadata={
         "help": "repeated-data: AR input-token noise values (share of inputs replaced by random tokens)."})
+    block_side_sizes: list[int] = field(default_factory=list, metadata={
+        "help": "repeated-data: block sizes trained as a third side, block diffusion (BD3-LM) from scratch with the "
+                "diffusion side's learning rates, dropout and weight decay (none by default)."})
+    block_epochs: list[int] = field(default_factory=list, metadata={
+        "help": "repeated-data: the block side's horizons in epochs (default: --epochs)."})
     patience: int = field(default=10, metadata={"help": "repeated-data: evaluations without a new best before a run stops."})
     evals: int = field(default=40, metadata={"help": "repeated-data: evaluations per run after the first epochs."})
     workers: int = field(default=1, metadata={

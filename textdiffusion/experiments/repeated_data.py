@@ -13,7 +13,10 @@ tokenizer, blocks, batch, optimiser and schedule shape:
   evaluated by its NELBO bound (``core.evaluation.nelbo``, exact-k, fixed masks: paired across epochs);
 * the GPT-2 of the same width and depth (``models.autoregressive``), evaluated by its exact NLL on the
   same tokens, with the regularisers that delay its overfitting (dropout, weight decay) and several
-  schedule horizons (a cosine that ends where AR is at its best is AR's best case).
+  schedule horizons (a cosine that ends where AR is at its best is AR's best case);
+* with ``--block-side-sizes B``, a third side between the two: the same ModernBERT as a block diffusion
+  model (BD3-LM, ``models.block``: causal across blocks of B, masked diffusion inside one), trained on its
+  block NELBO and judged by it, with the diffusion side's learning rates and dropout.
 
 Each side sweeps its peak learning rate; every run evaluates on a validation split as it trains and stops
 once the validation loss has not improved for ``--patience`` evaluations. Each side's best run is chosen
@@ -45,10 +48,18 @@ from textdiffusion.core.data import load_corpus, pack
 from textdiffusion.core.evaluation import BoundResult, nelbo, scored_positions, weighted_mean
 from textdiffusion.errors import UsageError
 from textdiffusion.models.autoregressive import causal_nll
+from textdiffusion.models.block import (
+    EncoderBlockDiffusionLM,
+    block_loss,
+    block_nelbo,
+    block_nelbo_per_block,
+    check_block_size,
+    scoring_corruption,
+)
 from textdiffusion.models.presets import PRESETS, preset_tokenizer
 from textdiffusion.pipelines.objectives import OBJECTIVES
 
-SIDES = ("diffusion", "ar")
+SIDES = ("diffusion", "block", "ar")
 PREFIX = 1  # position 0 is given to both sides (nothing predicts it autoregressively); all later tokens are scored
 ARGS_FILE = "experiment_args.json"
 # what gives every run of a folder its meaning: a resumed folder must match these. The grid itself (budgets,
@@ -69,10 +80,12 @@ class Run:
     dropout: float = 0.0
     weight_decay: float = 0.1
     input_noise: float = 0.0  # AR only: share of input tokens replaced by random ones (targets unchanged)
+    block_size: int = 0  # block side only: tokens per block
 
     @property
     def name(self) -> str:
-        name = f"U{self.budget}-{self.side}-lr{self.learning_rate:g}-e{self.epochs}-drop{self.dropout:g}-wd{self.weight_decay:g}"
+        side = f"block{self.block_size}" if self.side == "block" else self.side
+        name = f"U{self.budget}-{side}-lr{self.learning_rate:g}-e{self.epochs}-drop{self.dropout:g}-wd{self.weight_decay:g}"
         return name + (f"-noise{self.input_noise:g}" if self.input_noise else "")
 
 
@@ -116,6 +129,13 @@ def budget_blocks(data: Data, budget: int, args) -> torch.Tensor:
 
 
 # -- one run ----------------------------------------------------------------------------------------
+def block_corruption(tokenizer, block_size: int):
+    """The block side's training draws: a level per block (BD3-LM), one mask per row (no complementary copy:
+    an epoch costs about twice the diffusion side's, the clean copy beside the noisy one, not four times); the
+    same given first token and unscored special tokens as the other two sides."""
+    return scoring_corruption(tokenizer, block_size, causal=False, prefix_length=PREFIX).like(complementary=False)
+
+
 def corruption() -> CorruptionConfig:
     """The diffusion side trains on the bound it is judged by: MDLM's continuous-time ELBO weighting, a level
     per example, stratified over the batch."""
@@ -146,14 +166,19 @@ def _optimizer(module, run: Run) -> torch.optim.Optimizer:
 
 
 class Side:
-    """What differs between the two sides: the model, its loss and its validation number."""
+    """What differs between the sides: the model, its loss and its validation number."""
 
     def __init__(self, run: Run, tokenizer, args):
         from textdiffusion.pipelines.generation import resolve_device
 
         self.run, self.tokenizer, self.device = run, tokenizer, resolve_device(args.device)
-        objective = OBJECTIVES[run.side]
+        objective = OBJECTIVES["diffusion" if run.side == "block" else run.side]
         self.model = objective.build(args.preset, tokenizer, args.max_length, run.dropout, "modernbert")
+        if run.side == "block":
+            self.trained = EncoderBlockDiffusionLM(self.model, run.block_size).to(self.device)
+            self.collator = block_corruption(tokenizer, run.block_size).like(seed=args.seed)
+            self.eval_collator = scoring_corruption(tokenizer, run.block_size, causal=False, prefix_length=PREFIX)
+            return
         self.trained = objective.prepare(tokenizer, self.model).to(self.device)
         self.collator = collator_from_config(tokenizer, corruption(), seed=args.seed)
         self.eval_collator = collator_from_config(tokenizer, corruption(), training=False)
@@ -164,6 +189,9 @@ class Side:
 
             batch = {k: v.to(self.device) for k, v in self.collator(blocks).items()}
             return diffusion_loss(self.trained, batch, "elbo")
+        if self.run.side == "block":
+            batch = {k: v.to(self.device) for k, v in self.collator(blocks).items()}
+            return block_loss(self.trained, batch, "elbo")  # the block NELBO per token it is judged by
         inputs = blocks
         if self.run.input_noise:  # Gao et al. 2025: noised inputs are much of what makes diffusion data-efficient
             noise = torch.rand(blocks.shape) < self.run.input_noise
@@ -173,6 +201,8 @@ class Side:
     def evaluate(self, blocks: torch.Tensor, samples: int) -> BoundResult:
         if self.run.side == "diffusion":
             return nelbo(self.trained, blocks, self.eval_collator, "exact-k", samples_per_block=samples, seed=1234)
+        if self.run.side == "block":
+            return block_nelbo(self.trained, blocks, self.eval_collator, samples_per_block=samples, seed=1234)
         return causal_nll(self.model, blocks, scored_positions(blocks, self.tokenizer, PREFIX))
 
 
@@ -194,9 +224,10 @@ def _save_best(side: Side, run_dir: Path, epoch: int, max_length: int) -> str:
     side.model.save_pretrained(folder)
     side.tokenizer.save_pretrained(folder)
     tok = side.tokenizer
-    DiffusionConfig(objective=side.run.side, max_length=max_length, mask_token_id=tok.mask_token_id,
-                    cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
-                    corruption=corruption()).save_pretrained(folder)
+    block = side.run.side == "block"
+    DiffusionConfig(objective="diffusion" if block else side.run.side, max_length=max_length,
+                    mask_token_id=tok.mask_token_id, cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+                    corruption=corruption(), block_size=side.run.block_size if block else None).save_pretrained(folder)
     return folder.name
 
 
@@ -287,6 +318,9 @@ def grid(args) -> list[Run]:
                  for noise in args.ar_input_noise]
         runs += [Run("diffusion", budget, lr, epochs, dropout, args.weight_decay) for lr in args.learning_rates
                  for epochs in args.epochs for dropout in args.dropout]
+        runs += [Run("block", budget, lr, epochs, dropout, args.weight_decay, block_size=b)
+                 for b in args.block_side_sizes for lr in args.learning_rates
+                 for epochs in (args.block_epochs or args.epochs) for dropout in args.dropout]
     return runs
 
 
@@ -298,7 +332,7 @@ def check_args(args) -> None:
     for name, values in lists.items():
         if not values:
             raise UsageError(f"--{name.replace('_', '-')} needs at least one value.")
-    for name in ("budgets", "epochs", "ar_epochs"):
+    for name in ("budgets", "epochs", "ar_epochs", "block_epochs"):
         for v in getattr(args, name):
             if v < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}.")
@@ -313,6 +347,8 @@ def check_args(args) -> None:
     for v in [args.weight_decay, *args.ar_weight_decay]:
         if v < 0:
             raise UsageError(f"--weight-decay/--ar-weight-decay must be >= 0, got {v}.")
+    for b in args.block_side_sizes:
+        check_block_size(b, args.max_length, "--block-side-sizes")
     if args.preset not in PRESETS:
         raise UsageError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}.")
     for name in ("patience", "evals", "validation_blocks", "vocab_size", "workers"):
@@ -344,7 +380,14 @@ def test_estimate(record: dict, folder: Path, data: Data, args) -> dict:
 
     checkpoint = folder / record["name"] / record["best_dir"]
     blocks, device = data.test, resolve_device(args.device)
-    if record["run"]["side"] == "diffusion":
+    if record["run"]["side"] == "block":
+        from textdiffusion.models.loading import open_checkpoint
+
+        opened = open_checkpoint(str(checkpoint))
+        corruption_ = scoring_corruption(opened.tokenizer, record["run"]["block_size"], causal=False, prefix_length=PREFIX)
+        per_block, weights = block_nelbo_per_block(opened.denoiser.to(device), blocks, corruption_,
+                                                   samples_per_block=max(8, args.nelbo_samples), seed=4321)
+    elif record["run"]["side"] == "diffusion":
         config = DiffusionConfig.from_pretrained(checkpoint)
         tokenizer, model = load_diffusion_model(str(checkpoint), config)
         collator = collator_from_config(tokenizer, corruption(), training=False)
@@ -388,7 +431,7 @@ def generation_rows(bests: dict, folder: Path, data: Data, args) -> list[dict]:
     for (budget, side), record in sorted(bests.items()):
         checkpoint = str(folder / record["name"] / record["best_dir"])
         label = f"U={budget:,}: {side} (best, epoch {record['best']['epoch']})"
-        if side == "diffusion":
+        if side != "ar":
             gen = DiffusionGenerator.from_pretrained(checkpoint, device=str(device))
             out = diffusion_continuations(gen, prompts, args.new_tokens, seed=args.seed, steps=args.new_tokens)
         else:
@@ -442,7 +485,7 @@ def train_grid(runs: list[Run], data: Data, args, out: Path) -> list[dict]:
     manager = context.Manager()
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     cores, lock = manager.list(allowed[: args.workers] if len(allowed) >= args.workers else []), manager.Lock()
-    cost = {run: run.budget * run.epochs * (1.5 if run.side == "ar" else 1.0) for run in runs}
+    cost = {run: run.budget * run.epochs * {"ar": 1.5, "diffusion": 1.0, "block": 2.0}[run.side] for run in runs}
     order = sorted(runs, key=lambda r: (r.budget, -cost[r]))  # the smallest budget completes first, longest runs first
     with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_pin_worker, initargs=(cores, lock)) as pool:
         futures = {run: pool.submit(_train_in_worker, run, args, out) for run in order}
@@ -463,11 +506,11 @@ def run_repeated_data(args, out: Path) -> dict:
             bests[key] = record
     for record in bests.values():
         record.update(test_estimate(record, out, data, args))
-    verdicts = {}
-    for budget in args.budgets:
-        diff, ar = bests[(budget, "diffusion")], bests[(budget, "ar")]
-        gap, gap_err = paired_difference(diff, ar)
-        verdicts[budget] = {"diffusion_minus_ar": gap, "stderr": gap_err, "diffusion_wins": gap + 2 * gap_err < 0}
+    verdicts = {budget: {} for budget in args.budgets}  # budget -> side -> its paired test difference to AR
+    for (budget, side), record in bests.items():
+        if side != "ar":
+            gap, gap_err = paired_difference(record, bests[(budget, "ar")])
+            verdicts[budget][side] = {"minus_ar": gap, "stderr": gap_err, "wins": gap + 2 * gap_err < 0}
     quality = generation_rows(bests, out, data, args)
     summary = {"budgets": args.budgets, "tokenizer_vocab": len(data.tokenizer), "validation_blocks": len(data.validation),
                "test_blocks": len(data.test), "runs": [_without_blocks(r) for r in records],
@@ -484,7 +527,9 @@ def _without_blocks(record: dict) -> dict:
 
 def _describe(run: dict) -> str:
     text = f"lr {run['learning_rate']:g}, horizon {run['epochs']} epochs"
-    if run["side"] == "diffusion" and run["dropout"]:
+    if run["side"] == "block":
+        text = f"blocks of {run['block_size']}, " + text
+    if run["side"] != "ar" and run["dropout"]:
         text += f", dropout {run['dropout']:g}"
     if run["side"] == "ar":
         text += f", dropout {run['dropout']:g}, wd {run['weight_decay']:g}"
@@ -498,7 +543,7 @@ def report(args, data: Data, records: list[dict], bests: dict, verdicts: dict, q
     params = {r["run"]["side"]: r["parameters"] for r in records}
     train_s = sum(r["train_s"] for r in records)
     eval_s = sum(r["eval_s"] for r in records)
-    met = [b for b, v in verdicts.items() if v["diffusion_wins"]]
+    met = {side: [b for b, v in verdicts.items() if v.get(side, {}).get("wins")] for side in SIDES[:2]}
     import platform
     import sys
 
@@ -508,17 +553,23 @@ def report(args, data: Data, records: list[dict], bests: dict, verdicts: dict, q
         f"`{command}` on {platform.machine()} ({platform.processor() or 'cpu'}), {os.cpu_count()} cores, "
         f"{time.strftime('%Y-%m-%d')}.", "",
         f"`{args.dataset}`, one byte-level BPE tokenizer ({len(data.tokenizer):,} tokens) for every budget; blocks of "
-        f"{args.max_length} tokens, batch {args.batch_size}; preset `{args.preset}` for both sides (diffusion "
+        f"{args.max_length} tokens, batch {args.batch_size}; preset `{args.preset}` for every side (diffusion "
         f"{params.get('diffusion', 0) / 1e6:.2f}M parameters, ModernBERT; AR {params.get('ar', 0) / 1e6:.2f}M, GPT-2). "
         "A budget U is the first U tokens of one shuffled packing of the training split, seen again every epoch.",
-        f"Both sides: AdamW (betas 0.9/0.95, gradient clip 1.0), linear warm-up then a cosine to a tenth of the peak at "
+        f"Every side: AdamW (betas 0.9/0.95, gradient clip 1.0), linear warm-up then a cosine to a tenth of the peak at "
         f"the horizon, stop after {args.patience} evaluations without a new best. Diffusion trains on its ELBO "
         f"(continuous time, a level per example) and is judged by its NELBO bound (exact-k, {args.nelbo_samples} fixed "
         "masks per block on validation, 8 on test); AR by its exact NLL on the same tokens (every token after the "
         "first, special tokens excluded). Each side's best run is chosen on the validation split "
         f"({len(data.validation)} blocks) and reported on the test split ({len(data.test)} blocks, other documents).",
         f"Grid per budget: diffusion lr {args.learning_rates}, horizons {args.epochs} epochs, dropout {args.dropout}, "
-        f"weight decay {args.weight_decay}; AR lr {args.ar_learning_rates}, horizons {args.ar_epochs} epochs, dropout "
+        f"weight decay {args.weight_decay}; "
+        + (f"block side: blocks of {args.block_side_sizes}, horizons {args.block_epochs or args.epochs} epochs, the "
+           "diffusion side's rates, dropout and weight decay, trained and judged by its block NELBO (a level per "
+           f"block, one mask per row; judged given the clean blocks before, {args.nelbo_samples} pairs of complementary "
+           "masks per block on validation, 8 on test); "
+           if args.block_side_sizes else "")
+        + f"AR lr {args.ar_learning_rates}, horizons {args.ar_epochs} epochs, dropout "
         f"{args.ar_dropout}, weight decay {args.ar_weight_decay}, input noise {args.ar_input_noise}.",
         f"Compute: {train_s / 3600:.2f} core-hours of training, evaluation {eval_s / max(train_s + eval_s, 1e-9):.1%} "
         "of the total (process CPU time).", "",
@@ -528,19 +579,24 @@ def report(args, data: Data, records: list[dict], bests: dict, verdicts: dict, q
     for (budget, side), r in sorted(bests.items()):
         lines.append(f"| {budget:,} | {side} | {_describe(r['run'])} | {r['best']['epoch']} | "
                      f"{r['best']['validation']:.4f} | {r['test']:.4f} ± {r['test_stderr']:.4f} | {r['stopped_at_epoch']} |")
-    lines += ["", "## Who wins", "", "| U (tokens) | diffusion − AR on test (paired, nats/token) | AR's best epoch | "
+    lines += ["", "## Who wins", "", "| U (tokens) | side − AR on test (paired, nats/token) | AR's best epoch | "
               "AR validation at its last evaluation | verdict |", "| --- | --- | --- | --- | --- |"]
     for budget in args.budgets:
-        v, ar = verdicts[budget], bests[(budget, "ar")]
+        ar = bests[(budget, "ar")]
         last = ar["curve"][-1]
-        word = ("diffusion lower (beyond 2 s.e.)" if v["diffusion_wins"] else
-                "AR lower (beyond 2 s.e.)" if v["diffusion_minus_ar"] - 2 * v["stderr"] > 0 else "within 2 s.e.")
-        lines.append(f"| {budget:,} | {v['diffusion_minus_ar']:+.4f} ± {v['stderr']:.4f} | {ar['best']['epoch']} | "
-                     f"{last['validation']:.4f} at epoch {last['epoch']} | {word} |")
-    lines += ["", f"**Goal (diffusion's best NELBO bound below AR's best NLL on the same tokens at >= 1 budget): "
-              f"{'met at U = ' + ', '.join(f'{b:,}' for b in met) if met else 'not met'}.** The bound is an upper "
-              "bound on diffusion's NLL, so a bound below AR's exact NLL means diffusion's likelihood is better; the "
-              "reverse is not proven by a bound above it.", "",
+        for side, v in verdicts[budget].items():
+            word = (f"{side} lower (beyond 2 s.e.)" if v["wins"] else
+                    "AR lower (beyond 2 s.e.)" if v["minus_ar"] - 2 * v["stderr"] > 0 else "within 2 s.e.")
+            lines.append(f"| {budget:,} | {side} − AR: {v['minus_ar']:+.4f} ± {v['stderr']:.4f} | {ar['best']['epoch']} | "
+                         f"{last['validation']:.4f} at epoch {last['epoch']} | {word} |")
+    for side, budgets in met.items():
+        if not any(side in v for v in verdicts.values()):
+            continue
+        what = "diffusion's best NELBO bound" if side == "diffusion" else "the block side's best block NELBO bound"
+        lines.append(f"\n**Goal ({what} below AR's best NLL on the same tokens at >= 1 budget): "
+                     f"{'met at U = ' + ', '.join(f'{b:,}' for b in budgets) if budgets else 'not met'}.**")
+    lines += ["", "A bound is an upper bound on the model's NLL, so a bound below AR's exact NLL means the diffusion "
+              "model's likelihood is better; the reverse is not proven by a bound above it.", "",
               "## Every run", "", "| run | best epoch | best validation | stopped at epoch | train (core-s) |",
               "| --- | --- | --- | --- | --- |"]
     for r in records:
@@ -562,7 +618,7 @@ def plot_curves(records: list[dict], bests: dict, args, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"diffusion": "tab:blue", "ar": "tab:red"}
+    colours = {"diffusion": "tab:blue", "block": "tab:green", "ar": "tab:red"}
     fig, axes = plt.subplots(2, len(args.budgets), figsize=(5 * len(args.budgets), 7.5), squeeze=False)
     for col, budget in enumerate(args.budgets):
         for r in records:

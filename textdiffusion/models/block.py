@@ -402,15 +402,13 @@ def block_level_loss(model, blocks: torch.Tensor, corruption: BlockCorruption, l
 
 
 @torch.no_grad()
-def block_nelbo(model, blocks: torch.Tensor, corruption: BlockCorruption, samples_per_block: int = 2,
-                batch_size: int = 16, seed: int = 1234):
-    """The block NELBO per token (BD3-LM, eq. 8): for each block, E_t[1/t * masked cross-entropy] given the
-    clean blocks before it, summed over blocks and divided by the scored tokens (every token after the clean
-    prefix that is not padding or special). Monte Carlo over t: each draw is a pair of complementary masks (levels t
-    and 1-t, antithetic), ``samples_per_block`` draws per row. Returns a ``BoundResult``."""
-    from textdiffusion.core.evaluation import BoundResult, weighted_mean
-
+def block_nelbo_per_block(model, blocks: torch.Tensor, corruption: BlockCorruption, samples_per_block: int = 2,
+                          batch_size: int = 16, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n] float64 block NELBO per scored token of each row, [n] scored tokens per row): ``block_nelbo``
+    before pooling, for comparisons paired row by row with another model's NLL on the same rows."""
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # dropout off: the bound of the model, not of a thinned copy
     pair = corruption.like(complementary=True, t_min=1e-3, t_max=1.0)
     g = torch.Generator().manual_seed(seed)
     per_row, scored = [], []
@@ -428,9 +426,22 @@ def block_nelbo(model, blocks: torch.Tensor, corruption: BlockCorruption, sample
             total += weighted.sum(1).view(clean.shape[0], 2).mean(1).cpu()  # the pair's mean: one draw
         per_row.append(total / samples_per_block)
         scored.append(pair.maskable(clean).sum(1))
+    model.train(was_training)
     sums, counts = torch.cat(per_row), torch.cat(scored).double()
+    return sums / counts.clamp_min(1), counts
+
+
+def block_nelbo(model, blocks: torch.Tensor, corruption: BlockCorruption, samples_per_block: int = 2,
+                batch_size: int = 16, seed: int = 1234):
+    """The block NELBO per token (BD3-LM, eq. 8): for each block, E_t[1/t * masked cross-entropy] given the
+    clean blocks before it, summed over blocks and divided by the scored tokens (every token after the clean
+    prefix that is not padding or special). Monte Carlo over t: each draw is a pair of complementary masks (levels t
+    and 1-t, antithetic), ``samples_per_block`` draws per row. Returns a ``BoundResult``."""
+    from textdiffusion.core.evaluation import BoundResult, weighted_mean
+
+    per_row, counts = block_nelbo_per_block(model, blocks, corruption, samples_per_block, batch_size, seed)
     keep = counts > 0
-    mean, stderr = weighted_mean(sums[keep] / counts[keep], counts[keep])
+    mean, stderr = weighted_mean(per_row[keep], counts[keep])
     return BoundResult(nats_per_token=mean, stderr=stderr, tokens=int(counts.sum()),
                        estimator=f"block NELBO, blocks of {corruption.block_size}")
 
