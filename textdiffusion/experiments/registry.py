@@ -147,9 +147,14 @@ class ExperimentArgs:
         "help": "repeated-data: AR input-token noise values (share of inputs replaced by random tokens)."})
     block_side_sizes: list[int] = field(default_factory=list, metadata={
         "help": "repeated-data: block sizes trained as a third side, block diffusion (BD3-LM) from scratch with the "
-                "diffusion side's learning rates, dropout and weight decay (none by default)."})
+                "diffusion side's learning rates (none by default; it overfits like AR: give it --block-dropout and "
+                "--block-weight-decay grids)."})
     block_epochs: list[int] = field(default_factory=list, metadata={
         "help": "repeated-data: the block side's horizons in epochs (default: --epochs)."})
+    block_dropout: list[float] = field(default_factory=list, metadata={
+        "help": "repeated-data: the block side's dropout values (default: --dropout)."})
+    block_weight_decay: list[float] = field(default_factory=list, metadata={
+        "help": "repeated-data: the block side's weight decay values (default: --weight-decay)."})
     patience: int = field(default=10, metadata={"help": "repeated-data: evaluations without a new best before a run stops."})
     evals: int = field(default=40, metadata={"help": "repeated-data: evaluations per run after the first epochs."})
     workers: int = field(default=1, metadata={

@@ -318,9 +318,10 @@ def grid(args) -> list[Run]:
                  for noise in args.ar_input_noise]
         runs += [Run("diffusion", budget, lr, epochs, dropout, args.weight_decay) for lr in args.learning_rates
                  for epochs in args.epochs for dropout in args.dropout]
-        runs += [Run("block", budget, lr, epochs, dropout, args.weight_decay, block_size=b)
+        runs += [Run("block", budget, lr, epochs, dropout, wd, block_size=b)
                  for b in args.block_side_sizes for lr in args.learning_rates
-                 for epochs in (args.block_epochs or args.epochs) for dropout in args.dropout]
+                 for epochs in (args.block_epochs or args.epochs) for dropout in (args.block_dropout or args.dropout)
+                 for wd in (args.block_weight_decay or [args.weight_decay])]
     return runs
 
 
@@ -340,13 +341,13 @@ def check_args(args) -> None:
         for v in getattr(args, name):
             if not v > 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {v}.")
-    for name in ("dropout", "ar_dropout", "ar_input_noise"):
+    for name in ("dropout", "ar_dropout", "ar_input_noise", "block_dropout"):
         for v in getattr(args, name):
             if not 0.0 <= v < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}.")
-    for v in [args.weight_decay, *args.ar_weight_decay]:
+    for v in [args.weight_decay, *args.ar_weight_decay, *args.block_weight_decay]:
         if v < 0:
-            raise UsageError(f"--weight-decay/--ar-weight-decay must be >= 0, got {v}.")
+            raise UsageError(f"--weight-decay/--ar-weight-decay/--block-weight-decay must be >= 0, got {v}.")
     for b in args.block_side_sizes:
         check_block_size(b, args.max_length, "--block-side-sizes")
     if args.preset not in PRESETS:
@@ -529,8 +530,10 @@ def _describe(run: dict) -> str:
     text = f"lr {run['learning_rate']:g}, horizon {run['epochs']} epochs"
     if run["side"] == "block":
         text = f"blocks of {run['block_size']}, " + text
-    if run["side"] != "ar" and run["dropout"]:
+    if run["side"] == "diffusion" and run["dropout"]:
         text += f", dropout {run['dropout']:g}"
+    if run["side"] == "block":
+        text += f", dropout {run['dropout']:g}, wd {run['weight_decay']:g}"
     if run["side"] == "ar":
         text += f", dropout {run['dropout']:g}, wd {run['weight_decay']:g}"
         text += f", input noise {run['input_noise']:g}" if run["input_noise"] else ""
@@ -565,7 +568,8 @@ def report(args, data: Data, records: list[dict], bests: dict, verdicts: dict, q
         f"Grid per budget: diffusion lr {args.learning_rates}, horizons {args.epochs} epochs, dropout {args.dropout}, "
         f"weight decay {args.weight_decay}; "
         + (f"block side: blocks of {args.block_side_sizes}, horizons {args.block_epochs or args.epochs} epochs, the "
-           "diffusion side's rates, dropout and weight decay, trained and judged by its block NELBO (a level per "
+           f"diffusion side's rates, dropout {args.block_dropout or args.dropout}, weight decay "
+           f"{args.block_weight_decay or [args.weight_decay]}, trained and judged by its block NELBO (a level per "
            f"block, one mask per row; judged given the clean blocks before, {args.nelbo_samples} pairs of complementary "
            "masks per block on validation, 8 on test); "
            if args.block_side_sizes else "")

