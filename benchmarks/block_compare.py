@@ -190,7 +190,7 @@ def likelihood_line(block: DiffusionGenerator, causal, n_blocks: int) -> dict:
     tok = block.tokenizer
     blocks = pack(load_corpus("wiki-vital").validation, tok, block.config.max_length, keep_remainder=True)[:n_blocks]
     corruption = scoring_corruption(tok, block.config.block_size, causal=True)
-    bound = block_nelbo(block.denoiser, blocks, corruption, samples_per_block=2, batch_size=16)
+    bound = block_nelbo(block.denoiser, blocks, corruption, samples_per_block=4, batch_size=16)
     exact = causal_nll(causal, blocks, corruption.maskable(blocks), batch_size=16)
     return {"blocks": len(blocks), "tokens": bound.tokens, "block_nelbo": bound.nats_per_token,
             "block_nelbo_stderr": bound.stderr, "ar_nll": exact.nats_per_token, "ar_nll_stderr": exact.stderr}

@@ -14,6 +14,7 @@ from textdiffusion.models.block import (
     add_lora,
     block_loss,
     block_nelbo,
+    exact_k_block_draw,
     noisy_block_mask,
 )
 
@@ -152,6 +153,37 @@ def test_block_nelbo_is_finite_and_above_the_exact_nll_of_a_perfect_block_model(
     bound = block_nelbo(denoiser, clean, BlockCorruption(MASK, PAD, B), samples_per_block=2, batch_size=4)
     assert 0 < bound.nats_per_token < 50 and bound.stderr >= 0 and "blocks of 4" in bound.estimator
     assert bound.tokens == 4 * (16 - B)
+
+
+def test_exact_k_draws_cover_every_k_of_a_block_once_per_cycle_and_weight_it_n_over_k():
+    maskable = torch.ones(3, 12, dtype=torch.bool)
+    maskable[:, :B] = False  # a clean first block: nothing to score there
+    maskable[1, 5] = False  # a block with 3 maskable tokens
+    g = torch.Generator().manual_seed(0)
+    draws = [exact_k_block_draw(maskable, B, s, B, g) for s in range(B)]
+    for masked, _ in draws:
+        assert not (masked & ~maskable).any()
+    counts = torch.stack([m.view(3, 3, B).sum(-1) for m, _ in draws])  # [draw, row, block]
+    assert (counts[:, :, 0] == 0).all()
+    assert sorted(counts[:, 0, 1].tolist()) == [1, 2, 3, 4]  # a full block: every k once in B draws
+    assert sorted(counts[:, 1, 1].tolist()) in ([1, 1, 2, 3], [1, 2, 2, 3], [1, 2, 3, 3])  # n = 3 in 4 strata
+    for masked, weight in draws:
+        k = masked.view(3, 3, B).sum(-1)[0, 2]
+        assert weight[0, 2 * B] == pytest.approx(B / k.item())
+
+
+def test_the_exact_k_block_bound_estimates_the_continuous_one_with_less_variance():
+    denoiser = adapted()
+    clean = clean_rows(b=4, l=16)
+    corruption = BlockCorruption(MASK, PAD, B)
+
+    def estimates(estimator, samples):
+        return torch.tensor([block_nelbo(denoiser, clean, corruption, samples_per_block=samples, seed=seed,
+                                         estimator=estimator).nats_per_token for seed in range(6)])
+
+    exact, continuous = estimates("exact-k", 8), estimates("continuous", 4)  # the same 8 forwards per row each
+    assert exact.std() < continuous.std()
+    assert abs(exact.mean() - continuous.mean()) < 3 * (continuous.std() / 6 ** 0.5 + exact.std() / 6 ** 0.5)
 
 
 # -- through DenoisingRun --------------------------------------------------------------------------------

@@ -15,51 +15,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_gpu_models_cpu_smoke(tmp_path, wiki, small_jsonl):
-    mpnet = save_headless_mpnet(tmp_path / "tiny-mpnet", wiki.train[:200])
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_MODELS_SMOKE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--out", str(out), "--mpnet", str(mpnet),
-                           "--dataset", str(small_jsonl)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["smoke"] and [r["model"] for r in summary["models"]] == ["wiki-small-now", "wiki-small-new", "mpnet-wiki"]
-    for row in summary["models"]:
-        assert row["bits_per_byte"] > 0 and row["nats_per_word"] > row["nats_per_token"]
-    from textdiffusion.models.loading import load_masked_lm
-
-    for name in ("wiki-small", "mpnet-wiki"):  # the exports load and carry their diffusion settings
-        assert (out / "models" / name / "diffusion_config.json").exists()
-        assert load_masked_lm(str(out / "models" / name))[1].missing_head_keys == []
-    assert not (out / "runs").exists()
-
-
-@pytest.mark.slow
-def test_gpu_models_runs_the_opt_in_stages_when_asked(tmp_path, wiki, small_jsonl):
-    """--models smollm2-wiki,smollm2-bd,wiki-small-sdtt in one run (one evaluation of the bundled wiki-small for all):
-    a tiny Llama adapted by the GPU recipe (shortened) and exported with the measured generate defaults and its shift;
-    the same Llama trained by the block recipe, exported as an adapter, evaluated (block NELBO) and compared with
-    itself left to right by block_compare.py --quick; the bundled wiki-small distilled (one round of two steps,
-    8 -> 4), its rounds' verdicts kept, exported at its new step count and evaluated."""
+def test_gpu_models_cpu_smoke_trains_evaluates_and_exports_every_model(tmp_path, wiki, small_jsonl):
+    """Every stage in one run (one evaluation of the bundled wiki-small for all): wiki-small from its preset and a tiny
+    MPNet by the GPU recipes (shortened); a tiny Llama adapted by the GPU recipe and exported with the measured
+    generate defaults and its shift; the same Llama trained by the block recipe, exported as an adapter, evaluated
+    (block NELBO) and compared with itself left to right by block_compare.py --quick; the new wiki-small distilled
+    (one round of two steps, 8 -> 4), its rounds' verdicts kept, exported at its new step count and evaluated."""
     from test_adapt import save_tiny_causal
 
     from textdiffusion.config import DiffusionConfig
+    from textdiffusion.models.loading import load_masked_lm
 
+    mpnet = save_headless_mpnet(tmp_path / "tiny-mpnet", wiki.train[:200])
     llama = tmp_path / "tiny-llama"
     save_tiny_causal(llama, wiki.train[:200])
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--cpu-smoke", "--out", str(out),
-                           "--models", "smollm2-wiki,smollm2-bd,wiki-small-sdtt", "--smollm2", str(llama),
-                           "--dataset", str(small_jsonl)],
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_MODELS_SMOKE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    models = "wiki-small,mpnet-wiki,smollm2-wiki,smollm2-bd,wiki-small-sdtt"
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_models.sh"), "--out", str(out), "--models", models,
+                           "--mpnet", str(mpnet), "--smollm2", str(llama), "--dataset", str(small_jsonl)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert sorted(r["model"] for r in summary["models"]) == sorted(
-        ["wiki-small-now", "smollm2-wiki", "smollm2-bd", "wiki-small-sdtt"]), summary["models"]
-    assert summary["models"][0]["model"] == "wiki-small-now"
+    assert summary["smoke"] and [r["model"] for r in summary["models"]] == [
+        "wiki-small-now", "wiki-small-new", "mpnet-wiki", "smollm2-wiki", "smollm2-bd", "wiki-small-sdtt"]
+    for row in summary["models"]:
+        assert row["bits_per_byte"] > 0 and row["nats_per_word"] > row["nats_per_token"]
+    for name in ("wiki-small", "mpnet-wiki"):  # the exports load and carry their diffusion settings
+        assert (out / "models" / name / "diffusion_config.json").exists()
+        assert load_masked_lm(str(out / "models" / name))[1].missing_head_keys == []
     # the adaptation
     config = DiffusionConfig.from_pretrained(out / "models" / "smollm2-wiki")
     assert config.adapted_from_causal

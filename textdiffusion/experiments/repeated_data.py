@@ -202,7 +202,9 @@ class Side:
         if self.run.side == "diffusion":
             return nelbo(self.trained, blocks, self.eval_collator, "exact-k", samples_per_block=samples, seed=1234)
         if self.run.side == "block":
-            return block_nelbo(self.trained, blocks, self.eval_collator, samples_per_block=samples, seed=1234)
+            # exact-k draws: as many as the block has tokens visit every k of a block once
+            draws = max(samples, self.run.block_size)
+            return block_nelbo(self.trained, blocks, self.eval_collator, samples_per_block=draws, seed=1234)
         return causal_nll(self.model, blocks, scored_positions(blocks, self.tokenizer, PREFIX))
 
 
@@ -387,7 +389,8 @@ def test_estimate(record: dict, folder: Path, data: Data, args) -> dict:
         opened = open_checkpoint(str(checkpoint))
         corruption_ = scoring_corruption(opened.tokenizer, record["run"]["block_size"], causal=False, prefix_length=PREFIX)
         per_block, weights = block_nelbo_per_block(opened.denoiser.to(device), blocks, corruption_,
-                                                   samples_per_block=max(8, args.nelbo_samples), seed=4321)
+                                                   samples_per_block=max(8, args.nelbo_samples, record["run"]["block_size"]),
+                                                   seed=4321)
     elif record["run"]["side"] == "diffusion":
         config = DiffusionConfig.from_pretrained(checkpoint)
         tokenizer, model = load_diffusion_model(str(checkpoint), config)
@@ -570,8 +573,8 @@ def report(args, data: Data, records: list[dict], bests: dict, verdicts: dict, q
         + (f"block side: blocks of {args.block_side_sizes}, horizons {args.block_epochs or args.epochs} epochs, the "
            f"diffusion side's rates, dropout {args.block_dropout or args.dropout}, weight decay "
            f"{args.block_weight_decay or [args.weight_decay]}, trained and judged by its block NELBO (a level per "
-           f"block, one mask per row; judged given the clean blocks before, {args.nelbo_samples} pairs of complementary "
-           "masks per block on validation, 8 on test); "
+           "block, one mask per row; judged given the clean blocks before by the exact-k block bound, every k of a "
+           "block once on validation, twice on test); "
            if args.block_side_sizes else "")
         + f"AR lr {args.ar_learning_rates}, horizons {args.ar_epochs} epochs, dropout "
         f"{args.ar_dropout}, weight decay {args.ar_weight_decay}, input noise {args.ar_input_noise}.",

@@ -401,11 +401,33 @@ def block_level_loss(model, blocks: torch.Tensor, corruption: BlockCorruption, l
     return results
 
 
+def exact_k_block_draw(maskable: torch.Tensor, block_size: int, stratum: int, strata: int,
+                       g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw of the exact-k block estimator: in every block with n maskable tokens, exactly k of them masked,
+    k from the ``stratum``-th of ``strata`` equal slices of 1..n (so ``strata`` draws cover every k of a block of
+    that size once); returns (masked [b, l] bool, weight [b, l] float64 = n/k of the position's block). The
+    continuous-time bound of a block, E_t[1/t * masked CE], equals E_{k ~ U{1..n}}[n/k * masked CE] (the MDLM
+    identity, per block): the same number without the variance of t near 0."""
+    b, l = maskable.shape
+    blocks = -(-l // block_size)
+    padded = torch.nn.functional.pad(maskable, (0, blocks * block_size - l)).view(b, blocks, block_size)
+    n = padded.sum(-1)  # [b, blocks]
+    u = (stratum + torch.rand(b, blocks, generator=g, dtype=torch.float64)) / strata
+    k = torch.minimum((u * n).floor().long() + 1, n)  # 0 where a block has nothing to score
+    scores = torch.rand(padded.shape, generator=g).masked_fill(~padded, 2.0)  # unmaskable sort last
+    masked = scores.argsort(-1).argsort(-1) < k[..., None]
+    weight = (n / k.clamp_min(1)).double()[..., None].expand(padded.shape)
+    return masked.reshape(b, -1)[:, :l], weight.reshape(b, -1)[:, :l]
+
+
 @torch.no_grad()
 def block_nelbo_per_block(model, blocks: torch.Tensor, corruption: BlockCorruption, samples_per_block: int = 2,
-                          batch_size: int = 16, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+                          batch_size: int = 16, seed: int = 1234,
+                          estimator: str = "exact-k") -> tuple[torch.Tensor, torch.Tensor]:
     """([n] float64 block NELBO per scored token of each row, [n] scored tokens per row): ``block_nelbo``
     before pooling, for comparisons paired row by row with another model's NLL on the same rows."""
+    if estimator not in ("exact-k", "continuous"):
+        raise ValueError(f"`estimator` must be 'exact-k' or 'continuous', got {estimator!r}.")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # dropout off: the bound of the model, not of a thinned copy
@@ -414,36 +436,48 @@ def block_nelbo_per_block(model, blocks: torch.Tensor, corruption: BlockCorrupti
     per_row, scored = [], []
     for clean in _batches(blocks, batch_size):
         total = torch.zeros(clean.shape[0], dtype=torch.float64)
-        for _ in range(samples_per_block):
-            t = pair.levels(clean.shape[0], -(-clean.shape[1] // corruption.block_size), g)
-            batch = {k: v.to(device) for k, v in pair.corrupt(clean, t, g).items()}
+        maskable = pair.maskable(clean)
+        for s in range(samples_per_block):
+            if estimator == "exact-k":
+                masked, weight = exact_k_block_draw(maskable, corruption.block_size, s, samples_per_block, g)
+                batch = {"input_ids": clean.masked_fill(masked, corruption.mask_token_id), "clean_ids": clean,
+                         "labels": clean.masked_fill(~masked, IGNORE_INDEX),
+                         "attention_mask": (clean != corruption.pad_token_id).long(), "loss_weight": weight}
+                copies = 1
+            else:  # each draw a pair of complementary masks at levels t and 1 - t (antithetic)
+                t = pair.levels(clean.shape[0], -(-clean.shape[1] // corruption.block_size), g)
+                batch, copies = pair.corrupt(clean, t, g), 2
+            batch = {k: v.to(device) for k, v in batch.items()}
             positions = batch["labels"] != IGNORE_INDEX
             logits = model(input_ids=batch["input_ids"], clean_ids=batch["clean_ids"],
                            attention_mask=batch["attention_mask"], masked_positions=positions).float()
             ce = torch.nn.functional.cross_entropy(logits, batch["labels"][positions], reduction="none")
             weighted = torch.zeros(positions.shape, dtype=torch.float64, device=device)
-            weighted[positions] = (ce * batch["loss_weight"][positions]).double()
-            total += weighted.sum(1).view(clean.shape[0], 2).mean(1).cpu()  # the pair's mean: one draw
+            weighted[positions] = ce.double() * batch["loss_weight"][positions].double()
+            total += weighted.sum(1).view(clean.shape[0], copies).mean(1).cpu()
         per_row.append(total / samples_per_block)
-        scored.append(pair.maskable(clean).sum(1))
+        scored.append(maskable.sum(1))
     model.train(was_training)
     sums, counts = torch.cat(per_row), torch.cat(scored).double()
     return sums / counts.clamp_min(1), counts
 
 
-def block_nelbo(model, blocks: torch.Tensor, corruption: BlockCorruption, samples_per_block: int = 2,
-                batch_size: int = 16, seed: int = 1234):
+def block_nelbo(model, blocks: torch.Tensor, corruption: BlockCorruption, samples_per_block: int = 4,
+                batch_size: int = 16, seed: int = 1234, estimator: str = "exact-k"):
     """The block NELBO per token (BD3-LM, eq. 8): for each block, E_t[1/t * masked cross-entropy] given the
     clean blocks before it, summed over blocks and divided by the scored tokens (every token after the clean
-    prefix that is not padding or special). Monte Carlo over t: each draw is a pair of complementary masks (levels t
-    and 1-t, antithetic), ``samples_per_block`` draws per row. Returns a ``BoundResult``."""
+    prefix that is not padding or special). ``exact-k`` (the default): each draw masks exactly k tokens of every
+    block, k stratified over 1..n across the ``samples_per_block`` draws (a multiple of the block size covers
+    every k); ``continuous``: each draw a pair of complementary masks at levels t and 1 - t, t ~ U(0, 1) per
+    block — the same quantity with more variance. Returns a ``BoundResult``."""
     from textdiffusion.core.evaluation import BoundResult, weighted_mean
 
-    per_row, counts = block_nelbo_per_block(model, blocks, corruption, samples_per_block, batch_size, seed)
+    per_row, counts = block_nelbo_per_block(model, blocks, corruption, samples_per_block, batch_size, seed, estimator)
     keep = counts > 0
     mean, stderr = weighted_mean(per_row[keep], counts[keep])
     return BoundResult(nats_per_token=mean, stderr=stderr, tokens=int(counts.sum()),
-                       estimator=f"block NELBO, blocks of {corruption.block_size}")
+                       estimator=f"block NELBO, blocks of {corruption.block_size}"
+                                 + (", continuous t" if estimator == "continuous" else ""))
 
 
 # -- decoding ----------------------------------------------------------------------------------------

@@ -281,7 +281,7 @@ class BlockDiffusionTrainer(DiffusionTrainer):
             corruption = corruption.like(protected_token_ids=protected)
         model.eval()
         results = block_level_loss(model, blocks, corruption, DEFAULT_MASK_PROBS, batch_size=batch)
-        bound = block_nelbo(model, blocks, corruption, samples_per_block=2, batch_size=batch)
+        bound = block_nelbo(model, blocks, corruption, samples_per_block=4, batch_size=batch)
         model.train(was_training)
         return results, bound
 
