@@ -75,8 +75,8 @@ docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # Tests run one file per worker on every core (pytest-xdist), one thread each: two 2-thread jobs on 2 cores
-# run several times slower than one after the other.
-PYTEST := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadfile
+# run several times slower than one after the other. The longest files go first (tests/conftest.py LONGEST_FIRST).
+PYTEST := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 test: install
 	$(PYTEST)

@@ -145,7 +145,9 @@ def push(remote: Remote, a: argparse.Namespace) -> None:
     stamp = _stamp(a.torch_spec, a.torch_index, a.system_site_packages)
     index = f" --index-url {shlex.quote(a.torch_index)}" if a.torch_index else ""
     venv_flags = " --system-site-packages" if a.system_site_packages else ""
-    pip = ".venv/bin/python -m pip install --quiet --disable-pip-version-check"
+    # --no-compile: no byte-compiling of every module of torch and transformers at install (half the install time);
+    # the first run compiles only what it imports
+    pip = ".venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile"
     script = f"""set -e
 cd {remote.shell_dir}
 if [ -f {STAMP} ] && [ "$(cat {STAMP})" = {stamp} ]; then echo "venv: up to date"; exit 0; fi
