@@ -6,6 +6,9 @@
 #                                             # two runs at a time, one core each (about 1 h on 2 cores)
 #   bash benchmarks/repeated_data.sh --follow-ups   # then: regularisers on both sides (U = 10k) and the diffusion
 #                                             # model with dropout (U = 25k), reusing the runs they share (~1.3 core-h)
+#   bash benchmarks/repeated_data.sh --block  # then: block diffusion (blocks of 4) as a third side at U = 25k, with its
+#                                             # own dropout x weight-decay grid, against the follow-up's best AR and
+#                                             # diffusion runs (issue 34; about 1 core-hour, one core)
 #   bash benchmarks/repeated_data.sh --gpu    # GPU: preset small (~10M), U = 0.1M / 0.3M / 1M tokens
 #
 # Interrupted? Run the same command again: finished runs are kept, an unfinished one resumes from its last
@@ -35,6 +38,18 @@ elif [ "${1:-}" = "--follow-ups" ]; then
   HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $PY -m textdiffusion experiment repeated-data --budgets 25000 --learning-rates 1e-3 \
     --epochs 600 --dropout 0.0 0.1 --ar-learning-rates 1e-3 --ar-epochs 36 --ar-dropout 0.0 0.1 --ar-weight-decay 0.1 1.0 \
     --nelbo-samples 2 --workers 2 --output-dir $R/repeated_data-dropout
+elif [ "${1:-}" = "--block" ]; then
+  # the best AR and diffusion runs of the U = 25k follow-up, then the block side's grid beside them (a run whose best
+  # model was not kept, as in a fresh clone, is trained again; with the same seeds it reproduces its curve)
+  R=benchmarks/results
+  mkdir -p "$R/repeated_data-block.partial"
+  for run in tokenizer experiment_args.json U25000-ar-lr0.001-e36-drop0.1-wd1 U25000-diffusion-lr0.001-e600-drop0.1-wd0.1; do
+    [ -e "$R/repeated_data-dropout/$run" ] && cp -rn "$R/repeated_data-dropout/$run" "$R/repeated_data-block.partial/"
+  done
+  HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $PY -m textdiffusion experiment repeated-data --budgets 25000 --learning-rates 1e-3 \
+    --epochs 600 --dropout 0.1 --block-side-sizes 4 --block-epochs 150 --block-dropout 0.1 0.3 \
+    --block-weight-decay 0.1 1.0 --ar-learning-rates 1e-3 --ar-epochs 36 --ar-dropout 0.1 --ar-weight-decay 1.0 \
+    --nelbo-samples 2 --workers 1 --output-dir $R/repeated_data-block
 else
   HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $PY -m textdiffusion experiment repeated-data --nelbo-samples 2 --workers 2 \
     --output-dir benchmarks/results/repeated_data

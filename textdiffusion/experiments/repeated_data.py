@@ -119,7 +119,7 @@ def prepare_data(args, folder: Path) -> Data:
 def budget_blocks(data: Data, budget: int, args) -> torch.Tensor:
     n = budget // args.max_length
     available = data.train.numel()
-    if budget > available:
+    if n > len(data.train):  # the last partial block of a budget is not used: a budget's own blocks suffice
         raise UsageError(f"--budgets {budget}: larger than the corpus ({available:,} training tokens of "
                          f"{args.dataset!r} with this tokenizer).")
     if n < args.batch_size:
@@ -469,9 +469,10 @@ def _pin_worker(cores, lock) -> None:
     torch.set_num_threads(1)
 
 
-def _train_in_worker(run: Run, args, out: Path) -> dict:
-    data = prepare_data(args, out)  # the tokenizer is cached in ``out``: each worker packs, none retrains
-    return train_run(run, data, args, out / run.name)
+def _for_budget(data: Data, budget: int, args) -> Data:
+    """What a worker needs of the data for one budget: its blocks, not the whole packed corpus (sent to a worker
+    instead of each worker loading and packing the corpus again)."""
+    return Data(data.tokenizer, budget_blocks(data, budget, args), data.validation, data.test)
 
 
 def train_grid(runs: list[Run], data: Data, args, out: Path) -> list[dict]:
@@ -492,7 +493,8 @@ def train_grid(runs: list[Run], data: Data, args, out: Path) -> list[dict]:
     cost = {run: run.budget * run.epochs * {"ar": 1.5, "diffusion": 1.0, "block": 2.0}[run.side] for run in runs}
     order = sorted(runs, key=lambda r: (r.budget, -cost[r]))  # the smallest budget completes first, longest runs first
     with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_pin_worker, initargs=(cores, lock)) as pool:
-        futures = {run: pool.submit(_train_in_worker, run, args, out) for run in order}
+        futures = {run: pool.submit(train_run, run, _for_budget(data, run.budget, args), args, out / run.name)
+                   for run in order}
         return [futures[run].result() for run in runs]
 
 
