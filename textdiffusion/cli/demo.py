@@ -28,9 +28,11 @@ from textdiffusion.errors import UsageError
 WIKI_PROMPTS = ["The history of the city", "The river flows"]
 AUSTEN_PROMPTS = ["It is a truth universally acknowledged", "Mrs. Bennet", "Elizabeth"]
 BLOCK_MODEL, BLOCK_PROMPT = "smollm2-bd", "The history of the city of Rome"
-FULL = {"finetune_steps": 500, "eval_blocks": 96, "eval_steps": 200, "train_eval_blocks": 64, "samples": 2}
+FULL = {"finetune_steps": 500, "batch_size": 32, "eval_blocks": 96, "eval_steps": 200, "train_eval_blocks": 64,
+        "samples": 2}
 DEMO_TITLE = "# textdiffusion demo"
-QUICK = {"finetune_steps": 20, "eval_blocks": 8, "eval_steps": 20, "train_eval_blocks": 16, "samples": 1}
+QUICK = {"finetune_steps": 20, "batch_size": 8, "eval_blocks": 8, "eval_steps": 20, "train_eval_blocks": 8,
+         "samples": 1}
 
 
 def run(argv: list[str]) -> None:
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n== 3. fine-tune on the bundled austen corpus ==")
     run(["train", "--model-name", args.checkpoint, "--dataset", "austen", "--max-steps", str(size["finetune_steps"]),
-         "--eval-steps", str(size["eval_steps"]), "--eval-blocks", str(size["train_eval_blocks"]), "--batch-size", "32", "--learning-rate", "5e-4",
+         "--eval-steps", str(size["eval_steps"]), "--eval-blocks", str(size["train_eval_blocks"]), "--batch-size", str(size["batch_size"]), "--learning-rate", "5e-4",
          "--warmup", "0.05", "--mask-per", "example", "--precision", "auto", "--logging-steps", "50",
          "--output-dir", str(out / "austen-model"), "--overwrite"])
 
