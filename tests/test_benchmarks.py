@@ -98,6 +98,7 @@ def test_speed_goals_are_judged_at_equal_quality():
     assert "no diffusion row reaches AR's gen PPL 200.0" in lines and "fast, 4.00x at gen PPL 500.0" in lines
 
 
+@pytest.mark.slow  # a benchmark end to end: in `make test`, not the edit-test loop
 def test_pretrained_comparison_sweeps_temperature_and_compares_at_the_same_one():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from pretrained_compare import causal_counterpart, configurations, parse_args

@@ -394,6 +394,7 @@ def test_the_pretrained_discriminative_keeps_the_encoder_and_adds_a_head(starts)
     assert not torch.equal(encoder["embeddings.tok_embeddings.weight"], fresh.model.embeddings.tok_embeddings.weight)
 
 
+@pytest.mark.slow  # an experiment end to end, fine-tuned starts: seconds: in `make test`, not the edit-test loop
 def test_experiment_fine_tunes_from_the_starts_and_reports_every_row(starts, three_class_file, tmp_path, monkeypatch):
     """Fractions 1 and 0.5 from the micro starts: each generative model fine-tunes its own start (its
     tokenizer kept, the label tokens appended, the start's corruption), 'misc' is left out everywhere, and

@@ -224,6 +224,7 @@ def test_server_takes_a_label_and_refuses_an_unknown_one(generator, guide):
 
 
 # -- the benchmark ----------------------------------------------------------------------------------
+@pytest.mark.slow  # a benchmark end to end: in `make test`, not the edit-test loop
 def test_guidance_benchmark_runs_and_judges_every_method(toy, tmp_path):
     """benchmarks/guidance.py end to end on the toy (an unlabelled model: no label/cfg rows), gen PPL skipped: the
     judge's ceiling per topic, one row per method, the guided rows judged more on target than the unguided one.

@@ -251,6 +251,7 @@ def test_cfg_runs_a_conditional_and_an_unconditional_pass(tokenizer):
     assert (first[1][prompt] == MASK).all() and not (first[0][prompt] == MASK).any()
 
 
+@pytest.mark.slow  # torch.compile's first compilation: in `make test`, not the edit-test loop
 def test_compiled_forward_gives_the_same_samples(tokenizer):
     """The GPU path (torch.compile, static shapes) checked on the CPU: same tokens as eager."""
     from textdiffusion.models.presets import build_preset_model

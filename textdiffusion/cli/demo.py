@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n== 3. fine-tune on the bundled austen corpus ==")
     run(["train", "--model-name", args.checkpoint, "--dataset", "austen", "--max-steps", str(size["finetune_steps"]),
-         "--eval-steps", str(size["eval_steps"]), "--eval-blocks", str(size["train_eval_blocks"]), "--batch-size", str(size["batch_size"]), "--learning-rate", "5e-4",
+         "--eval-steps", str(size["eval_steps"]), "--eval-blocks", str(size["train_eval_blocks"]),
+         "--batch-size", str(size["batch_size"]), "--learning-rate", "5e-4",
          "--warmup", "0.05", "--mask-per", "example", "--precision", "auto", "--logging-steps", "50",
          "--output-dir", str(out / "austen-model"), "--overwrite"])
 
