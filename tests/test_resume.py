@@ -33,7 +33,7 @@ def digest(path: Path) -> str:
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, small_jsonl):
-    steps = ["--max-steps", "60", "--eval-steps", "10", "--time-sampling", "antithetic"]
+    steps = ["--max-steps", "40", "--eval-steps", "10", "--time-sampling", "antithetic"]
     subprocess.run(command(small_jsonl, tmp_path / "ref", *steps), env=env(), check=True, capture_output=True)
 
     crash = tmp_path / "crash"
