@@ -16,7 +16,8 @@ tokenizer, blocks, batch, optimiser and schedule shape:
   schedule horizons (a cosine that ends where AR is at its best is AR's best case);
 * with ``--block-side-sizes B``, a third side between the two: the same ModernBERT as a block diffusion
   model (BD3-LM, ``models.block``: causal across blocks of B, masked diffusion inside one), trained on its
-  block NELBO and judged by it, with the diffusion side's learning rates and dropout.
+  block NELBO and judged by it, with the diffusion side's learning rates and its own dropout and weight decay
+  grids (it overfits like AR).
 
 Each side sweeps its peak learning rate; every run evaluates on a validation split as it trains and stops
 once the validation loss has not improved for ``--patience`` evaluations. Each side's best run is chosen
@@ -130,8 +131,8 @@ def budget_blocks(data: Data, budget: int, args) -> torch.Tensor:
 
 # -- one run ----------------------------------------------------------------------------------------
 def block_corruption(tokenizer, block_size: int):
-    """The block side's training draws: a level per block (BD3-LM), one mask per row (no complementary copy:
-    an epoch costs about twice the diffusion side's, the clean copy beside the noisy one, not four times); the
+    """The block side's training draws: a level per block (BD3-LM), one mask per row (no complementary copy: an
+    epoch costs ~2.5x the diffusion side's with the clean copy beside the noisy one, twice that with it); the
     same given first token and unscored special tokens as the other two sides."""
     return scoring_corruption(tokenizer, block_size, causal=False, prefix_length=PREFIX).like(complementary=False)
 
