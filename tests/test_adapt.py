@@ -21,7 +21,8 @@ from transformers import (
 from textdiffusion.cli.main import main
 from textdiffusion.config import DiffusionConfig
 from textdiffusion.errors import UsageError
-from textdiffusion.models.adapt import AttentionAnnealCallback, CausalDiffusionLM, choose_special_tokens
+from textdiffusion.models.adapt import CausalDiffusionLM, choose_special_tokens
+from textdiffusion.pipelines.trainers import AttentionAnnealCallback
 from textdiffusion.pipelines.training_args import TrainArgs
 
 L = 12

@@ -34,7 +34,6 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 from transformers.modeling_outputs import MaskedLMOutput
 
 from textdiffusion.core.denoiser import MaskedDiffusionLM
@@ -185,7 +184,7 @@ class CausalDiffusionLM(MaskedDiffusionLM):
     Same contract as :class:`MaskedDiffusionLM`: with ``masked_positions`` ([b, l] bool) or ``masked_index``
     it returns logits [n, vocab] at those positions only; without, a ``MaskedLMOutput`` with logits
     [b, l, vocab]. ``anneal_steps`` 0 (the default, and what ``fresh()`` gives evaluation) is full
-    attention; otherwise the training step is set (``set_step``) by :class:`AttentionAnnealCallback`. In eval mode
+    attention; otherwise the training step is set (``set_step``) by ``pipelines.trainers.AttentionAnnealCallback``. In eval mode
     attention is always full.
     """
 
@@ -242,26 +241,6 @@ class CausalDiffusionLM(MaskedDiffusionLM):
 
     def fresh(self) -> "CausalDiffusionLM":
         return type(self)(self.model)  # full attention: what `eval` and `generate` use
-
-
-class AttentionAnnealCallback(TrainerCallback):
-    """Tells the denoiser the optimiser step before each step (so a resumed run continues the schedule);
-    an unset ``anneal_steps`` becomes a tenth of the run."""
-
-    def __init__(self, denoiser: CausalDiffusionLM):
-        self.denoiser = denoiser
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.denoiser.anneal_steps is None:
-            self.denoiser.anneal_steps = max(1, state.max_steps // 10)
-        self.denoiser.set_step(state.global_step)
-        if state.is_world_process_zero:
-            steps = self.denoiser.anneal_steps
-            when = f"causal at step 0, full from step {steps}" if steps else "full from the start"
-            print(f"\nattention: {when} (--attention-anneal-steps)", flush=True)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.denoiser.set_step(state.global_step)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------

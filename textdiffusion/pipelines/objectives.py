@@ -18,7 +18,6 @@ from textdiffusion.config import OBJECTIVES_WHAT
 from textdiffusion.core.denoiser import MaskedDiffusionLM, TrainedModule
 from textdiffusion.errors import UsageError
 from textdiffusion.models.adapt import (
-    AttentionAnnealCallback,
     CausalDiffusionLM,
     choose_special_tokens,
     load_causal_for_adaptation,
@@ -28,7 +27,7 @@ from textdiffusion.models.bundled import resolve_checkpoint
 from textdiffusion.models.checkpoints import checkpoint_objective
 from textdiffusion.models.loading import load_masked_lm
 from textdiffusion.models.presets import build_preset_model
-from textdiffusion.pipelines.trainers import CausalTrainer, DiffusionTrainer
+from textdiffusion.pipelines.trainers import AttentionAnnealCallback, CausalTrainer, DiffusionTrainer
 
 
 @dataclass(frozen=True)

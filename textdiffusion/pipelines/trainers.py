@@ -58,6 +58,26 @@ def batches_before(step: int, batches_per_epoch: int, accumulation: int, skips_d
     return epochs * batches_per_epoch + (min(in_epoch * accumulation, batches_per_epoch) if skips_data else 0)
 
 
+class AttentionAnnealCallback(TrainerCallback):
+    """Tells the denoiser the optimiser step before each step (so a resumed run continues the schedule);
+    an unset ``anneal_steps`` becomes a tenth of the run."""
+
+    def __init__(self, denoiser):  # a models.adapt.CausalDiffusionLM
+        self.denoiser = denoiser
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.denoiser.anneal_steps is None:
+            self.denoiser.anneal_steps = max(1, state.max_steps // 10)
+        self.denoiser.set_step(state.global_step)
+        if state.is_world_process_zero:
+            steps = self.denoiser.anneal_steps
+            when = f"causal at step 0, full from step {steps}" if steps else "full from the start"
+            print(f"\nattention: {when} (--attention-anneal-steps)", flush=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.denoiser.set_step(state.global_step)
+
+
 class ResumedMaskStream(TrainerCallback):
     """A resumed run continues the collator's random stream where the uninterrupted run was: batch j's masks
     depend only on (seed, j), so kill -9 + --resume gives the same weights. Counted in batches, not steps:
