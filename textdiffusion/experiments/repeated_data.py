@@ -185,14 +185,12 @@ class Side:
         self.eval_collator = collator_from_config(tokenizer, corruption(), training=False)
 
     def loss(self, blocks: torch.Tensor) -> torch.Tensor:
-        if self.run.side == "diffusion":
+        if self.run.side != "ar":
             from textdiffusion.core.loss import diffusion_loss
 
             batch = {k: v.to(self.device) for k, v in self.collator(blocks).items()}
-            return diffusion_loss(self.trained, batch, "elbo")
-        if self.run.side == "block":
-            batch = {k: v.to(self.device) for k, v in self.collator(blocks).items()}
-            return block_loss(self.trained, batch, "elbo")  # the block NELBO per token it is judged by
+            loss = block_loss if self.run.side == "block" else diffusion_loss
+            return loss(self.trained, batch, "elbo")  # each trains on the bound it is judged by
         inputs = blocks
         if self.run.input_noise:  # Gao et al. 2025: noised inputs are much of what makes diffusion data-efficient
             noise = torch.rand(blocks.shape) < self.run.input_noise
@@ -379,28 +377,26 @@ def test_estimate(record: dict, folder: Path, data: Data, args) -> dict:
     """A fresh estimate of a best model on the test split, with its per-block values (for paired errors)."""
     from textdiffusion.core.evaluation import nelbo_per_block
     from textdiffusion.models.autoregressive import causal_nll_per_block, load_causal_lm
-    from textdiffusion.models.loading import denoiser_for, load_diffusion_model
+    from textdiffusion.models.loading import open_checkpoint
     from textdiffusion.pipelines.generation import resolve_device
 
     checkpoint = folder / record["name"] / record["best_dir"]
-    blocks, device = data.test, resolve_device(args.device)
-    if record["run"]["side"] == "block":
-        from textdiffusion.models.loading import open_checkpoint
-
-        opened = open_checkpoint(str(checkpoint))
-        corruption_ = scoring_corruption(opened.tokenizer, record["run"]["block_size"], causal=False, prefix_length=PREFIX)
-        per_block, weights = block_nelbo_per_block(opened.denoiser.to(device), blocks, corruption_,
-                                                   samples_per_block=max(8, args.nelbo_samples, record["run"]["block_size"]),
-                                                   seed=4321)
-    elif record["run"]["side"] == "diffusion":
-        config = DiffusionConfig.from_pretrained(checkpoint)
-        tokenizer, model = load_diffusion_model(str(checkpoint), config)
-        collator = collator_from_config(tokenizer, corruption(), training=False)
-        per_block, weights = nelbo_per_block(denoiser_for(model, config).to(device), blocks, collator,
-                                             samples_per_block=max(8, args.nelbo_samples), seed=4321)
-    else:
+    blocks, device, side = data.test, resolve_device(args.device), record["run"]["side"]
+    if side == "ar":
         tokenizer, model = load_causal_lm(str(checkpoint))
         per_block, weights = causal_nll_per_block(model.to(device), blocks, scored_positions(blocks, tokenizer, PREFIX))
+    else:
+        opened = open_checkpoint(str(checkpoint))
+        denoiser = opened.denoiser.to(device)
+        if side == "block":
+            b = record["run"]["block_size"]
+            scoring = scoring_corruption(opened.tokenizer, b, causal=False, prefix_length=PREFIX)
+            per_block, weights = block_nelbo_per_block(denoiser, blocks, scoring,
+                                                       samples_per_block=max(8, args.nelbo_samples, b), seed=4321)
+        else:
+            collator = collator_from_config(opened.tokenizer, corruption(), training=False)
+            per_block, weights = nelbo_per_block(denoiser, blocks, collator, samples_per_block=max(8, args.nelbo_samples),
+                                                 seed=4321)
     mean, stderr = weighted_mean(per_block, weights)
     return {"test": mean, "test_stderr": stderr, "per_block": per_block.tolist(), "weights": weights.tolist()}
 

@@ -317,12 +317,16 @@ class BlockCorruption:
             rows.append((maskable & ~masked, (1 - t_pos).clamp_min(self.t_min)))
         masked = torch.stack([m for m, _ in rows], 1).flatten(0, 1)  # [b*c, l] copies of row r adjacent
         level = torch.stack([w for _, w in rows], 1).flatten(0, 1)
-        c = len(rows)
-        noisy_from = clean.repeat_interleave(c, dim=0)
+        return {**self.batch(clean, masked, 1.0 / level),
+                "num_maskable": maskable.repeat_interleave(len(rows), dim=0).sum(1)}
+
+    def batch(self, clean: torch.Tensor, masked: torch.Tensor, loss_weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the block denoiser and ``block_loss`` read, for the masks ``masked`` [b*c, l] of ``clean`` [b, l]
+        (c copies of each row adjacent, a complementary pair when c is 2), each position weighted by ``loss_weight``."""
+        noisy_from = clean.repeat_interleave(masked.shape[0] // clean.shape[0], dim=0)
         return {"input_ids": noisy_from.masked_fill(masked, self.mask_token_id), "clean_ids": clean,
                 "labels": noisy_from.masked_fill(~masked, IGNORE_INDEX),
-                "attention_mask": (clean != self.pad_token_id).long(),
-                "loss_weight": 1.0 / level, "num_maskable": maskable.repeat_interleave(c, dim=0).sum(1)}
+                "attention_mask": (clean != self.pad_token_id).long(), "loss_weight": loss_weight}
 
     def __call__(self, examples) -> dict[str, torch.Tensor]:
         clean = torch.stack([e["input_ids"] if isinstance(e, dict) else e for e in examples])
@@ -439,11 +443,8 @@ def block_nelbo_per_block(model, blocks: torch.Tensor, corruption: BlockCorrupti
         maskable = pair.maskable(clean)
         for s in range(samples_per_block):
             if estimator == "exact-k":
-                masked, weight = exact_k_block_draw(maskable, corruption.block_size, s, samples_per_block, g)
-                batch = {"input_ids": clean.masked_fill(masked, corruption.mask_token_id), "clean_ids": clean,
-                         "labels": clean.masked_fill(~masked, IGNORE_INDEX),
-                         "attention_mask": (clean != corruption.pad_token_id).long(), "loss_weight": weight}
-                copies = 1
+                batch, copies = pair.batch(clean, *exact_k_block_draw(maskable, corruption.block_size, s,
+                                                                      samples_per_block, g)), 1
             else:  # each draw a pair of complementary masks at levels t and 1 - t (antithetic)
                 t = pair.levels(clean.shape[0], -(-clean.shape[1] // corruption.block_size), g)
                 batch, copies = pair.corrupt(clean, t, g), 2
