@@ -3,6 +3,8 @@ is another entry, and a cache that cannot be written costs a conversion, never t
 in for transformers' slow conversion; the real SmolLM2 goes through it in the quickstart and demo tests)."""
 
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -29,6 +31,11 @@ def fake_gguf(tmp_path, monkeypatch, wiki):
     return path, calls
 
 
+def entries(folder):
+    """The converted copies in the cache (not the lock files beside them)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+
+
 def test_the_first_load_converts_and_later_ones_read_the_cache(fake_gguf):
     path, calls = fake_gguf
     tokenizer, model = gguf.load_gguf_causal(path)
@@ -45,7 +52,7 @@ def test_the_first_load_converts_and_later_ones_read_the_cache(fake_gguf):
 
     path.write_bytes(b"another GGUF under the same name")  # another file: another entry, converted afresh
     gguf.load_gguf_causal(path)
-    assert len(calls) == 2 and len(list(gguf.converted_dir(path).parent.iterdir())) == 2
+    assert len(calls) == 2 and len(entries(gguf.converted_dir(path).parent)) == 2
 
 
 def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_load(fake_gguf, monkeypatch, caplog):
@@ -58,6 +65,24 @@ def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_load(fake_ggu
     with caplog.at_level(logging.WARNING, logger="textdiffusion.models.gguf"):
         _, model = gguf.load_gguf_causal(path)
     assert model.config.model_type == "llama" and "No space left" in caplog.text
-    assert not gguf.is_converted(path) and not list(gguf.converted_dir(path).parent.iterdir())
+    assert not gguf.is_converted(path) and not entries(gguf.converted_dir(path).parent)
     gguf.load_gguf_causal(path)
     assert len(calls) == 2
+
+
+def test_two_loads_at_once_convert_once(fake_gguf, monkeypatch):
+    """Two test workers (or a server and a benchmark) loading the same file at once: one converts, the other
+    waits for its copy."""
+    path, calls = fake_gguf
+    convert = gguf._convert
+
+    def slow_convert(p):
+        time.sleep(1.0)  # the second load arrives while the first converts
+        return convert(p)
+
+    monkeypatch.setattr(gguf, "_convert", slow_convert)
+    with ThreadPoolExecutor(2) as pool:
+        loaded = list(pool.map(lambda _: gguf.load_gguf_causal(path), range(2)))
+    assert len(calls) == 1 and gguf.is_converted(path)
+    for name, weight in loaded[0][1].state_dict().items():
+        assert torch.equal(weight, loaded[1][1].state_dict()[name]), name

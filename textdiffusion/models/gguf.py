@@ -7,17 +7,21 @@ and every adaptation. So the first load saves what it built as an ordinary float
 (``$TEXTDIFFUSION_CACHE/gguf/<file>-<sha256>-transformers<version>/``, ~540 MB for SmolLM2-135M; delete it to
 free the space) and later loads read that in about a second. The key holds the file's sha256 (another file
 under the same name is another entry) and the transformers version (its conversion code may change). A cache
-that cannot be written (read-only, disk full) only costs the next load the conversion again.
+that cannot be written (read-only, disk full) only costs the next load the conversion again. The conversion
+itself parses the header once instead of three times (``_one_header_parse``), and two processes that load the
+same file at once convert it once (a lock file beside the copy).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -82,18 +86,51 @@ def without_quantization(model):
     if getattr(config, "quantization_config", None) is None:
         return model
     del config.quantization_config
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:  # every weight is overwritten below: skip the random initialisation (~3 s for Gemma-3-270M)
+        from transformers.initialization import no_init_weights
+    except ImportError:  # another transformers: initialise, only slower
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
     clean.tie_weights()
     return clean
+
+
+_READER_PATCH = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_header_parse():
+    """Within the block, every ``gguf.GGUFReader`` of one file is the same object. transformers builds one for the
+    config, one for the tokenizer and one for the weights, each parsing the whole header (Gemma-3's 262k-token
+    vocabulary: ~15 s each on one core); the reader only reads its memory-mapped file, so one can serve all three."""
+    import gguf as gguf_package
+
+    with _READER_PATCH:
+        original = gguf_package.GGUFReader
+        readers = {}
+
+        def shared_reader(path, mode="r"):
+            key = (os.path.realpath(path), mode)
+            if key not in readers:
+                readers[key] = original(path, mode)
+            return readers[key]
+
+        gguf_package.GGUFReader = shared_reader
+        try:
+            yield
+        finally:
+            gguf_package.GGUFReader = original
 
 
 def _convert(path: Path):
     """(tokenizer, float32 model) read from the GGUF file itself, by transformers (the slow path)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with _one_header_parse():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return tokenizer, without_quantization(model)
 
 
@@ -125,13 +162,35 @@ def load_gguf_causal(path: str | Path, dtype: torch.dtype | None = None):
 
     path = Path(path)
     target = converted_dir(path)
-    if (target / "config.json").is_file():
-        try:
-            return (AutoTokenizer.from_pretrained(target),
-                    AutoModelForCausalLM.from_pretrained(target, dtype=dtype or torch.float32))
-        except (OSError, ValueError) as e:  # a damaged copy: convert again rather than fail
-            logger.warning("the converted GGUF in %s could not be read (%s); converting %s again", target, e, path)
-            shutil.rmtree(target, ignore_errors=True)
-    tokenizer, model = _convert(path)
-    _save(tokenizer, model, target)
+    with _converting(target):  # another process converting the same file: wait for its copy instead
+        if (target / "config.json").is_file():
+            try:
+                return (AutoTokenizer.from_pretrained(target),
+                        AutoModelForCausalLM.from_pretrained(target, dtype=dtype or torch.float32))
+            except (OSError, ValueError) as e:  # a damaged copy: convert again rather than fail
+                logger.warning("the converted GGUF in %s could not be read (%s); converting %s again", target, e, path)
+                shutil.rmtree(target, ignore_errors=True)
+        tokenizer, model = _convert(path)
+        _save(tokenizer, model, target)
     return tokenizer, model.to(dtype) if dtype is not None else model
+
+
+@contextlib.contextmanager
+def _converting(target: Path, patience_s: float = 900.0):
+    """Held while one process looks for and makes the converted copy (a lock file beside it), so two processes
+    that load the same GGUF file at once convert it once: the second waits, then reads the first's copy. A cache
+    where no lock can be made, or a lock held past ``patience_s``, costs a conversion of our own, never the load."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(target.parent / f".{target.name}.lock", timeout=patience_s)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except (OSError, Timeout) as e:
+        logger.warning("loading %s without the conversion lock (%s)", target.name, e)
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
