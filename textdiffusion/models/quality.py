@@ -162,12 +162,14 @@ NAMED_SCORERS = {"smollm2": smollm2_gguf, "gemma3": gemma3_gguf}
 
 
 def starts_texts_with_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts its BOS token before a text by default (Gemma's does; SmolLM2's and GPT-2's do
-    not). Asked of the tokenizer itself: its ``add_bos_token`` attribute is not kept by every save and reload
-    (a Gemma tokenizer reloaded from its own save_pretrained says False and still adds BOS)."""
+    """Whether the tokenizer starts a text with its BOS token and adds nothing else (Gemma's and Llama's do;
+    SmolLM2's and GPT-2's add nothing; a RoBERTa-style one wraps the text in ``<s> ... </s>``, a classifier's
+    template, not a start of text). Asked of the tokenizer itself: its ``add_bos_token`` attribute is not kept
+    by every save and reload (a Gemma tokenizer reloaded from its own save_pretrained says False and still adds
+    BOS)."""
     bos = tokenizer.bos_token_id
     plain, as_a_text = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
-    return bos is not None and as_a_text[:1] == [bos] and plain[:1] != [bos]
+    return bos is not None and as_a_text == [bos] + plain
 
 
 class Scorer:
