@@ -8,7 +8,7 @@ and every adaptation. So the first load saves what it built as an ordinary float
 free the space) and later loads read that in about a second. The key holds the file's sha256 (another file
 under the same name is another entry) and the transformers version (its conversion code may change). A cache
 that cannot be written (read-only, disk full) only costs the next load the conversion again. The conversion
-itself parses the header once instead of three times (``_one_header_parse``), and two processes that load the
+itself parses the header once instead of three times (``_parse_once``), and two processes that load the
 same file at once convert it once (a lock file beside the copy).
 """
 
@@ -97,38 +97,40 @@ def without_quantization(model):
     return clean
 
 
-_READER_PATCH = threading.Lock()
+_PACKAGE_PATCH = threading.Lock()
 
 
 @contextlib.contextmanager
-def _one_header_parse():
-    """Within the block, every ``gguf.GGUFReader`` of one file is the same object. transformers builds one for the
-    config, one for the tokenizer and one for the weights, each parsing the whole header (Gemma-3's 262k-token
-    vocabulary: ~15 s each on one core); the reader only reads its memory-mapped file, so one can serve all three."""
+def _parse_once():
+    """Within the block, transformers' GGUF loading reuses what it has parsed. It builds a ``gguf.GGUFReader`` for
+    the config, another for the tokenizer and a third for the weights, each parsing the whole header (Gemma-3's
+    262k-token vocabulary: ~15 s each on one core), and a ``gguf.get_tensor_name_map`` for every submodule of the
+    model (~400 for SmolLM2, ~5 s). The reader only reads its memory-mapped file and the name map is a pure
+    function of (architecture, layers), so one of each serves every call."""
     import gguf as gguf_package
 
-    with _READER_PATCH:
-        original = gguf_package.GGUFReader
+    with _PACKAGE_PATCH:
+        reader, name_map = gguf_package.GGUFReader, gguf_package.get_tensor_name_map
         readers = {}
 
         def shared_reader(path, mode="r"):
             key = (os.path.realpath(path), mode)
             if key not in readers:
-                readers[key] = original(path, mode)
+                readers[key] = reader(path, mode)
             return readers[key]
 
-        gguf_package.GGUFReader = shared_reader
+        gguf_package.GGUFReader, gguf_package.get_tensor_name_map = shared_reader, functools.cache(name_map)
         try:
             yield
         finally:
-            gguf_package.GGUFReader = original
+            gguf_package.GGUFReader, gguf_package.get_tensor_name_map = reader, name_map
 
 
 def _convert(path: Path):
     """(tokenizer, float32 model) read from the GGUF file itself, by transformers (the slow path)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _one_header_parse():
+    with _parse_once():
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return tokenizer, without_quantization(model)
