@@ -1,4 +1,4 @@
-"""benchmarks/gpu_models.sh in its CPU mode: trains both models (shortened), evaluates, samples and exports them."""
+"""benchmarks/gpu_models.sh in its CPU mode: trains every ready model (shortened), evaluates, samples and exports them."""
 
 import json
 import os
@@ -42,6 +42,9 @@ def test_gpu_models_cpu_smoke_trains_evaluates_and_exports_every_model(tmp_path,
         "wiki-small-now", "wiki-small-new", "mpnet-wiki", "smollm2-wiki", "smollm2-bd", "wiki-small-sdtt"]
     for row in summary["models"]:
         assert row["bits_per_byte"] > 0 and row["nats_per_word"] > row["nats_per_token"]
+    # the smoke runs its steps in one process: each step's output still lands in that step's own log
+    assert "done: model" in (out / "wiki-gpu.train.log").read_text()
+    assert "done: model" not in (out / "mpnet-wiki.eval.log").read_text()
     for name in ("wiki-small", "mpnet-wiki"):  # the exports load and carry their diffusion settings
         assert (out / "models" / name / "diffusion_config.json").exists()
         assert load_masked_lm(str(out / "models" / name))[1].missing_head_keys == []
@@ -74,3 +77,17 @@ def test_gpu_models_flags(tmp_path):
 def test_export_needs_dest_for_a_name_that_is_not_bundled(capsys):
     assert bundled.main(["--run", "nowhere", "--name", "mpnet-wiki"]) == 2
     assert "--name must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_a_failed_step_names_itself_and_shows_its_log(tmp_path, isolate):
+    """Both executors of gpu_models.py: a step's output goes to its log, and a failure stops the pipeline with
+    the step's name and the end of its log (on a GPU each step is a process; the smoke runs them in one)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_models import StepFailed, Steps
+
+    steps = Steps(isolate=isolate, device="cpu")
+    steps.run("listing the commands", "textdiffusion", ["--help"], tmp_path / "help.log")
+    assert "usage: textdiffusion COMMAND" in (tmp_path / "help.log").read_text()
+    with pytest.raises(StepFailed, match=r"(?s)evaluating x failed; see .*bad\.log.*--bogus-flag"):
+        steps.run("evaluating x", "textdiffusion", ["eval", "--bogus-flag", "3"], tmp_path / "bad.log")
