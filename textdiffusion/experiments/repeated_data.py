@@ -114,6 +114,8 @@ def prepare_data(args, folder: Path) -> Data:
                          "at least 2 are needed (one for validation, one for test).")
     validation = pack([corpus.validation[i] for i in order[:half]], tokenizer, args.max_length, keep_remainder=True)
     test = pack([corpus.validation[i] for i in order[half:]], tokenizer, args.max_length, keep_remainder=True)
+    if args.quick:  # the smoke run scores a few test blocks, not half the validation split
+        test = test[: 4 * args.validation_blocks]
     return Data(tokenizer, train, validation[: args.validation_blocks], test)
 
 
