@@ -16,23 +16,6 @@ def run(*args, timeout=300):
     return r.stdout
 
 
-@pytest.mark.slow
-def test_generation_speed_benchmark_runs(tmp_path):
-    run("benchmarks/generation_speed.py", "--quick", "--out", str(tmp_path))
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert {r["sampler"] for r in rows} == {"original loop (float32)", "textdiffusion (float32)",
-                                            "AR baseline, KV cache (float32)"}
-    settings = {r["setting"] for r in rows}
-    for cache in ("none", "prefix", "dual"):  # every cache mode with every strategy
-        assert {f"cache {cache}, confidence, 4 steps", f"cache {cache}, threshold, p >= 0.5",
-                f"cache {cache}, eb, gamma 8"} <= settings
-    ar = next(r for r in rows if r["sampler"].startswith("AR"))
-    assert ar["nfe_b1"] == ar["nfe_b4"] == 22  # one call per new token (32 - 8 prompt - 2 special)
-    assert all(r["tps_b1"] > 0 for r in rows) and all(0 < r["distinct_2"] <= 1 for r in rows if r is not ar)
-    readme = (tmp_path / "README.md").read_text()
-    assert "| sampler | setting |" in readme and (tmp_path / "frontier.png").stat().st_size > 0
-
-
 @pytest.fixture
 def saved_checkpoint(tmp_path, tokenizer):
     from textdiffusion.models.presets import build_preset_model
@@ -62,9 +45,26 @@ def test_degeneration_benchmark_runs(tmp_path, saved_checkpoint):
     assert all(0 <= r["distinct-2"] <= 1 for r in rows)
 
 
+def check_generation_speed_quick(out):
+    """What `benchmarks/generation_speed.py --quick` must write: every sampler, every cache mode with every strategy."""
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["sampler"] for r in rows} == {"original loop (float32)", "textdiffusion (float32)",
+                                            "AR baseline, KV cache (float32)"}
+    settings = {r["setting"] for r in rows}
+    for cache in ("none", "prefix", "dual"):  # every cache mode with every strategy
+        assert {f"cache {cache}, confidence, 4 steps", f"cache {cache}, threshold, p >= 0.5",
+                f"cache {cache}, eb, gamma 8"} <= settings
+    ar = next(r for r in rows if r["sampler"].startswith("AR"))
+    assert ar["nfe_b1"] == ar["nfe_b4"] == 22  # one call per new token (32 - 8 prompt - 2 special)
+    assert all(r["tps_b1"] > 0 for r in rows) and all(0 < r["distinct_2"] <= 1 for r in rows if r is not ar)
+    readme = (out / "README.md").read_text()
+    assert "| sampler | setting |" in readme and (out / "frontier.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_gpu_script_runs_on_the_cpu_in_its_short_mode(tmp_path):
-    """benchmarks/gpu.sh --device cpu: training (interleaved, HF recipe vs ours) and generation, summarised."""
+    """benchmarks/gpu.sh --device cpu: training (interleaved, HF recipe vs ours) and generation, summarised. Its
+    generation part is `benchmarks/generation_speed.py --quick`, checked here too (one run of it for both)."""
     r = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu", "--out", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -74,6 +74,7 @@ def test_gpu_script_runs_on_the_cpu_in_its_short_mode(tmp_path):
     assert [(t["recipe"], t["precision"]) for t in train] == [("HF recipe", "fp32"), ("textdiffusion", "fp32")]
     assert all(t["tokens_per_s"] > 0 and t["peak_memory_mb"] > 0 for t in train)
     assert "| recipe |" in (tmp_path / "summary.md").read_text()
+    check_generation_speed_quick(tmp_path / "generation")
     bad = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "tpu"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--device must be cuda or cpu" in bad.stderr
 
