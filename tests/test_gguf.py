@@ -86,3 +86,33 @@ def test_two_loads_at_once_convert_once(fake_gguf, monkeypatch):
     assert len(calls) == 1 and gguf.is_converted(path)
     for name, weight in loaded[0][1].state_dict().items():
         assert torch.equal(weight, loaded[1][1].state_dict()[name]), name
+
+
+def _header_only_gguf(path, arch):
+    import gguf as gguf_package
+
+    writer = gguf_package.GGUFWriter(str(path), arch)
+    writer.add_uint32(f"{arch}.block_count", 2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_the_architecture_is_read_from_the_first_header_field(tmp_path, monkeypatch):
+    """general.architecture comes first in a llama.cpp file: read alone, without gguf's whole-header parse (the
+    whole vocabulary: seconds); a file laid out otherwise still gets its answer from gguf's reader."""
+    pytest.importorskip("gguf")
+    import gguf as gguf_package
+
+    monkeypatch.setenv("TEXTDIFFUSION_CACHE", str(tmp_path / "cache"))
+    path = _header_only_gguf(tmp_path / "model.gguf", "qwen2")
+    real_reader = gguf_package.GGUFReader
+    monkeypatch.setattr(gguf_package, "GGUFReader", lambda *a, **k: pytest.fail("parsed the whole header"))
+    assert gguf.gguf_architecture(path) == "qwen2"
+    monkeypatch.setattr(gguf_package, "GGUFReader", real_reader)
+    monkeypatch.setattr(gguf, "_first_string_field", lambda p: ("general.alignment", "?"))  # another layout
+    assert gguf.gguf_architecture(path) == "qwen2"
+    (tmp_path / "junk.gguf").write_bytes(b"not a GGUF file at all")
+    assert gguf.gguf_architecture(tmp_path / "junk.gguf") is None

@@ -31,7 +31,7 @@ BLOCK_MODEL, BLOCK_PROMPT = "smollm2-bd", "The history of the city of Rome"
 FULL = {"finetune_steps": 500, "batch_size": 32, "eval_blocks": 96, "eval_steps": 200, "train_eval_blocks": 64,
         "samples": 2}
 DEMO_TITLE = "# textdiffusion demo"
-QUICK = {"finetune_steps": 20, "batch_size": 8, "eval_blocks": 8, "eval_steps": 20, "train_eval_blocks": 8,
+QUICK = {"finetune_steps": 10, "batch_size": 8, "eval_blocks": 8, "eval_steps": 10, "train_eval_blocks": 8,
          "samples": 1}
 
 
