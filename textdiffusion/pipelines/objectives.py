@@ -27,7 +27,6 @@ from textdiffusion.models.bundled import resolve_checkpoint
 from textdiffusion.models.checkpoints import checkpoint_objective
 from textdiffusion.models.loading import load_masked_lm
 from textdiffusion.models.presets import build_preset_model
-from textdiffusion.pipelines.trainers import AttentionAnnealCallback, CausalTrainer, DiffusionTrainer
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,9 @@ def _prepare_masked(tokenizer, model):
 
 
 def _diffusion_trainer(tokenizer, collator, loss_weighting, **kwargs):
+    from textdiffusion.pipelines.trainers import DiffusionTrainer  # transformers' Trainer: ~2.5 s of imports, for
+    # training only (a repeated-data worker or `experiment` builds models through this registry without it)
+
     return DiffusionTrainer(data_collator=collator, loss_weighting=loss_weighting, **kwargs)
 
 
@@ -78,6 +80,7 @@ def _prepare_causal(tokenizer, model):
 def _causal_trainer(tokenizer, collator, loss_weighting, **kwargs):
     from transformers import DataCollatorForLanguageModeling
 
+    from textdiffusion.pipelines.trainers import CausalTrainer
 
     return CausalTrainer(data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), **kwargs)
 
@@ -98,6 +101,8 @@ def _prepare_adapted(tokenizer, model, anneal_steps):
 
 
 def _adapted_trainer(tokenizer, collator, loss_weighting, **kwargs):
+    from textdiffusion.pipelines.trainers import AttentionAnnealCallback
+
     trainer = _diffusion_trainer(tokenizer, collator, loss_weighting, **kwargs)
     trainer.add_callback(AttentionAnnealCallback(kwargs["model"]))  # the step the attention anneals with
     return trainer
