@@ -195,3 +195,19 @@ def test_console_script_exit_status(tmp_path):
                         "--output-dir", str(tmp_path / "o")], capture_output=True, text=True,
                        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "--dataset 'nope-xyz'" in r.stderr
+
+
+@pytest.mark.parametrize("every_s, drawn", [(30.0, 1), (0.0, 3)])
+def test_the_level_plot_is_redrawn_at_most_every_few_seconds_and_at_the_end(tmp_path, small_jsonl, monkeypatch,
+                                                                              every_s, drawn):
+    """Evaluations at steps 0, 2 and 4 all add rows to the CSV; the PNG is redrawn from it at most every
+    PLOT_EVERY_S while training and always when the run ends, so a seconds-long run draws it once."""
+    from textdiffusion.pipelines import trainers
+
+    calls = []
+    real = trainers.plot_level_curves
+    monkeypatch.setattr(trainers, "PLOT_EVERY_S", every_s)
+    monkeypatch.setattr(trainers, "plot_level_curves", lambda *a, **k: (calls.append(a[0]), real(*a, **k)))
+    assert train(tmp_path, small_jsonl, "--max-steps", "4", "--eval-steps", "2") == 0
+    assert len(calls) == drawn and (tmp_path / "run" / "per_level_loss.png").stat().st_size > 0
+    assert sorted(levels(tmp_path / "run")) == [0, 2, 4]  # every evaluation's rows are in the CSV either way

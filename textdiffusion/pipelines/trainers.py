@@ -46,6 +46,7 @@ logger = logging.getLogger("textdiffusion")
 
 LEVEL_CSV = "per_level_loss.csv"
 LEVEL_PNG = "per_level_loss.png"
+PLOT_EVERY_S = 30.0  # the per-level PNG is redrawn at most this often during training, and at its end
 CURVE_CSV = "validation_curve.csv"
 
 # -- the Trainers -----------------------------------------------------------------------------------
@@ -215,6 +216,12 @@ class DiffusionTrainer(_ProjectTrainer):
         super().__init__(*args, **kwargs)
         self.loss_weighting = loss_weighting
         self.model_accepts_loss_kwargs = False  # our loss is already a mean; let Trainer scale it
+        self._last_plot, self._plot_pending = time.monotonic(), False
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        self._plot_levels(now=True)  # the finished run's curves, whenever the last redraw was
+        return result
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = diffusion_loss(model, inputs, self.loss_weighting)
@@ -241,12 +248,25 @@ class DiffusionTrainer(_ProjectTrainer):
         if self.is_world_process_zero():
             out = Path(cfg["report_dir"])
             append_level_csv(out / LEVEL_CSV, self.state.global_step, results)
-            plot_level_curves(out / LEVEL_CSV, out / LEVEL_PNG, cfg["references"], cfg.get("title", ""))
+            self._plot_pending = True
+            self._plot_levels()
             print(format_level_table(results, cfg["references"], f"\n{self.level_heading}, step {self.state.global_step}:"), flush=True)
             print(f"{self.bound_name()} {bound.nats_per_token:.4f} ± {bound.stderr:.4f} nats/token "
                   f"(perplexity <= {bound.perplexity_bound:.1f})", flush=True)
         self.level_results[self.state.global_step] = results
         return self._finish_evaluation(metrics, bound, self.bound_kind)
+
+
+    def _plot_levels(self, now: bool = False) -> None:
+        """Redraw per_level_loss.png from the CSV when an evaluation added rows to it: at most every PLOT_EVERY_S
+        seconds while training (a redraw costs ~0.3 s, most of a short run's evaluation) and at the end."""
+        if not self._plot_pending or not self.is_world_process_zero():
+            return
+        if now or time.monotonic() - self._last_plot >= PLOT_EVERY_S:
+            cfg = self.level_eval
+            out = Path(cfg["report_dir"])
+            plot_level_curves(out / LEVEL_CSV, out / LEVEL_PNG, cfg["references"], cfg.get("title", ""))
+            self._last_plot, self._plot_pending = time.monotonic(), False
 
 
 class CausalTrainer(_ProjectTrainer):
