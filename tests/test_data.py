@@ -121,3 +121,24 @@ def test_without_labels_drops_a_class_from_both_splits_and_refuses_what_it_canno
         corpus.without_labels(["x", "y"], "--exclude-labels")
     with pytest.raises(UsageError, match="needs a labelled corpus"):
         Corpus(["a"], ["b"], "toy").without_labels(["x"], "--exclude-labels")
+
+
+def test_a_preset_tokenizer_is_trained_once_per_corpus_and_size(tmp_path, monkeypatch, wiki):
+    """A second run on the same corpus at the same size reuses the shared copy (the same ids) instead of training
+    again; another size is another tokenizer; a cache that cannot be written costs a training, never the run."""
+    from textdiffusion.models import presets
+
+    monkeypatch.setenv("TEXTDIFFUSION_CACHE", str(tmp_path / "cache"))
+    texts = wiki.train[:200]
+    first = presets.preset_tokenizer(texts, 512, tmp_path / "run1")
+    monkeypatch.setattr(presets, "train_bpe_tokenizer", lambda *a: pytest.fail("trained again"))
+    second = presets.preset_tokenizer(texts, 512, tmp_path / "run2")
+    sample = wiki.validation[0]
+    assert second(sample)["input_ids"] == first(sample)["input_ids"]
+    assert (tmp_path / "run2" / presets.TOKENIZER_STAMP).is_file()  # the run keeps its own copy too
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        presets.preset_tokenizer(texts, 600, tmp_path / "run3")
+    monkeypatch.undo()
+    (tmp_path / "readonly").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("TEXTDIFFUSION_CACHE", str(tmp_path / "readonly"))
+    assert presets.preset_tokenizer(texts, 512, None)(sample)["input_ids"] == first(sample)["input_ids"]

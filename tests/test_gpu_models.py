@@ -79,7 +79,7 @@ def test_export_needs_dest_for_a_name_that_is_not_bundled(capsys):
     assert "--name must be one of" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("isolate", [True, False])
+@pytest.mark.parametrize("isolate", [pytest.param(True, marks=pytest.mark.slow), False])  # two processes: slow
 def test_a_failed_step_names_itself_and_shows_its_log(tmp_path, isolate):
     """Both executors of gpu_models.py: a step's output goes to its log, and a failure stops the pipeline with
     the step's name and the end of its log (on a GPU each step is a process; the smoke runs them in one)."""

@@ -89,20 +89,59 @@ def corpus_fingerprint(texts: list[str], vocab_size: int) -> str:
 
 
 def preset_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path | None):
-    """Train the preset tokenizer, or reuse the one cached in ``cache_dir`` for the same corpus and size."""
+    """Train the preset tokenizer, or reuse one trained before on the same corpus at the same size: the one in
+    ``cache_dir`` (the run's own), else the shared copy in ``$TEXTDIFFUSION_CACHE/tokenizers/`` that every run on
+    that corpus and size reuses (BPE training is deterministic; on a large corpus it takes minutes). The result
+    is kept in both."""
+    import tokenizers
     from transformers import AutoTokenizer
 
     stamp = {"vocab_size": vocab_size, "corpus": corpus_fingerprint(texts, vocab_size)}
-    if cache_dir is not None and (cache_dir / TOKENIZER_STAMP).exists():
-        if json.loads((cache_dir / TOKENIZER_STAMP).read_text()) == stamp:
-            logger.info("reusing the tokenizer cached in %s", cache_dir)
-            return AutoTokenizer.from_pretrained(cache_dir)
-    logger.info("training a byte-level BPE tokenizer (vocab %d) on %d documents", vocab_size, len(texts))
-    tokenizer = train_bpe_tokenizer(texts, vocab_size)
-    if cache_dir is not None:
+    shared = _shared_tokenizer_dir(stamp, tokenizers.__version__)
+    found = next((d for d in (cache_dir, shared) if d is not None and _stamped(d) == stamp), None)
+    if found is not None:
+        logger.info("reusing the tokenizer cached in %s", found)
+        tokenizer = AutoTokenizer.from_pretrained(found)
+    else:
+        logger.info("training a byte-level BPE tokenizer (vocab %d) on %d documents", vocab_size, len(texts))
+        tokenizer = train_bpe_tokenizer(texts, vocab_size)
+        _keep(tokenizer, stamp, shared)
+    if cache_dir is not None and found != cache_dir:
         tokenizer.save_pretrained(cache_dir)
         (cache_dir / TOKENIZER_STAMP).write_text(json.dumps(stamp))
     return tokenizer
+
+
+def _stamped(folder: Path) -> dict | None:
+    stamp = folder / TOKENIZER_STAMP
+    return json.loads(stamp.read_text()) if stamp.is_file() else None
+
+
+def _shared_tokenizer_dir(stamp: dict, tokenizers_version: str) -> Path:
+    from textdiffusion.models.pretrained import cache_root
+
+    return cache_root() / "tokenizers" / f"bpe{stamp['vocab_size']}-{stamp['corpus']}-tokenizers{tokenizers_version}"
+
+
+def _keep(tokenizer, stamp: dict, target: Path) -> None:
+    """Save into the shared cache beside its place and rename it in (a reader never sees half a tokenizer); a
+    cache that cannot be written only costs the next run the training again."""
+    import shutil
+    import tempfile
+
+    staging = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+        tokenizer.save_pretrained(staging)
+        (staging / TOKENIZER_STAMP).write_text(json.dumps(stamp))
+        staging.rename(target)
+        staging = None
+    except OSError as e:  # read-only or full, or another run's copy got there first (same content)
+        logger.debug("not keeping the tokenizer in %s (%s)", target, e)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 # -- model ------------------------------------------------------------------------------------------
