@@ -129,9 +129,10 @@ def test_the_access_log_names_the_client_never_the_key_nor_by_default_the_prompt
 
 @pytest.mark.slow
 def test_one_clients_flood_does_not_starve_anothers_request(generator):  # noqa: F811
-    """Alice floods 64 concurrent requests; Bob's single request takes at most twice as long as the same request
-    alone (timed for Carol, a third client, so that Bob arrives with no recent use of the model, as a lone client
-    does)."""
+    """Alice floods 64 concurrent requests; Bob's requests, one after another while the flood runs, take at most
+    twice as long as the same request alone (timed for Carol, a third client, so that Bob arrives with no recent
+    use of the model, as a lone client does). Medians of three on both sides: the suite runs this beside other
+    tests, and one request's time is noisy."""
     body = {"prompt": "The history of the river", "steps": 16, "seed": 1}
     keys = {**KEYS, CAROL: "carol"}
     with live_server(generator, max_batch=4, max_queue=128, max_queue_per_client=64, api_keys=keys) as url:
@@ -149,15 +150,20 @@ def test_one_clients_flood_does_not_starve_anothers_request(generator):  # noqa:
                 flood = [asyncio.create_task(ac.post("/v1/generate", json={**body, "seed": i}, headers=bearer(ALICE)))
                          for i in range(64)]
                 await asyncio.sleep(1.0)  # the flood is in the run and in the line
-                t0 = time.perf_counter()
-                lone = await ac.post("/v1/generate", json=body, headers=bearer(BOB))
-                latency = time.perf_counter() - t0
+                lone = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    response = await ac.post("/v1/generate", json=body, headers=bearer(BOB))
+                    lone.append((response, time.perf_counter() - t0))
+                flooding = sum(not task.done() for task in flood)  # Bob's last request still met the flood
                 done = await asyncio.gather(*flood)
-                return lone, latency, done
+                return lone, flooding, done
 
-        lone, latency, done = asyncio.run(flood_and_one())
-    assert lone.status_code == 200 and all(r.status_code == 200 for r in done)
-    assert latency <= 2 * alone, (latency, alone)
+        lone, flooding, done = asyncio.run(flood_and_one())
+    assert all(r.status_code == 200 for r, _ in lone) and all(r.status_code == 200 for r in done)
+    assert flooding > 0
+    latency = statistics.median(t for _, t in lone)
+    assert latency <= 2 * alone, ([t for _, t in lone], alone)
 
 
 def test_a_clients_queue_is_bounded_with_retry_after(generator):  # noqa: F811
