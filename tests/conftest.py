@@ -15,8 +15,8 @@ from textdiffusion.models.presets import train_bpe_tokenizer
 # whole on each worker (--dist loadfile) in collection order (--no-loadscope-reorder; xdist's own order is by the
 # number of tests, which put the one-test end-to-end files last and left one worker finishing them alone).
 LONGEST_FIRST = ["test_howto.py", "test_deploy.py", "test_benchmarks.py", "test_resume.py", "test_quality.py",
-                 "test_bundled.py", "test_block_encoder.py", "test_serve_browser.py", "test_classify.py",
-                 "test_gpu_models.py", "test_launch_configs.py", "test_quickstart.py", "test_adapt.py", "test_guidance.py",
+                 "test_bundled.py", "test_guidance.py", "test_block_encoder.py", "test_serve_browser.py",
+                 "test_classify.py", "test_gpu_models.py", "test_launch_configs.py", "test_quickstart.py", "test_adapt.py",
                  "test_serve.py", "test_train.py", "test_repeated_data.py", "test_distill.py", "test_serve_door.py",
                  "test_sampler.py", "test_experiments.py"]
 

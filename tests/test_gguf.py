@@ -77,7 +77,7 @@ def test_two_loads_at_once_convert_once(fake_gguf, monkeypatch):
     convert = gguf._convert
 
     def slow_convert(p):
-        time.sleep(1.0)  # the second load arrives while the first converts
+        time.sleep(0.3)  # the second load arrives while the first converts
         return convert(p)
 
     monkeypatch.setattr(gguf, "_convert", slow_convert)

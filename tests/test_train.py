@@ -197,7 +197,7 @@ def test_console_script_exit_status(tmp_path):
     assert r.returncode == 2 and "--dataset 'nope-xyz'" in r.stderr
 
 
-@pytest.mark.parametrize("every_s, drawn", [(30.0, 1), (0.0, 3)])
+@pytest.mark.parametrize("every_s, drawn", [(30.0, 1), pytest.param(0.0, 3, marks=pytest.mark.slow)])
 def test_the_level_plot_is_redrawn_at_most_every_few_seconds_and_at_the_end(tmp_path, small_jsonl, monkeypatch,
                                                                               every_s, drawn):
     """Evaluations at steps 0, 2 and 4 all add rows to the CSV; the PNG is redrawn from it at most every
