@@ -5,10 +5,11 @@ for a 49k-token vocabulary — once for the config, once for the tokenizer and o
 a minute for SmolLM2-135M on one CPU core (~8 s with the header parsed once, ``_parse_once``), at every
 `generate --checkpoint smollm2-bd`, every gen-PPL scorer and every adaptation. So the first load saves what it
 built as an ordinary float32 checkpoint in the cache (``$TEXTDIFFUSION_CACHE/gguf/<file>-<sha256>-transformers
-<version>/``, ~540 MB for SmolLM2-135M; delete it to free the space) and later loads read that in about a second. The key holds the file's sha256 (another file
-under the same name is another entry) and the transformers version (its conversion code may change). A cache
-that cannot be written (read-only, disk full) only costs the next load the conversion again, and two
-processes that load the same file at once convert it once (a lock file beside the copy).
+<version>/``, ~540 MB for SmolLM2-135M; delete it to free the space) and later loads read that in about a
+second. The key holds the file's sha256 (another file under the same name is another entry) and the
+transformers version (its conversion code may change). A cache that cannot be written (read-only, disk full)
+only costs the next load the conversion again, and two processes that load the same file at once convert it
+once (a lock file beside the copy).
 """
 
 from __future__ import annotations

@@ -55,8 +55,9 @@ def _prepare_masked(tokenizer, model):
 
 
 def _diffusion_trainer(tokenizer, collator, loss_weighting, **kwargs):
-    from textdiffusion.pipelines.trainers import DiffusionTrainer  # transformers' Trainer: ~2.5 s of imports, for
-    # training only (a repeated-data worker or `experiment` builds models through this registry without it)
+    # the trainers import transformers' Trainer (~2.5 s): only where one is made, not in a repeated-data worker
+    # or an `experiment` that builds its models through this registry
+    from textdiffusion.pipelines.trainers import DiffusionTrainer
 
     return DiffusionTrainer(data_collator=collator, loss_weighting=loss_weighting, **kwargs)
 

@@ -256,7 +256,6 @@ class DiffusionTrainer(_ProjectTrainer):
         self.level_results[self.state.global_step] = results
         return self._finish_evaluation(metrics, bound, self.bound_kind)
 
-
     def _plot_levels(self, now: bool = False) -> None:
         """Redraw per_level_loss.png from the CSV when an evaluation added rows to it: at most every PLOT_EVERY_S
         seconds while training (a redraw costs ~0.3 s, most of a short run's evaluation) and at the end."""
