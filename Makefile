@@ -76,7 +76,9 @@ docs: install
 
 # Tests run one file per worker on every core (pytest-xdist), one thread each: two 2-thread jobs on 2 cores
 # run several times slower than one after the other. The longest files go first (tests/conftest.py LONGEST_FIRST).
-PYTEST := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
+# Bytecode is kept (__pycache__, ignored by git) even where PYTHONDONTWRITEBYTECODE is set: the suite starts
+# dozens of Python processes, and pytest otherwise rewrites every test module's asserts at each collection.
+PYTEST := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 test: install
 	$(PYTEST)
