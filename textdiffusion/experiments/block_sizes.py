@@ -79,7 +79,7 @@ def train_block_sizes(args, out: Path) -> dict[int, Path]:
             started[b] = time.time()
             running.append((b, subprocess.Popen(_train_command(args, b), stdout=log, stderr=subprocess.STDOUT, env=env,
                                                 preexec_fn=pin), core))
-        time.sleep(2)
+        time.sleep(0.25)  # a finished run frees its core at once (the runs take minutes; the check is a poll)
         for item in list(running):
             b, process, _ = item
             if process.poll() is not None:
