@@ -20,7 +20,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 
@@ -167,20 +166,15 @@ def _save(tokenizer, model, target: Path) -> None:
     converting the same file at once both succeed (the second rename finds the first's and keeps it)."""
     from transformers.utils import logging as hf_logging
 
-    staging = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    from textdiffusion.models.pretrained import keep_in_cache
+
+    def write(staging: Path) -> None:
         hf_logging.disable_progress_bar()
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.rename(staging, target)
-        staging = None
-    except OSError as e:
-        logger.warning("could not keep the converted GGUF in %s (%s); the next load converts it again", target, e)
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+
+    if (error := keep_in_cache(target, write)) is not None:
+        logger.warning("could not keep the converted GGUF in %s (%s); the next load converts it again", target, error)
 
 
 def load_gguf_causal(path: str | Path, dtype: torch.dtype | None = None):

@@ -124,24 +124,16 @@ def _shared_tokenizer_dir(stamp: dict, tokenizers_version: str) -> Path:
 
 
 def _keep(tokenizer, stamp: dict, target: Path) -> None:
-    """Save into the shared cache beside its place and rename it in (a reader never sees half a tokenizer); a
-    cache that cannot be written only costs the next run the training again."""
-    import shutil
-    import tempfile
+    """Into the shared cache (models.pretrained.keep_in_cache: a reader never sees half a tokenizer); a cache that
+    cannot be written only costs the next run the training again."""
+    from textdiffusion.models.pretrained import keep_in_cache
 
-    staging = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    def write(staging: Path) -> None:
         tokenizer.save_pretrained(staging)
         (staging / TOKENIZER_STAMP).write_text(json.dumps(stamp))
-        staging.rename(target)
-        staging = None
-    except OSError as e:  # read-only or full, or another run's copy got there first (same content)
-        logger.debug("not keeping the tokenizer in %s (%s)", target, e)
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+
+    if (error := keep_in_cache(target, write)) is not None:  # read-only, full, or another run's copy got there first
+        logger.debug("not keeping the tokenizer in %s (%s)", target, error)
 
 
 # -- model ------------------------------------------------------------------------------------------

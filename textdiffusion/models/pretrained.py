@@ -62,6 +62,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("TEXTDIFFUSION_CACHE") or Path.home() / ".cache" / "textdiffusion").expanduser()
 
 
+def keep_in_cache(target: Path, write: Callable[[Path], None]) -> OSError | None:
+    """Make the cache entry ``target`` (a folder) by ``write(staging)`` into a folder beside it, then rename it
+    into place: a reader never sees half an entry, and of two processes making the same entry at once the first
+    rename wins (the second's error is returned, its copy removed). Returns None when kept, else the OSError
+    (read-only, disk full, taken) for the caller to report: a cache that cannot be written costs the next use
+    the work again, never this one."""
+    staging = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+        write(staging)
+        os.rename(staging, target)
+        staging = None
+        return None
+    except OSError as e:
+        return e
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def pretrained_path(name: str) -> Path:
     return cache_root() / "models" / name
 
