@@ -25,6 +25,7 @@ import gc
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -244,8 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     except StepFailed as e:
         print(f"gpu_models.sh: {e}", file=sys.stderr)
         return 1
-    import shutil
-
     shutil.rmtree(runs, ignore_errors=True)  # checkpoints and optimiser states: the exports are what is kept
     write_summary(out, int(time.monotonic() - started), smoke, evaluated)
     print(f"gpu_models.sh: wrote {out}/summary.json and {out}/summary.md; exports in {out}/models/")
