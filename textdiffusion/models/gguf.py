@@ -2,7 +2,7 @@
 
 Transformers reads a GGUF file by dequantising its tensors and parsing its metadata — a million small fields
 for a 49k-token vocabulary — once for the config, once for the tokenizer and once for the weights: about half
-a minute for SmolLM2-135M on one CPU core (~8 s with the header parsed once, ``_parse_once``), at every
+a minute for SmolLM2-135M on one CPU core (~10 s with the header parsed once, ``_parse_once``), at every
 `generate --checkpoint smollm2-bd`, every gen-PPL scorer and every adaptation. So the first load saves what it
 built as an ordinary float32 checkpoint in the cache (``$TEXTDIFFUSION_CACHE/gguf/<file>-<sha256>-transformers
 <version>/``, ~540 MB for SmolLM2-135M; delete it to free the space) and later loads read that in about a
